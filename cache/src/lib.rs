@@ -1,0 +1,24 @@
+//! The content-addressed artifact store behind every tinygpt run.
+//!
+//! `objects/<key>/` holds one artifact: the files a stage wrote plus `manifest.json`.
+//! Artifacts are staged in `tmp/<key>/` under a per-key lock and renamed into place only when
+//! complete, so a crash leaves either the whole artifact or none.
+//!
+//! This crate stores bytes under keys. It never names a stage kind, never parses a recipe and
+//! never decides what a key is made of: the engine does that and hands over opaque metadata.
+
+mod digest;
+mod error;
+mod lock;
+mod manifest;
+mod runs;
+mod statcache;
+mod store;
+
+pub use digest::{hash_file, ContentHash};
+pub use error::{CacheError, Result};
+pub use lock::KeyLock;
+pub use manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
+pub use runs::RunRecord;
+pub use statcache::StatCache;
+pub use store::{Artifact, GcReport, Staging, Store, VerifyProblem};

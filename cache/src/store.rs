@@ -1,0 +1,502 @@
+//! The store: atomic publication of artifacts, lookup, verification and garbage collection.
+//!
+//! Layout under the root (default `.tinygpt/`):
+//! - `objects/<key>/`: published artifacts, each with `manifest.json`;
+//! - `tmp/<key>/`: an artifact being written; only the holder of the key's lock touches it;
+//! - `work/<key>/`: a stage's checkpoints, kept across interrupted runs, removed on publish;
+//! - `locks/<key>.lock`: per-key lock files;
+//! - `corrupt/`: artifacts that failed verification, moved aside rather than deleted;
+//! - `runs/`: run records; `statcache.json`: digests of raw inputs.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::digest::{hash_file, ContentHash};
+use crate::error::{CacheError, IoContext, Result};
+use crate::lock::KeyLock;
+use crate::manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
+use crate::runs::RunRecord;
+use crate::statcache::StatCache;
+
+/// A published artifact: its directory and manifest.
+#[derive(Clone, Debug)]
+pub struct Artifact {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Artifact {
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+}
+
+/// An artifact being written. Holds the key's lock: while it lives, no other process writes
+/// this key. Dropping it without [`Store::publish`] leaves nothing in `objects/`.
+#[derive(Debug)]
+pub struct Staging {
+    key: ContentHash,
+    dir: PathBuf,
+    work_dir: PathBuf,
+    _lock: KeyLock,
+}
+
+impl Staging {
+    /// Where the stage writes its output files (flat: no subdirectories).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// Where the stage may keep checkpoints; it survives an interrupted run.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+    pub fn key(&self) -> ContentHash {
+        self.key
+    }
+}
+
+/// What `verify` found wrong with one artifact.
+#[derive(Debug, Clone)]
+pub struct VerifyProblem {
+    pub key: String,
+    pub problem: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct GcReport {
+    pub removed: usize,
+    pub kept: usize,
+    pub freed_bytes: u64,
+}
+
+pub struct Store {
+    root: PathBuf,
+}
+
+const DIRS: [&str; 6] = ["objects", "tmp", "work", "locks", "corrupt", "runs/latest"];
+
+impl Store {
+    /// Open (creating if needed) the store at `root`.
+    pub fn open(root: &Path) -> Result<Store> {
+        for dir in DIRS {
+            let path = root.join(dir);
+            std::fs::create_dir_all(&path).ctx("creating", &path)?;
+        }
+        Ok(Store { root: root.to_path_buf() })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn object_dir(&self, key: &ContentHash) -> PathBuf {
+        self.root.join("objects").join(key.to_hex())
+    }
+
+    fn lock_path(&self, key: &ContentHash) -> PathBuf {
+        self.root.join("locks").join(format!("{key}.lock"))
+    }
+
+    pub fn stat_cache(&self) -> StatCache {
+        StatCache::load(self.root.join("statcache.json"))
+    }
+
+    /// The artifact for `key`, if it is published and whole as far as a stat can tell (every
+    /// file present with its recorded size). Full rehashing is [`Store::verify`]'s job.
+    pub fn get(&self, key: &ContentHash) -> Result<Option<Artifact>> {
+        let dir = self.object_dir(key);
+        let manifest = match Manifest::read(&dir) {
+            Ok(m) => m,
+            Err(CacheError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(CacheError::BadManifest { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if manifest.format != MANIFEST_FORMAT || manifest.key != *key {
+            return Ok(None);
+        }
+        for file in &manifest.files {
+            match std::fs::metadata(dir.join(&file.name)) {
+                Ok(meta) if meta.len() == file.size => {}
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(Artifact { dir, manifest }))
+    }
+
+    /// Take the key's lock without waiting; `None` if another process is building it.
+    pub fn try_begin(&self, key: &ContentHash) -> Result<Option<Staging>> {
+        match KeyLock::try_acquire(&self.lock_path(key))? {
+            Some(lock) => self.staging(key, lock).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Wait for the key's lock, then prepare an empty staging directory.
+    pub fn begin(&self, key: &ContentHash) -> Result<Staging> {
+        let lock = KeyLock::acquire(&self.lock_path(key))?;
+        self.staging(key, lock)
+    }
+
+    fn staging(&self, key: &ContentHash, lock: KeyLock) -> Result<Staging> {
+        let dir = self.root.join("tmp").join(key.to_hex());
+        // We hold the lock, so anything here is left over from a run that died mid-stage.
+        remove_dir_if_exists(&dir)?;
+        std::fs::create_dir_all(&dir).ctx("creating", &dir)?;
+        let work_dir = self.root.join("work").join(key.to_hex());
+        std::fs::create_dir_all(&work_dir).ctx("creating", &work_dir)?;
+        Ok(Staging { key: *key, dir, work_dir, _lock: lock })
+    }
+
+    /// Hash the staged files, write the manifest last, and rename the whole directory into
+    /// `objects/` in one step: readers see the complete artifact or nothing.
+    pub fn publish(
+        &self,
+        staging: Staging,
+        meta: serde_json::Value,
+        metrics: serde_json::Value,
+        seconds: f64,
+    ) -> Result<Artifact> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(&staging.dir).ctx("listing", &staging.dir)? {
+            let entry = entry.ctx("listing", &staging.dir)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !path.is_file() || name == Manifest::FILE_NAME {
+                return Err(CacheError::BadOutputName { name });
+            }
+            let size = entry.metadata().ctx("reading metadata of", &path)?.len();
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).ctx("syncing", &path)?;
+            files.push(FileEntry { name, size, digest: hash_file(&path)? });
+        }
+        if files.is_empty() {
+            return Err(CacheError::EmptyArtifact);
+        }
+        files.sort_by(|a, b| a.name.cmp(&b.name));
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            key: staging.key,
+            content_digest: Manifest::digest_of(&files),
+            files,
+            meta,
+            metrics,
+            seconds,
+        };
+        let manifest_path = staging.dir.join(Manifest::FILE_NAME);
+        write_synced(&manifest_path, &manifest.to_bytes())?;
+        sync_dir(&staging.dir)?;
+        let target = self.object_dir(&staging.key);
+        if target.exists() {
+            // A damaged artifact (it failed `get`): keep it for inspection, out of the way.
+            self.quarantine(&staging.key)?;
+        }
+        std::fs::rename(&staging.dir, &target).ctx("publishing", &target)?;
+        sync_dir(&self.root.join("objects"))?;
+        remove_dir_if_exists(&staging.work_dir)?;
+        Ok(Artifact { dir: target, manifest })
+    }
+
+    /// Move an artifact to `corrupt/`, so that the next run treats it as missing.
+    fn quarantine(&self, key: &ContentHash) -> Result<()> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let from = self.object_dir(key);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let to = self.root.join("corrupt").join(format!("{key}.{}.{n}", std::process::id()));
+        std::fs::rename(&from, &to).ctx("moving aside", &from)
+    }
+
+    /// Every published artifact, sorted by key.
+    pub fn list(&self) -> Result<Vec<Artifact>> {
+        let mut out = Vec::new();
+        for key in self.object_keys()? {
+            if let Ok(manifest) = Manifest::read(&self.object_dir(&key)) {
+                out.push(Artifact { dir: self.object_dir(&key), manifest });
+            }
+        }
+        Ok(out)
+    }
+
+    fn object_keys(&self) -> Result<Vec<ContentHash>> {
+        let objects = self.root.join("objects");
+        let mut keys = Vec::new();
+        for entry in std::fs::read_dir(&objects).ctx("listing", &objects)? {
+            let name = entry.ctx("listing", &objects)?.file_name();
+            if let Some(key) = name.to_str().and_then(ContentHash::from_hex) {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Rehash every artifact against its manifest. Each one that no longer matches is moved to
+    /// `corrupt/` (so the next run recomputes it) and reported. Returns (checked, problems).
+    pub fn verify(&self) -> Result<(usize, Vec<VerifyProblem>)> {
+        let keys = self.object_keys()?;
+        let mut problems = Vec::new();
+        for key in &keys {
+            if let Some(problem) = self.check(key)? {
+                // Hold the lock so a run reading this key is not mid-publish.
+                let _lock = KeyLock::acquire(&self.lock_path(key))?;
+                self.quarantine(key)?;
+                problems.push(VerifyProblem { key: key.to_hex(), problem });
+            }
+        }
+        Ok((keys.len(), problems))
+    }
+
+    fn check(&self, key: &ContentHash) -> Result<Option<String>> {
+        let dir = self.object_dir(key);
+        let manifest = match Manifest::read(&dir) {
+            Ok(m) => m,
+            Err(e) => return Ok(Some(e.to_string())),
+        };
+        if manifest.key != *key {
+            return Ok(Some(format!("manifest names key {}", manifest.key)));
+        }
+        for file in &manifest.files {
+            let path = dir.join(&file.name);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                return Ok(Some(format!("`{}` is missing", file.name)));
+            };
+            if meta.len() != file.size {
+                return Ok(Some(format!("`{}` has {} bytes, manifest says {}", file.name, meta.len(), file.size)));
+            }
+            if hash_file(&path)? != file.digest {
+                return Ok(Some(format!("`{}` does not match its digest", file.name)));
+            }
+        }
+        if Manifest::digest_of(&manifest.files) != manifest.content_digest {
+            return Ok(Some("content digest does not match the file list".into()));
+        }
+        Ok(None)
+    }
+
+    /// Remove every artifact whose key is not in `keep`, everything in `corrupt/`, and staging
+    /// and work directories that no running process holds.
+    pub fn gc(&self, keep: &HashSet<ContentHash>) -> Result<GcReport> {
+        let mut report = GcReport::default();
+        for key in self.object_keys()? {
+            if keep.contains(&key) {
+                report.kept += 1;
+                continue;
+            }
+            let Some(_lock) = KeyLock::try_acquire(&self.lock_path(&key))? else { continue };
+            let dir = self.object_dir(&key);
+            report.freed_bytes += dir_size(&dir);
+            remove_dir_if_exists(&dir)?;
+            report.removed += 1;
+        }
+        let corrupt = self.root.join("corrupt");
+        report.freed_bytes += dir_size(&corrupt);
+        remove_dir_if_exists(&corrupt)?;
+        std::fs::create_dir_all(&corrupt).ctx("creating", &corrupt)?;
+        for area in ["tmp", "work"] {
+            let base = self.root.join(area);
+            for entry in std::fs::read_dir(&base).ctx("listing", &base)? {
+                let path = entry.ctx("listing", &base)?.path();
+                let Some(key) = path.file_name().and_then(|n| n.to_str()).and_then(ContentHash::from_hex) else {
+                    continue;
+                };
+                if area == "work" && keep.contains(&key) {
+                    continue; // a checkpoint a kept recipe may still resume from
+                }
+                if let Some(_lock) = KeyLock::try_acquire(&self.lock_path(&key))? {
+                    report.freed_bytes += dir_size(&path);
+                    remove_dir_if_exists(&path)?;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Append a run record, and make it the latest for its label.
+    pub fn record_run(&self, record: &RunRecord) -> Result<()> {
+        let runs = self.root.join("runs");
+        let _lock = KeyLock::acquire(&runs.join(".lock"))?;
+        let next = self.run_numbers()?.last().map_or(1, |n| n + 1);
+        let bytes = serde_json::to_vec(record).expect("a run record always serializes");
+        write_atomically(&runs.join(format!("{next:08}.json")), &bytes)?;
+        write_atomically(&self.latest_path(&record.label), &bytes)
+    }
+
+    fn latest_path(&self, label: &str) -> PathBuf {
+        let name = ContentHash::of_bytes(label.as_bytes()).short();
+        self.root.join("runs/latest").join(format!("{name}.json"))
+    }
+
+    /// The most recent run record with this label.
+    pub fn latest_run(&self, label: &str) -> Result<Option<RunRecord>> {
+        RunRecord::read(&self.latest_path(label))
+    }
+
+    /// The `n` most recent run records, newest first.
+    pub fn recent_runs(&self, n: usize) -> Result<Vec<RunRecord>> {
+        let runs = self.root.join("runs");
+        let mut out = Vec::new();
+        for number in self.run_numbers()?.into_iter().rev().take(n) {
+            if let Some(r) = RunRecord::read(&runs.join(format!("{number:08}.json")))? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn run_numbers(&self) -> Result<Vec<u64>> {
+        let runs = self.root.join("runs");
+        let mut numbers = Vec::new();
+        for entry in std::fs::read_dir(&runs).ctx("listing", &runs)? {
+            let name = entry.ctx("listing", &runs)?.file_name();
+            if let Some(n) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(|n| n.parse().ok()) {
+                numbers.push(n);
+            }
+        }
+        numbers.sort_unstable();
+        Ok(numbers)
+    }
+}
+
+fn remove_dir_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).ctx("removing", path),
+        _ => Ok(()),
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_size(&p)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+        })
+        .sum()
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = std::fs::File::create(path).ctx("creating", path)?;
+    file.write_all(bytes).ctx("writing", path)?;
+    file.sync_all().ctx("syncing", path)
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    std::fs::File::open(path).and_then(|d| d.sync_all()).ctx("syncing", path)
+}
+
+/// Write a small file so that readers see the old or the new bytes, never a torn mix.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).ctx("replacing", path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(n: u8) -> ContentHash {
+        ContentHash::of_bytes(&[n])
+    }
+
+    fn put(store: &Store, k: ContentHash, name: &str, bytes: &[u8]) -> Artifact {
+        let staging = store.begin(&k).unwrap();
+        std::fs::write(staging.dir().join(name), bytes).unwrap();
+        store.publish(staging, json!({}), json!({}), 0.0).unwrap()
+    }
+
+    #[test]
+    fn unpublished_staging_leaves_no_artifact() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let staging = store.begin(&key(1)).unwrap();
+        std::fs::write(staging.dir().join("half.bin"), b"half").unwrap();
+        drop(staging);
+        assert!(store.get(&key(1)).unwrap().is_none());
+        // The next writer starts from an empty staging directory.
+        let staging = store.begin(&key(1)).unwrap();
+        assert_eq!(std::fs::read_dir(staging.dir()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn content_digest_ignores_metrics_and_timing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = put(&store, key(1), "out.bin", b"same");
+        let staging = store.begin(&key(2)).unwrap();
+        std::fs::write(staging.dir().join("out.bin"), b"same").unwrap();
+        let b = store.publish(staging, json!({"x": 1}), json!({"loss": 2.0}), 9.0).unwrap();
+        assert_eq!(a.manifest.content_digest, b.manifest.content_digest);
+    }
+
+    #[test]
+    fn the_lock_excludes_a_second_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let held = store.try_begin(&key(3)).unwrap().expect("free at first");
+        assert!(store.try_begin(&key(3)).unwrap().is_none());
+        drop(held);
+        assert!(store.try_begin(&key(3)).unwrap().is_some());
+    }
+
+    #[test]
+    fn verify_moves_a_corrupted_artifact_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let art = put(&store, key(4), "w.bin", b"weights!");
+        put(&store, key(5), "ok.bin", b"fine");
+        std::fs::write(art.path("w.bin"), b"WEIGHTS!").unwrap(); // same size, other bytes
+        assert!(store.get(&key(4)).unwrap().is_some(), "a stat cannot see same-size damage");
+        let (checked, problems) = store.verify().unwrap();
+        assert_eq!(checked, 2);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, key(4).to_hex());
+        assert!(store.get(&key(4)).unwrap().is_none());
+        assert!(store.get(&key(5)).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_truncated_file_makes_the_artifact_missing_and_republishing_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let art = put(&store, key(6), "w.bin", b"weights");
+        std::fs::write(art.path("w.bin"), b"wei").unwrap();
+        assert!(store.get(&key(6)).unwrap().is_none());
+        put(&store, key(6), "w.bin", b"weights");
+        assert!(store.get(&key(6)).unwrap().is_some());
+    }
+
+    #[test]
+    fn gc_keeps_only_what_it_is_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, key(7), "a", b"a");
+        put(&store, key(8), "b", b"bb");
+        let report = store.gc(&HashSet::from([key(7)])).unwrap();
+        assert_eq!((report.removed, report.kept), (1, 1));
+        assert!(store.get(&key(7)).unwrap().is_some());
+        assert!(store.get(&key(8)).unwrap().is_none());
+    }
+
+    #[test]
+    fn run_records_are_ordered_and_latest_per_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (label, k) in [("a", 1), ("b", 2), ("a", 3)] {
+            let record = RunRecord { label: label.into(), keys: vec![key(k)], detail: json!(null) };
+            store.record_run(&record).unwrap();
+        }
+        let recent = store.recent_runs(2).unwrap();
+        assert_eq!(recent.iter().map(|r| r.keys[0]).collect::<Vec<_>>(), vec![key(3), key(2)]);
+        assert_eq!(store.latest_run("a").unwrap().unwrap().keys, vec![key(3)]);
+        assert!(store.latest_run("c").unwrap().is_none());
+    }
+}
