@@ -197,6 +197,16 @@ impl Store {
         Ok(Artifact { dir: target, manifest })
     }
 
+    /// Give up a staging area (the stage failed, was interrupted, or another process published
+    /// the key first): the partial output goes; checkpoints in the work directory stay for the
+    /// next attempt to resume from, unless there are none.
+    pub fn abandon(&self, staging: Staging) -> Result<()> {
+        remove_dir_if_exists(&staging.dir)?;
+        // Fails (and keeps the directory) when checkpoints are in it: that is the point.
+        let _ = std::fs::remove_dir(&staging.work_dir);
+        Ok(())
+    }
+
     /// Move an artifact to `corrupt/`, so that the next run treats it as missing.
     fn quarantine(&self, key: &ContentHash) -> Result<()> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -1,0 +1,343 @@
+//! Running a recipe: stages in topological order, independent branches concurrently (at most
+//! `jobs` at once), each restored from the store or run into a staging directory and published.
+//!
+//! Keys are computed only when a stage's inputs are all built, from the upstream artifacts'
+//! content digests: a stage that reran and wrote identical bytes leaves its dependents cached.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::Instant;
+
+use cache::{Artifact, ContentHash, RunRecord, Store};
+use serde_json::json;
+
+use crate::error::EngineError;
+use crate::key::Preimage;
+use crate::observer::Observer;
+use crate::plan::{gather_inputs, hash_raw_inputs, previous_preimages, Action, Inputs};
+use crate::recipe::{InputSource, Recipe, ResolvedStage, StageId};
+use crate::stage::{Input, Metrics, StageCtx, StageError};
+
+pub struct RunOptions<'a> {
+    /// Most stages running at once (at least 1).
+    pub jobs: usize,
+    /// Set by the binary on Ctrl-C; running stages stop at their next check.
+    pub cancel: &'a AtomicBool,
+    pub observer: &'a dyn Observer,
+}
+
+/// A stage that finished in this run, by running or from the cache.
+#[derive(Clone, Debug)]
+pub struct StageOutcome {
+    pub name: String,
+    pub kind: String,
+    pub key: ContentHash,
+    pub action: Action,
+    /// Time spent in this run (near zero when cached).
+    pub seconds: f64,
+    pub metrics: serde_json::Value,
+    pub artifact: Artifact,
+}
+
+#[derive(Debug)]
+pub struct StageFailure {
+    pub stage: String,
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// In topological order; stages that did not finish are absent.
+    pub outcomes: Vec<StageOutcome>,
+    pub failure: Option<StageFailure>,
+    pub interrupted: bool,
+    /// Stages never started because of a failure or an interruption.
+    pub not_run: Vec<String>,
+}
+
+enum Done {
+    Finished(Box<StageOutcome>),
+    Failed(String),
+    Interrupted,
+}
+
+/// Run every stage of the recipe that is not cached.
+pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunReport, EngineError> {
+    let jobs = opts.jobs.max(1);
+    let stat = store.stat_cache();
+    let raw = hash_raw_inputs(recipe, &stat)?;
+    stat.save()?;
+    let previous = previous_preimages(store, recipe)?;
+
+    let n = recipe.stages.len();
+    let mut dependents: Vec<Vec<StageId>> = vec![Vec::new(); n];
+    let mut waiting: Vec<usize> = vec![0; n];
+    for (id, stage) in recipe.stages.iter().enumerate() {
+        let mut ups: Vec<StageId> = stage
+            .inputs
+            .iter()
+            .filter_map(|i| if let InputSource::Stage(up) = i.source { Some(up) } else { None })
+            .collect();
+        ups.sort_unstable();
+        ups.dedup();
+        waiting[id] = ups.len();
+        for up in ups {
+            dependents[up].push(id);
+        }
+    }
+
+    let mut artifacts: Vec<Option<Artifact>> = vec![None; n];
+    let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
+    let mut preimages: BTreeMap<String, Preimage> = BTreeMap::new();
+    let mut report = RunReport::default();
+    let mut ready: BinaryHeap<Reverse<StageId>> = (0..n).filter(|i| waiting[*i] == 0).map(Reverse).collect();
+    let (tx, rx) = mpsc::channel::<(StageId, Done)>();
+
+    let result: Result<(), EngineError> = std::thread::scope(|scope| {
+        let mut running = 0usize;
+        let mut stop = false;
+        loop {
+            let mut deferred = Vec::new();
+            while let Some(Reverse(id)) = ready.pop() {
+                if stop || opts.cancel.load(Ordering::Relaxed) {
+                    report.interrupted |= opts.cancel.load(Ordering::Relaxed);
+                    stop = true;
+                    deferred.push(id);
+                    continue;
+                }
+                let stage = &recipe.stages[id];
+                let Inputs::Known(inputs) = gather_inputs(recipe, id, &artifacts, &raw) else {
+                    unreachable!("a stage becomes ready only when every upstream stage finished");
+                };
+                let preimage = Preimage::new(stage, inputs);
+                let key = preimage.key();
+                if let Some(artifact) = store.get(&key)? {
+                    let outcome = cached_outcome(stage, key, artifact, 0.0);
+                    opts.observer.stage_finished(&outcome);
+                    preimages.insert(stage.name.clone(), preimage);
+                    complete(id, outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
+                    continue;
+                }
+                if running >= jobs {
+                    deferred.push(id);
+                    continue;
+                }
+                let inputs = stage_inputs(recipe, id, &artifacts);
+                preimages.insert(stage.name.clone(), preimage.clone());
+                let tx = tx.clone();
+                let meta = json!({
+                    "recipe": recipe.name,
+                    "stage": stage.name,
+                    "kind": stage.kind.kind(),
+                    "params": stage.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+                    "preimage": preimage,
+                });
+                running += 1;
+                scope.spawn(move || {
+                    let done = execute(stage, key, meta, &inputs, store, opts);
+                    let _ = tx.send((id, done));
+                });
+            }
+            ready.extend(deferred.into_iter().map(Reverse));
+            if running == 0 {
+                break;
+            }
+            let (id, done) = rx.recv().expect("a worker always reports before exiting");
+            running -= 1;
+            match done {
+                Done::Finished(outcome) => {
+                    opts.observer.stage_finished(&outcome);
+                    complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
+                }
+                Done::Failed(message) => {
+                    let name = recipe.stages[id].name.clone();
+                    opts.observer.stage_failed(&name, &message);
+                    preimages.remove(&name);
+                    report.failure.get_or_insert(StageFailure { stage: name, message });
+                    stop = true;
+                }
+                Done::Interrupted => {
+                    preimages.remove(&recipe.stages[id].name);
+                    report.interrupted = true;
+                    stop = true;
+                }
+            }
+        }
+        Ok(())
+    });
+    result?;
+
+    for (id, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Some(o) => report.outcomes.push(o),
+            None => report.not_run.push(recipe.stages[id].name.clone()),
+        }
+    }
+    record_run(store, recipe, &report, previous, preimages)?;
+    Ok(report)
+}
+
+fn complete(
+    id: StageId,
+    outcome: StageOutcome,
+    artifacts: &mut [Option<Artifact>],
+    outcomes: &mut [Option<StageOutcome>],
+    dependents: &[Vec<StageId>],
+    waiting: &mut [usize],
+    ready: &mut BinaryHeap<Reverse<StageId>>,
+) {
+    artifacts[id] = Some(outcome.artifact.clone());
+    outcomes[id] = Some(outcome);
+    for &d in &dependents[id] {
+        waiting[d] -= 1;
+        if waiting[d] == 0 {
+            ready.push(Reverse(d));
+        }
+    }
+}
+
+fn cached_outcome(stage: &ResolvedStage, key: ContentHash, artifact: Artifact, seconds: f64) -> StageOutcome {
+    StageOutcome {
+        name: stage.name.clone(),
+        kind: stage.kind.kind().to_string(),
+        key,
+        action: Action::Cached,
+        seconds,
+        metrics: artifact.manifest.metrics.clone(),
+        artifact,
+    }
+}
+
+fn stage_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Artifact>]) -> BTreeMap<&'static str, Input> {
+    recipe.stages[id]
+        .inputs
+        .iter()
+        .map(|i| {
+            let input = match &i.source {
+                InputSource::Stage(up) => Input::Artifact {
+                    artifact: artifacts[*up].clone().expect("upstream finished"),
+                    stage: recipe.stages[*up].name.clone(),
+                    ty: recipe.stages[*up].kind.output(),
+                },
+                InputSource::Raw { path, shown } => Input::Raw { path: path.clone(), shown: shown.clone() },
+            };
+            (i.slot, input)
+        })
+        .collect()
+}
+
+/// Build one stage under its key's lock. Runs on a worker thread.
+fn execute(
+    stage: &ResolvedStage,
+    key: ContentHash,
+    meta: serde_json::Value,
+    inputs: &BTreeMap<&'static str, Input>,
+    store: &Store,
+    opts: &RunOptions<'_>,
+) -> Done {
+    match try_execute(stage, key, meta, inputs, store, opts) {
+        Ok(done) => done,
+        Err(e) => Done::Failed(e.to_string()),
+    }
+}
+
+fn try_execute(
+    stage: &ResolvedStage,
+    key: ContentHash,
+    meta: serde_json::Value,
+    inputs: &BTreeMap<&'static str, Input>,
+    store: &Store,
+    opts: &RunOptions<'_>,
+) -> Result<Done, EngineError> {
+    let staging = match store.try_begin(&key)? {
+        Some(s) => s,
+        None => {
+            opts.observer.stage_waiting(&stage.name);
+            store.begin(&key)?
+        }
+    };
+    // Another process may have published this key while we waited for the lock.
+    if let Some(artifact) = store.get(&key)? {
+        store.abandon(staging)?;
+        return Ok(Done::Finished(Box::new(cached_outcome(stage, key, artifact, 0.0))));
+    }
+    let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
+    let start = Instant::now();
+    let ctx = StageCtx {
+        stage: &stage.name,
+        params: &stage.params,
+        seed: stage.seed,
+        out_dir: staging.dir(),
+        work_dir: staging.work_dir(),
+        inputs,
+        progress: progress.as_ref(),
+        cancel: opts.cancel,
+    };
+    let run = || std::panic::catch_unwind(AssertUnwindSafe(|| stage.kind.run(&ctx)));
+    let result = match stage.threads {
+        Some(threads) => match rayon::ThreadPoolBuilder::new().num_threads(threads).build() {
+            Ok(pool) => pool.install(run),
+            Err(e) => Ok(Err(StageError::msg(format!("cannot start {threads} threads: {e}")))),
+        },
+        None => run(),
+    };
+    let result: Result<Metrics, StageError> = result.unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(StageError::msg(format!("internal error (a bug in tinygpt, please report it): {what}")))
+    });
+    match result {
+        Ok(metrics) => {
+            let seconds = start.elapsed().as_secs_f64();
+            let metrics = serde_json::Value::Object(metrics.into_iter().collect());
+            let artifact = store.publish(staging, meta, metrics.clone(), seconds)?;
+            Ok(Done::Finished(Box::new(StageOutcome {
+                name: stage.name.clone(),
+                kind: stage.kind.kind().to_string(),
+                key,
+                action: Action::Run,
+                seconds,
+                metrics,
+                artifact,
+            })))
+        }
+        Err(e) => {
+            store.abandon(staging)?;
+            Ok(match e {
+                StageError::Interrupted => Done::Interrupted,
+                StageError::Failed(message) => Done::Failed(message),
+            })
+        }
+    }
+}
+
+/// Remember what this run built: the keys (for `gc --keep-runs`) and each stage's preimage (for
+/// the next plan's reasons). Stages that did not finish keep their previous preimage.
+fn record_run(
+    store: &Store,
+    recipe: &Recipe,
+    report: &RunReport,
+    mut previous: BTreeMap<String, Preimage>,
+    built: BTreeMap<String, Preimage>,
+) -> Result<(), EngineError> {
+    let finished: std::collections::HashSet<&str> = report.outcomes.iter().map(|o| o.name.as_str()).collect();
+    for (name, preimage) in built {
+        if finished.contains(name.as_str()) {
+            previous.insert(name, preimage);
+        }
+    }
+    previous.retain(|name, _| recipe.stage_id(name).is_some());
+    let record = RunRecord {
+        label: recipe.name.clone(),
+        keys: report.outcomes.iter().map(|o| o.key).collect(),
+        detail: json!({ "recipe": recipe.path.display().to_string(), "stages": previous }),
+    };
+    store.record_run(&record)?;
+    Ok(())
+}

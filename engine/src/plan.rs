@@ -1,0 +1,136 @@
+//! Planning: for every stage, is its artifact cached, and if not, why must it run. Shared by
+//! `tinygpt plan` (which stops there) and the executor (which decides stage by stage).
+
+use std::collections::{BTreeMap, HashMap};
+
+use cache::{Artifact, ContentHash, StatCache, Store};
+use serde::Serialize;
+
+use crate::error::EngineError;
+use crate::key::{diff, DirtyReason, InputDigest, Preimage};
+use crate::recipe::{InputSource, Recipe, StageId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Run,
+    Cached,
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Run => "run",
+            Action::Cached => "cached",
+        })
+    }
+}
+
+/// One stage of a plan.
+pub struct PlannedStage {
+    pub name: String,
+    pub kind: String,
+    /// Unknown while an upstream stage must run first.
+    pub key: Option<ContentHash>,
+    pub action: Action,
+    /// Empty when cached.
+    pub reasons: Vec<DirtyReason>,
+    pub artifact: Option<Artifact>,
+}
+
+/// Digests of every raw input of the recipe, by (stage, slot).
+pub(crate) type RawDigests = HashMap<(StageId, &'static str), ContentHash>;
+
+pub(crate) fn hash_raw_inputs(recipe: &Recipe, stat: &StatCache) -> Result<RawDigests, EngineError> {
+    let mut out = HashMap::new();
+    for (id, stage) in recipe.stages.iter().enumerate() {
+        for input in &stage.inputs {
+            if let InputSource::Raw { path, .. } = &input.source {
+                let digest = stat.digest(path).map_err(|source| EngineError::RawInput {
+                    stage: stage.name.clone(),
+                    slot: input.slot.to_string(),
+                    source,
+                })?;
+                out.insert((id, input.slot), digest);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The inputs of a stage, once every upstream artifact it reads is known.
+pub(crate) enum Inputs {
+    Known(BTreeMap<String, InputDigest>),
+    Pending { slot: &'static str, stage: String },
+}
+
+pub(crate) fn gather_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Artifact>], raw: &RawDigests) -> Inputs {
+    let mut known = BTreeMap::new();
+    for input in &recipe.stages[id].inputs {
+        let digest = match &input.source {
+            InputSource::Stage(up) => match &artifacts[*up] {
+                Some(a) => InputDigest { digest: a.manifest.content_digest, from: format!("stage `{}`", recipe.stages[*up].name) },
+                None => return Inputs::Pending { slot: input.slot, stage: recipe.stages[*up].name.clone() },
+            },
+            InputSource::Raw { shown, .. } => InputDigest { digest: raw[&(id, input.slot)], from: format!("file `{shown}`") },
+        };
+        known.insert(input.slot.to_string(), digest);
+    }
+    Inputs::Known(known)
+}
+
+/// Preimages of the last successful build of each stage of this recipe, by stage name.
+pub(crate) fn previous_preimages(store: &Store, recipe: &Recipe) -> Result<BTreeMap<String, Preimage>, EngineError> {
+    let Some(record) = store.latest_run(&recipe.name)? else { return Ok(BTreeMap::new()) };
+    Ok(serde_json::from_value(record.detail["stages"].clone()).unwrap_or_default())
+}
+
+pub(crate) fn reasons_for(previous: Option<&Preimage>, now: &Preimage) -> Vec<DirtyReason> {
+    match previous {
+        None => vec![DirtyReason::NeverRun],
+        Some(old) => diff(old, now),
+    }
+}
+
+/// Plan the recipe without running anything.
+pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineError> {
+    let stat = store.stat_cache();
+    let raw = hash_raw_inputs(recipe, &stat)?;
+    stat.save()?;
+    let previous = previous_preimages(store, recipe)?;
+    let mut artifacts: Vec<Option<Artifact>> = vec![None; recipe.stages.len()];
+    let mut planned = Vec::with_capacity(recipe.stages.len());
+    for (id, stage) in recipe.stages.iter().enumerate() {
+        let kind = stage.kind.kind().to_string();
+        let entry = match gather_inputs(recipe, id, &artifacts, &raw) {
+            Inputs::Pending { slot, stage: up } => PlannedStage {
+                name: stage.name.clone(),
+                kind,
+                key: None,
+                action: Action::Run,
+                reasons: vec![DirtyReason::UpstreamRuns { slot: slot.to_string(), stage: up }],
+                artifact: None,
+            },
+            Inputs::Known(inputs) => {
+                let preimage = Preimage::new(stage, inputs);
+                let key = preimage.key();
+                match store.get(&key)? {
+                    Some(artifact) => {
+                        artifacts[id] = Some(artifact.clone());
+                        PlannedStage { name: stage.name.clone(), kind, key: Some(key), action: Action::Cached, reasons: vec![], artifact: Some(artifact) }
+                    }
+                    None => PlannedStage {
+                        name: stage.name.clone(),
+                        kind,
+                        key: Some(key),
+                        action: Action::Run,
+                        reasons: reasons_for(previous.get(&stage.name), &preimage),
+                        artifact: None,
+                    },
+                }
+            }
+        };
+        planned.push(entry);
+    }
+    Ok(planned)
+}

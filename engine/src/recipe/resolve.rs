@@ -1,0 +1,417 @@
+//! Raw recipe + overrides + registry -> [`Recipe`]: names turned into ids, defaults filled,
+//! types and wiring checked, the graph checked acyclic. Every error points at a span.
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+use toml::Spanned;
+
+use super::overrides::{self, Override};
+use super::raw::{self, RawStage};
+use super::{InputSource, Recipe, ResolvedInput, ResolvedStage};
+use crate::error::{did_you_mean, Origin, RecipeError};
+use crate::params::{Default, Params};
+use crate::stage::{Registry, Stage};
+
+/// Keys every stage accepts besides its kind's own.
+const COMMON_KEYS: [&str; 3] = ["kind", "seed", "threads"];
+
+/// Where a value came from: its text, its span, and the folder relative paths start from.
+#[derive(Clone)]
+struct Place {
+    origin: Arc<Origin>,
+    span: Range<usize>,
+    base: PathBuf,
+}
+
+impl Place {
+    fn error(&self, message: impl Into<String>, label: impl Into<String>) -> RecipeError {
+        RecipeError::new(message).at(&self.origin, self.span.clone(), label)
+    }
+}
+
+struct Given {
+    value: toml::Value,
+    key_at: Place,
+    value_at: Place,
+}
+
+/// Read, parse and resolve the recipe at `path`, applying `--set` overrides (whose relative
+/// paths start from `cwd`).
+pub fn load(path: &Path, sets: &[String], registry: &Registry, cwd: &Path) -> Result<Recipe, RecipeError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| RecipeError::new(format!("cannot read recipe `{}`: {e}", path.display())))?;
+    let origin = Arc::new(Origin { name: path.display().to_string(), text });
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let base = if base.as_os_str().is_empty() { cwd.to_path_buf() } else { cwd.join(base) };
+    let sets = sets.iter().map(|s| overrides::parse(s)).collect::<Result<Vec<_>, _>>()?;
+    resolve(origin, &base, &sets, registry, cwd, path)
+}
+
+/// Resolve recipe text already read into `origin`.
+pub fn resolve(
+    origin: Arc<Origin>,
+    base: &Path,
+    sets: &[Override],
+    registry: &Registry,
+    cwd: &Path,
+    path: &Path,
+) -> Result<Recipe, RecipeError> {
+    let raw = raw::parse(&origin.text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        RecipeError::new(format!("invalid recipe: {}", e.message())).at(&origin, span, "here")
+    })?;
+    let here = |span: Range<usize>| Place { origin: origin.clone(), span, base: base.to_path_buf() };
+
+    let header = raw.recipe.get_ref();
+    let mut seed = match &header.seed {
+        Some(s) => non_negative(*s.get_ref(), &here(s.span()), "seed")?,
+        None => 0,
+    };
+    let name = header.name.get_ref().clone();
+    if name.trim().is_empty() {
+        return Err(here(header.name.span()).error("the recipe name is empty", "give the recipe a name"));
+    }
+
+    // Stages in the order they are written.
+    let mut tables: Vec<(&Spanned<String>, &Spanned<RawStage>)> = raw.stages.iter().collect();
+    tables.sort_by_key(|(n, _)| n.span().start);
+    let names: Vec<&str> = tables.iter().map(|(n, _)| n.get_ref().as_str()).collect();
+    for (n, _) in &tables {
+        let valid = n.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if n.get_ref().is_empty() || !valid {
+            return Err(here(n.span()).error(
+                format!("stage name `{}` may hold only letters, digits, `_` and `-`", n.get_ref()),
+                "rename this stage",
+            ));
+        }
+    }
+    if tables.is_empty() {
+        return Err(here(raw.recipe.span()).error("the recipe has no stages", "add a [stages.NAME] table"));
+    }
+
+    for o in sets {
+        let at = Place { origin: o.origin.clone(), span: o.stage_span.clone(), base: cwd.to_path_buf() };
+        if o.stage == "recipe" {
+            if o.key != "seed" {
+                return Err(Place { span: o.key_span.clone(), ..at }
+                    .error(format!("`recipe.{}` cannot be overridden", o.key), "only `recipe.seed` can be set"));
+            }
+            let value_at = Place { span: o.value_span.clone(), ..at };
+            let Some(v) = o.value.as_integer() else {
+                return Err(value_at.error("the seed must be a non-negative integer", "not an integer"));
+            };
+            seed = non_negative(v, &value_at, "seed")?;
+        } else if !names.contains(&o.stage.as_str()) {
+            let mut err = at.error(format!("no stage named `{}` in `{}`", o.stage, origin.name), "unknown stage");
+            err.help = did_you_mean(&o.stage, names.iter().copied());
+            return Err(err);
+        }
+    }
+
+    // First pass: kinds, parameters, and the raw text of each input slot.
+    let mut stages = Vec::with_capacity(tables.len());
+    let mut wiring: Vec<Vec<(&'static str, String, Place)>> = Vec::with_capacity(tables.len());
+    for (stage_name, table) in &tables {
+        let name_at = here(stage_name.span());
+        let stage_name = stage_name.get_ref().as_str();
+        let kind = resolve_kind(stage_name, table, &name_at, &here, registry)?;
+        let mut given: BTreeMap<String, Given> = BTreeMap::new();
+        for (k, v) in table.get_ref() {
+            if k.get_ref() != "kind" {
+                let g = Given { value: v.get_ref().clone(), key_at: here(k.span()), value_at: here(v.span()) };
+                given.insert(k.get_ref().clone(), g);
+            }
+        }
+        for o in sets.iter().filter(|o| o.stage == stage_name) {
+            let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
+            if o.key == "kind" {
+                return Err(at(&o.key_span).error("the kind of a stage cannot be overridden", "edit the recipe instead"));
+            }
+            given.insert(o.key.clone(), Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) });
+        }
+        let (resolved, slots) = resolve_stage(stage_name, kind, given, seed, &name_at)?;
+        stages.push(resolved);
+        wiring.push(slots);
+    }
+
+    // Second pass: wire inputs to stages or files, and check artifact types.
+    let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let mut edges: Vec<(usize, usize, Place)> = Vec::new();
+    for (i, slots) in wiring.into_iter().enumerate() {
+        let kind = stages[i].kind.clone();
+        for (slot, text, at) in slots {
+            let spec = kind.inputs().iter().find(|s| s.name == slot).expect("slot names come from the spec");
+            let source = match index.get(text.as_str()) {
+                Some(&from) if !spec.accepts.types().is_empty() => {
+                    let produced = stages[from].kind.output();
+                    if !spec.accepts.types().contains(&produced) {
+                        let wanted: Vec<_> = spec.accepts.types().iter().map(|t| t.0).collect();
+                        return Err(at.error(
+                            format!(
+                                "input `{slot}` of stage `{}` takes {}, but stage `{text}` produces {}",
+                                stages[i].name,
+                                wanted.join(" or "),
+                                produced.0
+                            ),
+                            format!("a {} artifact", produced.0),
+                        ));
+                    }
+                    edges.push((from, i, at));
+                    InputSource::Stage(from)
+                }
+                _ if spec.accepts.raw() => {
+                    let path = at.base.join(&text);
+                    if !path.exists() {
+                        let mut err = at.error(
+                            format!("input `{slot}` of stage `{}` names no stage and no file `{text}`", stages[i].name),
+                            format!("not found (looked for {})", path.display()),
+                        );
+                        err.help = did_you_mean(&text, names.iter().copied());
+                        return Err(err);
+                    }
+                    InputSource::Raw { path, shown: text }
+                }
+                _ => {
+                    let mut err = at.error(
+                        format!("input `{slot}` of stage `{}` names an unknown stage `{text}`", stages[i].name),
+                        "no stage with this name",
+                    );
+                    err.help = did_you_mean(&text, names.iter().copied());
+                    return Err(err);
+                }
+            };
+            stages[i].inputs.push(ResolvedInput { slot, source });
+        }
+    }
+
+    let order = topological_order(&names, &edges)?;
+    // Renumber stage ids into topological order.
+    let mut new_id = vec![0; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        new_id[old] = new;
+    }
+    let mut slots: Vec<Option<ResolvedStage>> = stages.into_iter().map(Some).collect();
+    let mut ordered = Vec::with_capacity(slots.len());
+    for &old in &order {
+        let mut stage = slots[old].take().expect("each stage is placed once");
+        for input in &mut stage.inputs {
+            if let InputSource::Stage(id) = &mut input.source {
+                *id = new_id[*id];
+            }
+        }
+        ordered.push(stage);
+    }
+    Ok(Recipe { name, path: path.to_path_buf(), seed, stages: ordered })
+}
+
+fn non_negative(v: i64, at: &Place, what: &str) -> Result<u64, RecipeError> {
+    u64::try_from(v).map_err(|_| at.error(format!("`{what}` must be a non-negative integer, found {v}"), "negative"))
+}
+
+fn resolve_kind<'r>(
+    stage_name: &str,
+    table: &Spanned<RawStage>,
+    name_at: &Place,
+    here: &dyn Fn(Range<usize>) -> Place,
+    registry: &'r Registry,
+) -> Result<&'r Arc<dyn Stage>, RecipeError> {
+    let known = registry.names().join(", ");
+    let Some((_, kind)) = table.get_ref().iter().find(|(k, _)| k.get_ref() == "kind") else {
+        return Err(name_at
+            .error(format!("stage `{stage_name}` has no `kind`"), "add `kind = \"...\"` to this table")
+            .help(format!("kinds: {known}")));
+    };
+    let Some(kind_name) = kind.get_ref().as_str() else {
+        return Err(here(kind.span()).error(format!("`kind` of stage `{stage_name}` must be a string"), "not a string"));
+    };
+    registry.get(kind_name).ok_or_else(|| {
+        let mut err = here(kind.span())
+            .error(format!("unknown stage kind `{kind_name}` for stage `{stage_name}`"), "unknown kind");
+        err.help = Some(match did_you_mean(kind_name, registry.names()) {
+            Some(hint) => format!("{hint} (kinds: {known})"),
+            None => format!("kinds: {known}"),
+        });
+        err
+    })
+}
+
+type Slots = Vec<(&'static str, String, Place)>;
+
+fn resolve_stage(
+    stage_name: &str,
+    kind: &Arc<dyn Stage>,
+    given: BTreeMap<String, Given>,
+    recipe_seed: u64,
+    name_at: &Place,
+) -> Result<(ResolvedStage, Slots), RecipeError> {
+    let mut params = Params::default();
+    let mut slots = Vec::new();
+    let mut seed = recipe_seed;
+    let mut threads = None;
+    let mut key_places: HashMap<String, Place> = HashMap::new();
+    for (key, g) in given {
+        key_places.insert(key.clone(), g.key_at.clone());
+        let context = format!("`{key}` of stage `{stage_name}`");
+        match key.as_str() {
+            "seed" | "threads" => {
+                let Some(v) = g.value.as_integer() else {
+                    return Err(g.value_at.error(format!("{context} must be a non-negative integer"), "not an integer"));
+                };
+                let v = non_negative(v, &g.value_at, &key)?;
+                if key == "seed" {
+                    if !kind.uses_seed() {
+                        return Err(g.key_at.error(
+                            format!("stage kind `{}` does not use a seed", kind.kind()),
+                            "remove this key",
+                        ));
+                    }
+                    seed = v;
+                } else {
+                    threads = (v > 0).then_some(v as usize);
+                }
+            }
+            _ => {
+                if let Some(spec) = kind.params().iter().find(|p| p.name == key) {
+                    let value = spec.convert(&g.value).map_err(|e| g.value_at.error(format!("{context}: {e}"), "wrong value"))?;
+                    params.insert(spec.name, value);
+                } else if let Some(spec) = kind.inputs().iter().find(|s| s.name == key) {
+                    let Some(text) = g.value.as_str() else {
+                        return Err(g.value_at.error(
+                            format!("input {context} must be a string: a stage name or a path"),
+                            "not a string",
+                        ));
+                    };
+                    slots.push((spec.name, text.to_string(), g.value_at));
+                } else {
+                    let keys: Vec<&str> = kind
+                        .params()
+                        .iter()
+                        .map(|p| p.name)
+                        .chain(kind.inputs().iter().map(|s| s.name))
+                        .chain(COMMON_KEYS)
+                        .collect();
+                    let mut err = g.key_at.error(
+                        format!("unknown key `{key}` for stage `{stage_name}` (kind `{}`)", kind.kind()),
+                        "unknown key",
+                    );
+                    err.help = Some(match did_you_mean(&key, keys.iter().copied()) {
+                        Some(hint) => hint,
+                        None => format!("keys of `{}`: {}", kind.kind(), keys.join(", ")),
+                    });
+                    return Err(err);
+                }
+            }
+        }
+    }
+    for spec in kind.params() {
+        if params.get(spec.name).is_some() {
+            continue;
+        }
+        match spec.default_value() {
+            Some(v) => params.insert(spec.name, v),
+            None if matches!(spec.default, Default::Required) => {
+                return Err(name_at.error(
+                    format!("stage `{stage_name}` needs `{}` ({})", spec.name, spec.type_name()),
+                    format!("`{}` missing here", spec.name),
+                ));
+            }
+            None => {}
+        }
+    }
+    let connected: BTreeSet<&str> = slots.iter().map(|(s, _, _)| *s).collect();
+    for spec in kind.inputs() {
+        if spec.required && !connected.contains(spec.name) {
+            return Err(name_at
+                .error(format!("stage `{stage_name}` needs input `{}`", spec.name), format!("`{}` missing here", spec.name))
+                .help(spec.doc));
+        }
+    }
+    kind.check(&params, &connected).map_err(|p| {
+        let at = key_places.get(&p.key).unwrap_or(name_at);
+        at.error(format!("stage `{stage_name}`: {}", p.message), format!("`{}`", p.key))
+    })?;
+    let stage = ResolvedStage {
+        name: stage_name.to_string(),
+        kind: kind.clone(),
+        params,
+        seed,
+        threads,
+        inputs: Vec::new(),
+    };
+    Ok((stage, slots))
+}
+
+/// Kahn's algorithm, taking the earliest-written ready stage first so the order is stable.
+/// On a cycle, the error prints it (`a -> b -> c -> a`) and points at the input that closes it.
+fn topological_order(names: &[&str], edges: &[(usize, usize, Place)]) -> Result<Vec<usize>, RecipeError> {
+    let mut graph: DiGraph<usize, usize> = DiGraph::new();
+    let nodes: Vec<NodeIndex> = (0..names.len()).map(|i| graph.add_node(i)).collect();
+    for (e, (from, to, _)) in edges.iter().enumerate() {
+        graph.add_edge(nodes[*from], nodes[*to], e);
+    }
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
+        if scc.len() > 1 || self_loop {
+            return Err(cycle_error(&graph, &scc, names, edges));
+        }
+    }
+    let mut indegree: Vec<usize> = nodes.iter().map(|n| graph.neighbors_directed(*n, petgraph::Incoming).count()).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..names.len()).filter(|i| indegree[*i] == 0).map(Reverse).collect();
+    let mut order = Vec::with_capacity(names.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        order.push(i);
+        for next in graph.neighbors(nodes[i]) {
+            let j = graph[next];
+            indegree[j] -= 1;
+            if indegree[j] == 0 {
+                ready.push(Reverse(j));
+            }
+        }
+    }
+    assert_eq!(order.len(), names.len(), "an acyclic graph orders every stage");
+    Ok(order)
+}
+
+fn cycle_error(graph: &DiGraph<usize, usize>, scc: &[NodeIndex], names: &[&str], edges: &[(usize, usize, Place)]) -> RecipeError {
+    // Walk from the earliest-written stage of the component back to itself (breadth-first, so
+    // the cycle printed is a shortest one).
+    let start = *scc.iter().min_by_key(|n| graph[**n]).expect("a component is non-empty");
+    let mut parent: HashMap<NodeIndex, (NodeIndex, usize)> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    let mut closing = None;
+    'search: while let Some(n) = queue.pop_front() {
+        for e in graph.edges(n) {
+            use petgraph::visit::EdgeRef;
+            let next = e.target();
+            if !scc.contains(&next) {
+                continue;
+            }
+            if next == start {
+                closing = Some((n, *e.weight()));
+                break 'search;
+            }
+            if let std::collections::hash_map::Entry::Vacant(v) = parent.entry(next) {
+                v.insert((n, *e.weight()));
+                queue.push_back(next);
+            }
+        }
+    }
+    let (last, closing_edge) = closing.expect("a strongly connected component has a cycle through every node");
+    let mut path = vec![last];
+    let mut n = last;
+    while n != start {
+        n = parent[&n].0;
+        path.push(n);
+    }
+    path.reverse();
+    path.push(start);
+    let text: Vec<&str> = path.iter().map(|n| names[graph[*n]]).collect();
+    let at = &edges[closing_edge].2;
+    at.error(format!("the recipe has a cycle: {}", text.join(" -> ")), "this input closes the cycle")
+        .help("each arrow reads \"feeds\"; a stage cannot depend on its own output")
+}
