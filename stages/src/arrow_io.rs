@@ -1,0 +1,201 @@
+//! Arrow IPC files of token ids: documents (`List<UInt32>`) and fixed-length blocks
+//! (`FixedSizeList<UInt32>`), plus the small `meta.json` that travels with them.
+//!
+//! Written in record batches of a fixed number of rows, never "whatever fits", so the same
+//! tokens always give the same bytes.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, FixedSizeListArray, ListArray, UInt32Array};
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::ipc::reader::FileReader;
+use arrow::ipc::writer::FileWriter;
+use arrow::record_batch::RecordBatch;
+use engine::StageError;
+use serde::{Deserialize, Serialize};
+
+use crate::fail;
+
+/// Rows per record batch.
+const BATCH_ROWS: usize = 1024;
+
+/// Token ids of many documents: document `i` is `values[offsets[i]..offsets[i + 1]]`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TokenDocs {
+    pub offsets: Vec<usize>,
+    pub values: Vec<u32>,
+}
+
+impl TokenDocs {
+    pub fn from_docs(docs: &[Vec<u32>]) -> Self {
+        let mut offsets = Vec::with_capacity(docs.len() + 1);
+        offsets.push(0);
+        let mut values = Vec::with_capacity(docs.iter().map(Vec::len).sum());
+        for d in docs {
+            values.extend_from_slice(d);
+            offsets.push(values.len());
+        }
+        TokenDocs { offsets, values }
+    }
+    pub fn len(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn doc(&self, i: usize) -> &[u32] {
+        &self.values[self.offsets[i]..self.offsets[i + 1]]
+    }
+}
+
+/// What `tokenize` and `pack` record beside their token files.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TokenMeta {
+    pub vocab_size: u32,
+    pub eot_id: u32,
+    /// Present in packed data: tokens per block minus one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_len: Option<usize>,
+}
+
+impl TokenMeta {
+    pub const FILE: &'static str = "meta.json";
+
+    pub fn write(&self, dir: &Path) -> Result<(), StageError> {
+        let path = dir.join(Self::FILE);
+        let mut text = serde_json::to_string_pretty(self).expect("meta serializes");
+        text.push('\n');
+        std::fs::write(&path, text).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+    }
+
+    pub fn read(dir: &Path) -> Result<Self, StageError> {
+        let path = dir.join(Self::FILE);
+        let bytes = std::fs::read(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))
+    }
+}
+
+fn write_batches(path: &Path, schema: Arc<Schema>, columns: impl Iterator<Item = ArrayRef>) -> Result<(), StageError> {
+    let err = |e: &dyn std::error::Error| fail(format!("writing `{}`", path.display()))(e);
+    let file = File::create(path).map_err(|e| err(&e))?;
+    let mut writer = FileWriter::try_new(BufWriter::new(file), &schema).map_err(|e| err(&e))?;
+    for column in columns {
+        let batch = RecordBatch::try_new(schema.clone(), vec![column]).map_err(|e| err(&e))?;
+        writer.write(&batch).map_err(|e| err(&e))?;
+    }
+    writer.finish().map_err(|e| err(&e))?;
+    Ok(())
+}
+
+fn read_batches(path: &Path) -> Result<Vec<RecordBatch>, StageError> {
+    let err = |e: &dyn std::error::Error| fail(format!("reading `{}`", path.display()))(e);
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let reader = FileReader::try_new(std::io::BufReader::new(file), None).map_err(|e| err(&e))?;
+    reader.collect::<Result<Vec<_>, _>>().map_err(|e| err(&e))
+}
+
+fn item_field() -> Arc<Field> {
+    Arc::new(Field::new("item", DataType::UInt32, false))
+}
+
+/// Write documents as one `tokens: List<UInt32>` column.
+pub fn write_docs(path: &Path, docs: &TokenDocs) -> Result<(), StageError> {
+    let schema = Arc::new(Schema::new(vec![Field::new("tokens", DataType::List(item_field()), false)]));
+    let n = docs.len();
+    let columns = (0..n).step_by(BATCH_ROWS).map(|start| {
+        let end = (start + BATCH_ROWS).min(n);
+        let base = docs.offsets[start];
+        let offsets: Vec<i32> = docs.offsets[start..=end]
+            .iter()
+            .map(|o| i32::try_from(o - base).expect("a batch of documents holds under 2^31 tokens"))
+            .collect();
+        let values = UInt32Array::from(docs.values[base..docs.offsets[end]].to_vec());
+        Arc::new(ListArray::new(item_field(), OffsetBuffer::new(ScalarBuffer::from(offsets)), Arc::new(values), None))
+            as ArrayRef
+    });
+    write_batches(path, schema, columns)
+}
+
+pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
+    let mut docs = TokenDocs { offsets: vec![0], values: Vec::new() };
+    for batch in read_batches(path)? {
+        let list = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .ok_or_else(|| StageError::msg(format!("`{}`: column 0 is not a list of token ids", path.display())))?;
+        for i in 0..list.len() {
+            let row = list.value(i);
+            let ids = row
+                .as_any()
+                .downcast_ref::<UInt32Array>()
+                .ok_or_else(|| StageError::msg(format!("`{}`: token ids are not uint32", path.display())))?;
+            docs.values.extend_from_slice(ids.values());
+            docs.offsets.push(docs.values.len());
+        }
+    }
+    Ok(docs)
+}
+
+/// Write blocks of `width` tokens as one `tokens: FixedSizeList<UInt32, width>` column.
+pub fn write_blocks(path: &Path, blocks: &[u32], width: usize) -> Result<(), StageError> {
+    assert!(width > 0 && blocks.len() % width == 0, "blocks hold a whole number of rows of {width}");
+    let field = Field::new("tokens", DataType::FixedSizeList(item_field(), width as i32), false);
+    let schema = Arc::new(Schema::new(vec![field]));
+    let rows = blocks.len() / width;
+    let columns = (0..rows).step_by(BATCH_ROWS).map(|start| {
+        let end = (start + BATCH_ROWS).min(rows);
+        let values = UInt32Array::from(blocks[start * width..end * width].to_vec());
+        Arc::new(FixedSizeListArray::new(item_field(), width as i32, Arc::new(values), None)) as ArrayRef
+    });
+    write_batches(path, schema, columns)
+}
+
+/// Read blocks back: (flat token ids, width).
+pub fn read_blocks(path: &Path) -> Result<(Vec<u32>, usize), StageError> {
+    let batches = read_batches(path)?;
+    let width = match batches.first().map(|b| b.schema().field(0).data_type().clone()) {
+        Some(DataType::FixedSizeList(_, w)) => w as usize,
+        _ => {
+            return Err(StageError::msg(format!("`{}` holds no fixed-size token blocks", path.display())));
+        }
+    };
+    let mut out = Vec::new();
+    for batch in batches {
+        let list = batch.column(0).as_any().downcast_ref::<FixedSizeListArray>().expect("schema checked above");
+        let values = list.values().as_any().downcast_ref::<UInt32Array>().expect("blocks hold uint32");
+        out.extend_from_slice(values.values());
+    }
+    Ok((out, width))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_and_blocks_round_trip_across_batches() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs: Vec<Vec<u32>> = (0..2500u32).map(|i| (0..i % 7).map(|j| i * 10 + j).collect()).collect();
+        let docs = TokenDocs::from_docs(&docs);
+        write_docs(&dir.path().join("d.arrow"), &docs).unwrap();
+        assert_eq!(read_docs(&dir.path().join("d.arrow")).unwrap(), docs);
+
+        let blocks: Vec<u32> = (0..3000 * 5).collect();
+        write_blocks(&dir.path().join("b.arrow"), &blocks, 5).unwrap();
+        assert_eq!(read_blocks(&dir.path().join("b.arrow")).unwrap(), (blocks, 5));
+    }
+
+    #[test]
+    fn writing_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = TokenDocs::from_docs(&[vec![1, 2, 3], vec![], vec![4]]);
+        write_docs(&dir.path().join("a"), &docs).unwrap();
+        write_docs(&dir.path().join("b"), &docs).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a")).unwrap(), std::fs::read(dir.path().join("b")).unwrap());
+    }
+}
