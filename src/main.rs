@@ -1,1 +1,258 @@
-fn main() {}
+//! The `tinygpt` binary: parses arguments, prints, reads the environment and picks exit codes.
+//! All the work is in the `engine` and `stages` crates.
+//!
+//! Exit codes: 0 success, 1 a stage (or the store) failed, 2 a bad recipe or command line,
+//! 130 interrupted.
+
+mod cli;
+mod diagnostic;
+mod output;
+mod progress;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use clap::Parser;
+use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs};
+use engine::cache::Store;
+use engine::{EngineError, Recipe, RecipeError, Registry};
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Why the binary stops early, mapped to an exit code.
+enum Fail {
+    Recipe(RecipeError),
+    Other(String),
+}
+
+impl From<EngineError> for Fail {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Recipe(r) => Fail::Recipe(r),
+            other => Fail::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<engine::cache::CacheError> for Fail {
+    fn from(e: engine::cache::CacheError) -> Self {
+        Fail::Other(format!("cache: {e}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(Fail::Recipe(e)) => {
+            eprint!("{}", diagnostic::render(&e));
+            ExitCode::from(2)
+        }
+        Err(Fail::Other(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn cwd() -> PathBuf {
+    std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+}
+
+fn load(args: &RecipeArgs, registry: &Registry) -> Result<Recipe, Fail> {
+    engine::recipe::load(&args.recipe, &args.sets, registry, &cwd()).map_err(Fail::Recipe)
+}
+
+fn open_store(cli_cache: &Option<PathBuf>) -> Result<Store, Fail> {
+    let root = cli_cache.clone().unwrap_or_else(|| PathBuf::from(".tinygpt"));
+    Ok(Store::open(&root)?)
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialize"));
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
+    let registry = stages::registry();
+    match cli.command {
+        Command::Run { recipe, jobs, json } => {
+            let recipe = load(&recipe, &registry)?;
+            let store = open_store(&cli.cache)?;
+            install_interrupt_handler();
+            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let observer = progress::Progress::new();
+            let opts = engine::RunOptions { jobs, cancel: &CANCEL, observer: &observer };
+            let report = engine::run(&recipe, &store, &opts)?;
+            drop(observer);
+            if json {
+                print_json(&output::run_json(&report));
+            } else {
+                print!("{}", output::run_table(&report));
+            }
+            if report.interrupted {
+                eprintln!("interrupted: finished stages are cached; run again to continue");
+                return Ok(ExitCode::from(130));
+            }
+            if let Some(f) = &report.failure {
+                eprintln!("error: stage `{}` failed: {}", f.stage, f.message);
+                if !report.not_run.is_empty() {
+                    eprintln!("not run: {}", report.not_run.join(", "));
+                }
+                return Ok(ExitCode::from(1));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { recipe, json } => {
+            let recipe = load(&recipe, &registry)?;
+            let store = open_store(&cli.cache)?;
+            let plan = engine::plan(&recipe, &store)?;
+            if json {
+                print_json(&output::plan_json(&plan));
+            } else {
+                print!("{}", output::plan_table(&plan));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dag { recipe, format } => {
+            let recipe = load(&recipe, &registry)?;
+            let format = match format {
+                DagFormat::Dot => engine::graph::GraphFormat::Dot,
+                DagFormat::Mermaid => engine::graph::GraphFormat::Mermaid,
+            };
+            print!("{}", engine::graph::render(&recipe, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command } => cache_command(command, &cli.cache, &registry),
+        Command::Doc => {
+            print!("{}", stage_reference(&registry));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Registry) -> Result<ExitCode, Fail> {
+    let store = open_store(root)?;
+    match command {
+        CacheCommand::Ls => {
+            let rows: Vec<Vec<String>> = store
+                .list()?
+                .into_iter()
+                .map(|a| {
+                    let m = &a.manifest;
+                    let meta = |k: &str| m.meta[k].as_str().unwrap_or("?").to_string();
+                    vec![
+                        m.key.short(),
+                        meta("recipe"),
+                        meta("stage"),
+                        meta("kind"),
+                        m.files.len().to_string(),
+                        output::human_bytes(m.total_bytes()),
+                    ]
+                })
+                .collect();
+            print!("{}", output::table(&["key", "recipe", "stage", "kind", "files", "size"], &rows));
+            Ok(ExitCode::SUCCESS)
+        }
+        CacheCommand::Verify => {
+            let (checked, problems) = store.verify()?;
+            for p in &problems {
+                println!("damaged {}: {} (moved aside; the next run rebuilds it)", &p.key[..12], p.problem);
+            }
+            println!("verified {checked} artifacts: {} damaged", problems.len());
+            Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        CacheCommand::Gc { recipes, keep_runs } => {
+            let mut keep = HashSet::new();
+            for path in &recipes {
+                let recipe = engine::recipe::load(path, &[], registry, &cwd()).map_err(Fail::Recipe)?;
+                keep.extend(engine::plan(&recipe, &store)?.into_iter().filter_map(|s| s.key));
+            }
+            for record in store.recent_runs(keep_runs)? {
+                keep.extend(record.keys);
+            }
+            let report = store.gc(&keep)?;
+            println!(
+                "removed {} artifacts, kept {}, freed {}",
+                report.removed,
+                report.kept,
+                output::human_bytes(report.freed_bytes)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn install_interrupt_handler() {
+    let result = ctrlc::set_handler(|| {
+        if CANCEL.swap(true, Ordering::SeqCst) {
+            eprintln!("\naborting");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupting: stopping running stages (Ctrl-C again to abort at once)");
+    });
+    if let Err(e) = result {
+        eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupt will still leave no partial artifact");
+    }
+}
+
+/// The Markdown reference of every stage kind, generated from the declarations so the docs
+/// cannot drift (a test compares it with docs/RECIPES.md).
+fn stage_reference(registry: &Registry) -> String {
+    let mut out = String::new();
+    for kind in registry.kinds() {
+        out.push_str(&format!("### `{}`\n\n{}.\n\n", kind.kind(), capitalize(kind.about())));
+        out.push_str(&format!(
+            "Produces: `{}`. Implementation version: {}. Uses the seed: {}.\n\n",
+            kind.output().0,
+            kind.version(),
+            if kind.uses_seed() { "yes" } else { "no" }
+        ));
+        if !kind.inputs().is_empty() {
+            out.push_str("| input | accepts | required | description |\n|---|---|---|---|\n");
+            for i in kind.inputs() {
+                let types: Vec<String> = i.accepts.types().iter().map(|t| format!("`{}`", t.0)).collect();
+                let mut accepts = types.join(", ");
+                if i.accepts.raw() {
+                    accepts = if accepts.is_empty() {
+                        "file or directory".into()
+                    } else {
+                        format!("file, directory or {accepts}")
+                    };
+                }
+                out.push_str(&format!(
+                    "| `{}` | {} | {} | {} |\n",
+                    i.name,
+                    accepts,
+                    if i.required { "yes" } else { "no" },
+                    i.doc
+                ));
+            }
+            out.push('\n');
+        }
+        out.push_str("| parameter | type | default | hashed | description |\n|---|---|---|---|---|\n");
+        for p in kind.params() {
+            let default = match p.default_value() {
+                Some(v) => format!("`{v}`"),
+                None if matches!(p.default, engine::params::Default::Required) => "required".into(),
+                None => "unset".into(),
+            };
+            out.push_str(&format!(
+                "| `{}` | {} | {} | {} | {} |\n",
+                p.name,
+                p.type_name().replace('|', "\\|"),
+                default,
+                if p.hashed { "yes" } else { "no" },
+                p.doc
+            ));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next().map(|f| f.to_uppercase().chain(c).collect()).unwrap_or_default()
+}

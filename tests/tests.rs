@@ -1,1 +1,9 @@
-mod x {}
+//! End-to-end tests of the `tinygpt` binary, one test binary for the whole suite.
+
+mod bad_recipes; // every kind of bad recipe or command line: exit 2, file:line:col, nothing run
+mod caching; // reruns do only the work whose inputs changed; plan says why
+mod cli; // help, dag, summary table, docs generated from the code
+mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data when present
+mod golden; // golden digests of every stage's output, golden diagnostics
+mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
+mod util;

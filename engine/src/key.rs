@@ -89,12 +89,28 @@ impl Preimage {
 #[serde(tag = "reason", rename_all = "snake_case")]
 pub enum DirtyReason {
     NeverRun,
-    ConfigChanged { key: String, old: String, new: String },
-    InputChanged { slot: String, from: String },
+    ConfigChanged {
+        key: String,
+        old: String,
+        new: String,
+    },
+    InputChanged {
+        slot: String,
+        from: String,
+    },
     /// An upstream stage runs first; whether this one reruns depends on its output bytes.
-    UpstreamRuns { slot: String, stage: String },
-    CodeVersionChanged { old: u32, new: u32 },
-    KindChanged { old: String, new: String },
+    UpstreamRuns {
+        slot: String,
+        stage: String,
+    },
+    CodeVersionChanged {
+        old: u32,
+        new: u32,
+    },
+    KindChanged {
+        old: String,
+        new: String,
+    },
     ArtifactMissing,
 }
 
@@ -147,7 +163,9 @@ pub fn diff(old: &Preimage, new: &Preimage) -> Vec<DirtyReason> {
         match (old.inputs.get(slot), new.inputs.get(slot)) {
             (Some(a), Some(b)) if a.digest == b.digest => {}
             (_, Some(b)) => reasons.push(DirtyReason::InputChanged { slot: slot.clone(), from: b.from.clone() }),
-            (Some(_), None) => reasons.push(DirtyReason::InputChanged { slot: slot.clone(), from: "disconnected".into() }),
+            (Some(_), None) => {
+                reasons.push(DirtyReason::InputChanged { slot: slot.clone(), from: "disconnected".into() })
+            }
             (None, None) => unreachable!("slot came from one of the maps"),
         }
     }

@@ -22,4 +22,6 @@ pub use observer::{Observer, Silent, StageProgress};
 pub use params::{ParamSpec, ParamType, ParamValue, Params};
 pub use plan::{plan, Action, PlannedStage};
 pub use recipe::Recipe;
-pub use stage::{Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError};
+pub use stage::{
+    Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError,
+};

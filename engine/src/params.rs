@@ -109,7 +109,9 @@ impl ParamSpec {
     pub fn convert(&self, value: &toml::Value) -> Result<ParamValue, String> {
         let expected = || format!("expected {}, found {}", self.type_name(), describe(value));
         match (self.ty, value) {
-            (ParamType::Int { min, max }, toml::Value::Integer(v)) if (min..=max).contains(v) => Ok(ParamValue::Int(*v)),
+            (ParamType::Int { min, max }, toml::Value::Integer(v)) if (min..=max).contains(v) => {
+                Ok(ParamValue::Int(*v))
+            }
             (ParamType::Float { min, max }, toml::Value::Float(v)) if v.is_finite() && *v >= min && *v <= max => {
                 Ok(ParamValue::Float(*v))
             }

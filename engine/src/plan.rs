@@ -69,10 +69,15 @@ pub(crate) fn gather_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Ar
     for input in &recipe.stages[id].inputs {
         let digest = match &input.source {
             InputSource::Stage(up) => match &artifacts[*up] {
-                Some(a) => InputDigest { digest: a.manifest.content_digest, from: format!("stage `{}`", recipe.stages[*up].name) },
+                Some(a) => InputDigest {
+                    digest: a.manifest.content_digest,
+                    from: format!("stage `{}`", recipe.stages[*up].name),
+                },
                 None => return Inputs::Pending { slot: input.slot, stage: recipe.stages[*up].name.clone() },
             },
-            InputSource::Raw { shown, .. } => InputDigest { digest: raw[&(id, input.slot)], from: format!("file `{shown}`") },
+            InputSource::Raw { shown, .. } => {
+                InputDigest { digest: raw[&(id, input.slot)], from: format!("file `{shown}`") }
+            }
         };
         known.insert(input.slot.to_string(), digest);
     }
@@ -117,7 +122,14 @@ pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineE
                 match store.get(&key)? {
                     Some(artifact) => {
                         artifacts[id] = Some(artifact.clone());
-                        PlannedStage { name: stage.name.clone(), kind, key: Some(key), action: Action::Cached, reasons: vec![], artifact: Some(artifact) }
+                        PlannedStage {
+                            name: stage.name.clone(),
+                            kind,
+                            key: Some(key),
+                            action: Action::Cached,
+                            reasons: vec![],
+                            artifact: Some(artifact),
+                        }
                     }
                     None => PlannedStage {
                         name: stage.name.clone(),

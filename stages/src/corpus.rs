@@ -103,7 +103,8 @@ const HEROES: &[Hero] = &[
 ];
 const FRIENDS: &[&str] = &["dog", "cat", "bird", "frog", "rabbit", "duck", "bear", "mouse"];
 const PLACES: &[&str] = &["park", "garden", "beach", "forest", "kitchen", "farm", "river", "hill"];
-const THINGS: &[&str] = &["ball", "kite", "red box", "little boat", "book", "hat", "toy car", "shell", "flower", "drum"];
+const THINGS: &[&str] =
+    &["ball", "kite", "red box", "little boat", "book", "hat", "toy car", "shell", "flower", "drum"];
 const FEELINGS: &[&str] = &["happy", "sad", "scared", "excited", "tired", "proud", "surprised"];
 const WEATHER: &[&str] = &["sunny", "rainy", "windy", "cold", "warm", "cloudy"];
 const PROBLEMS: &[&str] = &[
@@ -148,7 +149,11 @@ fn story(rng: &mut SplitMix64, out: &mut String) {
     let thing = *rng.pick(THINGS);
     let weather = *rng.pick(WEATHER);
     let opening = match rng.below(3) {
-        0 => format!("Once upon a time, there was a little {} named {}.", if hero.they == "she" { "girl" } else { "boy" }, hero.name),
+        0 => format!(
+            "Once upon a time, there was a little {} named {}.",
+            if hero.they == "she" { "girl" } else { "boy" },
+            hero.name
+        ),
         1 => format!("One {weather} day, {} went to the {place}.", hero.name),
         _ => format!("{} had a {friend} and a {thing}.", hero.name),
     };

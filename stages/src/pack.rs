@@ -21,22 +21,29 @@ pub const VAL_FILE: &str = "val.arrow";
 
 const PARAMS: &[ParamSpec] = &[
     ParamSpec::int("seq_len", 256, 1, 1 << 20, "tokens a model sees at once; blocks hold seq_len + 1"),
-    ParamSpec::float("val_fraction", 0.1, 0.0, 0.9, "share of documents (or of tokens, with split = \"position\") for validation"),
+    ParamSpec::float(
+        "val_fraction",
+        0.1,
+        0.0,
+        0.9,
+        "share of documents (or of tokens, with split = \"position\") for validation",
+    ),
     ParamSpec::choice(
         "split",
         "document",
         &["document", "position"],
         "`document`: a seeded random choice of whole documents; `position`: the last tokens of the stream",
     ),
-    ParamSpec::choice("remainder", "drop", &["drop", "pad"], "a final partial block is dropped, or padded with the end-of-text token"),
+    ParamSpec::choice(
+        "remainder",
+        "drop",
+        &["drop", "pad"],
+        "a final partial block is dropped, or padded with the end-of-text token",
+    ),
 ];
 
-const INPUTS: &[InputSpec] = &[InputSpec {
-    name: "data",
-    accepts: Accepts::Artifact(&[TOKENS]),
-    required: true,
-    doc: "a `tokenize` stage",
-}];
+const INPUTS: &[InputSpec] =
+    &[InputSpec { name: "data", accepts: Accepts::Artifact(&[TOKENS]), required: true, doc: "a `tokenize` stage" }];
 
 impl Stage for Pack {
     fn kind(&self) -> &'static str {
@@ -95,7 +102,8 @@ impl Stage for Pack {
         }
         write_blocks(&ctx.out(TRAIN_FILE), &train_blocks.tokens, seq_len + 1)?;
         write_blocks(&ctx.out(VAL_FILE), &val_blocks.tokens, seq_len + 1)?;
-        std::fs::copy(artifact.path(TOKENIZER_FILE), ctx.out(TOKENIZER_FILE)).map_err(|e| fail("copying tokenizer.json")(&e))?;
+        std::fs::copy(artifact.path(TOKENIZER_FILE), ctx.out(TOKENIZER_FILE))
+            .map_err(|e| fail("copying tokenizer.json")(&e))?;
         TokenMeta { seq_len: Some(seq_len), ..meta }.write(ctx.out_dir())?;
 
         let dropped = train_blocks.dropped + val_blocks.dropped;

@@ -43,17 +43,16 @@ fn files_of(input: &Input, format: Option<Format>) -> Result<Vec<PathBuf>, Stage
     match input {
         Input::Raw { path, .. } if path.is_file() => files.push(path.clone()),
         Input::Raw { path, .. } => walk(path, &mut files)?,
-        Input::Artifact { artifact, .. } => files.extend(artifact.manifest.files.iter().map(|f| artifact.path(&f.name))),
+        Input::Artifact { artifact, .. } => {
+            files.extend(artifact.manifest.files.iter().map(|f| artifact.path(&f.name)))
+        }
     }
     let explicit_file = matches!(input, Input::Raw { path, .. } if path.is_file());
     if !explicit_file {
         files.retain(|f| format.is_some() || Format::from_extension(f).is_some());
     }
     if files.is_empty() {
-        return Err(StageError::msg(format!(
-            "{} holds no .txt, .jsonl or .parquet file",
-            input.describe()
-        )));
+        return Err(StageError::msg(format!("{} holds no .txt, .jsonl or .parquet file", input.describe())));
     }
     Ok(files)
 }

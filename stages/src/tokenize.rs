@@ -38,9 +38,18 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::int("min_frequency", 2, 1, 1 << 30, "`bpe`: a pair merges only if it occurs this often"),
     ParamSpec::str_list("special_tokens", &["<|endoftext|>"], "tokens never split; `byte`, `char`, `bpe` only"),
     ParamSpec::string("eot_token", Some("<|endoftext|>"), "the end-of-text token `pack` puts between documents"),
-    ParamSpec::choice("format", "auto", &["auto", "text", "jsonl", "parquet"], "input format; `auto` goes by file extension"),
+    ParamSpec::choice(
+        "format",
+        "auto",
+        &["auto", "text", "jsonl", "parquet"],
+        "input format; `auto` goes by file extension",
+    ),
     ParamSpec::string("field", Some("text"), "JSONL field or Parquet column holding the text"),
-    ParamSpec::string("doc_separator", None, "split text files into documents at this string (default: one document per file)"),
+    ParamSpec::string(
+        "doc_separator",
+        None,
+        "split text files into documents at this string (default: one document per file)",
+    ),
     ParamSpec::int("chunk_docs", 64, 1, 1 << 20, "documents per parallel work item (speed only)").not_hashed(),
 ];
 
@@ -83,10 +92,16 @@ impl Stage for Tokenize {
         let algorithm = params.str("algorithm");
         let pretrained = algorithm == "pretrained";
         if pretrained && !connected.contains("tokenizer") {
-            return Err(ParamProblem::new("algorithm", "`pretrained` needs the `tokenizer` input: a path to a tokenizer.json"));
+            return Err(ParamProblem::new(
+                "algorithm",
+                "`pretrained` needs the `tokenizer` input: a path to a tokenizer.json",
+            ));
         }
         if !pretrained && connected.contains("tokenizer") {
-            return Err(ParamProblem::new("tokenizer", format!("a `tokenizer` file is used only with algorithm = \"pretrained\", not \"{algorithm}\"")));
+            return Err(ParamProblem::new(
+                "tokenizer",
+                format!("a `tokenizer` file is used only with algorithm = \"pretrained\", not \"{algorithm}\""),
+            ));
         }
         let specials = params.str_list("special_tokens");
         let eot = params.str("eot_token");
@@ -139,7 +154,10 @@ impl Stage for Tokenize {
         match ctx.input("tokenizer") {
             // Keep the user's file byte for byte.
             Some(Input::Raw { path, .. }) => std::fs::copy(path, ctx.out(TOKENIZER_FILE)).map(drop),
-            _ => std::fs::write(ctx.out(TOKENIZER_FILE), tokenizer.to_string(true).map_err(|e| fail("serializing the tokenizer")(&*e))?),
+            _ => std::fs::write(
+                ctx.out(TOKENIZER_FILE),
+                tokenizer.to_string(true).map_err(|e| fail("serializing the tokenizer")(&*e))?,
+            ),
         }
         .map_err(|e| fail("writing tokenizer.json")(&e))?;
         write_docs(&ctx.out(TOKENS_FILE), &tokens)?;
@@ -190,10 +208,11 @@ fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) 
             t
         }
         "char" => {
-            let chars: BTreeSet<char> = docs.par_iter().map(|d| d.chars().collect::<BTreeSet<_>>()).reduce(BTreeSet::new, |mut a, b| {
-                a.extend(b);
-                a
-            });
+            let chars: BTreeSet<char> =
+                docs.par_iter().map(|d| d.chars().collect::<BTreeSet<_>>()).reduce(BTreeSet::new, |mut a, b| {
+                    a.extend(b);
+                    a
+                });
             let mut t = Tokenizer::new(fixed_vocab(chars.into_iter().map(String::from))?);
             t.add_special_tokens(&specials(p));
             t
@@ -227,7 +246,12 @@ fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) 
 
 /// Encode documents in parallel, in chunks of a fixed size; the result is in document order
 /// whatever the number of threads.
-pub fn encode_all(tokenizer: &Tokenizer, docs: &[String], chunk: usize, ctx: &StageCtx<'_>) -> Result<Vec<Vec<u32>>, StageError> {
+pub fn encode_all(
+    tokenizer: &Tokenizer,
+    docs: &[String],
+    chunk: usize,
+    ctx: &StageCtx<'_>,
+) -> Result<Vec<Vec<u32>>, StageError> {
     let progress = ctx.progress();
     progress.set_length(docs.len() as u64, "docs");
     let chunks: Vec<Vec<Vec<u32>>> = docs

@@ -51,7 +51,10 @@ pub enum InputSource {
     Stage(StageId),
     /// A file or directory: `path` is resolved (against the recipe's folder, or the current
     /// directory for `--set`), `shown` is the text as written.
-    Raw { path: PathBuf, shown: String },
+    Raw {
+        path: PathBuf,
+        shown: String,
+    },
 }
 
 impl Recipe {

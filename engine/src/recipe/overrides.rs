@@ -24,8 +24,11 @@ pub fn parse(arg: &str) -> Result<Override, RecipeError> {
     let origin = Arc::new(Origin { name: "--set".into(), text: arg.to_string() });
     let whole = 0..arg.len();
     let Some((lhs, raw_value)) = arg.split_once('=') else {
-        return Err(RecipeError::new(format!("`--set {arg}` is not of the form STAGE.KEY=VALUE"))
-            .at(&origin, whole, "missing `=`"));
+        return Err(RecipeError::new(format!("`--set {arg}` is not of the form STAGE.KEY=VALUE")).at(
+            &origin,
+            whole,
+            "missing `=`",
+        ));
     };
     let Some((stage, key)) = lhs.split_once('.') else {
         return Err(RecipeError::new(format!("`--set {arg}` does not name a stage and a key"))
@@ -33,8 +36,11 @@ pub fn parse(arg: &str) -> Result<Override, RecipeError> {
             .help("for example `--set pack.seq_len=128`"));
     };
     if stage.is_empty() || key.is_empty() {
-        return Err(RecipeError::new(format!("`--set {arg}` has an empty stage or key name"))
-            .at(&origin, 0..lhs.len(), "expected STAGE.KEY"));
+        return Err(RecipeError::new(format!("`--set {arg}` has an empty stage or key name")).at(
+            &origin,
+            0..lhs.len(),
+            "expected STAGE.KEY",
+        ));
     }
     let value_start = lhs.len() + 1;
     Ok(Override {
@@ -70,7 +76,10 @@ mod tests {
         assert_eq!(parse("t.input=data/a b.txt").unwrap().value, toml::Value::String("data/a b.txt".into()));
         assert_eq!(parse("t.algorithm=\"bpe\"").unwrap().value, toml::Value::String("bpe".into()));
         let o = parse("tokenize.vocab_size=512").unwrap();
-        assert_eq!((&o.origin.text[o.stage_span.clone()], &o.origin.text[o.key_span.clone()]), ("tokenize", "vocab_size"));
+        assert_eq!(
+            (&o.origin.text[o.stage_span.clone()], &o.origin.text[o.key_span.clone()]),
+            ("tokenize", "vocab_size")
+        );
     }
 
     #[test]

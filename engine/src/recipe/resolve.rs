@@ -1,8 +1,8 @@
 //! Raw recipe + overrides + registry -> [`Recipe`]: names turned into ids, defaults filled,
 //! types and wiring checked, the graph checked acyclic. Every error points at a span.
 
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -128,20 +128,40 @@ pub fn resolve(
             }
         }
         for o in sets.iter().filter(|o| o.stage == stage_name) {
-            let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
+            let at =
+                |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
             if o.key == "kind" {
-                return Err(at(&o.key_span).error("the kind of a stage cannot be overridden", "edit the recipe instead"));
+                return Err(
+                    at(&o.key_span).error("the kind of a stage cannot be overridden", "edit the recipe instead")
+                );
             }
-            given.insert(o.key.clone(), Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) });
+            given.insert(
+                o.key.clone(),
+                Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) },
+            );
         }
         let (resolved, slots) = resolve_stage(stage_name, kind, given, seed, &name_at)?;
         stages.push(resolved);
         wiring.push(slots);
     }
 
-    // Second pass: wire inputs to stages or files, and check artifact types.
+    // Second pass: find the stage each input names and check the graph is acyclic before
+    // anything else, so a cycle is reported as a cycle and not as some other mismatch.
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     let mut edges: Vec<(usize, usize, Place)> = Vec::new();
+    for (i, slots) in wiring.iter().enumerate() {
+        for (slot, text, at) in slots {
+            let spec = stages[i].kind.inputs().iter().find(|s| s.name == *slot).expect("slot names come from the spec");
+            if let Some(&from) = index.get(text.as_str()) {
+                if !spec.accepts.types().is_empty() {
+                    edges.push((from, i, at.clone()));
+                }
+            }
+        }
+    }
+    let order = topological_order(&names, &edges)?;
+
+    // Third pass: wire inputs to stages or files, and check artifact types.
     for (i, slots) in wiring.into_iter().enumerate() {
         let kind = stages[i].kind.clone();
         for (slot, text, at) in slots {
@@ -161,7 +181,6 @@ pub fn resolve(
                             format!("a {} artifact", produced.0),
                         ));
                     }
-                    edges.push((from, i, at));
                     InputSource::Stage(from)
                 }
                 _ if spec.accepts.raw() => {
@@ -189,7 +208,6 @@ pub fn resolve(
         }
     }
 
-    let order = topological_order(&names, &edges)?;
     // Renumber stage ids into topological order.
     let mut new_id = vec![0; order.len()];
     for (new, &old) in order.iter().enumerate() {
@@ -260,15 +278,16 @@ fn resolve_stage(
         match key.as_str() {
             "seed" | "threads" => {
                 let Some(v) = g.value.as_integer() else {
-                    return Err(g.value_at.error(format!("{context} must be a non-negative integer"), "not an integer"));
+                    return Err(g
+                        .value_at
+                        .error(format!("{context} must be a non-negative integer"), "not an integer"));
                 };
                 let v = non_negative(v, &g.value_at, &key)?;
                 if key == "seed" {
                     if !kind.uses_seed() {
-                        return Err(g.key_at.error(
-                            format!("stage kind `{}` does not use a seed", kind.kind()),
-                            "remove this key",
-                        ));
+                        return Err(g
+                            .key_at
+                            .error(format!("stage kind `{}` does not use a seed", kind.kind()), "remove this key"));
                     }
                     seed = v;
                 } else {
@@ -277,7 +296,9 @@ fn resolve_stage(
             }
             _ => {
                 if let Some(spec) = kind.params().iter().find(|p| p.name == key) {
-                    let value = spec.convert(&g.value).map_err(|e| g.value_at.error(format!("{context}: {e}"), "wrong value"))?;
+                    let value = spec
+                        .convert(&g.value)
+                        .map_err(|e| g.value_at.error(format!("{context}: {e}"), "wrong value"))?;
                     params.insert(spec.name, value);
                 } else if let Some(spec) = kind.inputs().iter().find(|s| s.name == key) {
                     let Some(text) = g.value.as_str() else {
@@ -327,7 +348,10 @@ fn resolve_stage(
     for spec in kind.inputs() {
         if spec.required && !connected.contains(spec.name) {
             return Err(name_at
-                .error(format!("stage `{stage_name}` needs input `{}`", spec.name), format!("`{}` missing here", spec.name))
+                .error(
+                    format!("stage `{stage_name}` needs input `{}`", spec.name),
+                    format!("`{}` missing here", spec.name),
+                )
                 .help(spec.doc));
         }
     }
@@ -335,14 +359,8 @@ fn resolve_stage(
         let at = key_places.get(&p.key).unwrap_or(name_at);
         at.error(format!("stage `{stage_name}`: {}", p.message), format!("`{}`", p.key))
     })?;
-    let stage = ResolvedStage {
-        name: stage_name.to_string(),
-        kind: kind.clone(),
-        params,
-        seed,
-        threads,
-        inputs: Vec::new(),
-    };
+    let stage =
+        ResolvedStage { name: stage_name.to_string(), kind: kind.clone(), params, seed, threads, inputs: Vec::new() };
     Ok((stage, slots))
 }
 
@@ -360,7 +378,8 @@ fn topological_order(names: &[&str], edges: &[(usize, usize, Place)]) -> Result<
             return Err(cycle_error(&graph, &scc, names, edges));
         }
     }
-    let mut indegree: Vec<usize> = nodes.iter().map(|n| graph.neighbors_directed(*n, petgraph::Incoming).count()).collect();
+    let mut indegree: Vec<usize> =
+        nodes.iter().map(|n| graph.neighbors_directed(*n, petgraph::Incoming).count()).collect();
     let mut ready: BinaryHeap<Reverse<usize>> = (0..names.len()).filter(|i| indegree[*i] == 0).map(Reverse).collect();
     let mut order = Vec::with_capacity(names.len());
     while let Some(Reverse(i)) = ready.pop() {
@@ -377,7 +396,12 @@ fn topological_order(names: &[&str], edges: &[(usize, usize, Place)]) -> Result<
     Ok(order)
 }
 
-fn cycle_error(graph: &DiGraph<usize, usize>, scc: &[NodeIndex], names: &[&str], edges: &[(usize, usize, Place)]) -> RecipeError {
+fn cycle_error(
+    graph: &DiGraph<usize, usize>,
+    scc: &[NodeIndex],
+    names: &[&str],
+    edges: &[(usize, usize, Place)],
+) -> RecipeError {
     // Walk from the earliest-written stage of the component back to itself (breadth-first, so
     // the cycle printed is a shortest one).
     let start = *scc.iter().min_by_key(|n| graph[**n]).expect("a component is non-empty");
@@ -408,10 +432,12 @@ fn cycle_error(graph: &DiGraph<usize, usize>, scc: &[NodeIndex], names: &[&str],
         n = parent[&n].0;
         path.push(n);
     }
-    path.reverse();
-    path.push(start);
+    // `path` is [last, ..., start], each stage followed by the one that feeds it; `start`
+    // takes its input from `last`. Print it the way the recipe reads: a stage, then the stage
+    // it takes its input from.
+    path.insert(0, start);
     let text: Vec<&str> = path.iter().map(|n| names[graph[*n]]).collect();
     let at = &edges[closing_edge].2;
     at.error(format!("the recipe has a cycle: {}", text.join(" -> ")), "this input closes the cycle")
-        .help("each arrow reads \"feeds\"; a stage cannot depend on its own output")
+        .help("each arrow reads \"takes its input from\"; a stage cannot depend on its own output")
 }

@@ -1,0 +1,89 @@
+//! The command line: every command, option and its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "tinygpt",
+    version,
+    about = "Train small GPT models on the CPU from TOML recipes that rerun only what changed"
+)]
+pub struct Cli {
+    /// The artifact store [default: .tinygpt in the current directory]
+    #[arg(long, global = true, env = "TINYGPT_CACHE", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args)]
+pub struct RecipeArgs {
+    /// The recipe file
+    pub recipe: PathBuf,
+    /// Override a stage parameter or input: STAGE.KEY=VALUE (VALUE is TOML; bare words are
+    /// strings; input paths are relative to the current directory)
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+    pub sets: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run a recipe: every stage whose inputs or parameters changed, the rest from the cache
+    Run {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Most stages running at once [default: number of cores]
+        #[arg(long, short)]
+        jobs: Option<usize>,
+        /// Print the result as one JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `run` would do and why, without running anything
+    Plan {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print the plan as one JSON object on stdout
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the recipe's graph of stages
+    Dag {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
+        format: DagFormat,
+    },
+    /// Inspect and maintain the artifact store
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
+    Doc,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DagFormat {
+    Dot,
+    Mermaid,
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// List every artifact: key, stage, kind, size
+    Ls,
+    /// Rehash every artifact; any that no longer matches its manifest is moved aside and will
+    /// be rebuilt by the next run. Exits 1 if any was damaged
+    Verify,
+    /// Remove artifacts that neither the named recipes nor the last runs use
+    Gc {
+        /// Recipes whose current artifacts to keep
+        recipes: Vec<PathBuf>,
+        /// Also keep everything the last N runs produced or used
+        #[arg(long, default_value_t = 3, value_name = "N")]
+        keep_runs: usize,
+    },
+}

@@ -1,0 +1,81 @@
+//! The command line itself: help on every command, graphs, the generated stage reference
+//! (issue 2, items 5 and 9).
+
+use crate::util::{assert_success, Sandbox};
+
+#[test]
+fn every_command_has_help() {
+    let sb = Sandbox::new();
+    for args in [
+        vec!["--help"],
+        vec!["run", "--help"],
+        vec!["plan", "--help"],
+        vec!["dag", "--help"],
+        vec!["cache", "--help"],
+        vec!["cache", "ls", "--help"],
+        vec!["cache", "verify", "--help"],
+        vec!["cache", "gc", "--help"],
+        vec!["doc", "--help"],
+    ] {
+        let out = sb.tinygpt(&args);
+        assert_success(&out);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{args:?}");
+    }
+}
+
+#[test]
+fn dag_prints_dot_and_mermaid_with_raw_inputs() {
+    let sb = Sandbox::new();
+    sb.write("data.txt", "hello");
+    let dot = String::from_utf8(sb.tinygpt(&["dag", "raw_text.toml"]).stdout).unwrap();
+    assert!(dot.starts_with("digraph \"raw-text\""), "{dot}");
+    assert!(dot.contains("f0 -> s0 [label=\"input\"]") && dot.contains("s0 -> s1 [label=\"data\"]"), "{dot}");
+    assert!(dot.contains("label=\"data.txt\""), "{dot}");
+    let mermaid = String::from_utf8(sb.tinygpt(&["dag", "tiny.toml", "--format", "mermaid"]).stdout).unwrap();
+    assert!(mermaid.starts_with("flowchart LR") && mermaid.contains("s1 -->|data| s2"), "{mermaid}");
+}
+
+#[test]
+fn run_prints_a_summary_table() {
+    let sb = Sandbox::new();
+    let out = sb.tinygpt(&["run", "tiny.toml"]);
+    assert_success(&out);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("stage") && header.contains("action") && header.contains("seconds"), "{table}");
+    let pack = table.lines().find(|l| l.starts_with("pack")).unwrap();
+    assert!(
+        pack.contains(" run ") && pack.contains("dropped_tokens=") && pack.contains("padding_waste_pct="),
+        "{table}"
+    );
+}
+
+#[test]
+fn the_recipe_reference_in_the_docs_is_generated_from_the_code() {
+    let sb = Sandbox::new();
+    let out = sb.tinygpt(&["doc"]);
+    assert_success(&out);
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/RECIPES.md")).unwrap();
+    assert!(
+        docs.contains(&generated),
+        "docs/RECIPES.md is out of date: paste the output of `tinygpt doc` between its STAGE REFERENCE markers"
+    );
+}
+
+#[test]
+fn every_shipped_recipe_resolves() {
+    let sb = Sandbox::new();
+    let recipes = concat!(env!("CARGO_MANIFEST_DIR"), "/recipes");
+    let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data");
+    for entry in std::fs::read_dir(recipes).unwrap() {
+        let path = entry.unwrap().path();
+        let needs_shared = std::fs::read_to_string(&path).unwrap().contains("shared/data");
+        if needs_shared && !std::path::Path::new(shared).exists() {
+            eprintln!("skipping {}: ../shared/data is not present", path.display());
+            continue;
+        }
+        let out = sb.tinygpt(&["plan", path.to_str().unwrap()]);
+        assert_success(&out);
+    }
+}

@@ -1,0 +1,82 @@
+//! Golden files: expected outputs kept in `tests/golden/`. A stage whose output bytes change
+//! without a bump of its implementation version fails here (issue 2, item 8).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::util::{key, Sandbox};
+
+fn golden_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name)
+}
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_GOLDEN").is_some()
+}
+
+/// Compare `actual` with the golden file, or rewrite it under `UPDATE_GOLDEN=1`.
+pub fn check(name: &str, actual: &str) {
+    let path = golden_path(name);
+    if updating() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected =
+        std::fs::read_to_string(&path).unwrap_or_else(|_| panic!("missing {name}; run with UPDATE_GOLDEN=1"));
+    assert_eq!(
+        actual, expected,
+        "output differs from tests/golden/{name}; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
+    );
+}
+
+/// Content digests of every stage kind's output on small fixtures, with the implementation
+/// version that produced them.
+#[test]
+fn stage_outputs_match_their_golden_digests() {
+    let sb = Sandbox::new();
+    sb.write(
+        "data.txt",
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n".repeat(8),
+    );
+    let mut actual: BTreeMap<String, Value> = BTreeMap::new();
+    let mut record = |label: &str, run: &Value, stage: &str| {
+        let manifest = sb.manifest(&key(run, stage));
+        let entry = json!({
+            "version": manifest["meta"]["preimage"]["version"],
+            "content_digest": manifest["content_digest"],
+        });
+        actual.insert(label.to_string(), entry);
+    };
+    let tiny = sb.run_json("tiny.toml", &[]);
+    record("corpus", &tiny, "corpus");
+    record("tokenize-bpe", &tiny, "tokenize");
+    record("pack-document", &tiny, "pack");
+    for algorithm in ["char", "byte"] {
+        let run = sb.run_json("raw_text.toml", &["--set", &format!("tokenize.algorithm={algorithm}")]);
+        record(&format!("tokenize-{algorithm}"), &run, "tokenize");
+        if algorithm == "char" {
+            record("pack-position", &run, "pack");
+        }
+    }
+    let padded = sb.run_json("raw_text.toml", &["--set", "pack.remainder=pad", "--set", "pack.seq_len=7"]);
+    record("pack-pad", &padded, "pack");
+
+    let path = golden_path("digests.json");
+    if updating() {
+        std::fs::write(&path, serde_json::to_string_pretty(&actual).unwrap() + "\n").unwrap();
+        return;
+    }
+    let expected: BTreeMap<String, Value> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    for (label, now) in &actual {
+        let Some(then) = expected.get(label) else { panic!("no golden digest for {label}; run with UPDATE_GOLDEN=1") };
+        if now["content_digest"] != then["content_digest"] {
+            if now["version"] == then["version"] {
+                panic!("the output of {label} changed but its implementation version did not: bump the stage's `version()` (then UPDATE_GOLDEN=1)");
+            }
+            panic!("{label} has a new version and new output: rerun with UPDATE_GOLDEN=1 and review the diff");
+        }
+    }
+    assert_eq!(actual.len(), expected.len(), "golden file lists other fixtures");
+}

@@ -1,0 +1,108 @@
+//! Shared setup: a temporary directory with the test recipes, a store inside it, and helpers
+//! to run the real binary and read its JSON.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    /// A fresh directory holding copies of `tests/recipes/*.toml`.
+    pub fn new() -> Sandbox {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/recipes");
+        for entry in std::fs::read_dir(recipes).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+        Sandbox { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn store(&self) -> PathBuf {
+        self.path(".tinygpt")
+    }
+
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) {
+        std::fs::write(self.path(name), contents).unwrap();
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
+        cmd.current_dir(self.dir.path()).env_remove("TINYGPT_CACHE");
+        cmd
+    }
+
+    pub fn tinygpt(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("the binary runs")
+    }
+
+    /// `tinygpt run RECIPE ARGS --json`, which must succeed; returns the JSON.
+    pub fn run_json(&self, recipe: &str, args: &[&str]) -> Value {
+        let mut all = vec!["run", recipe, "--json"];
+        all.extend_from_slice(args);
+        let out = self.tinygpt(&all);
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("run --json prints JSON")
+    }
+
+    pub fn plan_json(&self, recipe: &str, args: &[&str]) -> Value {
+        let mut all = vec!["plan", recipe, "--json"];
+        all.extend_from_slice(args);
+        let out = self.tinygpt(&all);
+        assert_success(&out);
+        serde_json::from_slice(&out.stdout).expect("plan --json prints JSON")
+    }
+
+    /// The manifest of the artifact with this key.
+    pub fn manifest(&self, key: &str) -> Value {
+        let path = self.store().join("objects").join(key).join("manifest.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+}
+
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "tinygpt failed ({:?})\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The stages that ran (not cached), in order.
+pub fn ran(json: &Value) -> Vec<String> {
+    stages_with(json, "run")
+}
+
+pub fn stages_with(json: &Value, action: &str) -> Vec<String> {
+    json["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == action)
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn stage<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["stages"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap_or_else(|| panic!("no stage {name}"))
+}
+
+pub fn key(json: &Value, name: &str) -> String {
+    stage(json, name)["key"].as_str().expect("a key").to_string()
+}
+
+/// Move a file's modification time forward without touching its bytes.
+pub fn touch(path: &Path) {
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options().write(true).open(path).unwrap().set_modified(later).unwrap();
+}
