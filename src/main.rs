@@ -98,7 +98,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             if let Some(f) = &report.failure {
                 eprintln!("error: stage `{}` failed: {}", f.stage, f.message);
                 if !report.not_run.is_empty() {
-                    eprintln!("not run: {}", report.not_run.join(", "));
+                    let shown = report.not_run.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+                    let more = report.not_run.len().saturating_sub(10);
+                    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+                    eprintln!("not run: {shown}{more}");
                 }
                 return Ok(ExitCode::from(1));
             }

@@ -46,19 +46,20 @@ impl Sandbox {
 
     /// `tinygpt run RECIPE ARGS --json`, which must succeed; returns the JSON.
     pub fn run_json(&self, recipe: &str, args: &[&str]) -> Value {
-        let mut all = vec!["run", recipe, "--json"];
-        all.extend_from_slice(args);
-        let out = self.tinygpt(&all);
-        assert_success(&out);
-        serde_json::from_slice(&out.stdout).expect("run --json prints JSON")
+        self.json("run", recipe, args)
     }
 
+    /// `tinygpt plan RECIPE ARGS --json`, which must succeed; returns the JSON.
     pub fn plan_json(&self, recipe: &str, args: &[&str]) -> Value {
-        let mut all = vec!["plan", recipe, "--json"];
+        self.json("plan", recipe, args)
+    }
+
+    fn json(&self, command: &str, recipe: &str, args: &[&str]) -> Value {
+        let mut all = vec![command, recipe, "--json"];
         all.extend_from_slice(args);
         let out = self.tinygpt(&all);
         assert_success(&out);
-        serde_json::from_slice(&out.stdout).expect("plan --json prints JSON")
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{command} --json prints JSON: {e}"))
     }
 
     /// The manifest of the artifact with this key.

@@ -137,7 +137,8 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 });
                 running += 1;
                 scope.spawn(move || {
-                    let done = execute(stage, key, meta, &inputs, store, opts);
+                    let done = try_execute(stage, key, meta, &inputs, store, opts)
+                        .unwrap_or_else(|e| Done::Failed(e.to_string()));
                     let _ = tx.send((id, done));
                 });
             }
@@ -230,20 +231,6 @@ fn stage_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Artifact>]) ->
 }
 
 /// Build one stage under its key's lock. Runs on a worker thread.
-fn execute(
-    stage: &ResolvedStage,
-    key: ContentHash,
-    meta: serde_json::Value,
-    inputs: &BTreeMap<&'static str, Input>,
-    store: &Store,
-    opts: &RunOptions<'_>,
-) -> Done {
-    match try_execute(stage, key, meta, inputs, store, opts) {
-        Ok(done) => done,
-        Err(e) => Done::Failed(e.to_string()),
-    }
-}
-
 fn try_execute(
     stage: &ResolvedStage,
     key: ContentHash,

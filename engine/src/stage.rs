@@ -149,6 +149,7 @@ pub struct StageCtx<'a> {
 
 impl<'a> StageCtx<'a> {
     /// Build a context directly, for running a stage outside the engine (tests, benchmarks).
+    #[allow(clippy::too_many_arguments)] // one argument per field of a plain struct
     pub fn new(
         stage: &'a str,
         params: &'a Params,

@@ -143,7 +143,7 @@ pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
 
 /// Write blocks of `width` tokens as one `tokens: FixedSizeList<UInt32, width>` column.
 pub fn write_blocks(path: &Path, blocks: &[u32], width: usize) -> Result<(), StageError> {
-    assert!(width > 0 && blocks.len() % width == 0, "blocks hold a whole number of rows of {width}");
+    assert!(width > 0 && blocks.len().is_multiple_of(width), "blocks hold a whole number of rows of {width}");
     let field = Field::new("tokens", DataType::FixedSizeList(item_field(), width as i32), false);
     let schema = Arc::new(Schema::new(vec![field]));
     let rows = blocks.len() / width;

@@ -162,13 +162,16 @@ fn story(rng: &mut SplitMix64, out: &mut String) {
     out.push_str(&format!(" At the {place}, {} met a {friend}.", hero.name));
     out.push_str(&format!(" The {friend} was {}.", rng.pick(FEELINGS)));
     out.push('\n');
-    let problem = fill(*rng.pick(PROBLEMS), hero, friend, thing);
+    let problem: &&str = rng.pick(PROBLEMS);
+    let problem = fill(problem, hero, friend, thing);
     out.push_str(&format!("But then {problem}. {} felt {}.", hero.name, rng.pick(FEELINGS)));
-    let fix = fill(*rng.pick(FIXES), hero, friend, thing);
+    let fix: &&str = rng.pick(FIXES);
+    let fix = fill(fix, hero, friend, thing);
     out.push_str(&format!(" Then {fix}."));
     out.push('\n');
     out.push_str(&format!("{} was {} again. ", hero.name, rng.pick(&["happy", "proud", "glad"])));
-    out.push_str(*rng.pick(LESSONS));
+    let lesson: &&str = rng.pick(LESSONS);
+    out.push_str(lesson);
 }
 
 fn arithmetic_drill(rng: &mut SplitMix64, out: &mut String) {
