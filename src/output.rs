@@ -160,7 +160,7 @@ mod tests {
 
     #[test]
     fn metrics_are_compact() {
-        assert_eq!(metrics_text(&json!({"tokens": 12, "ratio": 2.71828})), "ratio=2.7183 tokens=12");
+        assert_eq!(metrics_text(&json!({"tokens": 12, "ratio": 1.23456})), "ratio=1.2346 tokens=12");
         assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");
     }
 }
