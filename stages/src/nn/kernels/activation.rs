@@ -1,0 +1,88 @@
+//! Elementwise activations: GELU (tanh approximation, as GPT-2) and SwiGLU (llama's MLP gate).
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 4096;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_CUBIC: f32 = 0.044_715;
+
+/// `out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
+pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+        for (o, &x) in o.iter_mut().zip(x) {
+            *o = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh());
+        }
+    });
+}
+
+/// `dx = dout * gelu'(x)`.
+pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(dx, (x, d))| {
+        for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(d) {
+            let t = (SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)).tanh();
+            let dt = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x) * (1.0 - t * t);
+            *dx = d * (0.5 * (1.0 + t) + 0.5 * x * dt);
+        }
+    });
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// `out = silu(gate) * up`, where `silu(a) = a * sigmoid(a)`.
+pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
+        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+            *o = g * sigmoid(g) * u;
+        }
+    });
+}
+
+/// Gradients of [`swiglu_forward`] with respect to `gate` and `up`.
+pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(chunk, (dg, du))| {
+        let base = chunk * CHUNK;
+        for i in 0..dg.len() {
+            let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
+            let s = sigmoid(g);
+            dg[i] = d * u * s * (1.0 + g * (1.0 - s));
+            du[i] = d * g * s;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::{check, probe_loss, random};
+
+    #[test]
+    fn gelu_matches_its_formula_and_finite_differences() {
+        let x: Vec<f32> = random(50, 1).iter().map(|v| v * 4.0).collect();
+        let probe = random(50, 2);
+        let forward = |x: &[f32]| {
+            let mut out = vec![0.0; x.len()];
+            gelu_forward(x, &mut out);
+            out
+        };
+        assert!((forward(&[1.0])[0] - 0.841_192).abs() < 1e-5, "gelu(1) as in GPT-2");
+        let mut dx = vec![0.0; 50];
+        gelu_backward(&probe, &x, &mut dx);
+        check("gelu dx", &x, &dx, |x| probe_loss(&forward(x), &probe));
+    }
+
+    #[test]
+    fn swiglu_backward_matches_finite_differences() {
+        let (g, u, probe) = (random(40, 3), random(40, 4), random(40, 5));
+        let forward = |g: &[f32], u: &[f32]| {
+            let mut out = vec![0.0; g.len()];
+            swiglu_forward(g, u, &mut out);
+            out
+        };
+        let (mut dg, mut du) = (vec![0.0; 40], vec![0.0; 40]);
+        swiglu_backward(&probe, &g, &u, &mut dg, &mut du);
+        check("dgate", &g, &dg, |g| probe_loss(&forward(g, &u), &probe));
+        check("dup", &u, &du, |u| probe_loss(&forward(&g, u), &probe));
+    }
+}
