@@ -6,4 +6,5 @@ mod cli; // help, dag, summary table, docs generated from the code
 mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data when present
 mod golden; // golden digests of every stage's output, golden diagnostics
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
+mod tidy; // every source file opens with a module doc
 mod util;

@@ -6,6 +6,7 @@
 //! threads (fixed-size chunks, combined in order), so 1 and 2 threads give the same bits.
 
 pub mod activation;
+pub mod attention;
 pub mod cross_entropy;
 pub mod matmul;
 pub mod norm;

@@ -1,0 +1,233 @@
+//! Causal multi-head self-attention with grouped-query heads, and rotary position embeddings.
+//!
+//! Layouts: `q` and `out` are (B, T, H, D); `k` and `v` are (B, T, Hkv, D) with H a multiple of
+//! Hkv (Hkv = H: multi-head; Hkv = 1: multi-query); query head `h` reads key/value head
+//! `h / (H / Hkv)`. Forward saves the attention probabilities (B, H, T, T) for backward.
+//! This is the plain version: it materialises (T, T) per head; the fused kernel that does not
+//! is issue 4's, and will be tested against this one.
+
+use rayon::prelude::*;
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub b: usize,
+    pub t: usize,
+    pub h: usize,
+    pub h_kv: usize,
+    pub d: usize,
+}
+
+impl AttnDims {
+    fn check(&self) {
+        assert!(
+            self.h_kv > 0 && self.h % self.h_kv == 0,
+            "heads {} are not a multiple of kv heads {}",
+            self.h,
+            self.h_kv
+        );
+    }
+    fn q_at(&self, t: usize, h: usize) -> usize {
+        (t * self.h + h) * self.d
+    }
+    fn kv_at(&self, t: usize, h: usize) -> usize {
+        (t * self.h_kv + h / (self.h / self.h_kv)) * self.d
+    }
+}
+
+/// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head.
+pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: &mut [f32], n: AttnDims) {
+    n.check();
+    let (t_, d) = (n.t, n.d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
+    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(n.h * t_ * t_)).enumerate().for_each(|(b, (out, att))| {
+        let (q, k, v) =
+            (&q[b * q_len..(b + 1) * q_len], &k[b * kv_len..(b + 1) * kv_len], &v[b * kv_len..(b + 1) * kv_len]);
+        for h in 0..n.h {
+            for t in 0..t_ {
+                let qt = &q[n.q_at(t, h)..n.q_at(t, h) + d];
+                let row = &mut att[(h * t_ + t) * t_..(h * t_ + t + 1) * t_];
+                let mut max = f32::NEG_INFINITY;
+                for s in 0..=t {
+                    let ks = &k[n.kv_at(s, h)..n.kv_at(s, h) + d];
+                    row[s] = qt.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    max = max.max(row[s]);
+                }
+                let mut sum = 0.0f32;
+                for p in &mut row[..=t] {
+                    *p = (*p - max).exp();
+                    sum += *p;
+                }
+                for p in &mut row[..=t] {
+                    *p /= sum;
+                }
+                row[t + 1..].fill(0.0);
+                let o = &mut out[n.q_at(t, h)..n.q_at(t, h) + d];
+                o.fill(0.0);
+                for s in 0..=t {
+                    let vs = &v[n.kv_at(s, h)..n.kv_at(s, h) + d];
+                    for (o, x) in o.iter_mut().zip(vs) {
+                        *o += row[s] * x;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Gradients of [`attention_forward`]: writes `dq`, `dk`, `dv`. Key/value gradients of a group
+/// sum over its query heads in head order.
+#[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
+pub fn attention_backward(
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    att: &[f32],
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    n: AttnDims,
+) {
+    n.check();
+    let (t_, d) = (n.t, n.d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
+    dq.par_chunks_mut(q_len).zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len))).enumerate().for_each(
+        |(b, (dq, (dk, dv)))| {
+            let r = b * q_len..(b + 1) * q_len;
+            let rk = b * kv_len..(b + 1) * kv_len;
+            let (dout, q, k, v) = (&dout[r.clone()], &q[r], &k[rk.clone()], &v[rk]);
+            let att = &att[b * n.h * t_ * t_..(b + 1) * n.h * t_ * t_];
+            dq.fill(0.0);
+            dk.fill(0.0);
+            dv.fill(0.0);
+            let mut datt = vec![0.0f32; t_];
+            for h in 0..n.h {
+                for t in 0..t_ {
+                    let p = &att[(h * t_ + t) * t_..(h * t_ + t + 1) * t_];
+                    let dot = &dout[n.q_at(t, h)..n.q_at(t, h) + d];
+                    // dp_s = dout_t . v_s; dv_s += p_s dout_t
+                    for s in 0..=t {
+                        let (vs, at) = (&v[n.kv_at(s, h)..n.kv_at(s, h) + d], n.kv_at(s, h));
+                        datt[s] = dot.iter().zip(vs).map(|(a, b)| a * b).sum();
+                        for i in 0..d {
+                            dv[at + i] += p[s] * dot[i];
+                        }
+                    }
+                    // Softmax backward: dscore_s = p_s (dp_s - sum_r p_r dp_r).
+                    let inner: f32 = (0..=t).map(|s| p[s] * datt[s]).sum();
+                    for s in 0..=t {
+                        let ds = p[s] * (datt[s] - inner) * scale;
+                        let (qa, ka) = (n.q_at(t, h), n.kv_at(s, h));
+                        for i in 0..d {
+                            dq[qa + i] += ds * k[ka + i];
+                            dk[ka + i] += ds * q[qa + i];
+                        }
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Rotary position embedding in place on (B, T, H, D), in Hugging Face llama's convention:
+/// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`. `inverse` rotates back,
+/// which is also the backward (the rotation is orthogonal).
+pub fn rope(x: &mut [f32], b: usize, t: usize, h: usize, d: usize, theta: f32, inverse: bool) {
+    assert!(d % 2 == 0, "rotary embeddings need an even head size, not {d}");
+    assert_eq!(x.len(), b * t * h * d, "x is not (B, T, H, D)");
+    let half = d / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(h * d).enumerate().for_each(|(row, heads)| {
+        let pos = (row % t) as f32;
+        for head in heads.chunks_mut(d) {
+            for i in 0..half {
+                let freq = theta.powf(-2.0 * i as f32 / d as f32);
+                let (sin, cos) = (pos * freq).sin_cos();
+                let (a, c) = (head[i], head[i + half]);
+                head[i] = a * cos - sign * c * sin;
+                head[i + half] = c * cos + sign * a * sin;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::{check, probe_loss, random};
+
+    fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0.0; n.b * n.t * n.h * n.d];
+        let mut att = vec![0.0; n.b * n.h * n.t * n.t];
+        attention_forward(q, k, v, &mut out, &mut att, n);
+        (out, att)
+    }
+
+    #[test]
+    fn the_first_position_sees_only_itself_and_rows_sum_to_one() {
+        let n = AttnDims { b: 2, t: 4, h: 2, h_kv: 2, d: 3 };
+        let (q, k, v) = (random(48, 1), random(48, 2), random(48, 3));
+        let (out, att) = forward(&q, &k, &v, n);
+        for b in 0..2 {
+            for h in 0..2 {
+                let at = (b * 4 * 2 + h) * 3;
+                assert_eq!(&out[at..at + 3], &v[at..at + 3], "t = 0 copies its own value");
+                for t in 0..4 {
+                    let row = &att[((b * 2 + h) * 4 + t) * 4..((b * 2 + h) * 4 + t + 1) * 4];
+                    assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+                    assert!(row[t + 1..].iter().all(|p| *p == 0.0), "causal");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_for_multi_head_grouped_and_multi_query() {
+        for h_kv in [4, 2, 1] {
+            let n = AttnDims { b: 2, t: 3, h: 4, h_kv, d: 2 };
+            let (qn, kn) = (n.b * n.t * n.h * n.d, n.b * n.t * h_kv * n.d);
+            let (q, k, v, probe) = (random(qn, 4), random(kn, 5), random(kn, 6), random(qn, 7));
+            let (_, att) = forward(&q, &k, &v, n);
+            let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
+            attention_backward(&probe, &q, &k, &v, &att, &mut dq, &mut dk, &mut dv, n);
+            check(&format!("dq (kv heads {h_kv})"), &q, &dq, |q| probe_loss(&forward(q, &k, &v, n).0, &probe));
+            check(&format!("dk (kv heads {h_kv})"), &k, &dk, |k| probe_loss(&forward(&q, k, &v, n).0, &probe));
+            check(&format!("dv (kv heads {h_kv})"), &v, &dv, |v| probe_loss(&forward(&q, &k, v, n).0, &probe));
+        }
+    }
+
+    #[test]
+    fn rope_depends_only_on_relative_position_and_inverts() {
+        let (t, d) = (6, 8);
+        let base_q = random(d, 8);
+        let base_k = random(d, 9);
+        // The same q and k at every position.
+        let mut q: Vec<f32> = (0..t).flat_map(|_| base_q.clone()).collect();
+        let mut k: Vec<f32> = (0..t).flat_map(|_| base_k.clone()).collect();
+        let original = q.clone();
+        rope(&mut q, 1, t, 1, d, 10_000.0, false);
+        rope(&mut k, 1, t, 1, d, 10_000.0, false);
+        let dot = |m: usize, n: usize| -> f32 { (0..d).map(|i| q[m * d + i] * k[n * d + i]).sum() };
+        assert!((dot(3, 1) - dot(5, 3)).abs() < 1e-4, "same offset, same score");
+        assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-4, "another offset, another score");
+        assert_eq!(&q[..d], &original[..d], "position 0 is not rotated");
+        rope(&mut q, 1, t, 1, d, 10_000.0, true);
+        assert!(q.iter().zip(&original).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    #[test]
+    fn rope_backward_is_the_inverse_rotation() {
+        let (b, t, h, d) = (2, 3, 2, 4);
+        let (x, probe) = (random(b * t * h * d, 10), random(b * t * h * d, 11));
+        let mut grad = probe.clone();
+        rope(&mut grad, b, t, h, d, 10_000.0, true);
+        check("drope", &x, &grad, |x| {
+            let mut y = x.to_vec();
+            rope(&mut y, b, t, h, d, 10_000.0, false);
+            probe_loss(&y, &probe)
+        });
+    }
+}
