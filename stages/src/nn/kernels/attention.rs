@@ -21,7 +21,7 @@ pub struct AttnDims {
 impl AttnDims {
     fn check(&self) {
         assert!(
-            self.h_kv > 0 && self.h % self.h_kv == 0,
+            self.h_kv > 0 && self.h.is_multiple_of(self.h_kv),
             "heads {} are not a multiple of kv heads {}",
             self.h,
             self.h_kv
@@ -136,7 +136,7 @@ pub fn attention_backward(
 /// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`. `inverse` rotates back,
 /// which is also the backward (the rotation is orthogonal).
 pub fn rope(x: &mut [f32], b: usize, t: usize, h: usize, d: usize, theta: f32, inverse: bool) {
-    assert!(d % 2 == 0, "rotary embeddings need an even head size, not {d}");
+    assert!(d.is_multiple_of(2), "rotary embeddings need an even head size, not {d}");
     assert_eq!(x.len(), b * t * h * d, "x is not (B, T, H, D)");
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };

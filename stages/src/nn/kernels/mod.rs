@@ -6,7 +6,9 @@
 //! threads (fixed-size chunks, combined in order), so 1 and 2 threads give the same bits.
 
 pub mod activation;
+pub mod adamw;
 pub mod attention;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod matmul;
 pub mod norm;
