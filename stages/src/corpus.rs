@@ -10,7 +10,7 @@ use std::io::{BufWriter, Write};
 use engine::{InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
 use serde_json::json;
 
-use crate::rng::SplitMix64;
+use crate::nn::rng::SplitMix64;
 use crate::{fail, TEXT};
 
 pub struct Corpus;

@@ -6,7 +6,7 @@ pub mod arrow_io;
 pub mod corpus;
 pub mod nn;
 pub mod pack;
-mod rng;
+
 mod text_source;
 pub mod tokenize;
 

@@ -10,7 +10,7 @@ use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, Sta
 use serde_json::json;
 
 use crate::arrow_io::{read_docs, write_blocks, TokenDocs, TokenMeta};
-use crate::rng::SplitMix64;
+use crate::nn::rng::SplitMix64;
 use crate::tokenize::{TOKENIZER_FILE, TOKENS_FILE};
 use crate::{fail, PACKED, TOKENS};
 

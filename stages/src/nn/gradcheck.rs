@@ -1,18 +1,9 @@
 //! Test helpers: seeded random inputs and central finite differences.
 
-/// `n` values in [-1, 1) from a fixed seed (SplitMix64), so tests are reproducible.
+/// `n` values in [-1, 1) from a fixed seed, so tests are reproducible.
 pub fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-    (0..n)
-        .map(|_| {
-            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
+    let mut rng = crate::nn::rng::SplitMix64::new(seed);
+    (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect()
 }
 
 /// Compare an analytic gradient with central differences of `loss` around `x`, perturbing each
@@ -39,4 +30,25 @@ pub fn check(name: &str, x: &[f32], analytic: &[f32], mut loss: impl FnMut(&[f32
 /// with respect to `out` is `weights`, so any layer's backward can be checked with it.
 pub fn probe_loss(out: &[f32], weights: &[f32]) -> f64 {
     out.iter().zip(weights).map(|(o, w)| *o as f64 * *w as f64).sum()
+}
+
+/// Whole-tensor check for deep compositions: the relative error
+/// `|analytic - numeric| / (|analytic| + |numeric|)` over the tensor, in L2 norm. Coordinate
+/// tolerances are meaningless when gradients are small; this is not.
+pub fn check_relative(name: &str, x: &[f32], analytic: &[f32], mut loss: impl FnMut(&[f32]) -> f64) {
+    let eps = 1e-2f32;
+    let mut probe = x.to_vec();
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for i in 0..x.len() {
+        probe[i] = x[i] + eps;
+        let plus = loss(&probe);
+        probe[i] = x[i] - eps;
+        let minus = loss(&probe);
+        probe[i] = x[i];
+        let numeric = (plus - minus) / (2.0 * eps as f64);
+        diff += (analytic[i] as f64 - numeric).powi(2);
+        norm += (analytic[i] as f64).powi(2) + numeric.powi(2);
+    }
+    let relative = diff.sqrt() / norm.sqrt().max(1e-12);
+    assert!(relative < 1e-2, "{name}: relative error {relative:.2e} between analytic and finite-difference gradients");
 }

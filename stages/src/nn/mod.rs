@@ -7,7 +7,10 @@
 //! a backward checked against finite differences. The layers, the model (gpt2, llama), the
 //! optimizer and the `pretrain` stage build on these (issue 3).
 
+pub mod gpt2;
 pub mod kernels;
+pub mod params;
+pub mod rng;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

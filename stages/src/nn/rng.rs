@@ -1,4 +1,5 @@
-//! SplitMix64: a tiny seeded generator whose output is fixed forever.
+//! SplitMix64: a tiny seeded generator whose output is fixed forever (data splits, the
+//! built-in corpus, weight initialisation).
 //!
 //! Written here rather than taken from `rand` because artifacts must stay bit-identical across
 //! dependency upgrades; `rand` documents that its value streams may change between versions.
@@ -26,6 +27,13 @@ impl SplitMix64 {
     /// Uniform in `[0, 1)`.
     pub fn unit(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// A standard normal draw (Box-Muller on two uniforms).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit(); // in (0, 1]: the log is finite
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
