@@ -584,4 +584,56 @@ mod tests {
             assert!(a.data().iter().zip(b.data()).all(|(x, y)| (2.0 * x - y).abs() <= 1e-5 * (1.0 + y.abs())));
         }
     }
+
+    /// `steps` AdamW steps on one fixed batch; returns the losses and the final parameters.
+    fn train(cfg: &Gpt2Config, steps: u32, threads: usize) -> (Vec<f32>, ParamMap) {
+        use crate::nn::kernels::adamw::{adamw_step, AdamW};
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (b, t) = (2, cfg.block_size);
+            let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
+            let targets: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as u32).collect();
+            let mut params = cfg.init(5);
+            let (mut grads, mut m, mut v) = (params.zeros_like(), params.zeros_like(), params.zeros_like());
+            let mut acts = Activations::new(cfg, b, t);
+            let opt = AdamW { lr: 1e-2, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+            let mut losses = Vec::new();
+            for step in 1..=steps {
+                grads.fill_zero();
+                losses.push(forward_backward(cfg, &params, &ids, &targets, &mut acts, &mut grads));
+                let names: Vec<String> = params.iter().map(|(n, _)| n.to_string()).collect();
+                for name in names {
+                    let g = grads.get(&name).to_vec();
+                    let mut mm = m.get(&name).to_vec();
+                    let mut vv = v.get(&name).to_vec();
+                    adamw_step(opt, step, params.get_mut(&name), &g, &mut mm, &mut vv);
+                    m.get_mut(&name).copy_from_slice(&mm);
+                    v.get_mut(&name).copy_from_slice(&vv);
+                }
+            }
+            (losses, params)
+        })
+    }
+
+    #[test]
+    fn a_tiny_model_overfits_one_batch() {
+        let cfg = Gpt2Config { vocab_size: 16, block_size: 8, n_layer: 2, n_head: 2, n_embd: 32, bias: true };
+        let (losses, _) = train(&cfg, 150, 2);
+        assert!((losses[0] - (16f32).ln()).abs() < 0.1, "starts near ln V: {}", losses[0]);
+        assert!(*losses.last().unwrap() < 0.05, "memorised the batch: {:?}", &losses[losses.len() - 5..]);
+    }
+
+    #[test]
+    fn one_and_two_threads_train_to_the_same_bits() {
+        let cfg = Gpt2Config { vocab_size: 50, block_size: 70, n_layer: 1, n_head: 2, n_embd: 16, bias: false };
+        let (l1, p1) = train(&cfg, 5, 1);
+        let (l2, p2) = train(&cfg, 5, 2);
+        assert_eq!(
+            l1.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            l2.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        for ((name, a), (_, b)) in p1.iter().zip(p2.iter()) {
+            assert!(a.data().iter().zip(b.data()).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+        }
+    }
 }
