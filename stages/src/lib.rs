@@ -4,6 +4,7 @@
 
 pub mod arrow_io;
 pub mod corpus;
+pub mod model_io;
 pub mod nn;
 pub mod pack;
 
