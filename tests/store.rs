@@ -29,18 +29,25 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
+/// Start the slow recipe, send `sig` once its stage is writing, and wait for the process:
+/// returns the sandbox, the corpus stage's key and the exit status.
+fn interrupt_mid_stage(sig: &str) -> (Sandbox, String, std::process::ExitStatus) {
+    let sb = Sandbox::new();
+    slow_recipe(&sb);
+    let corpus_key = key(&sb.plan_json("slow.toml", &[]), "corpus");
+    let mut child = start_and_wait_for_output(&sb, &corpus_key);
+    signal(&child, sig);
+    let status = child.wait().unwrap();
+    (sb, corpus_key, status)
+}
+
 fn published(sb: &Sandbox, key: &str) -> bool {
     sb.store().join("objects").join(key).exists()
 }
 
 #[test]
 fn a_process_killed_mid_stage_leaves_no_artifact_and_the_rerun_completes() {
-    let sb = Sandbox::new();
-    slow_recipe(&sb);
-    let corpus_key = key(&sb.plan_json("slow.toml", &[]), "corpus");
-    let mut child = start_and_wait_for_output(&sb, &corpus_key);
-    signal(&child, "-KILL");
-    child.wait().unwrap();
+    let (sb, corpus_key, _) = interrupt_mid_stage("-KILL");
     assert!(!published(&sb, &corpus_key), "a killed stage must not publish");
     assert_eq!(sb.plan_json("slow.toml", &[])["stages"][0]["action"], "run");
 
@@ -54,12 +61,7 @@ fn a_process_killed_mid_stage_leaves_no_artifact_and_the_rerun_completes() {
 
 #[test]
 fn ctrl_c_stops_the_stage_exits_130_and_publishes_nothing() {
-    let sb = Sandbox::new();
-    slow_recipe(&sb);
-    let corpus_key = key(&sb.plan_json("slow.toml", &[]), "corpus");
-    let mut child = start_and_wait_for_output(&sb, &corpus_key);
-    signal(&child, "-INT");
-    let status = child.wait().unwrap();
+    let (sb, corpus_key, status) = interrupt_mid_stage("-INT");
     assert_eq!(status.code(), Some(130));
     assert!(!published(&sb, &corpus_key));
     assert!(!sb.store().join("tmp").join(&corpus_key).exists(), "an interrupted stage cleans its staging directory");

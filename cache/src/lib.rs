@@ -20,5 +20,5 @@ pub use error::{CacheError, Result};
 pub use lock::KeyLock;
 pub use manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
 pub use runs::RunRecord;
-pub use statcache::StatCache;
+pub use statcache::{list_files, StatCache};
 pub use store::{Artifact, GcReport, Staging, Store, VerifyProblem};

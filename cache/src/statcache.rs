@@ -55,8 +55,7 @@ impl StatCache {
     pub fn digest(&self, path: &Path) -> Result<ContentHash> {
         let meta = std::fs::metadata(path).ctx("reading metadata of", path)?;
         if meta.is_dir() {
-            let mut files = Vec::new();
-            collect_files(path, path, &mut files)?;
+            let files = list_files(path)?;
             let mut entries = Vec::with_capacity(files.len());
             for (rel, full) in files {
                 let size = std::fs::metadata(&full).ctx("reading metadata of", &full)?.len();
@@ -103,6 +102,15 @@ impl StatCache {
         *dirty = false;
         Ok(())
     }
+}
+
+/// Every file below `dir`, as (path relative to `dir` with `/` separators, full path), sorted,
+/// hidden files and folders skipped. This is the set of files a directory input stands for:
+/// the directory's digest covers exactly these, and stages reading the directory read these.
+pub fn list_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, &mut files)?;
+    Ok(files)
 }
 
 fn collect_files(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {

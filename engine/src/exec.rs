@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::error::EngineError;
 use crate::key::Preimage;
 use crate::observer::Observer;
-use crate::plan::{gather_inputs, hash_raw_inputs, previous_preimages, Action, Inputs};
+use crate::plan::{gather_inputs, prepare, Action, Inputs};
 use crate::recipe::{InputSource, Recipe, ResolvedStage, StageId};
 use crate::stage::{Input, Metrics, StageCtx, StageError};
 
@@ -67,10 +67,7 @@ enum Done {
 /// Run every stage of the recipe that is not cached.
 pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunReport, EngineError> {
     let jobs = opts.jobs.max(1);
-    let stat = store.stat_cache();
-    let raw = hash_raw_inputs(recipe, &stat)?;
-    stat.save()?;
-    let previous = previous_preimages(store, recipe)?;
+    let (raw, previous) = prepare(recipe, store)?;
 
     let n = recipe.stages.len();
     let mut dependents: Vec<Vec<StageId>> = vec![Vec::new(); n];
@@ -156,12 +153,10 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 Done::Failed(message) => {
                     let name = recipe.stages[id].name.clone();
                     opts.observer.stage_failed(&name, &message);
-                    preimages.remove(&name);
                     report.failure.get_or_insert(StageFailure { stage: name, message });
                     stop = true;
                 }
                 Done::Interrupted => {
-                    preimages.remove(&recipe.stages[id].name);
                     report.interrupted = true;
                     stop = true;
                 }

@@ -41,7 +41,7 @@ pub struct PlannedStage {
 /// Digests of every raw input of the recipe, by (stage, slot).
 pub(crate) type RawDigests = HashMap<(StageId, &'static str), ContentHash>;
 
-pub(crate) fn hash_raw_inputs(recipe: &Recipe, stat: &StatCache) -> Result<RawDigests, EngineError> {
+fn hash_raw_inputs(recipe: &Recipe, stat: &StatCache) -> Result<RawDigests, EngineError> {
     let mut out = HashMap::new();
     for (id, stage) in recipe.stages.iter().enumerate() {
         for input in &stage.inputs {
@@ -84,25 +84,23 @@ pub(crate) fn gather_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Ar
     Inputs::Known(known)
 }
 
-/// Preimages of the last successful build of each stage of this recipe, by stage name.
-pub(crate) fn previous_preimages(store: &Store, recipe: &Recipe) -> Result<BTreeMap<String, Preimage>, EngineError> {
-    let Some(record) = store.latest_run(&recipe.name)? else { return Ok(BTreeMap::new()) };
-    Ok(serde_json::from_value(record.detail["stages"].clone()).unwrap_or_default())
-}
-
-pub(crate) fn reasons_for(previous: Option<&Preimage>, now: &Preimage) -> Vec<DirtyReason> {
-    match previous {
-        None => vec![DirtyReason::NeverRun],
-        Some(old) => diff(old, now),
-    }
+/// What planning and running both start from: the digest of every raw input (through the
+/// stat cache, saved straight away) and the preimages of the last build of each stage of this
+/// recipe, by stage name.
+pub(crate) fn prepare(recipe: &Recipe, store: &Store) -> Result<(RawDigests, BTreeMap<String, Preimage>), EngineError> {
+    let stat = store.stat_cache();
+    let raw = hash_raw_inputs(recipe, &stat)?;
+    stat.save()?;
+    let previous = match store.latest_run(&recipe.name)? {
+        Some(record) => serde_json::from_value(record.detail["stages"].clone()).unwrap_or_default(),
+        None => BTreeMap::new(),
+    };
+    Ok((raw, previous))
 }
 
 /// Plan the recipe without running anything.
 pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineError> {
-    let stat = store.stat_cache();
-    let raw = hash_raw_inputs(recipe, &stat)?;
-    stat.save()?;
-    let previous = previous_preimages(store, recipe)?;
+    let (raw, previous) = prepare(recipe, store)?;
     let mut artifacts: Vec<Option<Artifact>> = vec![None; recipe.stages.len()];
     let mut planned = Vec::with_capacity(recipe.stages.len());
     for (id, stage) in recipe.stages.iter().enumerate() {
@@ -136,7 +134,10 @@ pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineE
                         kind,
                         key: Some(key),
                         action: Action::Run,
-                        reasons: reasons_for(previous.get(&stage.name), &preimage),
+                        reasons: match previous.get(&stage.name) {
+                            None => vec![DirtyReason::NeverRun],
+                            Some(old) => diff(old, &preimage),
+                        },
                         artifact: None,
                     },
                 }

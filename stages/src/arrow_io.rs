@@ -24,6 +24,7 @@ use crate::fail;
 const BATCH_ROWS: usize = 1024;
 
 /// Token ids of many documents: document `i` is `values[offsets[i]..offsets[i + 1]]`.
+/// Build it with [`TokenDocs::push`]; an empty one has no offsets at all.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct TokenDocs {
     pub offsets: Vec<usize>,
@@ -32,14 +33,17 @@ pub struct TokenDocs {
 
 impl TokenDocs {
     pub fn from_docs(docs: &[Vec<u32>]) -> Self {
-        let mut offsets = Vec::with_capacity(docs.len() + 1);
-        offsets.push(0);
-        let mut values = Vec::with_capacity(docs.iter().map(Vec::len).sum());
-        for d in docs {
-            values.extend_from_slice(d);
-            offsets.push(values.len());
+        let mut out = TokenDocs { offsets: vec![0], values: Vec::with_capacity(docs.iter().map(Vec::len).sum()) };
+        docs.iter().for_each(|d| out.push(d));
+        out
+    }
+    /// Append one document.
+    pub fn push(&mut self, doc: &[u32]) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
         }
-        TokenDocs { offsets, values }
+        self.values.extend_from_slice(doc);
+        self.offsets.push(self.values.len());
     }
     pub fn len(&self) -> usize {
         self.offsets.len().saturating_sub(1)
@@ -121,7 +125,7 @@ pub fn write_docs(path: &Path, docs: &TokenDocs) -> Result<(), StageError> {
 }
 
 pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
-    let mut docs = TokenDocs { offsets: vec![0], values: Vec::new() };
+    let mut docs = TokenDocs::default();
     for batch in read_batches(path)? {
         let list = batch
             .column(0)
@@ -134,8 +138,7 @@ pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
                 .as_any()
                 .downcast_ref::<UInt32Array>()
                 .ok_or_else(|| StageError::msg(format!("`{}`: token ids are not uint32", path.display())))?;
-            docs.values.extend_from_slice(ids.values());
-            docs.offsets.push(docs.values.len());
+            docs.push(ids.values());
         }
     }
     Ok(docs)

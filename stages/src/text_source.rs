@@ -36,43 +36,24 @@ pub struct SourceOptions<'a> {
     pub doc_separator: Option<&'a str>,
 }
 
-/// The files an input names, in a fixed order: a file; every file below a directory (sorted,
-/// hidden ones skipped); or the files of an upstream artifact.
+/// The files an input names, in a fixed order: a file as given; the files of a directory as
+/// [`engine::cache::list_files`] lists them (the same files its digest covers), or of an upstream
+/// artifact, keeping those of a known format unless `format` is set.
 fn files_of(input: &Input, format: Option<Format>) -> Result<Vec<PathBuf>, StageError> {
-    let mut files = Vec::new();
-    match input {
-        Input::Raw { path, .. } if path.is_file() => files.push(path.clone()),
-        Input::Raw { path, .. } => walk(path, &mut files)?,
-        Input::Artifact { artifact, .. } => {
-            files.extend(artifact.manifest.files.iter().map(|f| artifact.path(&f.name)))
-        }
-    }
-    let explicit_file = matches!(input, Input::Raw { path, .. } if path.is_file());
-    if !explicit_file {
-        files.retain(|f| format.is_some() || Format::from_extension(f).is_some());
-    }
+    let mut files: Vec<PathBuf> = match input {
+        Input::Raw { path, .. } if path.is_file() => return Ok(vec![path.clone()]),
+        Input::Raw { path, .. } => engine::cache::list_files(path)
+            .map_err(|e| StageError::chain(format!("listing {}", input.describe()), &e))?
+            .into_iter()
+            .map(|(_, full)| full)
+            .collect(),
+        Input::Artifact { artifact, .. } => artifact.manifest.files.iter().map(|f| artifact.path(&f.name)).collect(),
+    };
+    files.retain(|f| format.is_some() || Format::from_extension(f).is_some());
     if files.is_empty() {
         return Err(StageError::msg(format!("{} holds no .txt, .jsonl or .parquet file", input.describe())));
     }
     Ok(files)
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StageError> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .and_then(|r| r.map(|e| e.map(|e| e.path())).collect())
-        .map_err(|e| StageError::chain(format!("listing `{}`", dir.display()), &e))?;
-    entries.sort();
-    for path in entries {
-        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
-            continue;
-        }
-        if path.is_dir() {
-            walk(&path, out)?;
-        } else {
-            out.push(path);
-        }
-    }
-    Ok(())
 }
 
 /// Every document of the input, in file order then document order. Empty documents are kept

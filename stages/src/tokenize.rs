@@ -149,8 +149,7 @@ impl Stage for Tokenize {
         ctx.check_cancelled()?;
 
         progress.set_message("encoding");
-        let ids = encode_all(&tokenizer, &docs, p.usize("chunk_docs"), ctx)?;
-        let tokens = TokenDocs::from_docs(&ids);
+        let tokens = encode_all(&tokenizer, &docs, p.usize("chunk_docs"), ctx)?;
         match ctx.input("tokenizer") {
             // Keep the user's file byte for byte.
             Some(Input::Raw { path, .. }) => std::fs::copy(path, ctx.out(TOKENIZER_FILE)).map(drop),
@@ -245,13 +244,13 @@ fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) 
 }
 
 /// Encode documents in parallel, in chunks of a fixed size; the result is in document order
-/// whatever the number of threads.
+/// whatever the number of threads. Each chunk's ids are copied once, into the flat result.
 pub fn encode_all(
     tokenizer: &Tokenizer,
     docs: &[String],
     chunk: usize,
     ctx: &StageCtx<'_>,
-) -> Result<Vec<Vec<u32>>, StageError> {
+) -> Result<TokenDocs, StageError> {
     let progress = ctx.progress();
     progress.set_length(docs.len() as u64, "docs");
     let chunks: Vec<Vec<Vec<u32>>> = docs
@@ -267,7 +266,9 @@ pub fn encode_all(
             Ok(ids)
         })
         .collect::<Result<_, StageError>>()?;
-    Ok(chunks.into_iter().flatten().collect())
+    let mut tokens = TokenDocs::default();
+    chunks.iter().flatten().for_each(|doc| tokens.push(doc));
+    Ok(tokens)
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::raw::{self, RawStage};
 use super::{InputSource, Recipe, ResolvedInput, ResolvedStage};
 use crate::error::{did_you_mean, Origin, RecipeError};
 use crate::params::{Default, Params};
-use crate::stage::{Registry, Stage};
+use crate::stage::{InputSpec, Registry, Stage};
 
 /// Keys every stage accepts besides its kind's own.
 const COMMON_KEYS: [&str; 3] = ["kind", "seed", "threads"];
@@ -115,7 +115,7 @@ pub fn resolve(
 
     // First pass: kinds, parameters, and the raw text of each input slot.
     let mut stages = Vec::with_capacity(tables.len());
-    let mut wiring: Vec<Vec<(&'static str, String, Place)>> = Vec::with_capacity(tables.len());
+    let mut wiring: Vec<Slots> = Vec::with_capacity(tables.len());
     for (stage_name, table) in &tables {
         let name_at = here(stage_name.span());
         let stage_name = stage_name.get_ref().as_str();
@@ -148,14 +148,13 @@ pub fn resolve(
     // Second pass: find the stage each input names and check the graph is acyclic before
     // anything else, so a cycle is reported as a cycle and not as some other mismatch.
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    // The stage a slot takes its input from, if it names one and the slot takes stage outputs.
+    let upstream = |spec: &InputSpec, text: &str| index.get(text).copied().filter(|_| !spec.accepts.types().is_empty());
     let mut edges: Vec<(usize, usize, Place)> = Vec::new();
     for (i, slots) in wiring.iter().enumerate() {
-        for (slot, text, at) in slots {
-            let spec = stages[i].kind.inputs().iter().find(|s| s.name == *slot).expect("slot names come from the spec");
-            if let Some(&from) = index.get(text.as_str()) {
-                if !spec.accepts.types().is_empty() {
-                    edges.push((from, i, at.clone()));
-                }
+        for (spec, text, at) in slots {
+            if let Some(from) = upstream(spec, text) {
+                edges.push((from, i, at.clone()));
             }
         }
     }
@@ -163,11 +162,10 @@ pub fn resolve(
 
     // Third pass: wire inputs to stages or files, and check artifact types.
     for (i, slots) in wiring.into_iter().enumerate() {
-        let kind = stages[i].kind.clone();
-        for (slot, text, at) in slots {
-            let spec = kind.inputs().iter().find(|s| s.name == slot).expect("slot names come from the spec");
-            let source = match index.get(text.as_str()) {
-                Some(&from) if !spec.accepts.types().is_empty() => {
+        for (spec, text, at) in slots {
+            let slot = spec.name;
+            let source = match upstream(spec, &text) {
+                Some(from) => {
                     let produced = stages[from].kind.output();
                     if !spec.accepts.types().contains(&produced) {
                         let wanted: Vec<_> = spec.accepts.types().iter().map(|t| t.0).collect();
@@ -258,7 +256,8 @@ fn resolve_kind<'r>(
     })
 }
 
-type Slots = Vec<(&'static str, String, Place)>;
+/// The input slots a stage wires, with the text written for each and where it was written.
+type Slots = Vec<(&'static InputSpec, String, Place)>;
 
 fn resolve_stage(
     stage_name: &str,
@@ -307,7 +306,7 @@ fn resolve_stage(
                             "not a string",
                         ));
                     };
-                    slots.push((spec.name, text.to_string(), g.value_at));
+                    slots.push((spec, text.to_string(), g.value_at));
                 } else {
                     let keys: Vec<&str> = kind
                         .params()
@@ -344,7 +343,7 @@ fn resolve_stage(
             None => {}
         }
     }
-    let connected: BTreeSet<&str> = slots.iter().map(|(s, _, _)| *s).collect();
+    let connected: BTreeSet<&str> = slots.iter().map(|(s, _, _)| s.name).collect();
     for spec in kind.inputs() {
         if spec.required && !connected.contains(spec.name) {
             return Err(name_at
