@@ -1,16 +1,178 @@
-//! Model weights on disk: the parameter map as safetensors, f32, Hugging Face names.
+//! Models on disk, in the layout Hugging Face `transformers` loads: `model.safetensors` (f32,
+//! Hugging Face names), `config.json` (`GPT2LMHeadModel` or `LlamaForCausalLM`) and
+//! `tokenizer.json` beside them.
 //!
 //! Bytes are deterministic: the safetensors crate orders tensors by name within each dtype,
 //! and the only metadata is `format = pt` (what `transformers` expects).
+//!
+//! A gpt2 without biases (nanoGPT's `bias = False`) has no bias tensors in training, but
+//! `GPT2LMHeadModel` always has them: the export writes zeros, which compute exactly the same,
+//! and `config.json` carries `"bias": false` so loading here drops them again.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use engine::StageError;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use serde_json::{json, Value};
 
 use crate::fail;
+use crate::nn::model::{Arch, ModelConfig};
 use crate::nn::params::{ParamMap, Tensor};
+
+pub const WEIGHTS: &str = "model.safetensors";
+pub const CONFIG: &str = "config.json";
+pub const TOKENIZER: &str = "tokenizer.json";
+
+/// `config.json` as `transformers` reads it; `eot_id` is the end-of-text token.
+pub fn hf_config(cfg: &ModelConfig, eot_id: u32) -> Value {
+    match cfg.arch {
+        Arch::Gpt2 => json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size,
+            "n_ctx": cfg.block_size,
+            "n_embd": cfg.n_embd,
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_inner": cfg.ffn_hidden,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "tie_word_embeddings": true,
+            "bos_token_id": eot_id,
+            "eos_token_id": eot_id,
+            "torch_dtype": "float32",
+            "bias": cfg.bias,
+        }),
+        Arch::Llama => json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.block_size,
+            "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.ffn_hidden,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim(),
+            "hidden_act": "silu",
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "attention_bias": false,
+            "mlp_bias": false,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "bos_token_id": eot_id,
+            "eos_token_id": eot_id,
+            "torch_dtype": "float32",
+        }),
+    }
+}
+
+/// Read a `config.json` written by [`hf_config`] (or a compatible Hugging Face one).
+pub fn parse_hf_config(v: &Value) -> Result<ModelConfig, String> {
+    let int = |key: &str| v.get(key).and_then(Value::as_u64).map(|x| x as usize).ok_or(format!("no integer `{key}`"));
+    let float = |key: &str, default: f64| v.get(key).and_then(Value::as_f64).unwrap_or(default) as f32;
+    let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+    let cfg = match model_type {
+        "gpt2" => {
+            let mut cfg = ModelConfig::gpt2(
+                int("vocab_size")?,
+                int("n_positions")?,
+                int("n_layer")?,
+                int("n_head")?,
+                int("n_embd")?,
+                v.get("bias").and_then(Value::as_bool).unwrap_or(true),
+            );
+            if let Ok(inner) = int("n_inner") {
+                cfg.ffn_hidden = inner;
+            }
+            cfg.norm_eps = float("layer_norm_epsilon", 1e-5);
+            cfg
+        }
+        "llama" => {
+            let heads = int("num_attention_heads")?;
+            let mut cfg = ModelConfig::llama(
+                int("vocab_size")?,
+                int("max_position_embeddings")?,
+                int("num_hidden_layers")?,
+                heads,
+                int("num_key_value_heads").unwrap_or(heads),
+                int("hidden_size")?,
+            );
+            cfg.ffn_hidden = int("intermediate_size")?;
+            cfg.norm_eps = float("rms_norm_eps", 1e-6);
+            cfg.rope_theta = float("rope_theta", 10_000.0);
+            cfg.tie_embeddings = v.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false);
+            cfg
+        }
+        other => return Err(format!("model_type `{other}` is neither gpt2 nor llama")),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The tensors to write: the parameters, plus zero biases for a gpt2 without them.
+fn export(cfg: &ModelConfig, params: &ParamMap) -> ParamMap {
+    let mut out = params.clone();
+    if cfg.arch == Arch::Gpt2 && !cfg.bias {
+        let with_bias = ModelConfig { bias: true, ..*cfg };
+        for spec in with_bias.params() {
+            if !out.contains(&spec.name) {
+                out.insert(spec.name, Tensor::zeros(&spec.shape));
+            }
+        }
+    }
+    out
+}
+
+/// Write `model.safetensors` and `config.json` into `dir`.
+pub fn save_model(dir: &Path, cfg: &ModelConfig, params: &ParamMap, eot_id: u32) -> Result<(), StageError> {
+    save_safetensors(&dir.join(WEIGHTS), &export(cfg, params))?;
+    let config = serde_json::to_string_pretty(&hf_config(cfg, eot_id)).expect("JSON values serialize");
+    let path = dir.join(CONFIG);
+    std::fs::write(&path, config + "\n").map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+}
+
+/// Read a model directory: its configuration and its parameters in the model's own order,
+/// every name and shape checked.
+pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
+    let cfg = parse_hf_config(&value).map_err(|e| StageError::msg(format!("`{}`: {e}", path.display())))?;
+    let weights = dir.join(WEIGHTS);
+    let mut file = load_safetensors(&weights)?;
+    let mut params = ParamMap::default();
+    let bad = |msg: String| StageError::msg(format!("`{}`: {msg}", weights.display()));
+    for spec in cfg.params() {
+        if !file.contains(&spec.name) {
+            return Err(bad(format!("no tensor `{}` (a {} model needs it)", spec.name, cfg.arch.name())));
+        }
+        let t = file.tensor(&spec.name).clone();
+        if t.shape() != spec.shape {
+            return Err(bad(format!(
+                "tensor `{}` has shape {:?}, the config says {:?}",
+                spec.name,
+                t.shape(),
+                spec.shape
+            )));
+        }
+        params.insert(spec.name.clone(), t);
+        file.insert(spec.name, Tensor::zeros(&[0]));
+    }
+    for (name, t) in file.iter() {
+        let dropped_bias = cfg.arch == Arch::Gpt2 && !cfg.bias && name.ends_with(".bias");
+        if !t.data().is_empty() && !(dropped_bias && t.data().iter().all(|x| *x == 0.0)) {
+            return Err(bad(format!("unexpected tensor `{name}` for this config")));
+        }
+    }
+    Ok((cfg, params))
+}
 
 /// Write every tensor of the map as little-endian f32.
 pub fn save_safetensors(path: &Path, params: &ParamMap) -> Result<(), StageError> {
@@ -57,34 +219,103 @@ pub fn load_safetensors(path: &Path) -> Result<ParamMap, StageError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gpt2::{forward, Activations, Gpt2Config};
+    use crate::nn::model::{Activations, Model};
 
-    #[test]
-    fn weights_written_and_read_back_give_identical_logits_and_bytes() {
-        let cfg = Gpt2Config { vocab_size: 13, block_size: 6, n_layer: 2, n_head: 2, n_embd: 8, bias: true };
-        let params = cfg.init(9);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("model.safetensors");
-        save_safetensors(&path, &params).unwrap();
-        let loaded = load_safetensors(&path).unwrap();
-        assert_eq!(loaded, params);
-        let ids = [1u32, 5, 7, 12, 0, 3];
-        let mut a = Activations::new(&cfg, 1, 6);
-        let mut b = Activations::new(&cfg, 1, 6);
-        forward(&cfg, &params, &ids, &mut a);
-        forward(&cfg, &loaded, &ids, &mut b);
-        assert!(a.logits.iter().zip(&b.logits).all(|(x, y)| x.to_bits() == y.to_bits()));
-        let again = dir.path().join("again.safetensors");
-        save_safetensors(&again, &loaded).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), std::fs::read(&again).unwrap(), "writing is deterministic");
+    fn logits(cfg: &ModelConfig, p: &ParamMap, ids: &[u32]) -> Vec<f32> {
+        let mut a = Activations::new(cfg, 1, ids.len());
+        Model::new(*cfg, p).forward(p, ids, &mut a);
+        a.logits
     }
 
     #[test]
-    fn a_file_that_is_not_safetensors_is_a_clear_error() {
+    fn models_written_and_read_back_give_identical_logits_and_bytes() {
+        let mut llama = ModelConfig::llama(13, 6, 2, 4, 2, 16);
+        llama.tie_embeddings = true;
+        for cfg in [ModelConfig::gpt2(13, 6, 2, 2, 8, true), ModelConfig::gpt2(13, 6, 2, 2, 8, false), llama] {
+            let params = cfg.init(9);
+            let dir = tempfile::tempdir().unwrap();
+            save_model(dir.path(), &cfg, &params, 0).unwrap();
+            let (cfg2, loaded) = load_model(dir.path()).unwrap();
+            assert_eq!((cfg2, &loaded), (cfg, &params));
+            let ids = [1u32, 5, 7, 12, 0, 3];
+            let (a, b) = (logits(&cfg, &params, &ids), logits(&cfg2, &loaded, &ids));
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+            let first = std::fs::read(dir.path().join(WEIGHTS)).unwrap();
+            save_model(dir.path(), &cfg2, &loaded, 0).unwrap();
+            assert_eq!(first, std::fs::read(dir.path().join(WEIGHTS)).unwrap(), "writing is deterministic");
+        }
+    }
+
+    /// The names and shapes `transformers` builds for these configs (GPT2LMHeadModel always has
+    /// every bias; LlamaForCausalLM with tied embeddings has no `lm_head.weight` in the file).
+    #[test]
+    fn files_hold_what_hugging_face_expects() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("bad.safetensors");
-        std::fs::write(&path, b"not a model").unwrap();
-        let err = load_safetensors(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.safetensors` is not a safetensors file"), "{err}");
+        let cfg = ModelConfig::gpt2(13, 6, 1, 2, 8, false);
+        save_model(dir.path(), &cfg, &cfg.init(1), 0).unwrap();
+        let file = load_safetensors(&dir.path().join(WEIGHTS)).unwrap();
+        let mut names: Vec<(&str, Vec<usize>)> = file.iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+        names.sort();
+        let expected: Vec<(&str, Vec<usize>)> = vec![
+            ("transformer.h.0.attn.c_attn.bias", vec![24]),
+            ("transformer.h.0.attn.c_attn.weight", vec![8, 24]),
+            ("transformer.h.0.attn.c_proj.bias", vec![8]),
+            ("transformer.h.0.attn.c_proj.weight", vec![8, 8]),
+            ("transformer.h.0.ln_1.bias", vec![8]),
+            ("transformer.h.0.ln_1.weight", vec![8]),
+            ("transformer.h.0.ln_2.bias", vec![8]),
+            ("transformer.h.0.ln_2.weight", vec![8]),
+            ("transformer.h.0.mlp.c_fc.bias", vec![32]),
+            ("transformer.h.0.mlp.c_fc.weight", vec![8, 32]),
+            ("transformer.h.0.mlp.c_proj.bias", vec![8]),
+            ("transformer.h.0.mlp.c_proj.weight", vec![32, 8]),
+            ("transformer.ln_f.bias", vec![8]),
+            ("transformer.ln_f.weight", vec![8]),
+            ("transformer.wpe.weight", vec![6, 8]),
+            ("transformer.wte.weight", vec![13, 8]),
+        ];
+        assert_eq!(names, expected);
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG)).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "GPT2LMHeadModel");
+        assert_eq!(config["n_positions"], 6);
+
+        let mut cfg = ModelConfig::llama(13, 6, 1, 4, 1, 16);
+        cfg.ffn_hidden = 24;
+        save_model(dir.path(), &cfg, &cfg.init(1), 0).unwrap();
+        let file = load_safetensors(&dir.path().join(WEIGHTS)).unwrap();
+        let mut names: Vec<(&str, Vec<usize>)> = file.iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+        names.sort();
+        let expected: Vec<(&str, Vec<usize>)> = vec![
+            ("lm_head.weight", vec![13, 16]),
+            ("model.embed_tokens.weight", vec![13, 16]),
+            ("model.layers.0.input_layernorm.weight", vec![16]),
+            ("model.layers.0.mlp.down_proj.weight", vec![16, 24]),
+            ("model.layers.0.mlp.gate_proj.weight", vec![24, 16]),
+            ("model.layers.0.mlp.up_proj.weight", vec![24, 16]),
+            ("model.layers.0.post_attention_layernorm.weight", vec![16]),
+            ("model.layers.0.self_attn.k_proj.weight", vec![4, 16]),
+            ("model.layers.0.self_attn.o_proj.weight", vec![16, 16]),
+            ("model.layers.0.self_attn.q_proj.weight", vec![16, 16]),
+            ("model.layers.0.self_attn.v_proj.weight", vec![4, 16]),
+            ("model.norm.weight", vec![16]),
+        ];
+        assert_eq!(names, expected);
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(CONFIG)).unwrap()).unwrap();
+        assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+        assert_eq!((config["num_key_value_heads"].as_u64(), config["intermediate_size"].as_u64()), (Some(1), Some(24)));
+    }
+
+    #[test]
+    fn a_mismatched_model_directory_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ModelConfig::gpt2(13, 6, 1, 2, 8, true);
+        save_model(dir.path(), &cfg, &cfg.init(1), 0).unwrap();
+        let bigger = ModelConfig::gpt2(13, 6, 2, 2, 8, true);
+        std::fs::write(dir.path().join(CONFIG), hf_config(&bigger, 0).to_string()).unwrap();
+        let err = load_model(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("no tensor `transformer.h.1.ln_1.weight`"), "{err}");
+        std::fs::write(dir.path().join(WEIGHTS), b"not a model").unwrap();
+        let err = load_model(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors` is not a safetensors file"), "{err}");
     }
 }

@@ -3,14 +3,20 @@
 //! It knows nothing of recipes, TOML, files or caching, and imports only `crate::nn::*`,
 //! ndarray and rayon, so it can become its own crate without edits.
 //!
-//! Today: the kernels every layer is built from ([`kernels`]), each with a plain reference and
-//! a backward checked against finite differences. The layers, the model (gpt2, llama), the
-//! optimizer and the `pretrain` stage build on these (issue 3).
+//! - [`kernels`]: the arithmetic, each kernel with a plain reference or a backward checked
+//!   against finite differences; the only place the speed work (issue 4) needs to touch.
+//! - [`params`]: the named parameter map.
+//! - [`model`]: gpt2 and llama, forward and backward over [`params::ParamMap`], and a KV-cache
+//!   decoder.
+//! - [`optim`]: AdamW over the whole map, clipping and learning-rate schedules.
+//! - [`sample`]: temperature, top-k and top-p sampling.
 
-pub mod gpt2;
 pub mod kernels;
+pub mod model;
+pub mod optim;
 pub mod params;
 pub mod rng;
+pub mod sample;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;

@@ -1,5 +1,9 @@
 //! The one named parameter map: Hugging Face names to tensors. Freezing, adapters, optimizer
-//! state and safetensors I/O will all work on this map.
+//! state and safetensors I/O all work on this map.
+//!
+//! Tensors live in a vector in insertion order; a model resolves each name to a [`ParamId`]
+//! once, so the step loop indexes instead of hashing strings, and can borrow two tensors
+//! mutably at once (a norm's weight and bias gradients).
 
 use std::collections::BTreeMap;
 
@@ -33,43 +37,120 @@ impl Tensor {
     }
 }
 
+/// A parameter's position in a [`ParamMap`]; valid for maps with the same names in the same
+/// order (the parameters, their gradients and optimizer moments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamId(usize);
+
 /// Parameters (or their gradients, or optimizer moments) by Hugging Face name.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParamMap {
-    tensors: BTreeMap<String, Tensor>,
+    names: Vec<String>,
+    tensors: Vec<Tensor>,
+    index: BTreeMap<String, usize>,
 }
 
 impl ParamMap {
+    /// Add a tensor, or replace the one with this name.
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
-        self.tensors.insert(name.into(), tensor);
+        let name = name.into();
+        match self.index.get(&name) {
+            Some(&i) => self.tensors[i] = tensor,
+            None => {
+                self.index.insert(name.clone(), self.tensors.len());
+                self.names.push(name);
+                self.tensors.push(tensor);
+            }
+        }
+    }
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.index.get(name).map(|&i| ParamId(i))
     }
     /// # Panics
     /// If the model asks for a parameter it did not create: a bug, not a user error.
     pub fn get(&self, name: &str) -> &[f32] {
-        self.tensors.get(name).unwrap_or_else(|| panic!("no parameter `{name}`")).data()
+        self.tensor(name).data()
     }
     pub fn get_mut(&mut self, name: &str) -> &mut [f32] {
-        self.tensors.get_mut(name).unwrap_or_else(|| panic!("no parameter `{name}`")).data_mut()
+        let i = self.index.get(name).copied().unwrap_or_else(|| panic!("no parameter `{name}`"));
+        self.tensors[i].data_mut()
+    }
+    pub fn tensor(&self, name: &str) -> &Tensor {
+        let i = self.index.get(name).copied().unwrap_or_else(|| panic!("no parameter `{name}`"));
+        &self.tensors[i]
+    }
+    pub fn at(&self, id: ParamId) -> &[f32] {
+        self.tensors[id.0].data()
+    }
+    pub fn at_mut(&mut self, id: ParamId) -> &mut [f32] {
+        self.tensors[id.0].data_mut()
+    }
+    /// Two different tensors, both mutable.
+    ///
+    /// # Panics
+    /// If `a == b`.
+    pub fn pair_mut(&mut self, a: ParamId, b: ParamId) -> (&mut [f32], &mut [f32]) {
+        assert_ne!(a, b, "pair_mut of one tensor");
+        let (lo, hi) = (a.0.min(b.0), a.0.max(b.0));
+        let (left, right) = self.tensors.split_at_mut(hi);
+        let (x, y) = (left[lo].data_mut(), right[0].data_mut());
+        if a.0 < b.0 {
+            (x, y)
+        } else {
+            (y, x)
+        }
     }
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.index.contains_key(name)
     }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    /// In insertion order, which is the same for maps made by [`ParamMap::zeros_like`].
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
-        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+        self.names.iter().map(String::as_str).zip(&self.tensors)
     }
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (&str, &mut Tensor)> {
-        self.tensors.iter_mut().map(|(k, v)| (k.as_str(), v))
+        self.names.iter().map(String::as_str).zip(&mut self.tensors)
     }
-    /// The same names and shapes, all zeros: gradients and optimizer moments.
+    /// The same names, order and shapes, all zeros: gradients and optimizer moments.
     pub fn zeros_like(&self) -> ParamMap {
-        ParamMap { tensors: self.tensors.iter().map(|(k, t)| (k.clone(), Tensor::zeros(t.shape()))).collect() }
+        ParamMap {
+            names: self.names.clone(),
+            tensors: self.tensors.iter().map(|t| Tensor::zeros(t.shape())).collect(),
+            index: self.index.clone(),
+        }
     }
     pub fn fill_zero(&mut self) {
-        for t in self.tensors.values_mut() {
+        for t in &mut self.tensors {
             t.data_mut().fill(0.0);
         }
     }
     pub fn num_elements(&self) -> usize {
-        self.tensors.values().map(|t| t.data.len()).sum()
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_index_and_pairs_borrow_two_tensors() {
+        let mut p = ParamMap::default();
+        p.insert("b", Tensor::from_vec(&[2], vec![1.0, 2.0]));
+        p.insert("a", Tensor::from_vec(&[1], vec![3.0]));
+        p.insert("b", Tensor::from_vec(&[2], vec![4.0, 5.0]));
+        assert_eq!(p.len(), 2);
+        let (a, b) = (p.id("a").unwrap(), p.id("b").unwrap());
+        assert_eq!(p.at(b), &[4.0, 5.0]);
+        let (x, y) = p.pair_mut(a, b);
+        x[0] += y[1];
+        assert_eq!(p.get("a"), &[8.0]);
+        assert_eq!(p.iter().map(|(n, _)| n).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(p.zeros_like().id("a"), Some(a));
     }
 }

@@ -133,15 +133,17 @@ pub fn attention_backward(
 }
 
 /// Rotary position embedding in place on (B, T, H, D), in Hugging Face llama's convention:
-/// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`. `inverse` rotates back,
-/// which is also the backward (the rotation is orthogonal).
-pub fn rope(x: &mut [f32], b: usize, t: usize, h: usize, d: usize, theta: f32, inverse: bool) {
+/// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`, where row `t` of each
+/// sequence sits at position `pos0 + t` (`pos0` > 0 when decoding after a cache). `inverse`
+/// rotates back, which is also the backward (the rotation is orthogonal).
+#[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
+pub fn rope(x: &mut [f32], t: usize, h: usize, d: usize, theta: f32, pos0: usize, inverse: bool) {
     assert!(d.is_multiple_of(2), "rotary embeddings need an even head size, not {d}");
-    assert_eq!(x.len(), b * t * h * d, "x is not (B, T, H, D)");
+    assert!(x.len().is_multiple_of(t * h * d), "x is not (B, T, H, D)");
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(h * d).enumerate().for_each(|(row, heads)| {
-        let pos = (row % t) as f32;
+        let pos = (pos0 + row % t) as f32;
         for head in heads.chunks_mut(d) {
             for i in 0..half {
                 let freq = theta.powf(-2.0 * i as f32 / d as f32);
@@ -208,13 +210,16 @@ mod tests {
         let mut q: Vec<f32> = (0..t).flat_map(|_| base_q.clone()).collect();
         let mut k: Vec<f32> = (0..t).flat_map(|_| base_k.clone()).collect();
         let original = q.clone();
-        rope(&mut q, 1, t, 1, d, 10_000.0, false);
-        rope(&mut k, 1, t, 1, d, 10_000.0, false);
+        rope(&mut q, t, 1, d, 10_000.0, 0, false);
+        rope(&mut k, t, 1, d, 10_000.0, 0, false);
         let dot = |m: usize, n: usize| -> f32 { (0..d).map(|i| q[m * d + i] * k[n * d + i]).sum() };
         assert!((dot(3, 1) - dot(5, 3)).abs() < 1e-4, "same offset, same score");
         assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-4, "another offset, another score");
         assert_eq!(&q[..d], &original[..d], "position 0 is not rotated");
-        rope(&mut q, 1, t, 1, d, 10_000.0, true);
+        let mut alone = base_q.clone();
+        rope(&mut alone, 1, 1, d, 10_000.0, 4, false);
+        assert_eq!(alone, &q[4 * d..5 * d], "pos0 places a decoded row");
+        rope(&mut q, t, 1, d, 10_000.0, 0, true);
         assert!(q.iter().zip(&original).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
@@ -223,10 +228,10 @@ mod tests {
         let (b, t, h, d) = (2, 3, 2, 4);
         let (x, probe) = (random(b * t * h * d, 10), random(b * t * h * d, 11));
         let mut grad = probe.clone();
-        rope(&mut grad, b, t, h, d, 10_000.0, true);
+        rope(&mut grad, t, h, d, 10_000.0, 0, true);
         check("drope", &x, &grad, |x| {
             let mut y = x.to_vec();
-            rope(&mut y, b, t, h, d, 10_000.0, false);
+            rope(&mut y, t, h, d, 10_000.0, 0, false);
             probe_loss(&y, &probe)
         });
     }
