@@ -61,6 +61,8 @@ pub enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Generate text from a trained model, streaming it to the terminal
+    Sample(SampleArgs),
     /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
     Doc,
 }
@@ -86,4 +88,34 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 3, value_name = "N")]
         keep_runs: usize,
     },
+}
+
+#[derive(Args)]
+pub struct SampleArgs {
+    /// A recipe, or a model directory (config.json, model.safetensors, tokenizer.json)
+    pub source: PathBuf,
+    /// With a recipe: the stage whose model to use [default: the last stage that makes a model]
+    pub stage: Option<String>,
+    /// Override a stage parameter or input, as for `run`
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// The text to continue [default: start from the end-of-text token]
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// 0 picks the most likely token every time
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Sample among the k most likely tokens (0: all)
+    #[arg(long, default_value_t = 200, value_name = "K")]
+    pub top_k: usize,
+    /// Sample among the most likely tokens whose probability reaches P
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Samples to draw, each with the next seed
+    #[arg(long, short = 'n', default_value_t = 1)]
+    pub num_samples: usize,
 }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs};
+use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs, SampleArgs};
 use engine::cache::Store;
 use engine::{EngineError, Recipe, RecipeError, Registry};
 
@@ -128,6 +128,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache { command } => cache_command(command, &cli.cache, &registry),
+        Command::Sample(args) => sample(args, &cli.cache, &registry),
         Command::Doc => {
             print!("{}", stage_reference(&registry));
             Ok(ExitCode::SUCCESS)
@@ -185,6 +186,71 @@ fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Regis
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The model directory a `sample` command names: a directory as given, or the artifact of a
+/// recipe's stage, which must already be built.
+fn model_dir(args: &SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Result<PathBuf, Fail> {
+    if args.source.is_dir() {
+        return Ok(args.source.clone());
+    }
+    let recipe_args = RecipeArgs { recipe: args.source.clone(), sets: args.sets.clone() };
+    let recipe = load(&recipe_args, registry)?;
+    let store = open_store(root)?;
+    let plan = engine::plan(&recipe, &store)?;
+    let is_model = |kind: &str| registry.get(kind).is_some_and(|k| k.output() == stages::MODEL);
+    let stage = match &args.stage {
+        Some(name) => plan.iter().find(|s| &s.name == name).ok_or_else(|| {
+            let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
+            Fail::Other(format!("the recipe has no stage `{name}` (stages: {})", names.join(", ")))
+        })?,
+        None => plan
+            .iter()
+            .rev()
+            .find(|s| is_model(&s.kind))
+            .ok_or_else(|| Fail::Other("the recipe has no stage that makes a model".into()))?,
+    };
+    if !is_model(&stage.kind) {
+        return Err(Fail::Other(format!(
+            "stage `{}` is a `{}` stage, which does not make a model",
+            stage.name, stage.kind
+        )));
+    }
+    match &stage.artifact {
+        Some(artifact) => Ok(artifact.dir.clone()),
+        None => Err(Fail::Other(format!(
+            "stage `{}` is not built for this recipe as it stands; run `tinygpt run {}` first",
+            stage.name,
+            args.source.display()
+        ))),
+    }
+}
+
+fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Result<ExitCode, Fail> {
+    use std::io::Write;
+    let dir = model_dir(&args, root, registry)?;
+    let lm = stages::generate::LoadedModel::load(&dir).map_err(|e| Fail::Other(e.to_string()))?;
+    let sampling = stages::nn::sample::Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
+    let mut out = std::io::stdout().lock();
+    for i in 0..args.num_samples {
+        if i > 0 {
+            writeln!(out, "\n---").ok();
+        }
+        write!(out, "{}", args.prompt).ok();
+        let opts = stages::generate::GenOptions {
+            sampling,
+            max_new_tokens: args.max_new_tokens,
+            seed: args.seed.wrapping_add(i as u64),
+            stop_at_eot: true,
+        };
+        stages::generate::generate(&lm, &args.prompt, opts, |piece| {
+            write!(out, "{piece}").ok();
+            out.flush().ok();
+        })
+        .map_err(|e| Fail::Other(e.to_string()))?;
+        writeln!(out).ok();
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn install_interrupt_handler() {

@@ -41,11 +41,21 @@ fn stage_outputs_match_their_golden_digests() {
         "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n".repeat(8),
     );
     let mut actual: BTreeMap<String, Value> = BTreeMap::new();
+    // A training stage's metrics.jsonl holds timings; its other files are deterministic, so
+    // their digests stand for its output.
     let mut record = |label: &str, run: &Value, stage: &str| {
         let manifest = sb.manifest(&key(run, stage));
+        let files = manifest["files"].as_array().unwrap();
+        let digest = if files.iter().any(|f| f["name"] == "metrics.jsonl") {
+            let deterministic: Vec<&Value> =
+                files.iter().filter(|f| f["name"] != "metrics.jsonl").map(|f| &f["digest"]).collect();
+            json!(deterministic)
+        } else {
+            manifest["content_digest"].clone()
+        };
         let entry = json!({
             "version": manifest["meta"]["preimage"]["version"],
-            "content_digest": manifest["content_digest"],
+            "content_digest": digest,
         });
         actual.insert(label.to_string(), entry);
     };
@@ -62,6 +72,15 @@ fn stage_outputs_match_their_golden_digests() {
     }
     let padded = sb.run_json("raw_text.toml", &["--set", "pack.remainder=pad", "--set", "pack.seq_len=7"]);
     record("pack-pad", &padded, "pack");
+    let small = ["--set", "pretrain.max_steps=12", "--set", "evaluate.max_new_tokens=12"];
+    let gpt2 = sb.run_json("train.toml", &small);
+    record("pretrain-gpt2", &gpt2, "pretrain");
+    record("evaluate", &gpt2, "evaluate");
+    let llama = sb.run_json(
+        "train.toml",
+        &[&small[..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"]].concat(),
+    );
+    record("pretrain-llama", &llama, "pretrain");
 
     let path = golden_path("digests.json");
     if updating() {

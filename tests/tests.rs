@@ -7,4 +7,5 @@ mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data
 mod golden; // golden digests of every stage's output, golden diagnostics
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod tidy; // every source file opens with a module doc
+mod training; // pretrain, evaluate, sample; exact resume; threads; divergence
 mod util;

@@ -180,6 +180,21 @@ impl Params {
         self.values.insert(name.to_string(), value);
     }
 
+    /// Every declared default with `values` on top, unchecked: for running a stage outside a
+    /// recipe (tests, benchmarks).
+    pub fn from_defaults(specs: &[ParamSpec], values: &[(&str, ParamValue)]) -> Params {
+        let mut params = Params::default();
+        for spec in specs {
+            if let Some(v) = spec.default_value() {
+                params.insert(spec.name, v);
+            }
+        }
+        for (name, v) in values {
+            params.insert(name, v.clone());
+        }
+        params
+    }
+
     pub fn get(&self, name: &str) -> Option<&ParamValue> {
         self.values.get(name)
     }

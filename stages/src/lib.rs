@@ -3,10 +3,15 @@
 //! A new kind is a new module plus one line in [`registry`].
 
 pub mod arrow_io;
+pub mod batches;
+pub mod checkpoint;
 pub mod corpus;
+pub mod evaluate;
+pub mod generate;
 pub mod model_io;
 pub mod nn;
 pub mod pack;
+pub mod pretrain;
 
 mod text_source;
 pub mod tokenize;
@@ -22,16 +27,31 @@ pub const TOKENS: ArtifactType = ArtifactType("tokens");
 /// Fixed-length training blocks split into train and validation (the `pack` stage).
 pub const PACKED: ArtifactType = ArtifactType("packed");
 
+/// A trained model directory: `model.safetensors`, `config.json`, `tokenizer.json` and
+/// `meta.json` (the `pretrain` stage).
+pub const MODEL: ArtifactType = ArtifactType("model");
+
+/// Evaluation results: `eval.json` with losses and samples (the `evaluate` stage).
+pub const EVAL: ArtifactType = ArtifactType("eval");
+
 /// Every stage kind a recipe may use.
 pub fn registry() -> Registry {
     let mut r = Registry::default();
     r.register(Arc::new(corpus::Corpus));
     r.register(Arc::new(tokenize::Tokenize));
     r.register(Arc::new(pack::Pack));
+    r.register(Arc::new(pretrain::Pretrain));
+    r.register(Arc::new(evaluate::Evaluate));
     r
 }
 
 /// Turn any displayable error into a stage failure with context.
 pub(crate) fn fail(context: impl std::fmt::Display) -> impl FnOnce(&dyn std::error::Error) -> engine::StageError {
     move |e| engine::StageError::chain(context, e)
+}
+
+/// `x` rounded to `digits` decimals, for metrics people read.
+pub(crate) fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
 }

@@ -167,7 +167,7 @@ pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
     }
     for (name, t) in file.iter() {
         let dropped_bias = cfg.arch == Arch::Gpt2 && !cfg.bias && name.ends_with(".bias");
-        if !t.data().is_empty() && !(dropped_bias && t.data().iter().all(|x| *x == 0.0)) {
+        if !(t.data().is_empty() || dropped_bias && t.data().iter().all(|x| *x == 0.0)) {
             return Err(bad(format!("unexpected tensor `{name}` for this config")));
         }
     }
@@ -176,6 +176,11 @@ pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
 
 /// Write every tensor of the map as little-endian f32.
 pub fn save_safetensors(path: &Path, params: &ParamMap) -> Result<(), StageError> {
+    save_safetensors_with(path, params, &[])
+}
+
+/// [`save_safetensors`] with more metadata beside `format = pt`.
+pub fn save_safetensors_with(path: &Path, params: &ParamMap, metadata: &[(&str, String)]) -> Result<(), StageError> {
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = params
         .iter()
         .map(|(name, t)| {
@@ -190,18 +195,29 @@ pub fn save_safetensors(path: &Path, params: &ParamMap) -> Result<(), StageError
                 .map_err(|e| fail(format!("tensor `{name}`"))(&e))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let out = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| fail("serializing safetensors")(&e))?;
+    let mut meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    meta.extend(metadata.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| fail("serializing safetensors")(&e))?;
     std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
 }
 
 /// Read every f32 tensor of a safetensors file.
 pub fn load_safetensors(path: &Path) -> Result<ParamMap, StageError> {
+    load_safetensors_with(path).map(|(params, _)| params)
+}
+
+/// Every f32 tensor of a safetensors file (in name order) and its metadata.
+pub fn load_safetensors_with(path: &Path) -> Result<(ParamMap, HashMap<String, String>), StageError> {
     let bytes = std::fs::read(path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .map_err(|e| fail(format!("`{}` is not a safetensors file", path.display()))(&e))?;
+    let not_safetensors =
+        |e: &dyn std::error::Error| fail(format!("`{}` is not a safetensors file", path.display()))(e);
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| not_safetensors(&e))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| not_safetensors(&e))?;
+    let mut names = file.names();
+    names.sort();
     let mut params = ParamMap::default();
-    for name in file.names() {
+    for name in names {
         let view = file.tensor(name).map_err(|e| fail(format!("tensor `{name}`"))(&e))?;
         if view.dtype() != Dtype::F32 {
             return Err(StageError::msg(format!(
@@ -213,7 +229,7 @@ pub fn load_safetensors(path: &Path) -> Result<ParamMap, StageError> {
         let data = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         params.insert(name, Tensor::from_vec(view.shape(), data));
     }
-    Ok(params)
+    Ok((params, metadata))
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use rayon::prelude::*;
 use serde_json::json;
+use tokenizers::decoders::fuse::Fuse;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
@@ -73,7 +74,7 @@ impl Stage for Tokenize {
         "tokenize"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn about(&self) -> &'static str {
         "build or load a tokenizer and encode every document (text, JSONL or Parquet) in parallel"
@@ -213,6 +214,8 @@ fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) 
                     a
                 });
             let mut t = Tokenizer::new(fixed_vocab(chars.into_iter().map(String::from))?);
+            // Without a decoder, decoding joins tokens with spaces.
+            t.with_decoder(Some(Fuse::new()));
             t.add_special_tokens(&specials(p));
             t
         }
@@ -282,5 +285,22 @@ mod tests {
         assert_eq!(ours, theirs);
         assert_eq!(byte_char(b'A'), 'A');
         assert_eq!(byte_char(b' '), '\u{120}'); // GPT-2's "Ġ"
+    }
+
+    #[test]
+    fn every_algorithm_decodes_back_to_the_text() {
+        let docs = vec!["Hello, wörld!\nTo be, or not to be.".to_string(); 3];
+        for algorithm in ["byte", "char", "bpe"] {
+            let p = Params::from_defaults(
+                PARAMS,
+                &[
+                    ("algorithm", engine::ParamValue::Str(algorithm.into())),
+                    ("vocab_size", engine::ParamValue::Int(300)),
+                ],
+            );
+            let t = build_tokenizer(&p, None, &docs).unwrap();
+            let ids = t.encode_fast(docs[0].as_str(), false).unwrap().get_ids().to_vec();
+            assert_eq!(t.decode(&ids, false).unwrap(), docs[0], "{algorithm}");
+        }
     }
 }

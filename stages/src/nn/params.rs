@@ -72,12 +72,15 @@ impl ParamMap {
         self.tensor(name).data()
     }
     pub fn get_mut(&mut self, name: &str) -> &mut [f32] {
-        let i = self.index.get(name).copied().unwrap_or_else(|| panic!("no parameter `{name}`"));
-        self.tensors[i].data_mut()
+        self.tensor_mut(name).data_mut()
     }
     pub fn tensor(&self, name: &str) -> &Tensor {
         let i = self.index.get(name).copied().unwrap_or_else(|| panic!("no parameter `{name}`"));
         &self.tensors[i]
+    }
+    pub fn tensor_mut(&mut self, name: &str) -> &mut Tensor {
+        let i = self.index.get(name).copied().unwrap_or_else(|| panic!("no parameter `{name}`"));
+        &mut self.tensors[i]
     }
     pub fn at(&self, id: ParamId) -> &[f32] {
         self.tensors[id.0].data()

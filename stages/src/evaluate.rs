@@ -1,0 +1,151 @@
+//! `evaluate`: a model's validation loss, perplexity and bits per byte on a packed split, and
+//! samples from given prompts.
+//!
+//! Bits per byte divide the total loss (in bits) by the UTF-8 length of the text the predicted
+//! tokens decode to (special tokens count zero bytes), so models with different tokenizers
+//! compare on the same footing.
+
+use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
+use serde_json::json;
+
+use crate::arrow_io::read_blocks;
+use crate::batches::mean_loss;
+use crate::generate::{generate, GenOptions, LoadedModel};
+use crate::nn::model::Activations;
+use crate::nn::sample::Sampling;
+use crate::pack::VAL_FILE;
+use crate::{fail, round, EVAL, MODEL, PACKED};
+
+pub struct Evaluate;
+
+pub const RESULTS_FILE: &str = "eval.json";
+
+const PARAMS: &[ParamSpec] = &[
+    ParamSpec::int("batch_size", 16, 1, 1 << 20, "validation blocks per forward pass").not_hashed(),
+    ParamSpec::opt_int(
+        "max_batches",
+        1,
+        1 << 40,
+        "evaluate only the first this many batches (default: the whole split)",
+    ),
+    ParamSpec::str_list("prompts", &[""], "texts to continue; an empty prompt starts from the end-of-text token"),
+    ParamSpec::int("max_new_tokens", 200, 0, 1 << 20, "tokens generated per prompt"),
+    ParamSpec::float("temperature", 0.8, 0.0, 100.0, "sampling temperature (0: greedy)"),
+    ParamSpec::int("top_k", 200, 0, 1 << 30, "sample among the k most likely tokens (0: all)"),
+    ParamSpec::float("top_p", 1.0, 0.0, 1.0, "sample among the most likely tokens whose probability reaches top_p"),
+    ParamSpec::bool("stop_at_eot", true, "end a sample at the end-of-text token"),
+];
+
+const INPUTS: &[InputSpec] = &[
+    InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "a `pretrain` stage" },
+    InputSpec {
+        name: "data",
+        accepts: Accepts::Artifact(&[PACKED]),
+        required: true,
+        doc: "a `pack` stage; its validation split is evaluated",
+    },
+];
+
+impl Stage for Evaluate {
+    fn kind(&self) -> &'static str {
+        "evaluate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "validation loss, perplexity and bits per byte of a model, and samples from prompts"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        INPUTS
+    }
+    fn output(&self) -> engine::ArtifactType {
+        EVAL
+    }
+    fn uses_seed(&self) -> bool {
+        true
+    }
+
+    fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
+        let (Input::Artifact { artifact: model_dir, .. }, Input::Artifact { artifact: data, .. }) =
+            (ctx.required_input("model"), ctx.required_input("data"))
+        else {
+            unreachable!("both slots accept only artifacts");
+        };
+        let p = ctx.params();
+        let lm = LoadedModel::load(&model_dir.dir)?;
+        let (blocks, width) = read_blocks(&data.path(VAL_FILE))?;
+        let t = width - 1;
+        if t > lm.cfg.block_size {
+            return Err(StageError::msg(format!(
+                "the data's blocks hold {t} tokens, more than the model's block size {}",
+                lm.cfg.block_size
+            )));
+        }
+        if let Some(bad) = blocks.iter().find(|id| **id as usize >= lm.cfg.vocab_size) {
+            return Err(StageError::msg(format!(
+                "the data has token {bad}, outside the model's vocabulary of {}: were they made with another tokenizer?",
+                lm.cfg.vocab_size
+            )));
+        }
+        if blocks.is_empty() {
+            return Err(StageError::msg("the data has no validation blocks: give `pack` a `val_fraction` above 0"));
+        }
+        ctx.progress().set_message("validation loss");
+        let batch = p.usize("batch_size").min(blocks.len() / width).max(1);
+        let mut acts = Activations::new(&lm.cfg, batch, t);
+        let (val_loss, tokens) = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
+        ctx.check_cancelled()?;
+
+        // The predicted tokens are the stream after its first token, `tokens` of them.
+        let mut stream = Vec::with_capacity(tokens + 1);
+        for (i, row) in blocks.chunks(width).enumerate() {
+            stream.extend_from_slice(if i == 0 { row } else { &row[1..] });
+            if stream.len() > tokens {
+                break;
+            }
+        }
+        let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
+        let bytes = text.len();
+        let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
+
+        let opts = GenOptions {
+            sampling: Sampling {
+                temperature: p.float("temperature") as f32,
+                top_k: p.usize("top_k"),
+                top_p: p.float("top_p") as f32,
+            },
+            max_new_tokens: p.usize("max_new_tokens"),
+            seed: ctx.seed(),
+            stop_at_eot: p.bool("stop_at_eot"),
+        };
+        let mut samples = Vec::new();
+        for (i, prompt) in p.str_list("prompts").iter().enumerate() {
+            ctx.check_cancelled()?;
+            ctx.progress().set_message(&format!("sample {}", i + 1));
+            let seeded = GenOptions { seed: opts.seed.wrapping_add(i as u64), ..opts };
+            let text = generate(&lm, prompt, seeded, |_| {})?;
+            samples.push(json!({ "prompt": prompt, "text": text }));
+        }
+        let results = json!({
+            "val_loss": val_loss,
+            "perplexity": val_loss.exp(),
+            "bits_per_byte": bits_per_byte,
+            "val_tokens": tokens,
+            "val_bytes": bytes,
+            "samples": samples,
+        });
+        let pretty = serde_json::to_string_pretty(&results).expect("JSON values serialize") + "\n";
+        std::fs::write(ctx.out(RESULTS_FILE), pretty).map_err(|e| fail("writing eval.json")(&e))?;
+        Ok(Metrics::from([
+            ("val_loss".into(), json!(round(val_loss, 4))),
+            ("perplexity".into(), json!(round(val_loss.exp(), 4))),
+            ("bits_per_byte".into(), json!(round(bits_per_byte, 4))),
+            ("val_tokens".into(), json!(tokens)),
+            ("samples".into(), json!(samples.len())),
+        ]))
+    }
+}

@@ -1,0 +1,209 @@
+//! Training end to end (issue 3): pretrain and evaluate from a recipe, samples on the command
+//! line, exact resume after kill -9 and Ctrl-C, identical weights on 1 and 2 threads, and a
+//! diverging run that stops with the step named.
+
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::util::{assert_success, key, stage, Sandbox};
+
+fn artifact(sb: &Sandbox, run: &Value, name: &str) -> PathBuf {
+    sb.store().join("objects").join(key(run, name))
+}
+
+fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
+    std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_recipe_pretrains_evaluates_and_samples_for_both_architectures() {
+    let sb = Sandbox::new();
+    for arch in [&[][..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"][..]] {
+        let run = sb.run_json("train.toml", arch);
+        let dir = artifact(&sb, &run, "pretrain");
+        for file in ["model.safetensors", "config.json", "tokenizer.json", "meta.json", "metrics.jsonl"] {
+            assert!(dir.join(file).is_file(), "pretrain writes {file}");
+        }
+        let lines: Vec<Value> = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let logged: Vec<&Value> = lines.iter().filter(|l| l.get("loss").is_some()).collect();
+        assert_eq!(logged.iter().map(|l| l["step"].as_u64().unwrap()).collect::<Vec<_>>(), [10, 20, 30, 40, 50, 60]);
+        for key in ["lr", "grad_norm", "tokens_per_s", "elapsed_s"] {
+            assert!(logged.iter().all(|l| l[key].is_number()), "every logged step has {key}");
+        }
+        let evals: Vec<u64> =
+            lines.iter().filter(|l| l.get("val_loss").is_some()).map(|l| l["step"].as_u64().unwrap()).collect();
+        assert_eq!(evals, [20, 40, 60]);
+
+        // The model learned something: validation loss well below a uniform guess.
+        let vocab = stage(&run, "tokenize")["metrics"]["vocab_size"].as_f64().unwrap();
+        let m = &stage(&run, "evaluate")["metrics"];
+        let val_loss = m["val_loss"].as_f64().unwrap();
+        assert!(val_loss < vocab.ln() - 0.5, "val_loss {val_loss} against ln V = {}", vocab.ln());
+        assert!((m["perplexity"].as_f64().unwrap() - val_loss.exp()).abs() < 1e-3 * val_loss.exp());
+        assert!(m["bits_per_byte"].as_f64().unwrap() > 0.0);
+        let results: Value =
+            serde_json::from_slice(&std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap()).unwrap();
+        assert_eq!(results["samples"][0]["prompt"], "Once");
+        assert!(!results["samples"][0]["text"].as_str().unwrap().is_empty());
+
+        // `tinygpt sample` from the recipe's stage and from the directory, seeded.
+        let mut args =
+            vec!["sample", "train.toml", "pretrain", "--prompt", "Once", "--max-new-tokens", "20", "--seed", "5"];
+        args.extend_from_slice(arch);
+        let from_recipe = sb.tinygpt(&args);
+        assert_success(&from_recipe);
+        let text = String::from_utf8(from_recipe.stdout).unwrap();
+        assert!(text.starts_with("Once") && text.trim_end().len() > 4, "{text:?}");
+        let dir_arg = dir.to_str().unwrap();
+        let from_dir = sb.tinygpt(&["sample", dir_arg, "--prompt", "Once", "--max-new-tokens", "20", "--seed", "5"]);
+        assert_eq!(String::from_utf8(from_dir.stdout).unwrap(), text, "same model, same seed, same text");
+    }
+}
+
+#[test]
+fn sampling_an_unbuilt_stage_says_to_run_the_recipe() {
+    let sb = Sandbox::new();
+    let out = sb.tinygpt(&["sample", "train.toml", "pretrain"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stage `pretrain` is not built") && err.contains("tinygpt run train.toml"), "{err}");
+    let out = sb.tinygpt(&["sample", "train.toml", "pack"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not make a model"));
+}
+
+#[test]
+fn bad_model_shapes_are_recipe_errors_naming_the_key() {
+    let sb = Sandbox::new();
+    let out = sb.tinygpt(&["plan", "train.toml", "--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=3"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("n_head 2 is not a multiple of n_kv_head 3") && err.contains("n_kv_head"), "{err}");
+}
+
+#[test]
+fn one_and_two_threads_train_identical_weights() {
+    let run_with = |threads: &str| {
+        let sb = Sandbox::new();
+        let out =
+            sb.command().env("RAYON_NUM_THREADS", threads).args(["run", "train.toml", "--json"]).output().unwrap();
+        assert_success(&out);
+        let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let eval = std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap();
+        (weights(&sb, &run), eval)
+    };
+    let (w1, e1) = run_with("1");
+    let (w2, e2) = run_with("2");
+    assert!(w1 == w2, "model.safetensors differs between 1 and 2 threads");
+    assert_eq!(String::from_utf8(e1).unwrap(), String::from_utf8(e2).unwrap());
+}
+
+/// Long enough to be interrupted: a few seconds, with a checkpoint every 10 steps.
+const LONG: [&str; 4] = ["--set", "pretrain.max_steps=600", "--set", "pretrain.eval_interval=0"];
+
+/// Start the long run, wait until it has written a checkpoint, send `sig`, and wait for the
+/// process. Returns the sandbox, the pretrain key and the exit status.
+fn interrupt_training(sig: &str) -> (Sandbox, String, std::process::ExitStatus) {
+    let sb = Sandbox::new();
+    let mut child: Child = sb
+        .command()
+        .args(["run", "train.toml"])
+        .args(LONG)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The pretrain key depends on upstream outputs, so find it by its checkpoint.
+    let checkpoint_dir = || -> Option<PathBuf> {
+        let dirs = std::fs::read_dir(sb.store().join("work")).ok()?;
+        dirs.filter_map(|d| d.ok()).map(|d| d.path()).find(|d| d.join("checkpoint.safetensors").exists())
+    };
+    let start = Instant::now();
+    let work = loop {
+        if let Some(dir) = checkpoint_dir() {
+            break dir;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let pretrain_key = work.file_name().unwrap().to_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(50));
+    let status = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let status = child.wait().unwrap();
+    assert!(
+        !sb.store().join("objects").join(&pretrain_key).exists(),
+        "the run finished before the signal; make the test run longer"
+    );
+    (sb, pretrain_key, status)
+}
+
+fn resumes_bit_identically_after(sig: &str) {
+    let (sb, _, status) = interrupt_training(sig);
+    if sig == "-INT" {
+        assert_eq!(status.code(), Some(130), "Ctrl-C exits 130");
+    }
+    let resumed = sb.run_json("train.toml", &LONG);
+    let from = stage(&resumed, "pretrain")["metrics"]["resumed_from_step"].as_u64();
+    assert!(from.is_some_and(|s| s > 0 && s < 600), "the rerun resumed from a checkpoint: {from:?}");
+
+    let fresh = Sandbox::new();
+    let uninterrupted = fresh.run_json("train.toml", &LONG);
+    assert!(
+        weights(&sb, &resumed) == weights(&fresh, &uninterrupted),
+        "resumed weights differ from an uninterrupted run"
+    );
+    let steps = |sb: &Sandbox, run: &Value| -> Vec<(u64, Option<f64>, Option<f64>)> {
+        std::fs::read_to_string(artifact(sb, run, "pretrain").join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64(), l["val_loss"].as_f64()))
+            .collect()
+    };
+    assert_eq!(steps(&sb, &resumed), steps(&fresh, &uninterrupted), "the metrics log continues where it stopped");
+}
+
+#[test]
+fn a_killed_pretraining_resumes_to_the_same_bits() {
+    resumes_bit_identically_after("-KILL");
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_the_rerun_ends_with_the_same_bits() {
+    resumes_bit_identically_after("-INT");
+}
+
+#[test]
+fn a_nan_loss_stops_the_stage_naming_the_step_and_publishes_nothing() {
+    use stages::checkpoint::TrainState;
+    let (sb, pretrain_key, _) = interrupt_training("-INT");
+    let work = sb.store().join("work").join(&pretrain_key);
+    // Poison one weight of the saved state, as a diverged run would have.
+    let like = {
+        let (params, _) = stages::model_io::load_safetensors_with(&work.join("checkpoint.safetensors")).unwrap();
+        let mut like = stages::nn::params::ParamMap::default();
+        for (name, t) in params.iter() {
+            if let Some(name) = name.strip_prefix("param.") {
+                like.insert(name, t.clone());
+            }
+        }
+        like
+    };
+    let mut state = TrainState::load(&work, &like).unwrap().expect("Ctrl-C left a checkpoint");
+    state.params.get_mut("transformer.h.0.mlp.c_fc.weight")[0] = f32::NAN;
+    state.save(&work).unwrap();
+    let step = state.progress.step;
+
+    let out = sb.command().args(["run", "train.toml"]).args(LONG).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("training diverged at step {}: loss NaN", step + 1)), "{err}");
+    assert!(!sb.store().join("objects").join(&pretrain_key).exists(), "no artifact for a diverged run");
+}
