@@ -76,7 +76,12 @@ fn unknown_stage_kinds_list_the_known_ones() {
         "kind = \"pack\"",
         "kind = \"pakc\"",
         &[],
-        &["unknown stage kind `pakc`", "bad.toml:14:8", "did you mean `pack`?", "corpus, evaluate, pack, pretrain, tokenize"],
+        &[
+            "unknown stage kind `pakc`",
+            "bad.toml:14:8",
+            "did you mean `pack`?",
+            "corpus, evaluate, pack, pretrain, tokenize",
+        ],
     );
 }
 
