@@ -18,6 +18,7 @@ use crate::nn::kernels::activation::{gelu_backward, gelu_forward, swiglu_backwar
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
+use crate::nn::kernels::dot;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::nn::params::{ParamId, ParamMap, Tensor};
@@ -894,7 +895,7 @@ fn attend_cached(q: &[f32], k: &[f32], v: &[f32], len: usize, cfg: &ModelConfig,
         let mut max = f32::NEG_INFINITY;
         for s in 0..len {
             let ks = &k[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-            scores[s] = qh.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale;
+            scores[s] = dot(qh, ks) * scale;
             max = max.max(scores[s]);
         }
         let mut sum = 0.0f32;

@@ -8,6 +8,8 @@
 
 use rayon::prelude::*;
 
+use crate::nn::kernels::dot;
+
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct AttnDims {
@@ -51,7 +53,7 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: 
                 let mut max = f32::NEG_INFINITY;
                 for s in 0..=t {
                     let ks = &k[n.kv_at(s, h)..n.kv_at(s, h) + d];
-                    row[s] = qt.iter().zip(ks).map(|(a, b)| a * b).sum::<f32>() * scale;
+                    row[s] = dot(qt, ks) * scale;
                     max = max.max(row[s]);
                 }
                 let mut sum = 0.0f32;
@@ -107,13 +109,13 @@ pub fn attention_backward(
             for h in 0..n.h {
                 for t in 0..t_ {
                     let p = &att[(h * t_ + t) * t_..(h * t_ + t + 1) * t_];
-                    let dot = &dout[n.q_at(t, h)..n.q_at(t, h) + d];
+                    let dout_t = &dout[n.q_at(t, h)..n.q_at(t, h) + d];
                     // dp_s = dout_t . v_s; dv_s += p_s dout_t
                     for s in 0..=t {
                         let (vs, at) = (&v[n.kv_at(s, h)..n.kv_at(s, h) + d], n.kv_at(s, h));
-                        datt[s] = dot.iter().zip(vs).map(|(a, b)| a * b).sum();
+                        datt[s] = dot(dout_t, vs);
                         for i in 0..d {
-                            dv[at + i] += p[s] * dot[i];
+                            dv[at + i] += p[s] * dout_t[i];
                         }
                     }
                     // Softmax backward: dscore_s = p_s (dp_s - sum_r p_r dp_r).
