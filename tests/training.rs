@@ -226,3 +226,28 @@ fn shipped_recipes_plan() {
         assert_success(&out);
     }
 }
+
+/// Two micro-batches of 4 accumulate to the gradient of one batch of 8 (the same blocks, in
+/// the same order), so training follows the same path up to rounding.
+#[test]
+fn gradient_accumulation_matches_a_larger_batch() {
+    let losses = |sets: &[&str]| -> Vec<f64> {
+        let sb = Sandbox::new();
+        let mut args = vec!["--set", "pretrain.sampler=blocks"];
+        args.extend_from_slice(sets);
+        let run = sb.run_json("train.toml", &args);
+        std::fs::read_to_string(artifact(&sb, &run, "pretrain").join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).unwrap()["loss"].as_f64())
+            .collect()
+    };
+    let big = losses(&["--set", "pretrain.batch_size=8"]);
+    let accumulated = losses(&["--set", "pretrain.batch_size=4", "--set", "pretrain.grad_accum=2"]);
+    assert_eq!(big.len(), accumulated.len());
+    for (step, (a, b)) in big.iter().zip(&accumulated).enumerate() {
+        assert!((a - b).abs() < 1e-3 * (1.0 + step as f64), "logged loss {step}: {a} vs {b}");
+    }
+    let other = losses(&["--set", "pretrain.batch_size=4"]);
+    assert!((other[0] - big[0]).abs() > 1e-3, "a different batch gives a different path");
+}
