@@ -63,6 +63,16 @@ pub enum Command {
     },
     /// Generate text from a trained model, streaming it to the terminal
     Sample(SampleArgs),
+    /// Measure this machine: FMA peak, matmul throughput per model shape, and training steps of
+    /// the two reference models (time per kernel, tokens/s, MFU, peak memory)
+    Bench {
+        /// Skip the matmul table
+        #[arg(long)]
+        no_matmul: bool,
+        /// Steps to time per model [default: 20 for shakespeare_char, 3 for gpt2-6x384]
+        #[arg(long, value_name = "N")]
+        steps: Option<usize>,
+    },
     /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
     Doc,
 }

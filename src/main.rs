@@ -129,6 +129,10 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
         }
         Command::Cache { command } => cache_command(command, &cli.cache, &registry),
         Command::Sample(args) => sample(args, &cli.cache, &registry),
+        Command::Bench { no_matmul, steps } => {
+            bench(!no_matmul, steps);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Doc => {
             print!("{}", stage_reference(&registry));
             Ok(ExitCode::SUCCESS)
@@ -251,6 +255,85 @@ fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Resu
         writeln!(out).ok();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bench(with_matmul: bool, steps: Option<usize>) {
+    use stages::bench;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
+    println!(
+        "machine: {} {}, {cores} threads, FMA loop {}",
+        std::env::consts::OS,
+        std::env::consts::ARCH,
+        bench::fma_isa()
+    );
+    let peaks: Vec<f64> = threads.iter().map(|t| bench::fma_peak(*t)).collect();
+    for (t, p) in threads.iter().zip(&peaks) {
+        println!("fp32 FMA peak, {t} thread(s): {p:.1} GFLOP/s");
+    }
+    let full_peak = *peaks.last().expect("at least one thread count");
+    let models = bench::reference_models();
+    if with_matmul {
+        println!("\nmatmul: GFLOP/s and % of the FMA peak at that thread count");
+        let mut rows = Vec::new();
+        for m in &models {
+            for s in bench::matmul_shapes(&m.cfg, m.batch) {
+                let layout = |l| if matches!(l, stages::nn::kernels::matmul::Layout::Transposed) { "T" } else { "N" };
+                let mut row = vec![
+                    m.name.to_string(),
+                    s.what.to_string(),
+                    format!("{}x{}x{}", s.d.m, s.d.k, s.d.n),
+                    format!("{}{}", layout(s.la), layout(s.lb)),
+                ];
+                for (t, peak) in threads.iter().zip(&peaks) {
+                    let g = bench::matmul_gflops(&s, *t);
+                    row.push(format!("{g:.1} ({:.0}%)", 100.0 * g / peak));
+                }
+                rows.push(row);
+            }
+        }
+        let mut header = vec!["model", "layer", "m x k x n", "ops"];
+        let labels: Vec<String> = threads.iter().map(|t| format!("{t} thread(s)")).collect();
+        header.extend(labels.iter().map(String::as_str));
+        print!("{}", output::table(&header, &rows));
+    }
+    println!("\ntraining on {} thread(s), random tokens", cores);
+    for mut m in models {
+        if let Some(n) = steps {
+            m.steps = n.max(1);
+        }
+        let r = bench::train_steps(&m, cores);
+        let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
+        println!(
+            "\n{}: {} layers x {} wide, batch {} x {}: {:.1} ms/step, {:.0} tokens/s, {:.2} MFLOP/token, MFU {:.1}%",
+            m.name,
+            m.cfg.n_layer,
+            m.cfg.n_embd,
+            m.batch,
+            m.cfg.block_size,
+            r.step_seconds * 1e3,
+            r.tokens_per_s,
+            r.flops_per_token / 1e6,
+            100.0 * mfu
+        );
+        let rows: Vec<Vec<String>> = r
+            .breakdown
+            .iter()
+            .map(|(name, s)| {
+                vec![name.to_string(), format!("{:.2}", s * 1e3), format!("{:.1}%", 100.0 * s / r.step_seconds)]
+            })
+            .collect();
+        print!("{}", output::table(&["kernel", "ms/step", "share"], &rows));
+        let needed = output::human_bytes(r.needed_bytes);
+        match r.peak_bytes {
+            Some(peak) => println!(
+                "peak memory {} against {needed} needed (parameters, gradients, moments, activations): {:.2}x",
+                output::human_bytes(peak),
+                peak as f64 / r.needed_bytes as f64
+            ),
+            None => println!("peak memory: not reported by this OS; {needed} needed"),
+        }
+    }
 }
 
 fn install_interrupt_handler() {

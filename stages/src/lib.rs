@@ -4,6 +4,7 @@
 
 pub mod arrow_io;
 pub mod batches;
+pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
 pub mod evaluate;

@@ -22,7 +22,8 @@ use crate::checkpoint::{Progress, TrainState};
 use crate::model_io::{save_model, TOKENIZER};
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::model::{Activations, Model, ModelConfig};
-use crate::nn::optim::{clip_global_norm, global_norm, scale, AdamWState, Schedule};
+use crate::nn::optim::{AdamWState, Schedule};
+use crate::nn::step::{train_step, StepConfig};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
 use crate::{fail, round, MODEL, PACKED};
 
@@ -294,27 +295,32 @@ impl Run {
             }
             let step = state.progress.step;
             let lr = self.schedule.lr(step);
-            grads.fill_zero();
-            let mut loss = 0.0f64;
-            for _ in 0..self.accum {
-                sampler.fill(&mut state.progress.data, &mut ids, &mut targets);
-                loss +=
-                    model.forward_backward(&state.params, &ids, &targets, self.z_loss, &mut acts, &mut grads) as f64;
-            }
-            loss /= self.accum as f64;
-            if self.accum > 1 {
-                scale(&mut grads, 1.0 / self.accum as f32);
-            }
-            let norm =
-                if self.grad_clip > 0.0 { clip_global_norm(&mut grads, self.grad_clip) } else { global_norm(&grads) };
-            if !loss.is_finite() || !norm.is_finite() {
+            let cfg = StepConfig {
+                accum: self.accum,
+                adamw: AdamW { lr: lr as f32, ..self.adamw },
+                grad_clip: self.grad_clip,
+                z_loss: self.z_loss,
+            };
+            let data = &mut state.progress.data;
+            let outcome = train_step(
+                &model,
+                &mut state.params,
+                &mut state.opt,
+                &mut grads,
+                &mut acts,
+                &mut ids,
+                &mut targets,
+                cfg,
+                |ids, targets| sampler.fill(data, ids, targets),
+            );
+            let (loss, norm) = (outcome.loss, outcome.grad_norm);
+            if !outcome.finite() {
                 return Err(StageError::msg(format!(
                     "training diverged at step {}: loss {loss}, gradient norm {norm} (lr {lr:.3e}); \
                      lower `lr`, raise `warmup_steps` or set `grad_clip`",
                     step + 1
                 )));
             }
-            state.opt.update(AdamW { lr: lr as f32, ..self.adamw }, &mut state.params, &grads);
             state.progress.step += 1;
             let step = state.progress.step;
             last_loss = loss;

@@ -17,8 +17,8 @@
 use crate::nn::kernels::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
-use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::dot;
+use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::nn::params::{ParamId, ParamMap, Tensor};
@@ -784,6 +784,47 @@ impl Activations {
 
     pub fn batch(&self) -> usize {
         self.b
+    }
+    /// Bytes held: what forward saves for backward plus backward's scratch.
+    pub fn bytes(&self) -> usize {
+        let v = |x: &Vec<f32>| x.len();
+        let s = |x: &NormStats| x.mean.len() + x.rstd.len();
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|a| {
+                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.att, &a.y, &a.x_mid, &a.n2, &a.h, &a.u, &a.g]
+                    .map(v)
+                    .iter()
+                    .sum::<usize>()
+                    + s(&a.s1)
+                    + s(&a.s2)
+            })
+            .sum();
+        let rest = [
+            &self.x,
+            &self.nf,
+            &self.logits,
+            &self.dlogits,
+            &self.dx,
+            &self.dtmp,
+            &self.dn,
+            &self.qkv,
+            &self.dqkv,
+            &self.dq,
+            &self.dk,
+            &self.dv,
+            &self.dh,
+            &self.du,
+            &self.dg,
+            &self.zeros_c,
+            &self.scratch_c,
+        ]
+        .map(v)
+        .iter()
+        .sum::<usize>()
+            + s(&self.sf);
+        4 * (blocks + rest)
     }
     pub fn time(&self) -> usize {
         self.t

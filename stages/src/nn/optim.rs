@@ -26,6 +26,7 @@ impl AdamWState {
     /// One update of every parameter. Weight decay applies to matrices (rank 2 and up:
     /// linear weights and embeddings) and not to vectors (biases, norm weights), as in nanoGPT.
     pub fn update(&mut self, hp: AdamW, params: &mut ParamMap, grads: &ParamMap) {
+        let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
         self.step += 1;
         let tensors = params.iter_mut().zip(grads.iter()).zip(self.m.iter_mut().zip(self.v.iter_mut()));
         for (((name, p), (gname, g)), ((_, m), (_, v))) in tensors {
@@ -38,6 +39,7 @@ impl AdamWState {
 
 /// The L2 norm of all gradients together, summed in f64 over fixed chunks in a fixed order.
 pub fn global_norm(grads: &ParamMap) -> f64 {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
     let mut total = 0.0f64;
     for (_, g) in grads.iter() {
         let partial: Vec<f64> =
@@ -49,6 +51,7 @@ pub fn global_norm(grads: &ParamMap) -> f64 {
 
 /// Multiply every gradient by `s` (gradient accumulation's 1/steps, clipping).
 pub fn scale(grads: &mut ParamMap, s: f32) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
     for (_, g) in grads.iter_mut() {
         g.data_mut().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
     }

@@ -16,6 +16,7 @@ fn tanh_fast(u: f32) -> f32 {
 
 /// `out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
         for (o, &x) in o.iter_mut().zip(x) {
             *o = 0.5 * x * (1.0 + tanh_fast(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
@@ -25,6 +26,7 @@ pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
 
 /// `dx = dout * gelu'(x)`.
 pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(dx, (x, d))| {
         for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(d) {
             let t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
@@ -40,6 +42,7 @@ fn sigmoid(x: f32) -> f32 {
 
 /// `out = silu(gate) * up`, where `silu(a) = a * sigmoid(a)`.
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
         for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
             *o = g * sigmoid(g) * u;
@@ -49,6 +52,7 @@ pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
 
 /// Gradients of [`swiglu_forward`] with respect to `gate` and `up`.
 pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(chunk, (dg, du))| {
         let base = chunk * CHUNK;
         for i in 0..dg.len() {
@@ -87,7 +91,8 @@ mod tests {
         gelu_forward(&x, &mut out);
         for (x, y) in x.iter().zip(&out) {
             let x64 = *x as f64;
-            let want = 0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
+            let want =
+                0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
             assert!((*y as f64 - want).abs() <= 1e-6 * (1.0 + x64.abs()), "gelu({x}) = {y}, want {want}");
         }
     }

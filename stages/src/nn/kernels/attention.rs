@@ -39,6 +39,7 @@ impl AttnDims {
 
 /// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head.
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: &mut [f32], n: AttnDims) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     let (t_, d) = (n.t, n.d);
     let scale = 1.0 / (d as f32).sqrt();
@@ -92,6 +93,7 @@ pub fn attention_backward(
     dv: &mut [f32],
     n: AttnDims,
 ) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     let (t_, d) = (n.t, n.d);
     let scale = 1.0 / (d as f32).sqrt();
@@ -140,6 +142,7 @@ pub fn attention_backward(
 /// rotates back, which is also the backward (the rotation is orthogonal).
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
 pub fn rope(x: &mut [f32], t: usize, h: usize, d: usize, theta: f32, pos0: usize, inverse: bool) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     assert!(d.is_multiple_of(2), "rotary embeddings need an even head size, not {d}");
     assert!(x.len().is_multiple_of(t * h * d), "x is not (B, T, H, D)");
     let half = d / 2;

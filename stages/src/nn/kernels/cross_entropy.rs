@@ -18,6 +18,7 @@ pub fn cross_entropy_forward_backward(
     z_loss: f32,
     dlogits: &mut [f32],
 ) -> f32 {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::CrossEntropy);
     let rows = targets.len();
     let scale = 1.0 / rows as f32;
     let mut losses = vec![0.0f64; rows];

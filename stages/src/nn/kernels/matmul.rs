@@ -41,6 +41,7 @@ fn view(data: &[f32], rows: usize, cols: usize, layout: Layout) -> ArrayView2<'_
 /// # Panics
 /// If a slice's length does not match its dimensions.
 pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
     assert_eq!(a.len(), d.m * d.k, "a is not m * k");
     assert_eq!(b.len(), d.k * d.n, "b is not k * n");
     assert_eq!(out.len(), d.m * d.n, "out is not m * n");

@@ -21,6 +21,7 @@ pub fn layernorm_forward(
     rstd: &mut [f32],
     c: usize,
 ) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS))).enumerate().for_each(
         |(chunk, (out, (mean, rstd)))| {
             for (r, o) in out.chunks_mut(c).enumerate() {
@@ -52,6 +53,7 @@ pub fn layernorm_backward(
     db: &mut [f32],
     c: usize,
 ) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     dx.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
         let (xr, dr) = (&x[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c]);
         let (m, s) = (mean[row], rstd[row]);
@@ -79,6 +81,7 @@ pub fn layernorm_backward(
 
 /// `out = x / sqrt(mean(x^2) + eps) * w` per row; saves `rrms` (rows).
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &mut [f32], c: usize) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(rrms.par_chunks_mut(ROWS)).enumerate().for_each(|(chunk, (out, rrms))| {
         for (r, o) in out.chunks_mut(c).enumerate() {
             let row = chunk * ROWS + r;
@@ -95,6 +98,7 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &m
 
 /// Gradients of [`rmsnorm_forward`]: writes `dx`, adds into `dw`.
 pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &mut [f32], dw: &mut [f32], c: usize) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     dx.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
         let (xr, dr, s) = (&x[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c], rrms[row]);
         let mean_dn_n = (0..c).map(|i| (dr[i] * w[i] * xr[i] * s) as f64).sum::<f64>() / c as f64;

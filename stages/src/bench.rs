@@ -1,0 +1,335 @@
+//! `tinygpt bench`: what this machine can do and how close training comes to it.
+//!
+//! - the FMA peak, from a microbenchmark of independent fused multiply-add chains (AVX-512F or
+//!   AVX2+FMA on x86-64, NEON on aarch64, chosen at run time; plain `mul_add` elsewhere);
+//! - matmul throughput for every shape the two reference models use, forward and backward;
+//! - training steps of the two reference models: step time, tokens/s, MFU, a per-kernel time
+//!   breakdown, and peak memory against the sum of what training must hold.
+//!
+//! Returns figures; the binary prints them.
+
+use std::time::Instant;
+
+use crate::nn::kernels::adamw::AdamW;
+use crate::nn::kernels::matmul::{matmul, Dims, Layout};
+use crate::nn::model::{Activations, Model, ModelConfig};
+use crate::nn::optim::AdamWState;
+use crate::nn::profile;
+use crate::nn::rng::SplitMix64;
+use crate::nn::step::{train_step, StepConfig};
+
+/// One of the two models issue 4 measures, with its batch shape.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchModel {
+    pub name: &'static str,
+    pub cfg: ModelConfig,
+    pub batch: usize,
+    pub steps: usize,
+}
+
+/// nanoGPT's CPU recipe for tiny Shakespeare, and a larger gpt2 (6 x 384, block 256).
+pub fn reference_models() -> [BenchModel; 2] {
+    [
+        BenchModel { name: "shakespeare_char", cfg: ModelConfig::gpt2(65, 64, 4, 4, 128, false), batch: 12, steps: 20 },
+        BenchModel { name: "gpt2-6x384", cfg: ModelConfig::gpt2(65, 256, 6, 6, 384, false), batch: 8, steps: 3 },
+    ]
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool")
+}
+
+/// Which FMA loop the peak measurement uses on this machine.
+pub fn fma_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "avx2+fma";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return "neon";
+    }
+    #[allow(unreachable_code)]
+    "portable"
+}
+
+/// Runs `iters` iterations of independent FMA chains; returns the flops done and a value that
+/// keeps the work alive.
+fn fma_loop(iters: u64) -> (f64, f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the feature was detected at run time.
+            return unsafe { fma_avx512(iters) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected at run time.
+            return unsafe { fma_avx2(iters) };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        // SAFETY: NEON is part of the aarch64 baseline.
+        return unsafe { fma_neon(iters) };
+    }
+    #[allow(unreachable_code)]
+    fma_portable(iters)
+}
+
+/// Twelve chains: enough to cover FMA latency times the ports on current cores.
+const CHAINS: usize = 12;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_avx512(iters: u64) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_set1_ps(0.0); CHAINS];
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm512_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut sum = _mm512_set1_ps(0.0);
+    for x in acc {
+        sum = _mm512_add_ps(sum, x);
+    }
+    ((iters as usize * CHAINS * 16 * 2) as f64, _mm512_reduce_add_ps(sum))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_avx2(iters: u64) -> (f64, f32) {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm256_set1_ps(0.0); CHAINS];
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = _mm256_fmadd_ps(*x, a, b);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    let mut sum = _mm256_set1_ps(0.0);
+    for x in acc {
+        sum = _mm256_add_ps(sum, x);
+    }
+    _mm256_storeu_ps(out.as_mut_ptr(), sum);
+    ((iters as usize * CHAINS * 8 * 2) as f64, out.iter().sum())
+}
+
+#[cfg(target_arch = "aarch64")]
+unsafe fn fma_neon(iters: u64) -> (f64, f32) {
+    use std::arch::aarch64::*;
+    let mut acc = [vdupq_n_f32(0.0); CHAINS];
+    let (a, b) = (vdupq_n_f32(0.999_999), vdupq_n_f32(1e-7));
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = vfmaq_f32(b, *x, a);
+        }
+    }
+    let mut sum = 0.0f32;
+    for x in acc {
+        sum += vaddvq_f32(x);
+    }
+    ((iters as usize * CHAINS * 4 * 2) as f64, sum)
+}
+
+fn fma_portable(iters: u64) -> (f64, f32) {
+    let mut acc = [0.0f32; CHAINS * 8];
+    for _ in 0..iters {
+        for x in &mut acc {
+            *x = x.mul_add(0.999_999, 1e-7);
+        }
+    }
+    ((iters as usize * CHAINS * 8 * 2) as f64, acc.iter().sum())
+}
+
+/// Peak FMA throughput in GFLOP/s with `threads` threads each running its own chains.
+pub fn fma_peak(threads: usize) -> f64 {
+    let iters = 20_000_000u64;
+    let pool = pool(threads);
+    let run = || {
+        let start = Instant::now();
+        let flops: f64 = pool
+            .broadcast(|_| {
+                let (flops, keep) = fma_loop(iters);
+                std::hint::black_box(keep);
+                flops
+            })
+            .iter()
+            .sum();
+        flops / start.elapsed().as_secs_f64() / 1e9
+    };
+    run(); // warm the cores up
+    (0..3).map(|_| run()).fold(0.0, f64::max)
+}
+
+/// One matmul the models run: `op(a) (m, k) @ op(b) (k, n)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    pub what: &'static str,
+    pub d: Dims,
+    pub la: Layout,
+    pub lb: Layout,
+}
+
+/// Every matmul shape of one forward and backward of a gpt2 with this batch shape.
+pub fn matmul_shapes(cfg: &ModelConfig, batch: usize) -> Vec<Shape> {
+    let (rows, c, f, v) = (batch * cfg.block_size, cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
+    let (n, t) = (Layout::Normal, Layout::Transposed);
+    let mut out = Vec::new();
+    // Conv1D layers: forward x W (in, out); backward dx = dy W^T, dW = x^T dy.
+    for (what, cin, cout) in [("c_attn", c, 3 * c), ("attn c_proj", c, c), ("c_fc", c, f), ("mlp c_proj", f, c)] {
+        out.push(Shape { what, d: Dims { m: rows, k: cin, n: cout }, la: n, lb: n });
+        out.push(Shape { what, d: Dims { m: rows, k: cout, n: cin }, la: n, lb: t });
+        out.push(Shape { what, d: Dims { m: cin, k: rows, n: cout }, la: t, lb: n });
+    }
+    // The tied head: logits = x wte^T; dx = dlogits wte; dwte = dlogits^T x.
+    out.push(Shape { what: "lm_head", d: Dims { m: rows, k: c, n: v }, la: n, lb: t });
+    out.push(Shape { what: "lm_head", d: Dims { m: rows, k: v, n: c }, la: n, lb: n });
+    out.push(Shape { what: "lm_head", d: Dims { m: v, k: rows, n: c }, la: t, lb: n });
+    out
+}
+
+/// GFLOP/s of `matmul` on this shape with `threads` threads (best of a few runs).
+pub fn matmul_gflops(s: &Shape, threads: usize) -> f64 {
+    let d = s.d;
+    let mut rng = SplitMix64::new(1);
+    let mut fill = |n: usize| (0..n).map(|_| rng.unit() as f32 - 0.5).collect::<Vec<f32>>();
+    let (a, b) = (fill(d.m * d.k), fill(d.k * d.n));
+    let mut out = vec![0.0f32; d.m * d.n];
+    let flops = 2.0 * (d.m * d.k * d.n) as f64;
+    let reps = ((2e8 / flops) as usize).clamp(1, 1000);
+    pool(threads).install(|| {
+        matmul(&a, s.la, &b, s.lb, &mut out, d, false);
+        (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                for _ in 0..reps {
+                    matmul(&a, s.la, &b, s.lb, &mut out, d, false);
+                }
+                flops * reps as f64 / start.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    })
+}
+
+/// Training throughput of one reference model.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub step_seconds: f64,
+    pub tokens_per_s: f64,
+    /// nanoGPT's estimate: 6 N + 12 L H D T per token, N without position embeddings.
+    pub flops_per_token: f64,
+    /// Seconds per step in each kind of kernel, and "other" (the rest of the step).
+    pub breakdown: Vec<(&'static str, f64)>,
+    /// Resident-set high-water mark while training, if the OS reports it.
+    pub peak_bytes: Option<u64>,
+    /// Parameters, gradients, both AdamW moments and the activations backward needs.
+    pub needed_bytes: u64,
+}
+
+/// Linux's peak resident set size, reset first so the figure covers only what follows.
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Train `m` for `m.steps` steps on random tokens with `threads` threads.
+pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
+    pool(threads).install(|| {
+        reset_peak();
+        let cfg = m.cfg;
+        let t = cfg.block_size;
+        let mut params = cfg.init(1);
+        let model = Model::new(cfg, &params);
+        let mut opt = AdamWState::new(&params);
+        let mut grads = params.zeros_like();
+        let mut acts = Activations::new(&cfg, m.batch, t);
+        let (mut ids, mut targets) = (vec![0u32; m.batch * t], vec![0u32; m.batch * t]);
+        let mut rng = SplitMix64::new(2);
+        let step_cfg = StepConfig {
+            accum: 1,
+            adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
+            grad_clip: 1.0,
+            z_loss: 0.0,
+        };
+        let mut step = |params: &mut _, opt: &mut _, grads: &mut _, acts: &mut _| {
+            train_step(&model, params, opt, grads, acts, &mut ids, &mut targets, step_cfg, |x, y| {
+                x.iter_mut().chain(y.iter_mut()).for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
+            });
+        };
+        step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up
+        profile::enable(true);
+        let start = Instant::now();
+        for _ in 0..m.steps {
+            step(&mut params, &mut opt, &mut grads, &mut acts);
+        }
+        let total = start.elapsed().as_secs_f64();
+        let kinds = profile::seconds();
+        profile::enable(false);
+        let step_seconds = total / m.steps as f64;
+        let mut breakdown: Vec<(&'static str, f64)> =
+            kinds.iter().map(|(_, name, s)| (*name, s / m.steps as f64)).collect();
+        let known: f64 = breakdown.iter().map(|(_, s)| s).sum();
+        breakdown.push(("other", (step_seconds - known).max(0.0)));
+        let n_params = params.num_elements();
+        let non_position = n_params - cfg.block_size * cfg.n_embd;
+        let flops_per_token = 6.0 * non_position as f64 + 12.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * t) as f64;
+        StepReport {
+            step_seconds,
+            tokens_per_s: (m.batch * t) as f64 / step_seconds,
+            flops_per_token,
+            breakdown,
+            peak_bytes: peak_rss(),
+            needed_bytes: (4 * 4 * n_params + acts.bytes()) as u64,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fma_loop_counts_its_flops_and_computes_the_same_chain() {
+        // x -> 0.999999 x + 1e-7 from 0, n times: the same value on every path (up to rounding).
+        let (flops, value) = fma_portable(1000);
+        assert_eq!(flops, (1000 * CHAINS * 8 * 2) as f64);
+        let (dispatched_flops, dispatched) = fma_loop(1000);
+        let lanes = dispatched_flops / (1000 * CHAINS * 2) as f64;
+        let per_chain = |v: f32, lanes: f64| v as f64 / (CHAINS as f64 * lanes);
+        assert!((per_chain(value, 8.0) - per_chain(dispatched, lanes)).abs() < 1e-9, "{value} vs {dispatched}");
+        assert!(per_chain(value, 8.0) > 9.9e-5, "the chains ran");
+    }
+
+    #[test]
+    fn the_shape_list_covers_each_linear_three_times_and_the_head() {
+        let cfg = ModelConfig::gpt2(65, 64, 4, 4, 128, false);
+        let shapes = matmul_shapes(&cfg, 12);
+        assert_eq!(shapes.len(), 5 * 3);
+        let flops: usize = shapes.iter().map(|s| 2 * s.d.m * s.d.k * s.d.n).sum();
+        // Forward + backward is three times the forward's 2 * rows * (weights of one layer + head).
+        let per_layer = 128 * 384 + 128 * 128 + 2 * 128 * 512;
+        assert_eq!(flops, 3 * 2 * 768 * (per_layer + 128 * 65));
+    }
+
+    #[test]
+    fn a_profiled_step_times_its_matmuls_and_counts_its_memory() {
+        let m = BenchModel { name: "tiny", cfg: ModelConfig::gpt2(11, 8, 1, 2, 16, false), batch: 2, steps: 2 };
+        let r = train_steps(&m, 1);
+        assert!(r.breakdown.iter().any(|(name, s)| *name == "matmuls" && *s > 0.0));
+        assert!(r.needed_bytes > 16 * m.cfg.init(0).num_elements() as u64);
+    }
+}
