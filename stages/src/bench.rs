@@ -166,7 +166,7 @@ pub fn fma_peak(threads: usize) -> f64 {
         flops / start.elapsed().as_secs_f64() / 1e9
     };
     run(); // warm the cores up
-    (0..3).map(|_| run()).fold(0.0, f64::max)
+    (0..7).map(|_| run()).fold(0.0, f64::max)
 }
 
 /// One matmul the models run: `op(a) (m, k) @ op(b) (k, n)`.
