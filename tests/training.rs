@@ -85,6 +85,14 @@ fn bad_model_shapes_are_recipe_errors_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("n_head 2 is not a multiple of n_kv_head 3") && err.contains("n_kv_head"), "{err}");
+    for (sets, message) in [
+        (&["--set", "pretrain.tie_embeddings=false"][..], "gpt2 always ties its output"),
+        (&["--set", "pretrain.arch=llama", "--set", "pretrain.bias=true"][..], "llama has no biases"),
+    ] {
+        let out = sb.tinygpt(&[&["plan", "train.toml"][..], sets].concat());
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(message));
+    }
 }
 
 #[test]

@@ -93,6 +93,7 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
                 ModelConfig::llama(vocab_size, block, layers, heads, p.opt_usize("n_kv_head").unwrap_or(heads), embd);
             cfg.tie_embeddings = p.bool("tie_embeddings");
             cfg.rope_theta = p.float("rope_theta") as f32;
+            cfg.bias = p.bool("bias"); // `check` refuses true: llama has no biases
             cfg
         }
         _ => {
@@ -145,21 +146,10 @@ impl Stage for Pretrain {
     }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
-        let cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));
-        if let Err(problem) = cfg.validate() {
-            let key = if problem.contains("n_kv_head") || problem.contains("kv heads") {
-                "n_kv_head"
-            } else if problem.contains("tied") {
-                "tie_embeddings"
-            } else if problem.contains("bias") {
-                "bias"
-            } else {
-                "n_head"
-            };
+        let mut cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));
+        cfg.tie_embeddings = cfg.tie_embeddings && p.bool("tie_embeddings");
+        if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
-        }
-        if p.str("arch") == "gpt2" && !p.bool("tie_embeddings") {
-            return Err(ParamProblem::new("tie_embeddings", "gpt2 always ties its output to the token embedding"));
         }
         if p.float("min_lr") > p.float("lr") {
             return Err(ParamProblem::new(

@@ -119,6 +119,11 @@ impl ModelConfig {
 
     /// What is wrong with these numbers, if anything, as one sentence.
     pub fn validate(&self) -> Result<(), String> {
+        self.problem().map_or(Ok(()), |(_, message)| Err(message))
+    }
+
+    /// The first problem with these numbers: the field to blame and one sentence.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("block_size", self.block_size),
@@ -129,24 +134,30 @@ impl ModelConfig {
             ("ffn_hidden", self.ffn_hidden),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("{name} must be positive"));
+            return Some((name, format!("{name} must be positive")));
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head));
+            return Some(("n_head", format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head)));
         }
         if !self.n_head.is_multiple_of(self.n_kv_head) {
-            return Err(format!("n_head {} is not a multiple of n_kv_head {}", self.n_head, self.n_kv_head));
+            return Some((
+                "n_kv_head",
+                format!("n_head {} is not a multiple of n_kv_head {}", self.n_head, self.n_kv_head),
+            ));
         }
         if self.arch == Arch::Llama && !self.head_dim().is_multiple_of(2) {
-            return Err(format!("rotary embeddings need an even head size, not {}", self.head_dim()));
+            return Some(("n_head", format!("rotary embeddings need an even head size, not {}", self.head_dim())));
         }
-        if self.arch == Arch::Gpt2 && (self.n_kv_head != self.n_head || !self.tie_embeddings) {
-            return Err("gpt2 has as many kv heads as heads and a tied output".into());
+        if self.arch == Arch::Gpt2 && self.n_kv_head != self.n_head {
+            return Some(("n_kv_head", "gpt2 has as many key/value heads as heads".into()));
+        }
+        if self.arch == Arch::Gpt2 && !self.tie_embeddings {
+            return Some(("tie_embeddings", "gpt2 always ties its output to the token embedding".into()));
         }
         if self.arch == Arch::Llama && self.bias {
-            return Err("llama has no biases".into());
+            return Some(("bias", "llama has no biases".into()));
         }
-        Ok(())
+        None
     }
 
     /// Every parameter's Hugging Face name, shape and initialisation, in the map's order.
