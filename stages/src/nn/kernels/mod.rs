@@ -1,6 +1,6 @@
-//! Hot numeric kernels: small functions over slices with explicit dimensions, allocating
-//! nothing. Shapes use B, T, C, V (batch, time, channels, vocabulary); a `rows` argument is
-//! B * T flattened.
+//! Hot numeric kernels: small functions over slices with explicit dimensions. Buffers that grow
+//! with the model come from the caller; a few kernels keep a small per-call scratch. Shapes use
+//! B, T, C, V (batch, time, channels, vocabulary); a `rows` argument is B * T flattened.
 //!
 //! Determinism: every reduction runs in an order that does not depend on the number of
 //! threads (fixed-size chunks, combined in order), so 1 and 2 threads give the same bits.
