@@ -36,15 +36,7 @@ impl Sampler {
         assert!(!blocks.is_empty() && blocks.len().is_multiple_of(t + 1), "blocks are rows of t + 1");
         let tokens = match kind {
             SamplerKind::Blocks => blocks,
-            SamplerKind::Windows => {
-                // Consecutive blocks share one token: keep the first block whole and every
-                // later one without its first token.
-                let mut stream = Vec::with_capacity(blocks.len());
-                for (i, row) in blocks.chunks(t + 1).enumerate() {
-                    stream.extend_from_slice(if i == 0 { row } else { &row[1..] });
-                }
-                stream
-            }
+            SamplerKind::Windows => stream_of(&blocks, t + 1),
         };
         Sampler { kind, tokens, t, seed, perm: Vec::new(), perm_epoch: None }
     }
@@ -82,6 +74,16 @@ impl Sampler {
             y.copy_from_slice(&self.tokens[start + 1..start + t + 1]);
         }
     }
+}
+
+/// The token stream that blocks of `width` were cut from: consecutive blocks share one token,
+/// so it is the first block whole and every later one without its first token.
+pub fn stream_of(blocks: &[u32], width: usize) -> Vec<u32> {
+    let mut stream = Vec::with_capacity(blocks.len());
+    for (i, row) in blocks.chunks(width).enumerate() {
+        stream.extend_from_slice(if i == 0 { row } else { &row[1..] });
+    }
+    stream
 }
 
 /// Mean cross-entropy (nats per token) over `blocks` (rows of T + 1) in order, in batches of

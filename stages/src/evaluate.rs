@@ -9,7 +9,7 @@ use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, Sta
 use serde_json::json;
 
 use crate::arrow_io::read_blocks;
-use crate::batches::mean_loss;
+use crate::batches::{mean_loss, stream_of};
 use crate::generate::{generate, GenOptions, LoadedModel};
 use crate::nn::model::Activations;
 use crate::nn::sample::Sampling;
@@ -101,13 +101,7 @@ impl Stage for Evaluate {
         ctx.check_cancelled()?;
 
         // The predicted tokens are the stream after its first token, `tokens` of them.
-        let mut stream = Vec::with_capacity(tokens + 1);
-        for (i, row) in blocks.chunks(width).enumerate() {
-            stream.extend_from_slice(if i == 0 { row } else { &row[1..] });
-            if stream.len() > tokens {
-                break;
-            }
-        }
+        let stream = stream_of(&blocks, width);
         let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
         let bytes = text.len();
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;

@@ -7,7 +7,7 @@ use std::path::Path;
 use engine::StageError;
 use tokenizers::Tokenizer;
 
-use crate::model_io::{load_model, TOKENIZER};
+use crate::model_io::{load_model_with_eot, TOKENIZER};
 use crate::nn::model::{Decoder, Model, ModelConfig};
 use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
@@ -26,15 +26,10 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Read `config.json`, `model.safetensors` and `tokenizer.json` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, StageError> {
-        let (cfg, params) = load_model(dir)?;
+        let (cfg, params, eot) = load_model_with_eot(dir)?;
         let path = dir.join(TOKENIZER);
         let tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| StageError::msg(format!("`{}` is not a Hugging Face tokenizer.json: {e}", path.display())))?;
-        let config: serde_json::Value = std::fs::read_to_string(dir.join(crate::model_io::CONFIG))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
-        let eot = config["eos_token_id"].as_u64().map(|x| x as u32).unwrap_or(0);
         let model = Model::new(cfg, &params);
         Ok(LoadedModel { cfg, params, model, tokenizer, eot })
     }

@@ -140,11 +140,17 @@ pub fn save_model(dir: &Path, cfg: &ModelConfig, params: &ParamMap, eot_id: u32)
 /// Read a model directory: its configuration and its parameters in the model's own order,
 /// every name and shape checked.
 pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
+    load_model_with_eot(dir).map(|(cfg, params, _)| (cfg, params))
+}
+
+/// [`load_model`] plus the end-of-text token `config.json` names (`eos_token_id`, else 0).
+pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), StageError> {
     let path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
     let cfg = parse_hf_config(&value).map_err(|e| StageError::msg(format!("`{}`: {e}", path.display())))?;
+    let eot = value["eos_token_id"].as_u64().map_or(0, |x| x as u32);
     let weights = dir.join(WEIGHTS);
     let mut file = load_safetensors(&weights)?;
     let mut params = ParamMap::default();
@@ -171,7 +177,7 @@ pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
             return Err(bad(format!("unexpected tensor `{name}` for this config")));
         }
     }
-    Ok((cfg, params))
+    Ok((cfg, params, eot))
 }
 
 /// Write every tensor of the map as little-endian f32.

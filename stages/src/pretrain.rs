@@ -91,7 +91,6 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
         "llama" => {
             let mut cfg =
                 ModelConfig::llama(vocab_size, block, layers, heads, p.opt_usize("n_kv_head").unwrap_or(heads), embd);
-            cfg.tie_embeddings = p.bool("tie_embeddings");
             cfg.rope_theta = p.float("rope_theta") as f32;
             cfg.bias = p.bool("bias"); // `check` refuses true: llama has no biases
             cfg
@@ -105,6 +104,7 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
     if let Some(f) = p.opt_usize("ffn_hidden") {
         cfg.ffn_hidden = f;
     }
+    cfg.tie_embeddings = p.bool("tie_embeddings"); // `check` refuses false for gpt2
     cfg
 }
 
@@ -146,8 +146,7 @@ impl Stage for Pretrain {
     }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
-        let mut cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));
-        cfg.tie_embeddings = cfg.tie_embeddings && p.bool("tie_embeddings");
+        let cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));
         if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
         }

@@ -32,6 +32,15 @@ impl AttnDims {
             self.h_kv
         );
     }
+    /// Floats per batch row of q (and out), of k (and v), and of the probabilities.
+    fn lens(&self) -> (usize, usize, usize) {
+        (self.t * self.h * self.d, self.t * self.h_kv * self.d, self.h * self.t * self.t)
+    }
+    /// Batch row `b` of q-shaped, kv-shaped and kv-shaped inputs.
+    fn row<'a>(&self, b: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> (&'a [f32], &'a [f32], &'a [f32]) {
+        let (ql, kl, _) = self.lens();
+        (&q[b * ql..(b + 1) * ql], &k[b * kl..(b + 1) * kl], &v[b * kl..(b + 1) * kl])
+    }
     fn q_at(&self, t: usize, h: usize) -> usize {
         (t * self.h + h) * self.d
     }
@@ -60,10 +69,9 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: 
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
-    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(n.h * t_ * t_)).enumerate().for_each(|(b, (out, att))| {
-        let (q, k, v) =
-            (&q[b * q_len..(b + 1) * q_len], &k[b * kv_len..(b + 1) * kv_len], &v[b * kv_len..(b + 1) * kv_len]);
+    let (q_len, _, att_len) = n.lens();
+    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(att_len)).enumerate().for_each(|(b, (out, att))| {
+        let (q, k, v) = n.row(b, q, k, v);
         for (h, p) in att.chunks_mut(t_ * t_).enumerate() {
             let kv = h / group;
             let mut scores = ArrayViewMut2::from_shape((t_, t_), &mut *p).expect("T * T");
@@ -109,13 +117,11 @@ pub fn attention_backward(
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
+    let (q_len, kv_len, att_len) = n.lens();
     dq.par_chunks_mut(q_len).zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len))).enumerate().for_each(
         |(b, (dq, (dk, dv)))| {
-            let r = b * q_len..(b + 1) * q_len;
-            let rk = b * kv_len..(b + 1) * kv_len;
-            let (dout, q, k, v) = (&dout[r.clone()], &q[r], &k[rk.clone()], &v[rk]);
-            let att = &att[b * n.h * t_ * t_..(b + 1) * n.h * t_ * t_];
+            let (q, k, v) = n.row(b, q, k, v);
+            let (dout, att) = (&dout[b * q_len..(b + 1) * q_len], &att[b * att_len..(b + 1) * att_len]);
             dk.fill(0.0);
             dv.fill(0.0);
             let mut ds = vec![0.0f32; t_ * t_];
@@ -149,10 +155,9 @@ pub fn attention_forward_plain(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32],
     n.check();
     let (t_, d) = (n.t, n.d);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
-    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(n.h * t_ * t_)).enumerate().for_each(|(b, (out, att))| {
-        let (q, k, v) =
-            (&q[b * q_len..(b + 1) * q_len], &k[b * kv_len..(b + 1) * kv_len], &v[b * kv_len..(b + 1) * kv_len]);
+    let (q_len, _, att_len) = n.lens();
+    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(att_len)).enumerate().for_each(|(b, (out, att))| {
+        let (q, k, v) = n.row(b, q, k, v);
         for h in 0..n.h {
             for t in 0..t_ {
                 let qt = &q[n.q_at(t, h)..n.q_at(t, h) + d];
@@ -198,13 +203,11 @@ pub fn attention_backward_plain(
     n.check();
     let (t_, d) = (n.t, n.d);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, kv_len) = (t_ * n.h * d, t_ * n.h_kv * d);
+    let (q_len, kv_len, att_len) = n.lens();
     dq.par_chunks_mut(q_len).zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len))).enumerate().for_each(
         |(b, (dq, (dk, dv)))| {
-            let r = b * q_len..(b + 1) * q_len;
-            let rk = b * kv_len..(b + 1) * kv_len;
-            let (dout, q, k, v) = (&dout[r.clone()], &q[r], &k[rk.clone()], &v[rk]);
-            let att = &att[b * n.h * t_ * t_..(b + 1) * n.h * t_ * t_];
+            let (q, k, v) = n.row(b, q, k, v);
+            let (dout, att) = (&dout[b * q_len..(b + 1) * q_len], &att[b * att_len..(b + 1) * att_len]);
             dq.fill(0.0);
             dk.fill(0.0);
             dv.fill(0.0);
