@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::simd_fn;
+
 const CHUNK: usize = 4096;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
@@ -9,7 +11,7 @@ const GELU_CUBIC: f32 = 0.044_715;
 /// `e^x` in f32 without a library call, so loops over it vectorize: `x = n ln2 + r` with
 /// |r| <= ln2 / 2, a degree-6 polynomial for `e^r` (Cephes' `expf` coefficients), and `2^n`
 /// built in the exponent bits. Relative error below 3e-7 on [-87, 88]; clamped outside.
-#[inline]
+#[inline(always)]
 fn exp_fast(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
@@ -33,7 +35,7 @@ fn exp_fast(x: f32) -> f32 {
 
 /// `tanh` through [`exp_fast`]: GELU adds 1 to it, so the absolute error (below 1e-6) is what
 /// counts, not the relative error near 0 that libm's `tanhf` pays `expm1f` for.
-#[inline]
+#[inline(always)]
 fn tanh_fast(u: f32) -> f32 {
     let e = exp_fast(2.0 * u.clamp(-9.0, 9.0));
     (e - 1.0) / (e + 1.0)
@@ -42,25 +44,36 @@ fn tanh_fast(u: f32) -> f32 {
 /// `out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
 pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_chunk(x, o));
+}
+
+simd_fn! {
+    fn gelu_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
             *o = 0.5 * x * (1.0 + tanh_fast(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x)));
         }
-    });
+    }
 }
 
 /// `dx = dout * gelu'(x)`.
 pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(dx, (x, d))| {
-        for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(d) {
+        gelu_backward_chunk(d, x, dx);
+    });
+}
+
+simd_fn! {
+    fn gelu_backward_chunk(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(dout) {
             let t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
             let dt = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x) * (1.0 - t * t);
             *dx = d * (0.5 * (1.0 + t) + 0.5 * x * dt);
         }
-    });
+    }
 }
 
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + exp_fast(-x))
 }
@@ -69,24 +82,35 @@ fn sigmoid(x: f32) -> f32 {
 pub fn swiglu_forward(gate: &[f32], up: &[f32], out: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     out.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK))).for_each(|(o, (g, u))| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        swiglu_chunk(g, u, o);
+    });
+}
+
+simd_fn! {
+    fn swiglu_chunk(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
             *o = g * sigmoid(g) * u;
         }
-    });
+    }
 }
 
 /// Gradients of [`swiglu_forward`] with respect to `gate` and `up`.
 pub fn swiglu_backward(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
     dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(chunk, (dg, du))| {
-        let base = chunk * CHUNK;
-        for i in 0..dg.len() {
-            let (g, u, d) = (gate[base + i], up[base + i], dout[base + i]);
-            let s = sigmoid(g);
-            dg[i] = d * u * s * (1.0 + g * (1.0 - s));
-            du[i] = d * g * s;
-        }
+        let at = chunk * CHUNK..chunk * CHUNK + dg.len();
+        swiglu_backward_chunk(&dout[at.clone()], &gate[at.clone()], &up[at], dg, du);
     });
+}
+
+simd_fn! {
+    fn swiglu_backward_chunk(dout: &[f32], gate: &[f32], up: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+        for ((((dg, du), &g), &u), &d) in dgate.iter_mut().zip(dup.iter_mut()).zip(gate).zip(up).zip(dout) {
+            let s = sigmoid(g);
+            *dg = d * u * s * (1.0 + g * (1.0 - s));
+            *du = d * g * s;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use rayon::prelude::*;
 
+use super::simd_fn;
+
 const CHUNK: usize = 4096;
 
 /// Hyperparameters of one update.
@@ -21,16 +23,20 @@ pub fn adamw_step(opt: AdamW, step: u32, param: &mut [f32], grad: &[f32], m: &mu
     let c1 = 1.0 - opt.beta1.powi(step as i32);
     let c2 = 1.0 - opt.beta2.powi(step as i32);
     param.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).enumerate().for_each(
-        |(chunk, (p, (m, v)))| {
-            let g = &grad[chunk * CHUNK..chunk * CHUNK + p.len()];
-            for i in 0..p.len() {
-                m[i] = opt.beta1 * m[i] + (1.0 - opt.beta1) * g[i];
-                v[i] = opt.beta2 * v[i] + (1.0 - opt.beta2) * g[i] * g[i];
-                let update = (m[i] / c1) / ((v[i] / c2).sqrt() + opt.eps);
-                p[i] -= opt.lr * (update + opt.weight_decay * p[i]);
-            }
-        },
+        |(chunk, (p, (m, v)))| adamw_chunk(opt, c1, c2, p, &grad[chunk * CHUNK..][..p.len()], m, v),
     );
+}
+
+simd_fn! {
+    fn adamw_chunk(opt: AdamW, c1: f32, c2: f32, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (g, m, v) = (&g[..p.len()], &mut m[..p.len()], &mut v[..p.len()]);
+        for i in 0..p.len() {
+            m[i] = opt.beta1 * m[i] + (1.0 - opt.beta1) * g[i];
+            v[i] = opt.beta2 * v[i] + (1.0 - opt.beta2) * g[i] * g[i];
+            let update = (m[i] / c1) / ((v[i] / c2).sqrt() + opt.eps);
+            p[i] -= opt.lr * (update + opt.weight_decay * p[i]);
+        }
+    }
 }
 
 #[cfg(test)]

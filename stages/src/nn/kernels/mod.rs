@@ -13,6 +13,82 @@ pub mod embedding;
 pub mod matmul;
 pub mod norm;
 
+use std::sync::OnceLock;
+
+/// The instruction set the kernels run on, detected once per process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// x86-64 with AVX2 and FMA: elementwise loops compiled for 256-bit vectors.
+    Avx2Fma,
+    /// Plain Rust for the baseline target (NEON on aarch64, SSE2 on x86-64).
+    Portable,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2Fma => "avx2+fma",
+            Isa::Portable => "portable",
+        }
+    }
+}
+
+/// The detected [`Isa`]; `TINYGPT_SIMD=portable` forces the portable kernels. The choice never
+/// changes a result's bits (each kernel computes the same operations in the same order on every
+/// path), only its speed.
+pub fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if std::env::var("TINYGPT_SIMD").is_ok_and(|v| v == "portable") {
+            return Isa::Portable;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Portable
+    })
+}
+
+/// Defines a kernel function twice, compiled for AVX2+FMA and for the baseline target, and
+/// picks one per call by [`isa`]. Rust never contracts `a * b + c` into an FMA, so both compute
+/// the same bits; the wide one is only faster. Helpers the body calls must be
+/// `#[inline(always)]`, or they stay baseline code.
+macro_rules! simd_fn {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide($($arg: $ty),*) $(-> $ret)? $body
+            #[inline(always)]
+            fn narrow($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            if $crate::nn::kernels::isa() == $crate::nn::kernels::Isa::Avx2Fma {
+                // SAFETY: `isa` checked that the CPU has AVX2 and FMA.
+                return unsafe { wide($($arg),*) };
+            }
+            narrow($($arg),*)
+        }
+    };
+}
+pub(crate) use simd_fn;
+
+/// `sum(f(i))` over `0..n` in f64, in four interleaved partial sums combined in a fixed order:
+/// it vectorizes (four f64 lanes), and its bits depend on the inputs only.
+#[inline(always)]
+pub fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let full = n - n % 4;
+    for i in (0..full).step_by(4) {
+        for (lane, a) in acc.iter_mut().enumerate() {
+            *a += f(i + lane);
+        }
+    }
+    let tail: f64 = (full..n).map(f).sum();
+    ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail
+}
+
 /// `sum(a[i] * b[i])` in eight interleaved partial sums, combined in a fixed order: the
 /// compiler vectorizes it (a single running sum it may not reorder), and the bits do not
 /// depend on anything but the inputs.
@@ -48,6 +124,28 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sum_f64_matches_a_plain_sum() {
+        for n in [0, 1, 3, 4, 5, 8, 13, 128] {
+            let x = crate::nn::gradcheck::random(n, 3);
+            let want: f64 = x.iter().map(|v| *v as f64).sum();
+            assert!((super::sum_f64(n, |i| x[i] as f64) - want).abs() < 1e-12, "n = {n}");
+        }
+    }
+
+    super::simd_fn! {
+        fn scaled_sum(x: &[f32], k: f32) -> f32 {
+            x.iter().map(|v| v * k).sum()
+        }
+    }
+
+    #[test]
+    fn simd_fn_computes_the_bits_of_the_baseline_code() {
+        let x = crate::nn::gradcheck::random(1000, 4);
+        let plain: f32 = x.iter().map(|v| v * 0.3).sum();
+        assert_eq!(scaled_sum(&x, 0.3).to_bits(), plain.to_bits());
+    }
+
     #[test]
     fn dot_matches_an_f64_reference() {
         for n in [0, 1, 7, 8, 9, 32, 45, 128] {

@@ -1,13 +1,18 @@
 //! LayerNorm (gpt2) and RMSNorm (llama) over the last axis of (rows, C), forward and backward.
 //!
-//! Forward saves per-row statistics for backward. Rows run in parallel; the weight and bias
-//! gradients are sums over rows, accumulated in row order on one thread so their bits do not
-//! depend on the thread count.
+//! Forward saves per-row statistics for backward. Rows run in parallel; row statistics are f64
+//! sums in a fixed lane order ([`sum_f64`]); the weight and bias gradients are sums over rows,
+//! accumulated in row order per column (columns in parallel). No bit depends on the thread
+//! count.
 
 use rayon::prelude::*;
 
+use super::{simd_fn, sum_f64};
+
 /// Rows per parallel work item.
 const ROWS: usize = 16;
+/// Columns per parallel work item of the weight gradients.
+const COLS: usize = 64;
 
 /// `out = (x - mean) / sqrt(var + eps) * w + b` per row; saves `mean` and `rstd` (rows).
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
@@ -24,20 +29,26 @@ pub fn layernorm_forward(
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS))).enumerate().for_each(
         |(chunk, (out, (mean, rstd)))| {
-            for (r, o) in out.chunks_mut(c).enumerate() {
-                let row = chunk * ROWS + r;
-                let xr = &x[row * c..(row + 1) * c];
-                let m = xr.iter().map(|v| *v as f64).sum::<f64>() / c as f64;
-                let var = xr.iter().map(|v| (*v as f64 - m).powi(2)).sum::<f64>() / c as f64;
-                let s = 1.0 / (var + eps as f64).sqrt();
-                for i in 0..c {
-                    o[i] = ((xr[i] as f64 - m) * s) as f32 * w[i] + b[i];
-                }
-                mean[r] = m as f32;
-                rstd[r] = s as f32;
-            }
+            let x = &x[chunk * ROWS * c..][..out.len()];
+            layernorm_rows(x, &w[..c], &b[..c], eps, out, mean, rstd);
         },
     );
+}
+
+simd_fn! {
+    fn layernorm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
+        let c = w.len();
+        for (r, (xr, o)) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
+            let m = sum_f64(c, |i| xr[i] as f64) / c as f64;
+            let var = sum_f64(c, |i| (xr[i] as f64 - m) * (xr[i] as f64 - m)) / c as f64;
+            let s = 1.0 / (var + eps as f64).sqrt();
+            for i in 0..c {
+                o[i] = ((xr[i] as f64 - m) * s) as f32 * w[i] + b[i];
+            }
+            mean[r] = m as f32;
+            rstd[r] = s as f32;
+        }
+    }
 }
 
 /// Gradients of [`layernorm_forward`]: writes `dx`, adds into `dw` and `db`.
@@ -54,27 +65,54 @@ pub fn layernorm_backward(
     c: usize,
 ) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
-    dx.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
-        let (xr, dr) = (&x[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c]);
-        let (m, s) = (mean[row], rstd[row]);
-        let (mut mean_dn, mut mean_dn_n) = (0.0f64, 0.0f64);
-        for i in 0..c {
-            let n = (xr[i] - m) * s;
-            let dn = dr[i] * w[i];
-            mean_dn += dn as f64;
-            mean_dn_n += (dn * n) as f64;
-        }
-        let (mean_dn, mean_dn_n) = ((mean_dn / c as f64) as f32, (mean_dn_n / c as f64) as f32);
-        for i in 0..c {
-            let n = (xr[i] - m) * s;
-            dxr[i] = (dr[i] * w[i] - mean_dn - n * mean_dn_n) * s;
-        }
+    dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(chunk, dx)| {
+        let rows = chunk * ROWS..chunk * ROWS + dx.len() / c;
+        let at = rows.start * c..rows.end * c;
+        layernorm_rows_backward(&dout[at.clone()], &x[at], &w[..c], &mean[rows.clone()], &rstd[rows], dx);
     });
-    for row in 0..mean.len() {
-        for i in 0..c {
-            let n = (x[row * c + i] - mean[row]) * rstd[row];
-            dw[i] += dout[row * c + i] * n;
-            db[i] += dout[row * c + i];
+    // Each column sums its rows in row order, whatever thread it lands on.
+    dw.par_chunks_mut(COLS).zip(db.par_chunks_mut(COLS)).enumerate().for_each(|(chunk, (dw, db))| {
+        layernorm_params_backward(dout, x, mean, rstd, c, chunk * COLS, dw, db);
+    });
+}
+
+simd_fn! {
+    fn layernorm_rows_backward(dout: &[f32], x: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], dx: &mut [f32]) {
+        let c = w.len();
+        let rows = x.chunks_exact(c).zip(dout.chunks_exact(c)).zip(dx.chunks_exact_mut(c));
+        for (((xr, dr), dxr), (&m, &s)) in rows.zip(mean.iter().zip(rstd)) {
+            let mean_dn = sum_f64(c, |i| (dr[i] * w[i]) as f64) / c as f64;
+            let mean_dn_n = sum_f64(c, |i| (dr[i] * w[i] * ((xr[i] - m) * s)) as f64) / c as f64;
+            let (mean_dn, mean_dn_n) = (mean_dn as f32, mean_dn_n as f32);
+            for i in 0..c {
+                let n = (xr[i] - m) * s;
+                dxr[i] = (dr[i] * w[i] - mean_dn - n * mean_dn_n) * s;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Columns `i0..i0 + dw.len()` of the weight and bias gradients, rows in order.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_params_backward(
+        dout: &[f32],
+        x: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        c: usize,
+        i0: usize,
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let cols = dw.len();
+        let db = &mut db[..cols];
+        for (row, (&m, &s)) in mean.iter().zip(rstd).enumerate() {
+            let (xr, dr) = (&x[row * c + i0..][..cols], &dout[row * c + i0..][..cols]);
+            for i in 0..cols {
+                dw[i] += dr[i] * ((xr[i] - m) * s);
+                db[i] += dr[i];
+            }
         }
     }
 }
@@ -83,32 +121,57 @@ pub fn layernorm_backward(
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &mut [f32], c: usize) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(rrms.par_chunks_mut(ROWS)).enumerate().for_each(|(chunk, (out, rrms))| {
-        for (r, o) in out.chunks_mut(c).enumerate() {
-            let row = chunk * ROWS + r;
-            let xr = &x[row * c..(row + 1) * c];
-            let ms = xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / c as f64;
+        rmsnorm_rows(&x[chunk * ROWS * c..][..out.len()], &w[..c], eps, out, rrms);
+    });
+}
+
+simd_fn! {
+    fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &mut [f32]) {
+        let c = w.len();
+        for ((xr, o), r) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).zip(rrms.iter_mut()) {
+            let ms = sum_f64(c, |i| xr[i] as f64 * xr[i] as f64) / c as f64;
             let s = (1.0 / (ms + eps as f64).sqrt()) as f32;
             for i in 0..c {
                 o[i] = xr[i] * s * w[i];
             }
-            rrms[r] = s;
+            *r = s;
         }
-    });
+    }
 }
 
 /// Gradients of [`rmsnorm_forward`]: writes `dx`, adds into `dw`.
 pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &mut [f32], dw: &mut [f32], c: usize) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
-    dx.par_chunks_mut(c).enumerate().for_each(|(row, dxr)| {
-        let (xr, dr, s) = (&x[row * c..(row + 1) * c], &dout[row * c..(row + 1) * c], rrms[row]);
-        let mean_dn_n = (0..c).map(|i| (dr[i] * w[i] * xr[i] * s) as f64).sum::<f64>() / c as f64;
-        for i in 0..c {
-            dxr[i] = s * (dr[i] * w[i] - xr[i] * s * mean_dn_n as f32);
-        }
+    dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(chunk, dx)| {
+        let rows = chunk * ROWS..chunk * ROWS + dx.len() / c;
+        let at = rows.start * c..rows.end * c;
+        rmsnorm_rows_backward(&dout[at.clone()], &x[at], &w[..c], &rrms[rows], dx);
     });
-    for row in 0..rrms.len() {
-        for i in 0..c {
-            dw[i] += dout[row * c + i] * x[row * c + i] * rrms[row];
+    dw.par_chunks_mut(COLS).enumerate().for_each(|(chunk, dw)| rmsnorm_params_backward(dout, x, rrms, c, chunk * COLS, dw));
+}
+
+simd_fn! {
+    fn rmsnorm_rows_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &mut [f32]) {
+        let c = w.len();
+        let rows = x.chunks_exact(c).zip(dout.chunks_exact(c)).zip(dx.chunks_exact_mut(c));
+        for (((xr, dr), dxr), &s) in rows.zip(rrms) {
+            let mean_dn_n = sum_f64(c, |i| (dr[i] * w[i] * xr[i] * s) as f64) / c as f64;
+            for i in 0..c {
+                dxr[i] = s * (dr[i] * w[i] - xr[i] * s * mean_dn_n as f32);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// Columns `i0..i0 + dw.len()` of the weight gradient, rows in order.
+    fn rmsnorm_params_backward(dout: &[f32], x: &[f32], rrms: &[f32], c: usize, i0: usize, dw: &mut [f32]) {
+        let cols = dw.len();
+        for (row, &r) in rrms.iter().enumerate() {
+            let (xr, dr) = (&x[row * c + i0..][..cols], &dout[row * c + i0..][..cols]);
+            for i in 0..cols {
+                dw[i] += dr[i] * xr[i] * r;
+            }
         }
     }
 }
