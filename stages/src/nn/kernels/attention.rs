@@ -3,15 +3,16 @@
 //! Layouts: `q` and `out` are (B, T, H, D); `k` and `v` are (B, T, Hkv, D) with H a multiple of
 //! Hkv (Hkv = H: multi-head; Hkv = 1: multi-query); query head `h` reads key/value head
 //! `h / (H / Hkv)`. Forward saves the attention probabilities (B, H, T, T) for backward.
-//! Both versions materialise (T, T) per head: the matrix-product one the model uses, and the
-//! plain one it is tested against. A fused kernel that does not materialise (T, T) is issue 4's.
+//! Both versions keep the (T, T) probabilities per head for backward: the blocked
+//! matrix-product one the model uses, and the plain one it is tested against. A fused kernel
+//! that recomputes them instead (flash attention) is not written yet.
 
 use rayon::prelude::*;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
+use ndarray::{s, ArrayView2, ArrayViewMut2, ShapeBuilder};
 
-use crate::nn::kernels::{axpy, dot};
+use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -58,12 +59,16 @@ fn head_mut(x: &mut [f32], t: usize, heads: usize, h: usize, d: usize) -> ArrayV
     ArrayViewMut2::from_shape((t, d).strides((heads * d, 1)), &mut x[h * d..]).expect("a head lies inside its block")
 }
 
+/// Query rows per block: a block of rows `r0..r1` needs keys `0..r1` only, so the products
+/// skip most of the masked upper triangle (all of it above the diagonal blocks).
+const QB: usize = 32;
+
 /// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head.
 ///
-/// Each head is three matrix products on (T, T) scores (ndarray's `general_mat_mul`, one thread
-/// per batch row, so the bits do not depend on the thread count) and a row-wise causal softmax.
-/// The products also compute the masked half, which costs flops but runs several times faster
-/// than one dot product at a time ([`attention_forward_plain`], the reference).
+/// Each head runs in blocks of [`QB`] query rows: two matrix products on the block's scores
+/// against the keys it may see (ndarray's `general_mat_mul`, one thread per batch row, so the
+/// bits do not depend on the thread count) and a row-wise causal softmax between them.
+/// [`attention_forward_plain`], one dot product at a time, is the reference.
 pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: &mut [f32], n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
@@ -74,33 +79,61 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: 
         let (q, k, v) = n.row(b, q, k, v);
         for (h, p) in att.chunks_mut(t_ * t_).enumerate() {
             let kv = h / group;
-            let mut scores = ArrayViewMut2::from_shape((t_, t_), &mut *p).expect("T * T");
-            general_mat_mul(scale, &head(q, t_, n.h, h, d), &head(k, t_, n.h_kv, kv, d).t(), 0.0, &mut scores);
-            for (t, row) in p.chunks_mut(t_).enumerate() {
-                causal_softmax(row, t);
+            let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
+            for r0 in (0..t_).step_by(QB) {
+                let r1 = (r0 + QB).min(t_);
+                let rows = &mut p[r0 * t_..r1 * t_];
+                let mut scores = ArrayViewMut2::from_shape((r1 - r0, t_), &mut *rows).expect("rows * T");
+                let mut seen = scores.slice_mut(s![.., ..r1]);
+                general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut seen);
+                causal_softmax(rows, t_, r0);
+                let probs = ArrayView2::from_shape((r1 - r0, t_), &*rows).expect("rows * T");
+                let mut out_rows = head_mut(out, t_, n.h, h, d);
+                let mut out_rows = out_rows.slice_mut(s![r0..r1, ..]);
+                general_mat_mul(1.0, &probs.slice(s![.., ..r1]), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
             }
-            let probs = ArrayView2::from_shape((t_, t_), &*p).expect("T * T");
-            general_mat_mul(1.0, &probs, &head(v, t_, n.h_kv, kv, d), 0.0, &mut head_mut(out, t_, n.h, h, d));
         }
     });
 }
 
-/// Softmax over `row[..=t]` in place; the masked positions after `t` become 0.
-fn causal_softmax(row: &mut [f32], t: usize) {
-    let max = row[..=t].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
-    for p in &mut row[..=t] {
-        *p = (*p - max).exp();
-        sum += *p;
+simd_fn! {
+    /// Softmax in place over each row of `rows` (T wide), whose first row is position `first`:
+    /// row `t` keeps columns `..=t` and zeroes the rest. Max, exponentials ([`exp_fast`]) and
+    /// the sum run along the row in order.
+    fn causal_softmax(rows: &mut [f32], t_: usize, first: usize) {
+        for (i, row) in rows.chunks_exact_mut(t_).enumerate() {
+            let (seen, masked) = row.split_at_mut(first + i + 1);
+            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            for p in seen.iter_mut() {
+                *p = exp_fast(*p - max);
+            }
+            let inv = 1.0 / seen.iter().sum::<f32>();
+            for p in seen.iter_mut() {
+                *p *= inv;
+            }
+            masked.fill(0.0);
+        }
     }
-    for p in &mut row[..=t] {
-        *p /= sum;
+}
+
+simd_fn! {
+    /// Softmax backward in place on the rows of `ds` (dP in, dS out) with the saved `probs`:
+    /// `dS = P (dP - sum(P dP)) / sqrt(D)` on the causal columns, 0 elsewhere.
+    fn causal_softmax_backward(ds: &mut [f32], probs: &[f32], t_: usize, first: usize, scale: f32) {
+        for (i, (ds, p)) in ds.chunks_exact_mut(t_).zip(probs.chunks_exact(t_)).enumerate() {
+            let t = first + i;
+            let inner = dot(&p[..=t], &ds[..=t]);
+            for (d, &p) in ds[..=t].iter_mut().zip(&p[..=t]) {
+                *d = p * (*d - inner) * scale;
+            }
+            ds[t + 1..].fill(0.0);
+        }
     }
-    row[t + 1..].fill(0.0);
 }
 
 /// Gradients of [`attention_forward`]: writes `dq`, `dk`, `dv`. Key/value gradients of a group
-/// sum over its query heads in head order. Matrix products per head, as the forward.
+/// sum over its query heads in head order, and over query blocks in order. Matrix products per
+/// block of query rows, as the forward.
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
 pub fn attention_backward(
     dout: &[f32],
@@ -124,27 +157,32 @@ pub fn attention_backward(
             let (dout, att) = (&dout[b * q_len..(b + 1) * q_len], &att[b * att_len..(b + 1) * att_len]);
             dk.fill(0.0);
             dv.fill(0.0);
-            let mut ds = vec![0.0f32; t_ * t_];
+            let mut ds = vec![0.0f32; QB.min(t_) * t_];
             for (h, p) in att.chunks(t_ * t_).enumerate() {
                 let kv = h / group;
-                let probs = ArrayView2::from_shape((t_, t_), p).expect("T * T");
+                let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
                 let dout_h = head(dout, t_, n.h, h, d);
-                // dV += P^T dO; dP = dO V^T.
-                general_mat_mul(1.0, &probs.t(), &dout_h, 1.0, &mut head_mut(dv, t_, n.h_kv, kv, d));
-                let mut dp = ArrayViewMut2::from_shape((t_, t_), &mut ds[..]).expect("T * T");
-                general_mat_mul(1.0, &dout_h, &head(v, t_, n.h_kv, kv, d).t(), 0.0, &mut dp);
-                // Softmax backward: dS = P (dP - sum_r P dP) / sqrt(D), causal rows only.
-                for (t, (ds_row, p_row)) in ds.chunks_mut(t_).zip(p.chunks(t_)).enumerate() {
-                    let inner: f32 = (0..=t).map(|s| p_row[s] * ds_row[s]).sum();
-                    for s in 0..=t {
-                        ds_row[s] = p_row[s] * (ds_row[s] - inner) * scale;
-                    }
-                    ds_row[t + 1..].fill(0.0);
+                for r0 in (0..t_).step_by(QB) {
+                    let r1 = (r0 + QB).min(t_);
+                    let probs_rows = &p[r0 * t_..r1 * t_];
+                    let probs = ArrayView2::from_shape((r1 - r0, t_), probs_rows).expect("rows * T");
+                    let probs = probs.slice(s![.., ..r1]);
+                    let dout_rows = dout_h.slice(s![r0..r1, ..]);
+                    // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
+                    let mut dv_h = head_mut(dv, t_, n.h_kv, kv, d);
+                    general_mat_mul(1.0, &probs.t(), &dout_rows, 1.0, &mut dv_h.slice_mut(s![..r1, ..]));
+                    let ds_rows = &mut ds[..(r1 - r0) * t_];
+                    let mut dp = ArrayViewMut2::from_shape((r1 - r0, t_), &mut *ds_rows).expect("rows * T");
+                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut dp.slice_mut(s![.., ..r1]));
+                    causal_softmax_backward(ds_rows, probs_rows, t_, r0, scale);
+                    let dscores = ArrayView2::from_shape((r1 - r0, t_), &*ds_rows).expect("rows * T");
+                    let dscores = dscores.slice(s![.., ..r1]);
+                    // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
+                    let mut dq_h = head_mut(dq, t_, n.h, h, d);
+                    general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq_h.slice_mut(s![r0..r1, ..]));
+                    let mut dk_h = head_mut(dk, t_, n.h_kv, kv, d);
+                    general_mat_mul(1.0, &dscores.t(), &qh.slice(s![r0..r1, ..]), 1.0, &mut dk_h.slice_mut(s![..r1, ..]));
                 }
-                let dscores = ArrayView2::from_shape((t_, t_), &ds[..]).expect("T * T");
-                // dQ = dS K; dK += dS^T Q.
-                general_mat_mul(1.0, &dscores, &head(k, t_, n.h_kv, kv, d), 0.0, &mut head_mut(dq, t_, n.h, h, d));
-                general_mat_mul(1.0, &dscores.t(), &head(q, t_, n.h, h, d), 1.0, &mut head_mut(dk, t_, n.h_kv, kv, d));
             }
         },
     );
@@ -311,7 +349,8 @@ mod tests {
 
     #[test]
     fn the_matrix_product_version_matches_the_plain_one() {
-        for (h, h_kv, t) in [(4, 4, 9), (4, 2, 16), (6, 1, 5)] {
+        // Lengths below, at and past the query block, with a partial last block.
+        for (h, h_kv, t) in [(4, 4, 9), (4, 2, 16), (6, 1, 5), (2, 2, 64), (4, 2, 75)] {
             let n = AttnDims { b: 3, t, h, h_kv, d: 8 };
             let (qn, kn) = (n.b * t * h * 8, n.b * t * h_kv * 8);
             let (q, k, v, dout) = (random(qn, 1), random(kn, 2), random(kn, 3), random(qn, 4));
