@@ -262,10 +262,11 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
     println!(
-        "machine: {} {}, {cores} threads, FMA loop {}",
+        "machine: {} {}, {cores} threads, FMA loop {}, elementwise kernels {} (TINYGPT_SIMD=portable forces portable)",
         std::env::consts::OS,
         std::env::consts::ARCH,
-        bench::fma_isa()
+        bench::fma_isa(),
+        stages::nn::kernels::isa().name()
     );
     let peaks: Vec<f64> = threads.iter().map(|t| bench::fma_peak(*t)).collect();
     for (t, p) in threads.iter().zip(&peaks) {
@@ -325,13 +326,19 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             .collect();
         print!("{}", output::table(&["kernel", "ms/step", "share"], &rows));
         let needed = output::human_bytes(r.needed_bytes);
-        match r.peak_bytes {
-            Some(peak) => println!(
-                "peak memory {} against {needed} needed (parameters, gradients, moments, activations): {:.2}x",
-                output::human_bytes(peak),
-                peak as f64 / r.needed_bytes as f64
-            ),
-            None => println!("peak memory: not reported by this OS; {needed} needed"),
+        match (r.peak_bytes, r.baseline_bytes) {
+            (Some(peak), Some(base)) => {
+                let grown = peak.saturating_sub(base);
+                println!(
+                    "peak memory {}: {} above the {} held before the model was built, against {needed} needed \
+                     (parameters, gradients, moments, activations): {:.2}x",
+                    output::human_bytes(peak),
+                    output::human_bytes(grown),
+                    output::human_bytes(base),
+                    grown as f64 / r.needed_bytes as f64
+                )
+            }
+            _ => println!("peak memory: not reported by this OS; {needed} needed"),
         }
     }
 }

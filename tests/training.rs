@@ -95,21 +95,35 @@ fn bad_model_shapes_are_recipe_errors_naming_the_key() {
     }
 }
 
+/// Trains `train.toml` (with `sets`) under the environment `env`; returns the weights and
+/// `eval.json`.
+fn train_with(env: &[(&str, &str)], sets: &[&str]) -> (Vec<u8>, String) {
+    let sb = Sandbox::new();
+    let out = sb.command().envs(env.iter().copied()).args(["run", "train.toml", "--json"]).args(sets).output().unwrap();
+    assert_success(&out);
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let eval = std::fs::read_to_string(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap();
+    (weights(&sb, &run), eval)
+}
+
 #[test]
 fn one_and_two_threads_train_identical_weights() {
-    let run_with = |threads: &str| {
-        let sb = Sandbox::new();
-        let out =
-            sb.command().env("RAYON_NUM_THREADS", threads).args(["run", "train.toml", "--json"]).output().unwrap();
-        assert_success(&out);
-        let run: Value = serde_json::from_slice(&out.stdout).unwrap();
-        let eval = std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap();
-        (weights(&sb, &run), eval)
-    };
-    let (w1, e1) = run_with("1");
-    let (w2, e2) = run_with("2");
+    let (w1, e1) = train_with(&[("RAYON_NUM_THREADS", "1")], &[]);
+    let (w2, e2) = train_with(&[("RAYON_NUM_THREADS", "2")], &[]);
     assert!(w1 == w2, "model.safetensors differs between 1 and 2 threads");
-    assert_eq!(String::from_utf8(e1).unwrap(), String::from_utf8(e2).unwrap());
+    assert_eq!(e1, e2);
+}
+
+/// The portable kernels run on every machine here, forced, and must give the bits of the ones
+/// the CPU was detected for (AVX2+FMA on most x86-64), for both architectures' kernels.
+#[test]
+fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
+    for sets in [&[][..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"][..]] {
+        let (detected, e1) = train_with(&[], sets);
+        let (portable, e2) = train_with(&[("TINYGPT_SIMD", "portable")], sets);
+        assert!(detected == portable, "model.safetensors differs with TINYGPT_SIMD=portable ({sets:?})");
+        assert_eq!(e1, e2);
+    }
 }
 
 /// Long enough to be interrupted: a few seconds, with a checkpoint every 10 steps.

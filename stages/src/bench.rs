@@ -230,6 +230,8 @@ pub struct StepReport {
     pub breakdown: Vec<(&'static str, f64)>,
     /// Resident-set high-water mark while training, if the OS reports it.
     pub peak_bytes: Option<u64>,
+    /// Resident set before the model was built (the binary, the runtime, earlier allocations).
+    pub baseline_bytes: Option<u64>,
     /// Parameters, gradients, both AdamW moments and the activations backward needs.
     pub needed_bytes: u64,
 }
@@ -239,9 +241,10 @@ fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-fn peak_rss() -> Option<u64> {
+/// A `/proc/self/status` size in bytes: `VmHWM` (peak) or `VmRSS` (now).
+fn status_bytes(key: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -250,6 +253,7 @@ fn peak_rss() -> Option<u64> {
 pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
     pool(threads).install(|| {
         reset_peak();
+        let baseline_bytes = status_bytes("VmRSS:");
         let cfg = m.cfg;
         let t = cfg.block_size;
         let mut params = cfg.init(1);
@@ -292,7 +296,8 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
             tokens_per_s: (m.batch * t) as f64 / step_seconds,
             flops_per_token,
             breakdown,
-            peak_bytes: peak_rss(),
+            peak_bytes: status_bytes("VmHWM:"),
+            baseline_bytes,
             needed_bytes: (4 * 4 * n_params + acts.bytes()) as u64,
         }
     })
@@ -331,5 +336,8 @@ mod tests {
         let r = train_steps(&m, 1);
         assert!(r.breakdown.iter().any(|(name, s)| *name == "matmuls" && *s > 0.0));
         assert!(r.needed_bytes > 16 * m.cfg.init(0).num_elements() as u64);
+        if let (Some(peak), Some(base)) = (r.peak_bytes, r.baseline_bytes) {
+            assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
+        }
     }
 }
