@@ -88,6 +88,7 @@ fn bad_model_shapes_are_recipe_errors_naming_the_key() {
     for (sets, message) in [
         (&["--set", "pretrain.tie_embeddings=false"][..], "gpt2 always ties its output"),
         (&["--set", "pretrain.arch=llama", "--set", "pretrain.bias=true"][..], "llama has no biases"),
+        (&["--set", "pretrain.arch=llama", "--set", "pretrain.activation=gelu"][..], "llama's MLP is SwiGLU"),
     ] {
         let out = sb.tinygpt(&[&["plan", "train.toml"][..], sets].concat());
         assert_eq!(out.status.code(), Some(2));

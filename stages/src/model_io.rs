@@ -17,7 +17,7 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
 
 use crate::fail;
-use crate::nn::model::{Arch, ModelConfig};
+use crate::nn::model::{Arch, Gelu, ModelConfig};
 use crate::nn::params::{ParamMap, Tensor};
 
 pub const WEIGHTS: &str = "model.safetensors";
@@ -37,7 +37,10 @@ pub fn hf_config(cfg: &ModelConfig, eot_id: u32) -> Value {
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": cfg.ffn_hidden,
-            "activation_function": "gelu_new",
+            "activation_function": match cfg.gelu {
+                Gelu::Tanh => "gelu_new",
+                Gelu::Erf => "gelu",
+            },
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -91,6 +94,11 @@ pub fn parse_hf_config(v: &Value) -> Result<ModelConfig, String> {
                 cfg.ffn_hidden = inner;
             }
             cfg.norm_eps = float("layer_norm_epsilon", 1e-5);
+            cfg.gelu = match v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new") {
+                "gelu_new" | "gelu_pytorch_tanh" => Gelu::Tanh,
+                "gelu" => Gelu::Erf,
+                other => return Err(format!("activation_function `{other}` is not supported (gelu_new or gelu)")),
+            };
             cfg
         }
         "llama" => {
@@ -253,7 +261,8 @@ mod tests {
     fn models_written_and_read_back_give_identical_logits_and_bytes() {
         let mut llama = ModelConfig::llama(13, 6, 2, 4, 2, 16);
         llama.tie_embeddings = true;
-        for cfg in [ModelConfig::gpt2(13, 6, 2, 2, 8, true), ModelConfig::gpt2(13, 6, 2, 2, 8, false), llama] {
+        let exact = ModelConfig { gelu: Gelu::Erf, ..ModelConfig::gpt2(13, 6, 2, 2, 8, false) };
+        for cfg in [ModelConfig::gpt2(13, 6, 2, 2, 8, true), ModelConfig::gpt2(13, 6, 2, 2, 8, false), exact, llama] {
             let params = cfg.init(9);
             let dir = tempfile::tempdir().unwrap();
             save_model(dir.path(), &cfg, &params, 0).unwrap();

@@ -21,7 +21,7 @@ use crate::batches::{mean_loss, Sampler, SamplerKind};
 use crate::checkpoint::{Progress, TrainState};
 use crate::model_io::{save_model, TOKENIZER};
 use crate::nn::kernels::adamw::AdamW;
-use crate::nn::model::{Activations, Model, ModelConfig};
+use crate::nn::model::{Activations, Gelu, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, Schedule};
 use crate::nn::step::{train_step, StepConfig};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
@@ -40,6 +40,12 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::opt_int("block_size", 1, 1 << 20, "longest sequence the model accepts (default: the data's seq_len)"),
     ParamSpec::opt_int("ffn_hidden", 1, 1 << 20, "MLP width (default 4 n_embd for gpt2, 8/3 n_embd rounded up to 32 for llama)"),
     ParamSpec::bool("bias", false, "gpt2: biases in linear layers and LayerNorms"),
+    ParamSpec::choice(
+        "activation",
+        "gelu_new",
+        &["gelu_new", "gelu"],
+        "gpt2: `gelu_new` (GPT-2's tanh approximation) or `gelu` (exact, with erf: PyTorch's `nn.GELU`, as nanoGPT)",
+    ),
     ParamSpec::bool("tie_embeddings", true, "llama: the output projection is the token embedding (gpt2 always ties)"),
     ParamSpec::float("rope_theta", 10_000.0, 1.0, 1e9, "llama: rotary embedding base"),
     ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
@@ -105,6 +111,9 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
         cfg.ffn_hidden = f;
     }
     cfg.tie_embeddings = p.bool("tie_embeddings"); // `check` refuses false for gpt2
+    if p.str("activation") == "gelu" {
+        cfg.gelu = Gelu::Erf; // `check` refuses it for llama
+    }
     cfg
 }
 

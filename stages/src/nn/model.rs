@@ -14,6 +14,7 @@
 //! names. Every loss ends in a gradient on the logits. [`Decoder`] runs one token at a time
 //! against a KV cache for sampling.
 
+pub use crate::nn::kernels::activation::Gelu;
 use crate::nn::kernels::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
@@ -58,6 +59,8 @@ pub struct ModelConfig {
     pub bias: bool,
     /// Output projection shares the token embedding (always for gpt2).
     pub tie_embeddings: bool,
+    /// gpt2's activation: GPT-2's tanh approximation, or exact with erf (nanoGPT's).
+    pub gelu: Gelu,
     pub norm_eps: f32,
     pub rope_theta: f32,
 }
@@ -83,6 +86,7 @@ impl ModelConfig {
             ffn_hidden: 4 * n_embd,
             bias,
             tie_embeddings: true,
+            gelu: Gelu::Tanh,
             norm_eps: 1e-5,
             rope_theta: 0.0,
         }
@@ -108,6 +112,7 @@ impl ModelConfig {
             ffn_hidden: (8 * n_embd / 3).div_ceil(32) * 32,
             bias: false,
             tie_embeddings: false,
+            gelu: Gelu::Tanh,
             norm_eps: 1e-5,
             rope_theta: 10_000.0,
         }
@@ -150,6 +155,9 @@ impl ModelConfig {
         }
         if self.arch == Arch::Gpt2 && self.n_kv_head != self.n_head {
             return Some(("n_kv_head", "gpt2 has as many key/value heads as heads".into()));
+        }
+        if self.arch == Arch::Llama && self.gelu != Gelu::Tanh {
+            return Some(("activation", "llama's MLP is SwiGLU; `activation` chooses gpt2's GELU".into()));
         }
         if self.arch == Arch::Gpt2 && !self.tie_embeddings {
             return Some(("tie_embeddings", "gpt2 always ties its output to the token embedding".into()));
@@ -580,7 +588,7 @@ impl Model {
         match blk.mlp {
             Mlp::Gelu { fc, proj } => {
                 fc.forward(p, x, h, rows);
-                gelu_forward(h, g);
+                gelu_forward(self.cfg.gelu, h, g);
                 proj.forward(p, g, out, rows);
             }
             Mlp::SwiGlu { gate, up, down } => {
@@ -649,7 +657,7 @@ impl Model {
             match blk.mlp {
                 Mlp::Gelu { fc, proj } => {
                     proj.backward(p, grads, dx, &a.g, dg, rows, false);
-                    gelu_backward(dg, &a.h, dh);
+                    gelu_backward(self.cfg.gelu, dg, &a.h, dh);
                     fc.backward(p, grads, dh, &a.n2, dtmp, rows, false);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
@@ -971,7 +979,8 @@ mod tests {
 
     fn tiny(arch: Arch, variant: usize) -> ModelConfig {
         match arch {
-            Arch::Gpt2 => ModelConfig::gpt2(11, 4, 2, 2, 8, variant == 0),
+            // variant: 0 = biases and GPT-2's GELU, 1 = no biases and the exact GELU
+            Arch::Gpt2 => ModelConfig { gelu: [Gelu::Tanh, Gelu::Erf][variant], ..ModelConfig::gpt2(11, 4, 2, 2, 8, variant == 0) },
             Arch::Llama => {
                 // variant: 0 = MHA untied, 1 = GQA tied, 2 = MQA
                 let kv = [4, 2, 1][variant];

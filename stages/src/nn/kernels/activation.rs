@@ -16,10 +16,40 @@ fn tanh_fast(u: f32) -> f32 {
     (e - 1.0) / (e + 1.0)
 }
 
-/// `out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`.
-pub fn gelu_forward(x: &[f32], out: &mut [f32]) {
+/// Which GELU: GPT-2's tanh approximation (Hugging Face's `gelu_new`) or the exact one with erf
+/// (PyTorch's `nn.GELU()`, which nanoGPT uses; Hugging Face's `gelu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gelu {
+    Tanh,
+    Erf,
+}
+
+/// `erf(x)` in f32 without a library call (Abramowitz and Stegun 7.1.26, absolute error below
+/// 1.5e-7, plus [`exp_fast`]'s): `1 - poly(t) e^(-x^2)` with `t = 1 / (1 + p |x|)`, odd.
+#[inline(always)]
+fn erf_fast(x: f32) -> f32 {
+    let a = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152_1 + t * 1.061_405_4))));
+    let y = 1.0 - poly * exp_fast(-a * a);
+    if x < 0.0 {
+        -y
+    } else {
+        y
+    }
+}
+
+const SQRT_1_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// `1 / sqrt(2 pi)`, the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// `out = gelu(x)`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` or `0.5 x (1 + erf(x / sqrt 2))`.
+pub fn gelu_forward(kind: Gelu, x: &[f32], out: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_chunk(x, o));
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| match kind {
+        Gelu::Tanh => gelu_chunk(x, o),
+        Gelu::Erf => gelu_erf_chunk(x, o),
+    });
 }
 
 simd_fn! {
@@ -30,11 +60,20 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    fn gelu_erf_chunk(x: &[f32], out: &mut [f32]) {
+        for (o, &x) in out.iter_mut().zip(x) {
+            *o = 0.5 * x * (1.0 + erf_fast(x * SQRT_1_2));
+        }
+    }
+}
+
 /// `dx = dout * gelu'(x)`.
-pub fn gelu_backward(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+pub fn gelu_backward(kind: Gelu, dout: &[f32], x: &[f32], dx: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
-    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(dx, (x, d))| {
-        gelu_backward_chunk(d, x, dx);
+    dx.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK).zip(dout.par_chunks(CHUNK))).for_each(|(dx, (x, d))| match kind {
+        Gelu::Tanh => gelu_backward_chunk(d, x, dx),
+        Gelu::Erf => gelu_erf_backward_chunk(d, x, dx),
     });
 }
 
@@ -44,6 +83,17 @@ simd_fn! {
             let t = tanh_fast(SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x));
             let dt = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x) * (1.0 - t * t);
             *dx = d * (0.5 * (1.0 + t) + 0.5 * x * dt);
+        }
+    }
+}
+
+simd_fn! {
+    /// `gelu'(x) = Phi(x) + x phi(x)`.
+    fn gelu_erf_backward_chunk(dout: &[f32], x: &[f32], dx: &mut [f32]) {
+        for ((dx, &x), &d) in dx.iter_mut().zip(x).zip(dout) {
+            let cdf = 0.5 * (1.0 + erf_fast(x * SQRT_1_2));
+            let pdf = INV_SQRT_2PI * exp_fast(-0.5 * x * x);
+            *dx = d * (cdf + x * pdf);
         }
     }
 }
@@ -97,26 +147,54 @@ mod tests {
     fn gelu_matches_its_formula_and_finite_differences() {
         let x: Vec<f32> = random(50, 1).iter().map(|v| v * 4.0).collect();
         let probe = random(50, 2);
-        let forward = |x: &[f32]| {
-            let mut out = vec![0.0; x.len()];
-            gelu_forward(x, &mut out);
-            out
-        };
-        assert!((forward(&[1.0])[0] - 0.841_192).abs() < 1e-5, "gelu(1) as in GPT-2");
-        let mut dx = vec![0.0; 50];
-        gelu_backward(&probe, &x, &mut dx);
-        check("gelu dx", &x, &dx, |x| probe_loss(&forward(x), &probe));
+        for (kind, at_one) in [(Gelu::Tanh, 0.841_192), (Gelu::Erf, 0.841_344_7)] {
+            let forward = |x: &[f32]| {
+                let mut out = vec![0.0; x.len()];
+                gelu_forward(kind, x, &mut out);
+                out
+            };
+            assert!((forward(&[1.0])[0] - at_one).abs() < 1e-5, "{kind:?} gelu(1)");
+            let mut dx = vec![0.0; 50];
+            gelu_backward(kind, &probe, &x, &mut dx);
+            check("gelu dx", &x, &dx, |x| probe_loss(&forward(x), &probe));
+        }
     }
 
     #[test]
     fn gelu_matches_the_f64_formula_everywhere() {
         let x: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).chain([-80.0, -12.0, 12.0, 80.0]).collect();
         let mut out = vec![0.0; x.len()];
-        gelu_forward(&x, &mut out);
+        gelu_forward(Gelu::Tanh, &x, &mut out);
         for (x, y) in x.iter().zip(&out) {
             let x64 = *x as f64;
             let want =
                 0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
+            assert!((*y as f64 - want).abs() <= 1e-6 * (1.0 + x64.abs()), "gelu({x}) = {y}, want {want}");
+        }
+    }
+
+    /// erf in f64 by its Taylor series, exact to about 1e-10 on [-4, 4]; +-1 beyond.
+    fn erf_reference(x: f64) -> f64 {
+        if x.abs() > 4.0 {
+            return x.signum() * (1.0 - (-x * x).exp() / (x.abs() * std::f64::consts::PI.sqrt()));
+        }
+        let (mut term, mut sum, mut n) = (x, x, 0.0f64);
+        while term.abs() > 1e-17 {
+            n += 1.0;
+            term *= -x * x / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        2.0 / std::f64::consts::PI.sqrt() * sum
+    }
+
+    #[test]
+    fn exact_gelu_matches_the_f64_formula_everywhere() {
+        let x: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).chain([-80.0, -12.0, 12.0, 80.0]).collect();
+        let mut out = vec![0.0; x.len()];
+        gelu_forward(Gelu::Erf, &x, &mut out);
+        for (x, y) in x.iter().zip(&out) {
+            let x64 = *x as f64;
+            let want = 0.5 * x64 * (1.0 + erf_reference(x64 / 2f64.sqrt()));
             assert!((*y as f64 - want).abs() <= 1e-6 * (1.0 + x64.abs()), "gelu({x}) = {y}, want {want}");
         }
     }
