@@ -79,16 +79,16 @@ impl Stage for Evaluate {
         let lm = LoadedModel::load(&model_dir.dir)?;
         let (blocks, width) = read_blocks(&data.path(VAL_FILE))?;
         let t = width - 1;
-        if t > lm.cfg.block_size {
+        if t > lm.cfg().block_size {
             return Err(StageError::msg(format!(
                 "the data's blocks hold {t} tokens, more than the model's block size {}",
-                lm.cfg.block_size
+                lm.cfg().block_size
             )));
         }
-        if let Some(bad) = blocks.iter().find(|id| **id as usize >= lm.cfg.vocab_size) {
+        if let Some(bad) = blocks.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
             return Err(StageError::msg(format!(
                 "the data has token {bad}, outside the model's vocabulary of {}: were they made with another tokenizer?",
-                lm.cfg.vocab_size
+                lm.cfg().vocab_size
             )));
         }
         if blocks.is_empty() {
@@ -96,7 +96,7 @@ impl Stage for Evaluate {
         }
         ctx.progress().set_message("validation loss");
         let batch = p.usize("batch_size").min(blocks.len() / width).max(1);
-        let mut acts = Activations::new(&lm.cfg, batch, t);
+        let mut acts = Activations::new(lm.cfg(), batch, t);
         let (val_loss, tokens) = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
         ctx.check_cancelled()?;
 

@@ -15,7 +15,6 @@ use crate::nn::sample::{pick, Sampling};
 
 /// A model ready to run: configuration, weights and tokenizer.
 pub struct LoadedModel {
-    pub cfg: ModelConfig,
     pub params: ParamMap,
     pub model: Model,
     pub tokenizer: Tokenizer,
@@ -31,7 +30,11 @@ impl LoadedModel {
         let tokenizer = Tokenizer::from_file(&path)
             .map_err(|e| StageError::msg(format!("`{}` is not a Hugging Face tokenizer.json: {e}", path.display())))?;
         let model = Model::new(cfg, &params);
-        Ok(LoadedModel { cfg, params, model, tokenizer, eot })
+        Ok(LoadedModel { params, model, tokenizer, eot })
+    }
+
+    pub fn cfg(&self) -> &ModelConfig {
+        &self.model.cfg
     }
 }
 
@@ -61,11 +64,11 @@ pub fn generate(
     if context.is_empty() {
         context.push(lm.eot);
     }
-    if let Some(bad) = context.iter().find(|id| **id as usize >= lm.cfg.vocab_size) {
+    if let Some(bad) = context.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
         return Err(StageError::msg(format!("the prompt has token {bad}, outside the model's vocabulary")));
     }
-    let block = lm.cfg.block_size;
-    let mut decoder = Decoder::new(&lm.cfg);
+    let block = lm.cfg().block_size;
+    let mut decoder = Decoder::new(lm.cfg());
     let keep = (block / 2).max(1);
     let start = context.len().saturating_sub(block.saturating_sub(1).max(1));
     for &id in &context[start..] {

@@ -37,10 +37,7 @@ pub fn hf_config(cfg: &ModelConfig, eot_id: u32) -> Value {
             "n_layer": cfg.n_layer,
             "n_head": cfg.n_head,
             "n_inner": cfg.ffn_hidden,
-            "activation_function": match cfg.gelu {
-                Gelu::Tanh => "gelu_new",
-                Gelu::Erf => "gelu",
-            },
+            "activation_function": cfg.gelu.hf_name(),
             "layer_norm_epsilon": cfg.norm_eps,
             "resid_pdrop": 0.0,
             "embd_pdrop": 0.0,
@@ -94,11 +91,9 @@ pub fn parse_hf_config(v: &Value) -> Result<ModelConfig, String> {
                 cfg.ffn_hidden = inner;
             }
             cfg.norm_eps = float("layer_norm_epsilon", 1e-5);
-            cfg.gelu = match v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new") {
-                "gelu_new" | "gelu_pytorch_tanh" => Gelu::Tanh,
-                "gelu" => Gelu::Erf,
-                other => return Err(format!("activation_function `{other}` is not supported (gelu_new or gelu)")),
-            };
+            let activation = v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+            cfg.gelu = Gelu::from_hf_name(activation)
+                .ok_or(format!("activation_function `{activation}` is not supported (gelu_new or gelu)"))?;
             cfg
         }
         "llama" => {

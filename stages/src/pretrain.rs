@@ -111,9 +111,8 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
         cfg.ffn_hidden = f;
     }
     cfg.tie_embeddings = p.bool("tie_embeddings"); // `check` refuses false for gpt2
-    if p.str("activation") == "gelu" {
-        cfg.gelu = Gelu::Erf; // `check` refuses it for llama
-    }
+                                                   // The choice's values are Hugging Face's names; `check` refuses the exact one for llama.
+    cfg.gelu = Gelu::from_hf_name(p.str("activation")).expect("a declared choice");
     cfg
 }
 

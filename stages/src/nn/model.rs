@@ -980,7 +980,10 @@ mod tests {
     fn tiny(arch: Arch, variant: usize) -> ModelConfig {
         match arch {
             // variant: 0 = biases and GPT-2's GELU, 1 = no biases and the exact GELU
-            Arch::Gpt2 => ModelConfig { gelu: [Gelu::Tanh, Gelu::Erf][variant], ..ModelConfig::gpt2(11, 4, 2, 2, 8, variant == 0) },
+            Arch::Gpt2 => ModelConfig {
+                gelu: [Gelu::Tanh, Gelu::Erf][variant],
+                ..ModelConfig::gpt2(11, 4, 2, 2, 8, variant == 0)
+            },
             Arch::Llama => {
                 // variant: 0 = MHA untied, 1 = GQA tied, 2 = MQA
                 let kv = [4, 2, 1][variant];

@@ -24,6 +24,25 @@ pub enum Gelu {
     Erf,
 }
 
+impl Gelu {
+    /// Its name in Hugging Face's `activation_function` (and in recipes).
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Gelu::Tanh => "gelu_new",
+            Gelu::Erf => "gelu",
+        }
+    }
+
+    /// The GELU a Hugging Face `activation_function` names, if it is one of these two.
+    pub fn from_hf_name(name: &str) -> Option<Gelu> {
+        match name {
+            "gelu_new" | "gelu_pytorch_tanh" => Some(Gelu::Tanh),
+            "gelu" => Some(Gelu::Erf),
+            _ => None,
+        }
+    }
+}
+
 /// `erf(x)` in f32 without a library call (Abramowitz and Stegun 7.1.26, absolute error below
 /// 1.5e-7, plus [`exp_fast`]'s): `1 - poly(t) e^(-x^2)` with `t = 1 / (1 + p |x|)`, odd.
 #[inline(always)]

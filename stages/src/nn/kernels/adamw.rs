@@ -22,9 +22,11 @@ pub struct AdamW {
 pub fn adamw_step(opt: AdamW, step: u32, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     let c1 = 1.0 - opt.beta1.powi(step as i32);
     let c2 = 1.0 - opt.beta2.powi(step as i32);
-    param.par_chunks_mut(CHUNK).zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK))).enumerate().for_each(
-        |(chunk, (p, (m, v)))| adamw_chunk(opt, c1, c2, p, &grad[chunk * CHUNK..][..p.len()], m, v),
-    );
+    param
+        .par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        .enumerate()
+        .for_each(|(chunk, (p, (m, v)))| adamw_chunk(opt, c1, c2, p, &grad[chunk * CHUNK..][..p.len()], m, v));
 }
 
 simd_fn! {

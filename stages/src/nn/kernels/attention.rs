@@ -59,6 +59,15 @@ fn head_mut(x: &mut [f32], t: usize, heads: usize, h: usize, d: usize) -> ArrayV
     ArrayViewMut2::from_shape((t, d).strides((heads * d, 1)), &mut x[h * d..]).expect("a head lies inside its block")
 }
 
+/// The causal part of a block of score rows `r0..r1` (each `t_` wide): columns `..r1`.
+fn seen(rows: &[f32], t_: usize, r1: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., ..r1])
+}
+
+fn seen_mut(rows: &mut [f32], t_: usize, r1: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., ..r1])
+}
+
 /// Query rows per block: a block of rows `r0..r1` needs keys `0..r1` only, so the products
 /// skip most of the masked upper triangle (all of it above the diagonal blocks).
 const QB: usize = 32;
@@ -83,14 +92,12 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: 
             for r0 in (0..t_).step_by(QB) {
                 let r1 = (r0 + QB).min(t_);
                 let rows = &mut p[r0 * t_..r1 * t_];
-                let mut scores = ArrayViewMut2::from_shape((r1 - r0, t_), &mut *rows).expect("rows * T");
-                let mut seen = scores.slice_mut(s![.., ..r1]);
-                general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut seen);
+                let mut scores = seen_mut(rows, t_, r1);
+                general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut scores);
                 causal_softmax(rows, t_, r0);
-                let probs = ArrayView2::from_shape((r1 - r0, t_), &*rows).expect("rows * T");
-                let mut out_rows = head_mut(out, t_, n.h, h, d);
-                let mut out_rows = out_rows.slice_mut(s![r0..r1, ..]);
-                general_mat_mul(1.0, &probs.slice(s![.., ..r1]), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
+                let mut out_h = head_mut(out, t_, n.h, h, d);
+                let mut out_rows = out_h.slice_mut(s![r0..r1, ..]);
+                general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
             }
         }
     });
@@ -165,23 +172,26 @@ pub fn attention_backward(
                 for r0 in (0..t_).step_by(QB) {
                     let r1 = (r0 + QB).min(t_);
                     let probs_rows = &p[r0 * t_..r1 * t_];
-                    let probs = ArrayView2::from_shape((r1 - r0, t_), probs_rows).expect("rows * T");
-                    let probs = probs.slice(s![.., ..r1]);
                     let dout_rows = dout_h.slice(s![r0..r1, ..]);
                     // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
                     let mut dv_h = head_mut(dv, t_, n.h_kv, kv, d);
-                    general_mat_mul(1.0, &probs.t(), &dout_rows, 1.0, &mut dv_h.slice_mut(s![..r1, ..]));
+                    let probs_t = seen(probs_rows, t_, r1).reversed_axes();
+                    general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv_h.slice_mut(s![..r1, ..]));
                     let ds_rows = &mut ds[..(r1 - r0) * t_];
-                    let mut dp = ArrayViewMut2::from_shape((r1 - r0, t_), &mut *ds_rows).expect("rows * T");
-                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut dp.slice_mut(s![.., ..r1]));
+                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds_rows, t_, r1));
                     causal_softmax_backward(ds_rows, probs_rows, t_, r0, scale);
-                    let dscores = ArrayView2::from_shape((r1 - r0, t_), &*ds_rows).expect("rows * T");
-                    let dscores = dscores.slice(s![.., ..r1]);
+                    let dscores = seen(ds_rows, t_, r1);
                     // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
                     let mut dq_h = head_mut(dq, t_, n.h, h, d);
                     general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq_h.slice_mut(s![r0..r1, ..]));
                     let mut dk_h = head_mut(dk, t_, n.h_kv, kv, d);
-                    general_mat_mul(1.0, &dscores.t(), &qh.slice(s![r0..r1, ..]), 1.0, &mut dk_h.slice_mut(s![..r1, ..]));
+                    general_mat_mul(
+                        1.0,
+                        &dscores.t(),
+                        &qh.slice(s![r0..r1, ..]),
+                        1.0,
+                        &mut dk_h.slice_mut(s![..r1, ..]),
+                    );
                 }
             }
         },

@@ -120,7 +120,7 @@ pub fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
 ///
 /// # Panics
 /// If the lengths differ.
-#[inline]
+#[inline(always)] // so that `simd_fn!` bodies get it at their width
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
     let mut acc = [0.0f32; 8];
@@ -139,7 +139,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y += a * x`, element by element (so the bits are those of the plain loop).
-#[inline]
+#[inline(always)]
 pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len(), "axpy of slices of different lengths");
     for (y, x) in y.iter_mut().zip(x) {

@@ -5,6 +5,8 @@
 //! accumulated in row order per column (columns in parallel). No bit depends on the thread
 //! count.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::{simd_fn, sum_f64};
@@ -13,6 +15,12 @@ use super::{simd_fn, sum_f64};
 const ROWS: usize = 16;
 /// Columns per parallel work item of the weight gradients.
 const COLS: usize = 64;
+
+/// Work item `chunk` of [`ROWS`] rows, `len` floats of them: its rows and its range of floats.
+fn block(chunk: usize, len: usize, c: usize) -> (Range<usize>, Range<usize>) {
+    let rows = chunk * ROWS..chunk * ROWS + len / c;
+    (rows.clone(), rows.start * c..rows.end * c)
+}
 
 /// `out = (x - mean) / sqrt(var + eps) * w + b` per row; saves `mean` and `rstd` (rows).
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
@@ -29,8 +37,7 @@ pub fn layernorm_forward(
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(mean.par_chunks_mut(ROWS).zip(rstd.par_chunks_mut(ROWS))).enumerate().for_each(
         |(chunk, (out, (mean, rstd)))| {
-            let x = &x[chunk * ROWS * c..][..out.len()];
-            layernorm_rows(x, &w[..c], &b[..c], eps, out, mean, rstd);
+            layernorm_rows(&x[block(chunk, out.len(), c).1], &w[..c], &b[..c], eps, out, mean, rstd);
         },
     );
 }
@@ -66,8 +73,7 @@ pub fn layernorm_backward(
 ) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(chunk, dx)| {
-        let rows = chunk * ROWS..chunk * ROWS + dx.len() / c;
-        let at = rows.start * c..rows.end * c;
+        let (rows, at) = block(chunk, dx.len(), c);
         layernorm_rows_backward(&dout[at.clone()], &x[at], &w[..c], &mean[rows.clone()], &rstd[rows], dx);
     });
     // Each column sums its rows in row order, whatever thread it lands on.
@@ -121,7 +127,7 @@ simd_fn! {
 pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &mut [f32], c: usize) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     out.par_chunks_mut(ROWS * c).zip(rrms.par_chunks_mut(ROWS)).enumerate().for_each(|(chunk, (out, rrms))| {
-        rmsnorm_rows(&x[chunk * ROWS * c..][..out.len()], &w[..c], eps, out, rrms);
+        rmsnorm_rows(&x[block(chunk, out.len(), c).1], &w[..c], eps, out, rrms);
     });
 }
 
@@ -143,11 +149,12 @@ simd_fn! {
 pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &mut [f32], dw: &mut [f32], c: usize) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
     dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(chunk, dx)| {
-        let rows = chunk * ROWS..chunk * ROWS + dx.len() / c;
-        let at = rows.start * c..rows.end * c;
+        let (rows, at) = block(chunk, dx.len(), c);
         rmsnorm_rows_backward(&dout[at.clone()], &x[at], &w[..c], &rrms[rows], dx);
     });
-    dw.par_chunks_mut(COLS).enumerate().for_each(|(chunk, dw)| rmsnorm_params_backward(dout, x, rrms, c, chunk * COLS, dw));
+    dw.par_chunks_mut(COLS)
+        .enumerate()
+        .for_each(|(chunk, dw)| rmsnorm_params_backward(dout, x, rrms, c, chunk * COLS, dw));
 }
 
 simd_fn! {
