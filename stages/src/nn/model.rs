@@ -612,7 +612,7 @@ impl Model {
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
             self.project_qkv(blk, p, &a.n1, &mut acts.qkv, &mut a.q, &mut a.k, &mut a.v, t, 0);
-            attention_forward(&a.q, &a.k, &a.v, &mut a.y, &mut a.att, n);
+            attention_forward(&a.q, &a.k, &a.v, &mut a.y, &mut a.att_stats, n);
             blk.o.forward(p, &a.y, &mut a.x_mid, rows);
             a.x_mid.iter_mut().zip(x.iter()).for_each(|(m, r)| *m += r);
             blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
@@ -671,7 +671,7 @@ impl Model {
             dx.iter_mut().zip(dn.iter()).for_each(|(d, n)| *d += n); // d x_mid
 
             blk.o.backward(p, grads, dx, &a.y, dtmp, rows, false);
-            attention_backward(dtmp, &a.q, &a.k, &a.v, &a.att, dq, dk, dv, n);
+            attention_backward(dtmp, &a.q, &a.k, &a.v, &a.att_stats, dq, dk, dv, n);
             match blk.qkv {
                 Qkv::Fused(lin) => {
                     for (r, row) in dqkv.chunks_mut(3 * c).enumerate() {
@@ -714,7 +714,8 @@ struct BlockActs {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
-    att: Vec<f32>,
+    /// Each attention score row's maximum and inverse sum (B, H, T, 2).
+    att_stats: Vec<f32>,
     y: Vec<f32>,
     x_mid: Vec<f32>,
     n2: Vec<f32>,
@@ -767,7 +768,7 @@ impl Activations {
             q: z(rows * c),
             k: z(rows * ckv),
             v: z(rows * ckv),
-            att: z(b * cfg.n_head * t * t),
+            att_stats: z(b * cfg.n_head * t * 2),
             y: z(rows * c),
             x_mid: z(rows * c),
             n2: z(rows * c),
@@ -812,7 +813,7 @@ impl Activations {
             .blocks
             .iter()
             .map(|a| {
-                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.att, &a.y, &a.x_mid, &a.n2, &a.h, &a.u, &a.g]
+                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.att_stats, &a.y, &a.x_mid, &a.n2, &a.h, &a.u, &a.g]
                     .map(v)
                     .iter()
                     .sum::<usize>()

@@ -2,15 +2,16 @@
 //!
 //! Layouts: `q` and `out` are (B, T, H, D); `k` and `v` are (B, T, Hkv, D) with H a multiple of
 //! Hkv (Hkv = H: multi-head; Hkv = 1: multi-query); query head `h` reads key/value head
-//! `h / (H / Hkv)`. Forward saves the attention probabilities (B, H, T, T) for backward.
-//! Both versions keep the (T, T) probabilities per head for backward: the blocked
-//! matrix-product one the model uses, and the plain one it is tested against. A fused kernel
-//! that recomputes them instead (flash attention) is not written yet.
+//! `h / (H / Hkv)`.
+//!
+//! The kernels the model uses never hold a (T, T) matrix: forward keeps two numbers per score
+//! row (its maximum and inverse sum) and backward recomputes each block's probabilities from
+//! them, as flash attention does. The plain references keep the probabilities (B, H, T, T).
 
 use rayon::prelude::*;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, ArrayView2, ArrayViewMut2, ShapeBuilder};
+use ndarray::{s, ArrayView2, ArrayViewMut2, ArrayViewMut4, Axis, ShapeBuilder};
 
 use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn};
 
@@ -55,10 +56,6 @@ fn head(x: &[f32], t: usize, heads: usize, h: usize, d: usize) -> ArrayView2<'_,
     ArrayView2::from_shape((t, d).strides((heads * d, 1)), &x[h * d..]).expect("a head lies inside its block")
 }
 
-fn head_mut(x: &mut [f32], t: usize, heads: usize, h: usize, d: usize) -> ArrayViewMut2<'_, f32> {
-    ArrayViewMut2::from_shape((t, d).strides((heads * d, 1)), &mut x[h * d..]).expect("a head lies inside its block")
-}
-
 /// The causal part of a block of score rows `r0..r1` (each `t_` wide): columns `..r1`.
 fn seen(rows: &[f32], t_: usize, r1: usize) -> ArrayView2<'_, f32> {
     ArrayView2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., ..r1])
@@ -72,43 +69,57 @@ fn seen_mut(rows: &mut [f32], t_: usize, r1: usize) -> ArrayViewMut2<'_, f32> {
 /// skip most of the masked upper triangle (all of it above the diagonal blocks).
 const QB: usize = 32;
 
-/// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head.
+/// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head; `stats` (B, H, T, 2)
+/// receives each score row's maximum and inverse sum, from which backward recomputes the
+/// probabilities instead of keeping them.
 ///
-/// Each head runs in blocks of [`QB`] query rows: two matrix products on the block's scores
-/// against the keys it may see (ndarray's `general_mat_mul`, one thread per batch row, so the
-/// bits do not depend on the thread count) and a row-wise causal softmax between them.
+/// Each (batch row, head) is one rayon task and runs in blocks of [`QB`] query rows: two matrix
+/// products on the block's scores against the keys it may see (ndarray's `general_mat_mul`)
+/// and a row-wise causal softmax between them, in a (QB, T) scratch: no (T, T) matrix is held.
+/// A task's arithmetic does not depend on which thread runs it, so neither do the bits.
 /// [`attention_forward_plain`], one dot product at a time, is the reference.
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: &mut [f32], n: AttnDims) {
+pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], stats: &mut [f32], n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, _, att_len) = n.lens();
-    out.par_chunks_mut(q_len).zip(att.par_chunks_mut(att_len)).enumerate().for_each(|(b, (out, att))| {
-        let (q, k, v) = n.row(b, q, k, v);
-        for (h, p) in att.chunks_mut(t_ * t_).enumerate() {
-            let kv = h / group;
-            let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
-            for r0 in (0..t_).step_by(QB) {
-                let r1 = (r0 + QB).min(t_);
-                let rows = &mut p[r0 * t_..r1 * t_];
-                let mut scores = seen_mut(rows, t_, r1);
-                general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut scores);
-                causal_softmax(rows, t_, r0);
-                let mut out_h = head_mut(out, t_, n.h, h, d);
-                let mut out_rows = out_h.slice_mut(s![r0..r1, ..]);
-                general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
-            }
-        }
-    });
+    let mut out = ArrayViewMut4::from_shape((n.b, t_, n.h, d), out).expect("out is (B, T, H, D)");
+    let per_row = n.h * t_ * 2;
+    out.axis_iter_mut(Axis(0)).into_par_iter().zip(stats.par_chunks_mut(per_row)).enumerate().for_each(
+        |(b, (mut out, stats))| {
+            let (q, k, v) = n.row(b, q, k, v);
+            out.axis_iter_mut(Axis(1)).into_par_iter().zip(stats.par_chunks_mut(t_ * 2)).enumerate().for_each(
+                |(h, (mut out, stats))| {
+                    let kv = h / group;
+                    let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
+                    let mut scratch = vec![0.0f32; QB.min(t_) * t_];
+                    for r0 in (0..t_).step_by(QB) {
+                        let r1 = (r0 + QB).min(t_);
+                        let rows = &mut scratch[..(r1 - r0) * t_];
+                        scores(scale, &qh, &kh, r0, r1, rows, t_);
+                        causal_softmax(rows, t_, r0, &mut stats[r0 * 2..r1 * 2]);
+                        let mut out_rows = out.slice_mut(s![r0..r1, ..]);
+                        general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
+                    }
+                },
+            );
+        },
+    );
+}
+
+/// The scaled scores of query rows `r0..r1` against the keys they may see, into `rows`
+/// ((r1 - r0) rows, T wide; columns `r1..` are left alone).
+fn scores(scale: f32, qh: &ArrayView2<f32>, kh: &ArrayView2<f32>, r0: usize, r1: usize, rows: &mut [f32], t_: usize) {
+    let mut scores = seen_mut(rows, t_, r1);
+    general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut scores);
 }
 
 simd_fn! {
     /// Softmax in place over each row of `rows` (T wide), whose first row is position `first`:
-    /// row `t` keeps columns `..=t` and zeroes the rest. Max, exponentials ([`exp_fast`]) and
-    /// the sum run along the row in order.
-    fn causal_softmax(rows: &mut [f32], t_: usize, first: usize) {
-        for (i, row) in rows.chunks_exact_mut(t_).enumerate() {
+    /// row `t` keeps columns `..=t` and zeroes the rest; its maximum and inverse sum go to
+    /// `stats[2i..2i + 2]`. Max, exponentials ([`exp_fast`]) and the sum run along the row in order.
+    fn causal_softmax(rows: &mut [f32], t_: usize, first: usize, stats: &mut [f32]) {
+        for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
             let (seen, masked) = row.split_at_mut(first + i + 1);
             let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             for p in seen.iter_mut() {
@@ -119,12 +130,31 @@ simd_fn! {
                 *p *= inv;
             }
             masked.fill(0.0);
+            stats.copy_from_slice(&[max, inv]);
         }
     }
 }
 
 simd_fn! {
-    /// Softmax backward in place on the rows of `ds` (dP in, dS out) with the saved `probs`:
+    /// The probabilities [`causal_softmax`] made, again, from the same scores and its `stats`:
+    /// the same operations in the same order, so the same bits.
+    fn causal_probs(rows: &mut [f32], t_: usize, first: usize, stats: &[f32]) {
+        for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact(2)).enumerate() {
+            let (seen, masked) = row.split_at_mut(first + i + 1);
+            let (max, inv) = (stats[0], stats[1]);
+            for p in seen.iter_mut() {
+                *p = exp_fast(*p - max);
+            }
+            for p in seen.iter_mut() {
+                *p *= inv;
+            }
+            masked.fill(0.0);
+        }
+    }
+}
+
+simd_fn! {
+    /// Softmax backward in place on the rows of `ds` (dP in, dS out) with the probabilities:
     /// `dS = P (dP - sum(P dP)) / sqrt(D)` on the causal columns, 0 elsewhere.
     fn causal_softmax_backward(ds: &mut [f32], probs: &[f32], t_: usize, first: usize, scale: f32) {
         for (i, (ds, p)) in ds.chunks_exact_mut(t_).zip(probs.chunks_exact(t_)).enumerate() {
@@ -138,16 +168,18 @@ simd_fn! {
     }
 }
 
-/// Gradients of [`attention_forward`]: writes `dq`, `dk`, `dv`. Key/value gradients of a group
-/// sum over its query heads in head order, and over query blocks in order. Matrix products per
-/// block of query rows, as the forward.
+/// Gradients of [`attention_forward`] from its `stats`: writes `dq`, `dk`, `dv`.
+///
+/// Each (batch row, key/value head) is one rayon task, which runs the group's query heads in
+/// head order and each head's query blocks in order, recomputing the block's probabilities,
+/// so a key/value gradient sums its terms in an order fixed by the shapes alone.
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
 pub fn attention_backward(
     dout: &[f32],
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    att: &[f32],
+    stats: &[f32],
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -157,45 +189,52 @@ pub fn attention_backward(
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, kv_len, att_len) = n.lens();
-    dq.par_chunks_mut(q_len).zip(dk.par_chunks_mut(kv_len).zip(dv.par_chunks_mut(kv_len))).enumerate().for_each(
-        |(b, (dq, (dk, dv)))| {
-            let (q, k, v) = n.row(b, q, k, v);
-            let (dout, att) = (&dout[b * q_len..(b + 1) * q_len], &att[b * att_len..(b + 1) * att_len]);
+    let (q_len, _, _) = n.lens();
+    let mut dq = ArrayViewMut4::from_shape((n.b, t_, n.h, d), dq).expect("dq is (B, T, H, D)");
+    let mut dk = ArrayViewMut4::from_shape((n.b, t_, n.h_kv, d), dk).expect("dk is (B, T, Hkv, D)");
+    let mut dv = ArrayViewMut4::from_shape((n.b, t_, n.h_kv, d), dv).expect("dv is (B, T, Hkv, D)");
+    let batch_rows =
+        dq.axis_iter_mut(Axis(0)).into_par_iter().zip(dk.axis_iter_mut(Axis(0))).zip(dv.axis_iter_mut(Axis(0)));
+    batch_rows.enumerate().for_each(|(b, ((mut dq, mut dk), mut dv))| {
+        let (q, k, v) = n.row(b, q, k, v);
+        let dout = &dout[b * q_len..(b + 1) * q_len];
+        let stats = &stats[b * n.h * t_ * 2..(b + 1) * n.h * t_ * 2];
+        let kv_heads = dq
+            .axis_chunks_iter_mut(Axis(1), group)
+            .into_par_iter()
+            .zip(dk.axis_iter_mut(Axis(1)))
+            .zip(dv.axis_iter_mut(Axis(1)));
+        kv_heads.enumerate().for_each(|(kv, ((mut dq, mut dk), mut dv))| {
+            let (kh, vh) = (head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
             dk.fill(0.0);
             dv.fill(0.0);
-            let mut ds = vec![0.0f32; QB.min(t_) * t_];
-            for (h, p) in att.chunks(t_ * t_).enumerate() {
-                let kv = h / group;
-                let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
-                let dout_h = head(dout, t_, n.h, h, d);
+            let rows = QB.min(t_) * t_;
+            let (mut probs, mut ds) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+            for (j, mut dq) in dq.axis_iter_mut(Axis(1)).enumerate() {
+                let h = kv * group + j;
+                let (qh, dout_h) = (head(q, t_, n.h, h, d), head(dout, t_, n.h, h, d));
+                let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
                 for r0 in (0..t_).step_by(QB) {
                     let r1 = (r0 + QB).min(t_);
-                    let probs_rows = &p[r0 * t_..r1 * t_];
+                    let probs = &mut probs[..(r1 - r0) * t_];
+                    scores(scale, &qh, &kh, r0, r1, probs, t_);
+                    causal_probs(probs, t_, r0, &stats[r0 * 2..r1 * 2]);
                     let dout_rows = dout_h.slice(s![r0..r1, ..]);
                     // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
-                    let mut dv_h = head_mut(dv, t_, n.h_kv, kv, d);
-                    let probs_t = seen(probs_rows, t_, r1).reversed_axes();
-                    general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv_h.slice_mut(s![..r1, ..]));
-                    let ds_rows = &mut ds[..(r1 - r0) * t_];
-                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds_rows, t_, r1));
-                    causal_softmax_backward(ds_rows, probs_rows, t_, r0, scale);
-                    let dscores = seen(ds_rows, t_, r1);
+                    let probs_t = seen(probs, t_, r1).reversed_axes();
+                    general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![..r1, ..]));
+                    let ds = &mut ds[..(r1 - r0) * t_];
+                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds, t_, r1));
+                    causal_softmax_backward(ds, probs, t_, r0, scale);
+                    let dscores = seen(ds, t_, r1);
                     // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
-                    let mut dq_h = head_mut(dq, t_, n.h, h, d);
-                    general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq_h.slice_mut(s![r0..r1, ..]));
-                    let mut dk_h = head_mut(dk, t_, n.h_kv, kv, d);
-                    general_mat_mul(
-                        1.0,
-                        &dscores.t(),
-                        &qh.slice(s![r0..r1, ..]),
-                        1.0,
-                        &mut dk_h.slice_mut(s![..r1, ..]),
-                    );
+                    general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
+                    let q_rows = qh.slice(s![r0..r1, ..]);
+                    general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![..r1, ..]));
                 }
             }
-        },
-    );
+        });
+    });
 }
 
 /// The reference for [`attention_forward`]: one dot product at a time.
@@ -316,20 +355,24 @@ mod tests {
 
     fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; n.b * n.t * n.h * n.d];
-        let mut att = vec![0.0; n.b * n.h * n.t * n.t];
-        attention_forward(q, k, v, &mut out, &mut att, n);
-        (out, att)
+        let mut stats = vec![0.0; n.b * n.h * n.t * 2];
+        attention_forward(q, k, v, &mut out, &mut stats, n);
+        (out, stats)
     }
 
     #[test]
     fn the_first_position_sees_only_itself_and_rows_sum_to_one() {
         let n = AttnDims { b: 2, t: 4, h: 2, h_kv: 2, d: 3 };
         let (q, k, v) = (random(48, 1), random(48, 2), random(48, 3));
-        let (out, att) = forward(&q, &k, &v, n);
+        let (out, stats) = forward(&q, &k, &v, n);
+        let (mut out_ref, mut att) = (vec![0.0; 48], vec![0.0; 2 * 2 * 4 * 4]);
+        attention_forward_plain(&q, &k, &v, &mut out_ref, &mut att, n);
         for b in 0..2 {
             for h in 0..2 {
                 let at = (b * 4 * 2 + h) * 3;
                 assert_eq!(&out[at..at + 3], &v[at..at + 3], "t = 0 copies its own value");
+                assert_eq!(&out_ref[at..at + 3], &v[at..at + 3], "t = 0 copies its own value (plain)");
+                assert_eq!(stats[(b * 2 + h) * 4 * 2 + 1], 1.0, "t = 0 sums one probability of 1");
                 for t in 0..4 {
                     let row = &att[((b * 2 + h) * 4 + t) * 4..((b * 2 + h) * 4 + t + 1) * 4];
                     assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
@@ -345,44 +388,47 @@ mod tests {
             let n = AttnDims { b: 2, t: 3, h: 4, h_kv, d: 2 };
             let (qn, kn) = (n.b * n.t * n.h * n.d, n.b * n.t * h_kv * n.d);
             let (q, k, v, probe) = (random(qn, 4), random(kn, 5), random(kn, 6), random(qn, 7));
-            let (_, att) = forward(&q, &k, &v, n);
+            let (_, stats) = forward(&q, &k, &v, n);
             let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
-            attention_backward(&probe, &q, &k, &v, &att, &mut dq, &mut dk, &mut dv, n);
+            attention_backward(&probe, &q, &k, &v, &stats, &mut dq, &mut dk, &mut dv, n);
             check(&format!("dq (kv heads {h_kv})"), &q, &dq, |q| probe_loss(&forward(q, &k, &v, n).0, &probe));
             check(&format!("dk (kv heads {h_kv})"), &k, &dk, |k| probe_loss(&forward(&q, k, &v, n).0, &probe));
             check(&format!("dv (kv heads {h_kv})"), &v, &dv, |v| probe_loss(&forward(&q, &k, v, n).0, &probe));
         }
     }
 
-    type Forward = fn(&[f32], &[f32], &[f32], &mut [f32], &mut [f32], AttnDims);
-    type Backward = fn(&[f32], &[f32], &[f32], &[f32], &[f32], &mut [f32], &mut [f32], &mut [f32], AttnDims);
+    #[test]
+    fn probabilities_recomputed_from_the_row_statistics_are_the_same_bits() {
+        let (t_, first, rows) = (40, 7, 5);
+        let scores: Vec<f32> = random(rows * t_, 12).iter().map(|x| x * 6.0).collect();
+        let (mut probs, mut stats) = (scores.clone(), vec![0.0; rows * 2]);
+        causal_softmax(&mut probs, t_, first, &mut stats);
+        let mut again = scores.clone();
+        causal_probs(&mut again, t_, first, &stats);
+        assert_eq!(probs, again);
+        assert!(probs.chunks(t_).enumerate().all(|(i, row)| row[first + i + 1..].iter().all(|p| *p == 0.0)));
+    }
 
     #[test]
-    fn the_matrix_product_version_matches_the_plain_one() {
+    fn the_blocked_version_matches_the_plain_one() {
         // Lengths below, at and past the query block, with a partial last block.
         for (h, h_kv, t) in [(4, 4, 9), (4, 2, 16), (6, 1, 5), (2, 2, 64), (4, 2, 75)] {
             let n = AttnDims { b: 3, t, h, h_kv, d: 8 };
             let (qn, kn) = (n.b * t * h * 8, n.b * t * h_kv * 8);
             let (q, k, v, dout) = (random(qn, 1), random(kn, 2), random(kn, 3), random(qn, 4));
-            let run = |fwd: Forward| {
-                let (mut out, mut att) = (vec![0.0; qn], vec![0.0; n.b * h * t * t]);
-                fwd(&q, &k, &v, &mut out, &mut att, n);
-                (out, att)
-            };
-            let ((out, att), (out_ref, att_ref)) = (run(attention_forward), run(attention_forward_plain));
+            let (out, stats) = forward(&q, &k, &v, n);
+            let (mut out_ref, mut att_ref) = (vec![0.0; qn], vec![0.0; n.b * h * t * t]);
+            attention_forward_plain(&q, &k, &v, &mut out_ref, &mut att_ref, n);
             let close = |a: &[f32], b: &[f32], what: &str| {
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}] ({h}/{h_kv} heads): {x} vs {y}");
                 }
             };
             close(&out, &out_ref, "out");
-            close(&att, &att_ref, "att");
-            let grads = |bwd: Backward| {
-                let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
-                bwd(&dout, &q, &k, &v, &att_ref, &mut dq, &mut dk, &mut dv, n);
-                (dq, dk, dv)
-            };
-            let ((dq, dk, dv), (dq_ref, dk_ref, dv_ref)) = (grads(attention_backward), grads(attention_backward_plain));
+            let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
+            attention_backward(&dout, &q, &k, &v, &stats, &mut dq, &mut dk, &mut dv, n);
+            let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
+            attention_backward_plain(&dout, &q, &k, &v, &att_ref, &mut dq_ref, &mut dk_ref, &mut dv_ref, n);
             close(&dq, &dq_ref, "dq");
             close(&dk, &dk_ref, "dk");
             close(&dv, &dv_ref, "dv");
