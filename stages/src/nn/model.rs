@@ -15,8 +15,9 @@
 //! against a KV cache for sampling.
 
 pub use crate::nn::kernels::activation::Gelu;
-use crate::nn::kernels::activation::{gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
+use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
+use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::kernels::dot;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
@@ -291,15 +292,18 @@ impl Linear {
         }
     }
 
+    /// `out = x W + b`.
     fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize) {
+        self.product(p, x, out, rows);
+        if let Some(b) = self.b {
+            add_bias(out, p.at(b));
+        }
+    }
+
+    /// `out = x W`, the bias left to the caller.
+    fn product(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize) {
         let d = Dims { m: rows, k: self.cin, n: self.cout };
         matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
-        if let Some(b) = self.b {
-            let b = p.at(b);
-            for row in out.chunks_mut(self.cout) {
-                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-            }
-        }
     }
 
     /// Writes (or with `add_dx`, adds into) `dx`; adds into the weight and bias gradients.
@@ -339,10 +343,7 @@ impl Linear {
             );
         }
         if let Some(b) = self.b {
-            let db = g.at_mut(b);
-            for row in dout.chunks(cout) {
-                db.iter_mut().zip(row).for_each(|(d, g)| *d += g);
-            }
+            bias_backward(dout, g.at_mut(b));
         }
     }
 }
@@ -587,8 +588,16 @@ impl Model {
         let rows = x.len() / self.cfg.n_embd;
         match blk.mlp {
             Mlp::Gelu { fc, proj } => {
-                fc.forward(p, x, h, rows);
-                gelu_forward(self.cfg.gelu, h, g);
+                match fc.b {
+                    Some(b) => {
+                        fc.product(p, x, h, rows);
+                        bias_gelu_forward(self.cfg.gelu, h, p.at(b), g);
+                    }
+                    None => {
+                        fc.forward(p, x, h, rows);
+                        gelu_forward(self.cfg.gelu, h, g);
+                    }
+                }
                 proj.forward(p, g, out, rows);
             }
             Mlp::SwiGlu { gate, up, down } => {

@@ -1,7 +1,9 @@
-//! Elementwise activations: GELU (tanh approximation, as GPT-2) and SwiGLU (llama's MLP gate).
+//! Elementwise activations: GELU (GPT-2's tanh approximation or the exact one), alone or fused
+//! with the bias before it, and SwiGLU (llama's MLP gate).
 
 use rayon::prelude::*;
 
+use super::bias::{add_rows, row_chunk};
 use super::{exp_fast, simd_fn};
 
 const CHUNK: usize = 4096;
@@ -68,6 +70,21 @@ pub fn gelu_forward(kind: Gelu, x: &[f32], out: &mut [f32]) {
     out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| match kind {
         Gelu::Tanh => gelu_chunk(x, o),
         Gelu::Erf => gelu_erf_chunk(x, o),
+    });
+}
+
+/// The MLP's first bias and its GELU in one pass: `x[r] += bias` for every row `r` of `x` (what
+/// backward needs), then `out = gelu(x)`, a cache-sized block of whole rows at a time. The same
+/// bits as [`add_bias`](super::bias::add_bias) followed by [`gelu_forward`].
+pub fn bias_gelu_forward(kind: Gelu, x: &mut [f32], bias: &[f32], out: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
+    let rows = row_chunk(bias.len());
+    out.par_chunks_mut(rows).zip(x.par_chunks_mut(rows)).for_each(|(o, x)| {
+        add_rows(x, bias);
+        match kind {
+            Gelu::Tanh => gelu_chunk(x, o),
+            Gelu::Erf => gelu_erf_chunk(x, o),
+        }
     });
 }
 
@@ -176,6 +193,20 @@ mod tests {
             let mut dx = vec![0.0; 50];
             gelu_backward(kind, &probe, &x, &mut dx);
             check("gelu dx", &x, &dx, |x| probe_loss(&forward(x), &probe));
+        }
+    }
+
+    #[test]
+    fn the_fused_bias_and_gelu_equal_the_two_steps() {
+        let (rows, width) = (40, 300);
+        let (x, bias) = (random(rows * width, 6), random(width, 7));
+        for kind in [Gelu::Tanh, Gelu::Erf] {
+            let (mut fused_x, mut fused) = (x.clone(), vec![0.0; x.len()]);
+            bias_gelu_forward(kind, &mut fused_x, &bias, &mut fused);
+            let (mut plain_x, mut plain) = (x.clone(), vec![0.0; x.len()]);
+            crate::nn::kernels::bias::add_bias(&mut plain_x, &bias);
+            gelu_forward(kind, &plain_x, &mut plain);
+            assert_eq!((fused_x, fused), (plain_x, plain), "{kind:?}");
         }
     }
 
