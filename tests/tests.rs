@@ -5,6 +5,7 @@ mod caching; // reruns do only the work whose inputs changed; plan says why
 mod cli; // help, dag, summary table, docs generated from the code
 mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data when present
 mod golden; // golden digests of every stage's output, golden diagnostics
+mod hf_crosscheck; // models load in Hugging Face transformers and score the same loss
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod tidy; // every source file opens with a module doc
 mod training; // pretrain, evaluate, sample; exact resume; threads; divergence

@@ -8,11 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{assert_success, key, stage, Sandbox};
-
-fn artifact(sb: &Sandbox, run: &Value, name: &str) -> PathBuf {
-    sb.store().join("objects").join(key(run, name))
-}
+use crate::util::{artifact, assert_success, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()

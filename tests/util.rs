@@ -102,6 +102,11 @@ pub fn key(json: &Value, name: &str) -> String {
     stage(json, name)["key"].as_str().expect("a key").to_string()
 }
 
+/// The directory of stage `name`'s artifact in a run's store.
+pub fn artifact(sb: &Sandbox, run: &Value, name: &str) -> PathBuf {
+    sb.store().join("objects").join(key(run, name))
+}
+
 /// Move a file's modification time forward without touching its bytes.
 pub fn touch(path: &Path) {
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
