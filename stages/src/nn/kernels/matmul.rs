@@ -1,14 +1,29 @@
 //! Matrix multiplication: `out (m, n) = op(a) @ op(b)`, optionally accumulated into `out`.
 //!
-//! The fast path hands row blocks of a fixed size to ndarray's `general_mat_mul`
-//! (matrixmultiply) in parallel. Each output element is computed by one call whatever the
-//! thread count, so results do not depend on it. [`matmul_naive`] is the reference.
+//! The fast path hands blocks of the output, a grid fixed by the shape alone, to ndarray's
+//! `general_mat_mul` (matrixmultiply) in parallel. Each output element is computed by one call
+//! that sums over all of `k` in matrixmultiply's own order, whatever the grid and the thread
+//! count, so results depend on neither. [`matmul_naive`] is the reference.
 
-use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
-use rayon::prelude::*;
+use ndarray::parallel::prelude::*;
+use ndarray::{linalg::general_mat_mul, s, ArrayView2, ArrayViewMut2, Axis};
 
-/// Rows of the output per parallel work item: fixed, never "one chunk per thread".
+/// Rows of the output per parallel work item, at most; the rows are split into equal blocks
+/// (65 rows are two blocks of 33 and 32, not 64 and 1).
 const ROW_BLOCK: usize = 64;
+/// Work items a product should offer: one with fewer row blocks also splits its columns.
+const MIN_BLOCKS: usize = 4;
+/// Columns per block are a multiple of this (matrixmultiply's widest micro-tile).
+const COL_ALIGN: usize = 16;
+
+/// Rows and columns per block of the output grid for this shape.
+fn grid(d: Dims) -> (usize, usize) {
+    let row_blocks = d.m.div_ceil(ROW_BLOCK).max(1);
+    let rows = d.m.div_ceil(row_blocks).max(1);
+    let col_blocks = MIN_BLOCKS.div_ceil(row_blocks).min(d.n.div_ceil(4 * COL_ALIGN)).max(1);
+    let cols = d.n.div_ceil(col_blocks).next_multiple_of(COL_ALIGN).max(1);
+    (rows, cols)
+}
 
 /// How an operand is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,22 +60,16 @@ pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: 
     assert_eq!(a.len(), d.m * d.k, "a is not m * k");
     assert_eq!(b.len(), d.k * d.n, "b is not k * n");
     assert_eq!(out.len(), d.m * d.n, "out is not m * n");
-    let b = view(b, d.k, d.n, lb);
+    let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
     let beta = if accumulate { 1.0 } else { 0.0 };
-    out.par_chunks_mut(ROW_BLOCK * d.n.max(1)).enumerate().for_each(|(block, out_rows)| {
-        let rows = out_rows.len() / d.n.max(1);
-        let first = block * ROW_BLOCK;
-        let a_rows = match la {
-            Layout::Normal => {
-                ArrayView2::from_shape((rows, d.k), &a[first * d.k..(first + rows) * d.k]).expect("in range")
-            }
-            Layout::Transposed => {
-                let whole = ArrayView2::from_shape((d.k, d.m), a).expect("checked").reversed_axes();
-                whole.slice_move(ndarray::s![first..first + rows, ..])
-            }
-        };
-        let mut c = ArrayViewMut2::from_shape((rows, d.n), out_rows).expect("in range");
-        general_mat_mul(1.0, &a_rows, &b, beta, &mut c);
+    let (rows, cols) = grid(d);
+    let mut out = ArrayViewMut2::from_shape((d.m, d.n), out).expect("checked");
+    out.axis_chunks_iter_mut(Axis(0), rows).into_par_iter().enumerate().for_each(|(i, mut out_rows)| {
+        let a_rows = a.slice(s![i * rows..i * rows + out_rows.nrows(), ..]);
+        out_rows.axis_chunks_iter_mut(Axis(1), cols).into_par_iter().enumerate().for_each(|(j, mut block)| {
+            let b_cols = b.slice(s![.., j * cols..j * cols + block.ncols()]);
+            general_mat_mul(1.0, &a_rows, &b_cols, beta, &mut block);
+        });
     });
 }
 
@@ -103,6 +112,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_grid_splits_few_rows_evenly_and_then_columns() {
+        assert_eq!(grid(Dims { m: 768, k: 128, n: 384 }), (64, 384), "12 row blocks: whole rows");
+        assert_eq!(grid(Dims { m: 65, k: 768, n: 128 }), (33, 64), "2 even row blocks, 2 column blocks");
+        assert_eq!(grid(Dims { m: 128, k: 768, n: 384 }), (64, 192));
+        assert_eq!(grid(Dims { m: 3, k: 5, n: 7 }), (3, 16), "too narrow to split");
+    }
+
+    #[test]
+    fn every_grid_gives_the_same_bits() {
+        // matrixmultiply sums each element over all of k the same way whatever block holds it.
+        let d = Dims { m: 130, k: 300, n: 200 };
+        let (a, b) = (random(d.m * d.k, 6), random(d.k * d.n, 7));
+        let mut whole = vec![0.0; d.m * d.n];
+        let mut c = ArrayViewMut2::from_shape((d.m, d.n), &mut whole[..]).unwrap();
+        general_mat_mul(1.0, &view(&a, d.m, d.k, Layout::Transposed), &view(&b, d.k, d.n, Layout::Normal), 0.0, &mut c);
+        let mut blocked = vec![0.0; d.m * d.n];
+        matmul(&a, Layout::Transposed, &b, Layout::Normal, &mut blocked, d, false);
+        assert!(whole.iter().zip(&blocked).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]
