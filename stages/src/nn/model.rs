@@ -15,7 +15,10 @@
 //! against a KV cache for sampling.
 
 pub use crate::nn::kernels::activation::Gelu;
+use rayon::prelude::*;
+
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
+use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
@@ -556,11 +559,12 @@ impl Model {
             Qkv::Fused(lin) => {
                 let c = self.cfg.n_embd;
                 lin.forward(p, x, qkv, rows);
-                for (r, row) in qkv.chunks(3 * c).enumerate() {
-                    q[r * c..(r + 1) * c].copy_from_slice(&row[..c]);
-                    k[r * c..(r + 1) * c].copy_from_slice(&row[c..2 * c]);
-                    v[r * c..(r + 1) * c].copy_from_slice(&row[2 * c..]);
-                }
+                let split = q.par_chunks_mut(c).zip(k.par_chunks_mut(c)).zip(v.par_chunks_mut(c));
+                split.zip(qkv.par_chunks(3 * c)).for_each(|(((q, k), v), row)| {
+                    q.copy_from_slice(&row[..c]);
+                    k.copy_from_slice(&row[c..2 * c]);
+                    v.copy_from_slice(&row[2 * c..]);
+                });
             }
             Qkv::Split(lq, lk, lv) => {
                 lq.forward(p, x, q, rows);
@@ -623,10 +627,10 @@ impl Model {
             self.project_qkv(blk, p, &a.n1, &mut acts.qkv, &mut a.q, &mut a.k, &mut a.v, t, 0);
             attention_forward(&a.q, &a.k, &a.v, &mut a.y, &mut a.att_stats, n);
             blk.o.forward(p, &a.y, &mut a.x_mid, rows);
-            a.x_mid.iter_mut().zip(x.iter()).for_each(|(m, r)| *m += r);
+            add_assign(&mut a.x_mid, x);
             blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
             self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x);
-            x.iter_mut().zip(&a.x_mid).for_each(|(o, m)| *o += m);
+            add_assign(x, &a.x_mid);
         }
         self.norm_f.forward(p, x, &mut acts.nf, &mut acts.sf, eps, &acts.zeros_c);
         self.head.forward(p, &acts.nf, &mut acts.logits, rows);
@@ -677,17 +681,18 @@ impl Model {
                 }
             }
             blk.norm2.backward(p, grads, dtmp, &a.x_mid, &a.s2, dn, scratch_c);
-            dx.iter_mut().zip(dn.iter()).for_each(|(d, n)| *d += n); // d x_mid
+            add_assign(dx, dn); // d x_mid
 
             blk.o.backward(p, grads, dx, &a.y, dtmp, rows, false);
             attention_backward(dtmp, &a.q, &a.k, &a.v, &a.att_stats, dq, dk, dv, n);
             match blk.qkv {
                 Qkv::Fused(lin) => {
-                    for (r, row) in dqkv.chunks_mut(3 * c).enumerate() {
-                        row[..c].copy_from_slice(&dq[r * c..(r + 1) * c]);
-                        row[c..2 * c].copy_from_slice(&dk[r * c..(r + 1) * c]);
-                        row[2 * c..].copy_from_slice(&dv[r * c..(r + 1) * c]);
-                    }
+                    let parts = dq.par_chunks(c).zip(dk.par_chunks(c)).zip(dv.par_chunks(c));
+                    dqkv.par_chunks_mut(3 * c).zip(parts).for_each(|(row, ((dq, dk), dv))| {
+                        row[..c].copy_from_slice(dq);
+                        row[c..2 * c].copy_from_slice(dk);
+                        row[2 * c..].copy_from_slice(dv);
+                    });
                     lin.backward(p, grads, dqkv, &a.n1, dtmp, rows, false);
                 }
                 Qkv::Split(lq, lk, lv) => {
@@ -700,7 +705,7 @@ impl Model {
                 }
             }
             blk.norm1.backward(p, grads, dtmp, &a.x_in, &a.s1, dn, scratch_c);
-            dx.iter_mut().zip(dn.iter()).for_each(|(d, n)| *d += n); // d x_in
+            add_assign(dx, dn); // d x_in
         }
         embedding_backward(ids, dx, grads.at_mut(self.wte), c);
         if let Some(wpe) = self.wpe {

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::simd_fn;
+use super::add_to;
 
 /// Floats per parallel work item of the add: whole rows, about this many.
 const CHUNK: usize = 4096;
@@ -40,15 +40,6 @@ pub fn bias_backward(dout: &[f32], db: &mut [f32]) {
             add_to(db, &row[c0..c0 + db.len()]);
         }
     });
-}
-
-simd_fn! {
-    /// `acc += x`, elementwise.
-    fn add_to(acc: &mut [f32], x: &[f32]) {
-        for (a, x) in acc.iter_mut().zip(x) {
-            *a += x;
-        }
-    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub mod norm;
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 /// The instruction set the kernels run on, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -74,6 +76,22 @@ macro_rules! simd_fn {
     };
 }
 pub(crate) use simd_fn;
+
+simd_fn! {
+    /// `acc += x`, elementwise.
+    pub(crate) fn add_to(acc: &mut [f32], x: &[f32]) {
+        for (a, x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
+    }
+}
+
+/// `acc += x`, elementwise, in parallel blocks (the residual stream's additions).
+pub fn add_assign(acc: &mut [f32], x: &[f32]) {
+    assert_eq!(acc.len(), x.len(), "add_assign of unequal lengths");
+    const CHUNK: usize = 16_384;
+    acc.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(acc, x)| add_to(acc, x));
+}
 
 /// `e^x` in f32 without a library call, so loops over it vectorize: `x = n ln2 + r` with
 /// |r| <= ln2 / 2, a degree-6 polynomial for `e^r` (Cephes' `expf` coefficients), and `2^n`
