@@ -639,7 +639,14 @@ impl Model {
     /// Mean cross-entropy of the next tokens `targets`, forward only.
     pub fn loss(&self, p: &ParamMap, ids: &[u32], targets: &[u32], acts: &mut Activations) -> f32 {
         self.forward(p, ids, acts);
-        cross_entropy_forward_backward(&acts.logits, targets, self.cfg.vocab_size, 0.0, &mut acts.dlogits)
+        cross_entropy_forward_backward(
+            &acts.logits,
+            targets,
+            self.cfg.vocab_size,
+            0.0,
+            &mut acts.dlogits,
+            &mut acts.row_loss,
+        )
     }
 
     /// Forward, mean cross-entropy against `targets` (plus `z_loss` times the squared
@@ -658,8 +665,14 @@ impl Model {
         let (b, t, c) = (acts.b, acts.t, self.cfg.n_embd);
         let rows = b * t;
         let n = self.attn_dims(b, t);
-        let loss =
-            cross_entropy_forward_backward(&acts.logits, targets, self.cfg.vocab_size, z_loss, &mut acts.dlogits);
+        let loss = cross_entropy_forward_backward(
+            &acts.logits,
+            targets,
+            self.cfg.vocab_size,
+            z_loss,
+            &mut acts.dlogits,
+            &mut acts.row_loss,
+        );
         let Activations { blocks, x, nf, sf, dlogits, dx, dtmp, dn, dqkv, dq, dk, dv, dh, du, dg, scratch_c, .. } =
             acts;
 
@@ -752,6 +765,8 @@ pub struct Activations {
     sf: NormStats,
     pub logits: Vec<f32>,
     dlogits: Vec<f32>,
+    /// Each row's cross-entropy, summed in order for the mean.
+    row_loss: Vec<f64>,
     dx: Vec<f32>,
     dtmp: Vec<f32>,
     dn: Vec<f32>,
@@ -800,6 +815,7 @@ impl Activations {
             sf: NormStats::new(rows),
             logits: z(rows * v),
             dlogits: z(rows * v),
+            row_loss: vec![0.0; rows],
             dx: z(rows * c),
             dtmp: z(rows * c),
             dn: z(rows * c),
@@ -858,7 +874,7 @@ impl Activations {
         .iter()
         .sum::<usize>()
             + s(&self.sf);
-        4 * (blocks + rest)
+        4 * (blocks + rest) + 8 * self.row_loss.len()
     }
     pub fn time(&self) -> usize {
         self.t

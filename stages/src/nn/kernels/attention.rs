@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayViewMut2, ArrayViewMut4, Axis, ShapeBuilder};
 
-use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn};
+use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn, with_scratch};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -92,15 +92,16 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], stats
                 |(h, (mut out, stats))| {
                     let kv = h / group;
                     let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
-                    let mut scratch = vec![0.0f32; QB.min(t_) * t_];
-                    for r0 in (0..t_).step_by(QB) {
-                        let r1 = (r0 + QB).min(t_);
-                        let rows = &mut scratch[..(r1 - r0) * t_];
-                        scores(scale, &qh, &kh, r0, r1, rows, t_);
-                        causal_softmax(rows, t_, r0, &mut stats[r0 * 2..r1 * 2]);
-                        let mut out_rows = out.slice_mut(s![r0..r1, ..]);
-                        general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
-                    }
+                    with_scratch(QB.min(t_) * t_, |scratch| {
+                        for r0 in (0..t_).step_by(QB) {
+                            let r1 = (r0 + QB).min(t_);
+                            let rows = &mut scratch[..(r1 - r0) * t_];
+                            scores(scale, &qh, &kh, r0, r1, rows, t_);
+                            causal_softmax(rows, t_, r0, &mut stats[r0 * 2..r1 * 2]);
+                            let mut out_rows = out.slice_mut(s![r0..r1, ..]);
+                            general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
+                        }
+                    });
                 },
             );
         },
@@ -209,30 +210,32 @@ pub fn attention_backward(
             dk.fill(0.0);
             dv.fill(0.0);
             let rows = QB.min(t_) * t_;
-            let (mut probs, mut ds) = (vec![0.0f32; rows], vec![0.0f32; rows]);
-            for (j, mut dq) in dq.axis_iter_mut(Axis(1)).enumerate() {
-                let h = kv * group + j;
-                let (qh, dout_h) = (head(q, t_, n.h, h, d), head(dout, t_, n.h, h, d));
-                let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
-                for r0 in (0..t_).step_by(QB) {
-                    let r1 = (r0 + QB).min(t_);
-                    let probs = &mut probs[..(r1 - r0) * t_];
-                    scores(scale, &qh, &kh, r0, r1, probs, t_);
-                    causal_probs(probs, t_, r0, &stats[r0 * 2..r1 * 2]);
-                    let dout_rows = dout_h.slice(s![r0..r1, ..]);
-                    // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
-                    let probs_t = seen(probs, t_, r1).reversed_axes();
-                    general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![..r1, ..]));
-                    let ds = &mut ds[..(r1 - r0) * t_];
-                    general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds, t_, r1));
-                    causal_softmax_backward(ds, probs, t_, r0, scale);
-                    let dscores = seen(ds, t_, r1);
-                    // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
-                    general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
-                    let q_rows = qh.slice(s![r0..r1, ..]);
-                    general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![..r1, ..]));
+            with_scratch(2 * rows, |scratch| {
+                let (probs, ds) = scratch.split_at_mut(rows);
+                for (j, mut dq) in dq.axis_iter_mut(Axis(1)).enumerate() {
+                    let h = kv * group + j;
+                    let (qh, dout_h) = (head(q, t_, n.h, h, d), head(dout, t_, n.h, h, d));
+                    let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
+                    for r0 in (0..t_).step_by(QB) {
+                        let r1 = (r0 + QB).min(t_);
+                        let probs = &mut probs[..(r1 - r0) * t_];
+                        scores(scale, &qh, &kh, r0, r1, probs, t_);
+                        causal_probs(probs, t_, r0, &stats[r0 * 2..r1 * 2]);
+                        let dout_rows = dout_h.slice(s![r0..r1, ..]);
+                        // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
+                        let probs_t = seen(probs, t_, r1).reversed_axes();
+                        general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![..r1, ..]));
+                        let ds = &mut ds[..(r1 - r0) * t_];
+                        general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds, t_, r1));
+                        causal_softmax_backward(ds, probs, t_, r0, scale);
+                        let dscores = seen(ds, t_, r1);
+                        // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
+                        general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
+                        let q_rows = qh.slice(s![r0..r1, ..]);
+                        general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![..r1, ..]));
+                    }
                 }
-            }
+            });
         });
     });
 }

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 /// with respect to the logits written into `dlogits` (already divided by the row count).
 ///
 /// Returns the mean cross-entropy alone (without the z-loss term), the number to report.
-/// The mean is summed in row order in f64, so it does not depend on the thread count.
+/// Each row's loss goes to `row_loss` (one per target, the caller's buffer) and the mean sums
+/// them in row order in f64, so it does not depend on the thread count.
 ///
 /// # Panics
 /// If a target is not below `v`.
@@ -17,11 +18,12 @@ pub fn cross_entropy_forward_backward(
     v: usize,
     z_loss: f32,
     dlogits: &mut [f32],
+    row_loss: &mut [f64],
 ) -> f32 {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::CrossEntropy);
     let rows = targets.len();
     let scale = 1.0 / rows as f32;
-    let mut losses = vec![0.0f64; rows];
+    let losses = &mut row_loss[..rows];
     dlogits.par_chunks_mut(v).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (d, loss))| {
         let l = &logits[row * v..(row + 1) * v];
         let target = targets[row] as usize;
@@ -61,7 +63,7 @@ mod tests {
         let logits: Vec<f32> = random(4 * v, 1).iter().map(|x| x * 3.0).collect();
         for z_loss in [0.0, 1e-2] {
             let mut d = vec![0.0; logits.len()];
-            let loss = cross_entropy_forward_backward(&logits, &targets, v, z_loss, &mut d);
+            let loss = cross_entropy_forward_backward(&logits, &targets, v, z_loss, &mut d, &mut [0.0; 4]);
             assert!((loss as f64 - reference_loss(&logits, &targets, v, 0.0)).abs() < 1e-5);
             check("dlogits", &logits, &d, |l| reference_loss(l, &targets, v, z_loss as f64));
         }
@@ -70,7 +72,7 @@ mod tests {
     #[test]
     fn uniform_logits_give_log_v() {
         let mut d = vec![0.0; 2 * 50];
-        let loss = cross_entropy_forward_backward(&[0.0; 100], &[1, 2], 50, 0.0, &mut d);
+        let loss = cross_entropy_forward_backward(&[0.0; 100], &[1, 2], 50, 0.0, &mut d, &mut [0.0; 2]);
         assert!((loss - (50f32).ln()).abs() < 1e-6);
     }
 }

@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod matmul;
 pub mod norm;
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -76,6 +77,24 @@ macro_rules! simd_fn {
     };
 }
 pub(crate) use simd_fn;
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch block of `len` floats, grown once and then reused, so a
+/// kernel's per-task blocks allocate nothing inside the step loop. Its contents are whatever
+/// the last user left: write before reading. `f` must not call another kernel that uses it
+/// (the borrow would panic, not alias).
+pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        if scratch.len() < len {
+            scratch.resize(len, 0.0);
+        }
+        f(&mut scratch[..len])
+    })
+}
 
 simd_fn! {
     /// `acc += x`, elementwise.
