@@ -272,7 +272,9 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
     for (t, p) in threads.iter().zip(&peaks) {
         println!("fp32 FMA peak, {t} thread(s): {p:.1} GFLOP/s");
     }
-    let full_peak = *peaks.last().expect("at least one thread count");
+    // MFU divides by the best peak seen: measured again after each model, so that a peak read
+    // while the machine was busy elsewhere cannot inflate it.
+    let mut full_peak = *peaks.last().expect("at least one thread count");
     let models = bench::reference_models();
     if with_matmul {
         println!("\nmatmul: GFLOP/s and % of the FMA peak at that thread count");
@@ -304,9 +306,11 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             m.steps = n.max(1);
         }
         let r = bench::train_steps(&m, cores);
+        full_peak = full_peak.max(bench::fma_peak(cores));
         let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
         println!(
-            "\n{}: {} layers x {} wide, batch {} x {}: {:.1} ms/step, {:.0} tokens/s, {:.2} MFLOP/token, MFU {:.1}%",
+            "\n{}: {} layers x {} wide, batch {} x {}: {:.1} ms/step, {:.0} tokens/s, {:.2} MFLOP/token, MFU {:.1}% \
+             (of {:.1} GFLOP/s, the best peak so far)",
             m.name,
             m.cfg.n_layer,
             m.cfg.n_embd,
@@ -315,7 +319,8 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             r.step_seconds * 1e3,
             r.tokens_per_s,
             r.flops_per_token / 1e6,
-            100.0 * mfu
+            100.0 * mfu,
+            full_peak
         );
         let rows: Vec<Vec<String>> = r
             .breakdown
