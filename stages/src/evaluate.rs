@@ -100,8 +100,8 @@ impl Stage for Evaluate {
         let (val_loss, tokens) = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
         ctx.check_cancelled()?;
 
-        // The predicted tokens are the stream after its first token, `tokens` of them.
-        let stream = stream_of(&blocks, width);
+        // The predicted tokens are the stream of the scored blocks after its first token.
+        let stream = stream_of(&blocks[..tokens / t * width], width);
         let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
         let bytes = text.len();
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;

@@ -110,8 +110,9 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
     if let Some(f) = p.opt_usize("ffn_hidden") {
         cfg.ffn_hidden = f;
     }
-    cfg.tie_embeddings = p.bool("tie_embeddings"); // `check` refuses false for gpt2
-                                                   // The choice's values are Hugging Face's names; `check` refuses the exact one for llama.
+    // `check` refuses false for gpt2, and the exact GELU for llama (the choice's values are
+    // Hugging Face's names).
+    cfg.tie_embeddings = p.bool("tie_embeddings");
     cfg.gelu = Gelu::from_hf_name(p.str("activation")).expect("a declared choice");
     cfg
 }

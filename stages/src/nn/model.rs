@@ -592,15 +592,11 @@ impl Model {
         let rows = x.len() / self.cfg.n_embd;
         match blk.mlp {
             Mlp::Gelu { fc, proj } => {
+                // The bias, if any, is added by the GELU's pass over `h`.
+                fc.product(p, x, h, rows);
                 match fc.b {
-                    Some(b) => {
-                        fc.product(p, x, h, rows);
-                        bias_gelu_forward(self.cfg.gelu, h, p.at(b), g);
-                    }
-                    None => {
-                        fc.forward(p, x, h, rows);
-                        gelu_forward(self.cfg.gelu, h, g);
-                    }
+                    Some(b) => bias_gelu_forward(self.cfg.gelu, h, p.at(b), g),
+                    None => gelu_forward(self.cfg.gelu, h, g),
                 }
                 proj.forward(p, g, out, rows);
             }

@@ -67,10 +67,7 @@ const INV_SQRT_2PI: f32 = 0.398_942_3;
 /// `out = gelu(x)`: `0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))` or `0.5 x (1 + erf(x / sqrt 2))`.
 pub fn gelu_forward(kind: Gelu, x: &[f32], out: &mut [f32]) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Activation);
-    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| match kind {
-        Gelu::Tanh => gelu_chunk(x, o),
-        Gelu::Erf => gelu_erf_chunk(x, o),
-    });
+    out.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| gelu_block(kind, x, o));
 }
 
 /// The MLP's first bias and its GELU in one pass: `x[r] += bias` for every row `r` of `x` (what
@@ -81,11 +78,15 @@ pub fn bias_gelu_forward(kind: Gelu, x: &mut [f32], bias: &[f32], out: &mut [f32
     let rows = row_chunk(bias.len());
     out.par_chunks_mut(rows).zip(x.par_chunks_mut(rows)).for_each(|(o, x)| {
         add_rows(x, bias);
-        match kind {
-            Gelu::Tanh => gelu_chunk(x, o),
-            Gelu::Erf => gelu_erf_chunk(x, o),
-        }
+        gelu_block(kind, x, o);
     });
+}
+
+fn gelu_block(kind: Gelu, x: &[f32], out: &mut [f32]) {
+    match kind {
+        Gelu::Tanh => gelu_chunk(x, out),
+        Gelu::Erf => gelu_erf_chunk(x, out),
+    }
 }
 
 simd_fn! {
@@ -210,17 +211,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gelu_matches_the_f64_formula_everywhere() {
+    /// `kind`'s GELU against `want` (f64) on a fine grid over [-10, 10] and a few far points.
+    fn matches_everywhere(kind: Gelu, want: impl Fn(f64) -> f64) {
         let x: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).chain([-80.0, -12.0, 12.0, 80.0]).collect();
         let mut out = vec![0.0; x.len()];
-        gelu_forward(Gelu::Tanh, &x, &mut out);
+        gelu_forward(kind, &x, &mut out);
         for (x, y) in x.iter().zip(&out) {
-            let x64 = *x as f64;
-            let want =
-                0.5 * x64 * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x64 + 0.044715 * x64.powi(3))).tanh());
+            let (x64, want) = (*x as f64, want(*x as f64));
             assert!((*y as f64 - want).abs() <= 1e-6 * (1.0 + x64.abs()), "gelu({x}) = {y}, want {want}");
         }
+    }
+
+    #[test]
+    fn gelu_matches_the_f64_formula_everywhere() {
+        matches_everywhere(Gelu::Tanh, |x| {
+            0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        });
     }
 
     /// erf in f64 by its Taylor series, exact to about 1e-10 on [-4, 4]; +-1 beyond.
@@ -239,14 +245,7 @@ mod tests {
 
     #[test]
     fn exact_gelu_matches_the_f64_formula_everywhere() {
-        let x: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.005).chain([-80.0, -12.0, 12.0, 80.0]).collect();
-        let mut out = vec![0.0; x.len()];
-        gelu_forward(Gelu::Erf, &x, &mut out);
-        for (x, y) in x.iter().zip(&out) {
-            let x64 = *x as f64;
-            let want = 0.5 * x64 * (1.0 + erf_reference(x64 / 2f64.sqrt()));
-            assert!((*y as f64 - want).abs() <= 1e-6 * (1.0 + x64.abs()), "gelu({x}) = {y}, want {want}");
-        }
+        matches_everywhere(Gelu::Erf, |x| 0.5 * x * (1.0 + erf_reference(x / 2f64.sqrt())));
     }
 
     #[test]

@@ -38,6 +38,10 @@ impl AttnDims {
     fn lens(&self) -> (usize, usize, usize) {
         (self.t * self.h * self.d, self.t * self.h_kv * self.d, self.h * self.t * self.t)
     }
+    /// Floats per batch row of the forward's row statistics (H, T, 2).
+    fn stats_len(&self) -> usize {
+        self.h * self.t * 2
+    }
     /// Batch row `b` of q-shaped, kv-shaped and kv-shaped inputs.
     fn row<'a>(&self, b: usize, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> (&'a [f32], &'a [f32], &'a [f32]) {
         let (ql, kl, _) = self.lens();
@@ -84,8 +88,7 @@ pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], stats
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = ArrayViewMut4::from_shape((n.b, t_, n.h, d), out).expect("out is (B, T, H, D)");
-    let per_row = n.h * t_ * 2;
-    out.axis_iter_mut(Axis(0)).into_par_iter().zip(stats.par_chunks_mut(per_row)).enumerate().for_each(
+    out.axis_iter_mut(Axis(0)).into_par_iter().zip(stats.par_chunks_mut(n.stats_len())).enumerate().for_each(
         |(b, (mut out, stats))| {
             let (q, k, v) = n.row(b, q, k, v);
             out.axis_iter_mut(Axis(1)).into_par_iter().zip(stats.par_chunks_mut(t_ * 2)).enumerate().for_each(
@@ -121,16 +124,10 @@ simd_fn! {
     /// `stats[2i..2i + 2]`. Max, exponentials ([`exp_fast`]) and the sum run along the row in order.
     fn causal_softmax(rows: &mut [f32], t_: usize, first: usize, stats: &mut [f32]) {
         for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
-            let (seen, masked) = row.split_at_mut(first + i + 1);
+            let seen = &row[..first + i + 1];
             let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            for p in seen.iter_mut() {
-                *p = exp_fast(*p - max);
-            }
-            let inv = 1.0 / seen.iter().sum::<f32>();
-            for p in seen.iter_mut() {
-                *p *= inv;
-            }
-            masked.fill(0.0);
+            let inv = 1.0 / exp_row(row, first + i, max).iter().sum::<f32>();
+            normalize_row(row, first + i, inv);
             stats.copy_from_slice(&[max, inv]);
         }
     }
@@ -138,20 +135,32 @@ simd_fn! {
 
 simd_fn! {
     /// The probabilities [`causal_softmax`] made, again, from the same scores and its `stats`:
-    /// the same operations in the same order, so the same bits.
+    /// the same row helpers, so the same bits.
     fn causal_probs(rows: &mut [f32], t_: usize, first: usize, stats: &[f32]) {
         for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact(2)).enumerate() {
-            let (seen, masked) = row.split_at_mut(first + i + 1);
-            let (max, inv) = (stats[0], stats[1]);
-            for p in seen.iter_mut() {
-                *p = exp_fast(*p - max);
-            }
-            for p in seen.iter_mut() {
-                *p *= inv;
-            }
-            masked.fill(0.0);
+            exp_row(row, first + i, stats[0]);
+            normalize_row(row, first + i, stats[1]);
         }
     }
+}
+
+/// `row[s] = e^(row[s] - max)` for the columns position `t` sees (`..=t`); returns them.
+#[inline(always)]
+fn exp_row(row: &mut [f32], t: usize, max: f32) -> &[f32] {
+    for p in &mut row[..=t] {
+        *p = exp_fast(*p - max);
+    }
+    &row[..=t]
+}
+
+/// Scales the seen columns `..=t` by `inv` and zeroes the masked ones after them.
+#[inline(always)]
+fn normalize_row(row: &mut [f32], t: usize, inv: f32) {
+    let (seen, masked) = row.split_at_mut(t + 1);
+    for p in seen {
+        *p *= inv;
+    }
+    masked.fill(0.0);
 }
 
 simd_fn! {
@@ -199,7 +208,7 @@ pub fn attention_backward(
     batch_rows.enumerate().for_each(|(b, ((mut dq, mut dk), mut dv))| {
         let (q, k, v) = n.row(b, q, k, v);
         let dout = &dout[b * q_len..(b + 1) * q_len];
-        let stats = &stats[b * n.h * t_ * 2..(b + 1) * n.h * t_ * 2];
+        let stats = &stats[b * n.stats_len()..(b + 1) * n.stats_len()];
         let kv_heads = dq
             .axis_chunks_iter_mut(Axis(1), group)
             .into_par_iter()
