@@ -330,6 +330,11 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             })
             .collect();
         print!("{}", output::table(&["kernel", "ms/step", "share"], &rows));
+        let [fastest, median, slowest] = r.step_spread.map(|s| s * 1e3);
+        println!(
+            "step times over {} steps: fastest {fastest:.1} ms, median {median:.1} ms, slowest {slowest:.1} ms",
+            m.steps
+        );
         let needed = output::human_bytes(r.needed_bytes);
         match (r.peak_bytes, r.baseline_bytes) {
             (Some(peak), Some(base)) => {

@@ -222,7 +222,11 @@ pub fn matmul_gflops(s: &Shape, threads: usize) -> f64 {
 /// Training throughput of one reference model.
 #[derive(Clone, Debug)]
 pub struct StepReport {
+    /// Mean seconds per step (the breakdown's shares are of this).
     pub step_seconds: f64,
+    /// The fastest, the median and the slowest step: on a shared machine one slow step can
+    /// move the mean, and the spread shows it.
+    pub step_spread: [f64; 3],
     pub tokens_per_s: f64,
     /// nanoGPT's estimate: 6 N + 12 L H D T per token, N without position embeddings.
     pub flops_per_token: f64,
@@ -286,11 +290,16 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
         };
         step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up
         profile::enable(true);
+        let mut times = Vec::with_capacity(m.steps);
         let start = Instant::now();
         for _ in 0..m.steps {
+            let step_start = Instant::now();
             step(&mut params, &mut opt, &mut grads, &mut acts);
+            times.push(step_start.elapsed().as_secs_f64());
         }
         let total = start.elapsed().as_secs_f64();
+        times.sort_by(f64::total_cmp);
+        let step_spread = [times[0], times[times.len() / 2], times[times.len() - 1]];
         let kinds = profile::seconds();
         profile::enable(false);
         let step_seconds = total / m.steps as f64;
@@ -303,6 +312,7 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
         let flops_per_token = 6.0 * non_position as f64 + 12.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * t) as f64;
         StepReport {
             step_seconds,
+            step_spread,
             tokens_per_s: (m.batch * t) as f64 / step_seconds,
             flops_per_token,
             breakdown,
@@ -345,6 +355,9 @@ mod tests {
         let m = BenchModel { name: "tiny", cfg: ModelConfig::gpt2(11, 8, 1, 2, 16, false), batch: 2, steps: 2 };
         let r = train_steps(&m, 1);
         assert!(r.breakdown.iter().any(|(name, s)| *name == "matmuls" && *s > 0.0));
+        let [fastest, median, slowest] = r.step_spread;
+        assert!(0.0 < fastest && fastest <= median && median <= slowest, "{:?}", r.step_spread);
+        assert!(fastest <= r.step_seconds * 1.0001, "the mean step is faster than the fastest: {r:?}");
         assert!(r.needed_bytes > 16 * m.cfg.init(0).num_elements() as u64);
         if let (Some(peak), Some(base)) = (r.peak_bytes, r.baseline_bytes) {
             assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
