@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Compare the training step of two tinygpt builds on a noisy machine.
+
+Runs `BIN bench --no-matmul --steps S` for the two binaries alternately (A, B, A, B, ...), so
+that a slow spell of the machine falls on both alike, and prints per model the median and the
+fastest of each binary's ms/step and the ratio of the medians. Build the two variants first,
+for example:
+
+    git stash && cargo build --release && cp target/release/tinygpt /tmp/tinygpt-a
+    git stash pop && cargo build --release && cp target/release/tinygpt /tmp/tinygpt-b
+    python3 benches/ab.py /tmp/tinygpt-a /tmp/tinygpt-b --pairs 8
+
+Standard library only. Prints figures; decides nothing.
+"""
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+
+STEP = re.compile(r"^(?P<model>[\w.-]+): .*?: (?P<ms>[0-9.]+) ms/step", re.MULTILINE)
+
+
+def step_times(binary, steps):
+    """ms/step per model from one `bench` run."""
+    run = subprocess.run([binary, "bench", "--no-matmul", "--steps", str(steps)], capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{binary} bench failed ({run.returncode}):\n{run.stderr}")
+    found = {m["model"]: float(m["ms"]) for m in STEP.finditer(run.stdout)}
+    if not found:
+        sys.exit(f"{binary} bench printed no 'ms/step' line:\n{run.stdout}")
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", help="the first tinygpt binary (the baseline)")
+    parser.add_argument("b", help="the second tinygpt binary")
+    parser.add_argument("--pairs", type=int, default=5, help="A, B runs (default 5)")
+    parser.add_argument("--steps", type=int, default=20, help="steps per model per run (default 20)")
+    args = parser.parse_args()
+    runs = {"a": [], "b": []}
+    for pair in range(args.pairs):
+        for side in ("a", "b"):
+            runs[side].append(step_times(getattr(args, side), args.steps))
+        print(f"pair {pair + 1}/{args.pairs}: a {runs['a'][-1]}  b {runs['b'][-1]}", file=sys.stderr)
+    print(f"{'model':<18} {'A median (min)':>20} {'B median (min)':>20} {'B / A':>7}")
+    for model in runs["a"][0]:
+        a = [r[model] for r in runs["a"]]
+        b = [r[model] for r in runs["b"]]
+        ma, mb = statistics.median(a), statistics.median(b)
+        print(f"{model:<18} {f'{ma:.1f} ({min(a):.1f})':>20} {f'{mb:.1f} ({min(b):.1f})':>20} {mb / ma:>7.3f}")
+    print(f"ms/step over {args.pairs} alternated pairs of {args.steps} steps per model")
+
+
+if __name__ == "__main__":
+    main()
