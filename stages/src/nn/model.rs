@@ -19,7 +19,7 @@ use rayon::prelude::*;
 
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::add_assign;
-use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims};
+use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::kernels::dot;
@@ -620,8 +620,19 @@ impl Model {
         for (blk, a) in self.blocks.iter().zip(&mut acts.blocks) {
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            self.project_qkv(blk, p, &a.n1, &mut acts.qkv, &mut a.q, &mut a.k, &mut a.v, t, 0);
-            attention_forward(&a.q, &a.k, &a.v, &mut a.y, &mut a.att_stats, n);
+            // gpt2's fused projection is read by attention where it lies; llama's q and k are
+            // rotated first.
+            let qkv = match blk.qkv {
+                Qkv::Fused(lin) => {
+                    lin.forward(p, &a.n1, &mut a.qkv, rows);
+                    QkvIn::Fused(&a.qkv)
+                }
+                Qkv::Split(..) => {
+                    self.project_qkv(blk, p, &a.n1, &mut [], &mut a.q, &mut a.k, &mut a.v, t, 0);
+                    QkvIn::Split { q: &a.q, k: &a.k, v: &a.v }
+                }
+            };
+            attention_forward(qkv, &mut a.y, &mut a.att_stats, n);
             blk.o.forward(p, &a.y, &mut a.x_mid, rows);
             add_assign(&mut a.x_mid, x);
             blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
@@ -693,18 +704,14 @@ impl Model {
             add_assign(dx, dn); // d x_mid
 
             blk.o.backward(p, grads, dx, &a.y, dtmp, rows, false);
-            attention_backward(dtmp, &a.q, &a.k, &a.v, &a.att_stats, dq, dk, dv, n);
             match blk.qkv {
                 Qkv::Fused(lin) => {
-                    let parts = dq.par_chunks(c).zip(dk.par_chunks(c)).zip(dv.par_chunks(c));
-                    dqkv.par_chunks_mut(3 * c).zip(parts).for_each(|(row, ((dq, dk), dv))| {
-                        row[..c].copy_from_slice(dq);
-                        row[c..2 * c].copy_from_slice(dk);
-                        row[2 * c..].copy_from_slice(dv);
-                    });
+                    attention_backward(dtmp, QkvIn::Fused(&a.qkv), &a.att_stats, QkvOut::Fused(dqkv), n);
                     lin.backward(p, grads, dqkv, &a.n1, dtmp, rows, false);
                 }
                 Qkv::Split(lq, lk, lv) => {
+                    let qkv = QkvIn::Split { q: &a.q, k: &a.k, v: &a.v };
+                    attention_backward(dtmp, qkv, &a.att_stats, QkvOut::Split { dq, dk, dv }, n);
                     let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
                     rope(dq, t, self.cfg.n_head, d, theta, 0, true);
                     rope(dk, t, self.cfg.n_kv_head, d, theta, 0, true);
@@ -733,7 +740,9 @@ struct BlockActs {
     x_in: Vec<f32>,
     n1: Vec<f32>,
     s1: NormStats,
-    /// After rotary embedding, as attention saw them.
+    /// gpt2's fused projection (B, T, 3, C), which attention reads in place; empty for llama.
+    qkv: Vec<f32>,
+    /// llama's, after rotary embedding, as attention saw them; empty for gpt2.
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -766,7 +775,6 @@ pub struct Activations {
     dx: Vec<f32>,
     dtmp: Vec<f32>,
     dn: Vec<f32>,
-    qkv: Vec<f32>,
     dqkv: Vec<f32>,
     dq: Vec<f32>,
     dk: Vec<f32>,
@@ -790,9 +798,10 @@ impl Activations {
             x_in: z(rows * c),
             n1: z(rows * c),
             s1: NormStats::new(rows),
-            q: z(rows * c),
-            k: z(rows * ckv),
-            v: z(rows * ckv),
+            qkv: z(if fused { rows * 3 * c } else { 0 }),
+            q: z(if fused { 0 } else { rows * c }),
+            k: z(if fused { 0 } else { rows * ckv }),
+            v: z(if fused { 0 } else { rows * ckv }),
             att_stats: z(b * cfg.n_head * t * 2),
             y: z(rows * c),
             x_mid: z(rows * c),
@@ -815,11 +824,10 @@ impl Activations {
             dx: z(rows * c),
             dtmp: z(rows * c),
             dn: z(rows * c),
-            qkv: z(if fused { rows * 3 * c } else { 0 }),
             dqkv: z(if fused { rows * 3 * c } else { 0 }),
-            dq: z(rows * c),
-            dk: z(rows * ckv),
-            dv: z(rows * ckv),
+            dq: z(if fused { 0 } else { rows * c }),
+            dk: z(if fused { 0 } else { rows * ckv }),
+            dv: z(if fused { 0 } else { rows * ckv }),
             dh: z(rows * f),
             du: z(if swiglu { rows * f } else { 0 }),
             dg: z(rows * f),
@@ -839,7 +847,7 @@ impl Activations {
             .blocks
             .iter()
             .map(|a| {
-                [&a.x_in, &a.n1, &a.q, &a.k, &a.v, &a.att_stats, &a.y, &a.x_mid, &a.n2, &a.h, &a.u, &a.g]
+                [&a.x_in, &a.n1, &a.qkv, &a.q, &a.k, &a.v, &a.att_stats, &a.y, &a.x_mid, &a.n2, &a.h, &a.u, &a.g]
                     .map(v)
                     .iter()
                     .sum::<usize>()
@@ -855,7 +863,6 @@ impl Activations {
             &self.dx,
             &self.dtmp,
             &self.dn,
-            &self.qkv,
             &self.dqkv,
             &self.dq,
             &self.dk,

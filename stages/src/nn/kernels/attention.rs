@@ -11,7 +11,7 @@
 use rayon::prelude::*;
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{s, ArrayView2, ArrayViewMut2, ArrayViewMut4, Axis, ShapeBuilder};
+use ndarray::{s, ArrayView2, ArrayView4, ArrayView5, ArrayViewMut2, ArrayViewMut4, ArrayViewMut5, Axis};
 
 use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn, with_scratch};
 
@@ -55,9 +55,70 @@ impl AttnDims {
     }
 }
 
-/// One head's (T, D) rows inside a (T, heads, D) block: row stride heads * D.
-fn head(x: &[f32], t: usize, heads: usize, h: usize, d: usize) -> ArrayView2<'_, f32> {
-    ArrayView2::from_shape((t, d).strides((heads * d, 1)), &x[h * d..]).expect("a head lies inside its block")
+/// Where the kernels read q, k and v.
+#[derive(Clone, Copy, Debug)]
+pub enum QkvIn<'a> {
+    /// Three buffers: q (B, T, H, D), k and v (B, T, Hkv, D).
+    Split { q: &'a [f32], k: &'a [f32], v: &'a [f32] },
+    /// One (B, T, 3, H, D) buffer, as gpt2's fused projection writes it (H = Hkv), read in
+    /// place.
+    Fused(&'a [f32]),
+}
+
+/// Where [`attention_backward`] writes the gradients of q, k and v: the same two layouts.
+#[derive(Debug)]
+pub enum QkvOut<'a> {
+    Split { dq: &'a mut [f32], dk: &'a mut [f32], dv: &'a mut [f32] },
+    Fused(&'a mut [f32]),
+}
+
+type Views<'a> = (ArrayView4<'a, f32>, ArrayView4<'a, f32>, ArrayView4<'a, f32>);
+type ViewsMut<'a> = (ArrayViewMut4<'a, f32>, ArrayViewMut4<'a, f32>, ArrayViewMut4<'a, f32>);
+
+impl<'a> QkvIn<'a> {
+    /// q (B, T, H, D), k and v (B, T, Hkv, D), strided when fused.
+    fn views(self, n: AttnDims) -> Views<'a> {
+        let (q_shape, kv_shape) = ((n.b, n.t, n.h, n.d), (n.b, n.t, n.h_kv, n.d));
+        match self {
+            QkvIn::Split { q, k, v } => (
+                ArrayView4::from_shape(q_shape, q).expect("q is (B, T, H, D)"),
+                ArrayView4::from_shape(kv_shape, k).expect("k is (B, T, Hkv, D)"),
+                ArrayView4::from_shape(kv_shape, v).expect("v is (B, T, Hkv, D)"),
+            ),
+            QkvIn::Fused(qkv) => {
+                assert_eq!(n.h, n.h_kv, "a fused q/k/v has as many key/value heads as query heads");
+                let all = ArrayView5::from_shape((n.b, n.t, 3, n.h, n.d), qkv).expect("qkv is (B, T, 3, H, D)");
+                let part = |i| all.index_axis_move(Axis(2), i);
+                (part(0), part(1), part(2))
+            }
+        }
+    }
+}
+
+impl<'a> QkvOut<'a> {
+    fn views(self, n: AttnDims) -> ViewsMut<'a> {
+        let (q_shape, kv_shape) = ((n.b, n.t, n.h, n.d), (n.b, n.t, n.h_kv, n.d));
+        match self {
+            QkvOut::Split { dq, dk, dv } => (
+                ArrayViewMut4::from_shape(q_shape, dq).expect("dq is (B, T, H, D)"),
+                ArrayViewMut4::from_shape(kv_shape, dk).expect("dk is (B, T, Hkv, D)"),
+                ArrayViewMut4::from_shape(kv_shape, dv).expect("dv is (B, T, Hkv, D)"),
+            ),
+            QkvOut::Fused(dqkv) => {
+                assert_eq!(n.h, n.h_kv, "a fused q/k/v has as many key/value heads as query heads");
+                let all = ArrayViewMut5::from_shape((n.b, n.t, 3, n.h, n.d), dqkv).expect("dqkv is (B, T, 3, H, D)");
+                let (dq, rest) = all.split_at(Axis(2), 1);
+                let (dk, dv) = rest.split_at(Axis(2), 1);
+                let part = |x: ArrayViewMut5<'a, f32>| x.index_axis_move(Axis(2), 0);
+                (part(dq), part(dk), part(dv))
+            }
+        }
+    }
+}
+
+/// Head `h` of batch row `b`: (T, D), rows as far apart as the layout puts them.
+fn head<'a>(x: &ArrayView4<'a, f32>, b: usize, h: usize) -> ArrayView2<'a, f32> {
+    (*x).index_axis_move(Axis(0), b).index_axis_move(Axis(1), h)
 }
 
 /// The causal part of a block of score rows `r0..r1` (each `t_` wide): columns `..r1`.
@@ -82,19 +143,19 @@ const QB: usize = 32;
 /// and a row-wise causal softmax between them, in a (QB, T) scratch: no (T, T) matrix is held.
 /// A task's arithmetic does not depend on which thread runs it, so neither do the bits.
 /// [`attention_forward_plain`], one dot product at a time, is the reference.
-pub fn attention_forward(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], stats: &mut [f32], n: AttnDims) {
+pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
+    let (q, k, v) = qkv.views(n);
     let mut out = ArrayViewMut4::from_shape((n.b, t_, n.h, d), out).expect("out is (B, T, H, D)");
     out.axis_iter_mut(Axis(0)).into_par_iter().zip(stats.par_chunks_mut(n.stats_len())).enumerate().for_each(
         |(b, (mut out, stats))| {
-            let (q, k, v) = n.row(b, q, k, v);
             out.axis_iter_mut(Axis(1)).into_par_iter().zip(stats.par_chunks_mut(t_ * 2)).enumerate().for_each(
                 |(h, (mut out, stats))| {
                     let kv = h / group;
-                    let (qh, kh, vh) = (head(q, t_, n.h, h, d), head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
+                    let (qh, kh, vh) = (head(&q, b, h), head(&k, b, kv), head(&v, b, kv));
                     with_scratch(QB.min(t_) * t_, |scratch| {
                         for r0 in (0..t_).step_by(QB) {
                             let r1 = (r0 + QB).min(t_);
@@ -184,30 +245,17 @@ simd_fn! {
 /// head order and each head's query blocks in order, recomputing the block's probabilities,
 /// so a key/value gradient sums its terms in an order fixed by the shapes alone.
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
-pub fn attention_backward(
-    dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    stats: &[f32],
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    n: AttnDims,
-) {
+pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut, n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
-    let (q_len, _, _) = n.lens();
-    let mut dq = ArrayViewMut4::from_shape((n.b, t_, n.h, d), dq).expect("dq is (B, T, H, D)");
-    let mut dk = ArrayViewMut4::from_shape((n.b, t_, n.h_kv, d), dk).expect("dk is (B, T, Hkv, D)");
-    let mut dv = ArrayViewMut4::from_shape((n.b, t_, n.h_kv, d), dv).expect("dv is (B, T, Hkv, D)");
+    let (q, k, v) = qkv.views(n);
+    let dout = ArrayView4::from_shape((n.b, t_, n.h, d), dout).expect("dout is (B, T, H, D)");
+    let (mut dq, mut dk, mut dv) = grads.views(n);
     let batch_rows =
         dq.axis_iter_mut(Axis(0)).into_par_iter().zip(dk.axis_iter_mut(Axis(0))).zip(dv.axis_iter_mut(Axis(0)));
     batch_rows.enumerate().for_each(|(b, ((mut dq, mut dk), mut dv))| {
-        let (q, k, v) = n.row(b, q, k, v);
-        let dout = &dout[b * q_len..(b + 1) * q_len];
         let stats = &stats[b * n.stats_len()..(b + 1) * n.stats_len()];
         let kv_heads = dq
             .axis_chunks_iter_mut(Axis(1), group)
@@ -215,7 +263,7 @@ pub fn attention_backward(
             .zip(dk.axis_iter_mut(Axis(1)))
             .zip(dv.axis_iter_mut(Axis(1)));
         kv_heads.enumerate().for_each(|(kv, ((mut dq, mut dk), mut dv))| {
-            let (kh, vh) = (head(k, t_, n.h_kv, kv, d), head(v, t_, n.h_kv, kv, d));
+            let (kh, vh) = (head(&k, b, kv), head(&v, b, kv));
             dk.fill(0.0);
             dv.fill(0.0);
             let rows = QB.min(t_) * t_;
@@ -223,7 +271,7 @@ pub fn attention_backward(
                 let (probs, ds) = scratch.split_at_mut(rows);
                 for (j, mut dq) in dq.axis_iter_mut(Axis(1)).enumerate() {
                     let h = kv * group + j;
-                    let (qh, dout_h) = (head(q, t_, n.h, h, d), head(dout, t_, n.h, h, d));
+                    let (qh, dout_h) = (head(&q, b, h), head(&dout, b, h));
                     let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
                     for r0 in (0..t_).step_by(QB) {
                         let r1 = (r0 + QB).min(t_);
@@ -368,7 +416,7 @@ mod tests {
     fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; n.b * n.t * n.h * n.d];
         let mut stats = vec![0.0; n.b * n.h * n.t * 2];
-        attention_forward(q, k, v, &mut out, &mut stats, n);
+        attention_forward(QkvIn::Split { q, k, v }, &mut out, &mut stats, n);
         (out, stats)
     }
 
@@ -402,7 +450,8 @@ mod tests {
             let (q, k, v, probe) = (random(qn, 4), random(kn, 5), random(kn, 6), random(qn, 7));
             let (_, stats) = forward(&q, &k, &v, n);
             let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
-            attention_backward(&probe, &q, &k, &v, &stats, &mut dq, &mut dk, &mut dv, n);
+            let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+            attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
             check(&format!("dq (kv heads {h_kv})"), &q, &dq, |q| probe_loss(&forward(q, &k, &v, n).0, &probe));
             check(&format!("dk (kv heads {h_kv})"), &k, &dk, |k| probe_loss(&forward(&q, k, &v, n).0, &probe));
             check(&format!("dv (kv heads {h_kv})"), &v, &dv, |v| probe_loss(&forward(&q, &k, v, n).0, &probe));
@@ -438,13 +487,36 @@ mod tests {
             };
             close(&out, &out_ref, "out");
             let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
-            attention_backward(&dout, &q, &k, &v, &stats, &mut dq, &mut dk, &mut dv, n);
+            let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
             let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
             attention_backward_plain(&dout, &q, &k, &v, &att_ref, &mut dq_ref, &mut dk_ref, &mut dv_ref, n);
             close(&dq, &dq_ref, "dq");
             close(&dk, &dk_ref, "dk");
             close(&dv, &dv_ref, "dv");
         }
+    }
+
+    #[test]
+    fn a_fused_qkv_read_and_written_in_place_gives_the_bits_of_split_buffers() {
+        let n = AttnDims { b: 2, t: 37, h: 3, h_kv: 3, d: 4 };
+        let len = n.b * n.t * n.h * n.d;
+        let (q, k, v, dout) = (random(len, 1), random(len, 2), random(len, 3), random(len, 4));
+        let c = n.h * n.d;
+        let fused: Vec<f32> =
+            (0..n.b * n.t).flat_map(|r| [&q, &k, &v].map(|x| &x[r * c..(r + 1) * c]).concat()).collect();
+        let (out, stats) = forward(&q, &k, &v, n);
+        let (mut out_fused, mut stats_fused) = (vec![0.0; len], vec![0.0; stats.len()]);
+        attention_forward(QkvIn::Fused(&fused), &mut out_fused, &mut stats_fused, n);
+        assert_eq!((&out, &stats), (&out_fused, &stats_fused));
+        let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
+        let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
+        let mut dqkv = vec![9.0; 3 * len];
+        attention_backward(&dout, QkvIn::Fused(&fused), &stats, QkvOut::Fused(&mut dqkv), n);
+        let want: Vec<f32> =
+            (0..n.b * n.t).flat_map(|r| [&dq, &dk, &dv].map(|x| &x[r * c..(r + 1) * c]).concat()).collect();
+        assert_eq!(dqkv, want);
     }
 
     #[test]
