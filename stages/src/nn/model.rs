@@ -15,8 +15,6 @@
 //! against a KV cache for sampling.
 
 pub use crate::nn::kernels::activation::Gelu;
-use rayon::prelude::*;
-
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
@@ -540,31 +538,27 @@ impl Model {
         }
     }
 
-    /// q, k, v for `rows` rows of normed input, with rotary positions applied (llama).
+    /// q, k and v of the rows of normed input `x`, as attention reads them: gpt2's fused
+    /// projection into `qkv` (left whole), or llama's three projections into `q`, `k`, `v`
+    /// with rotary positions applied. The buffers of the other architecture are not touched.
     #[allow(clippy::too_many_arguments)]
-    fn project_qkv(
+    fn project_qkv<'a>(
         &self,
         blk: &Block,
         p: &ParamMap,
         x: &[f32],
-        qkv: &mut [f32],
-        q: &mut [f32],
-        k: &mut [f32],
-        v: &mut [f32],
+        qkv: &'a mut [f32],
+        q: &'a mut [f32],
+        k: &'a mut [f32],
+        v: &'a mut [f32],
         t: usize,
         pos0: usize,
-    ) {
-        let rows = q.len() / self.cfg.n_embd;
+    ) -> QkvIn<'a> {
+        let rows = x.len() / self.cfg.n_embd;
         match blk.qkv {
             Qkv::Fused(lin) => {
-                let c = self.cfg.n_embd;
                 lin.forward(p, x, qkv, rows);
-                let split = q.par_chunks_mut(c).zip(k.par_chunks_mut(c)).zip(v.par_chunks_mut(c));
-                split.zip(qkv.par_chunks(3 * c)).for_each(|(((q, k), v), row)| {
-                    q.copy_from_slice(&row[..c]);
-                    k.copy_from_slice(&row[c..2 * c]);
-                    v.copy_from_slice(&row[2 * c..]);
-                });
+                QkvIn::Fused(qkv)
             }
             Qkv::Split(lq, lk, lv) => {
                 lq.forward(p, x, q, rows);
@@ -573,6 +567,7 @@ impl Model {
                 let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
                 rope(q, t, self.cfg.n_head, d, theta, pos0, false);
                 rope(k, t, self.cfg.n_kv_head, d, theta, pos0, false);
+                QkvIn::Split { q, k, v }
             }
         }
     }
@@ -620,18 +615,7 @@ impl Model {
         for (blk, a) in self.blocks.iter().zip(&mut acts.blocks) {
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            // gpt2's fused projection is read by attention where it lies; llama's q and k are
-            // rotated first.
-            let qkv = match blk.qkv {
-                Qkv::Fused(lin) => {
-                    lin.forward(p, &a.n1, &mut a.qkv, rows);
-                    QkvIn::Fused(&a.qkv)
-                }
-                Qkv::Split(..) => {
-                    self.project_qkv(blk, p, &a.n1, &mut [], &mut a.q, &mut a.k, &mut a.v, t, 0);
-                    QkvIn::Split { q: &a.q, k: &a.k, v: &a.v }
-                }
-            };
+            let qkv = self.project_qkv(blk, p, &a.n1, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, t, 0);
             attention_forward(qkv, &mut a.y, &mut a.att_stats, n);
             blk.o.forward(p, &a.y, &mut a.x_mid, rows);
             add_assign(&mut a.x_mid, x);
@@ -912,6 +896,7 @@ impl Decoder {
     pub fn new(cfg: &ModelConfig) -> Self {
         let (c, f) = (cfg.n_embd, cfg.ffn_hidden);
         let ckv = cfg.n_kv_head * cfg.head_dim();
+        let fused = cfg.arch == Arch::Gpt2;
         let z = |n: usize| vec![0.0f32; n];
         Decoder {
             k: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
@@ -920,10 +905,10 @@ impl Decoder {
             x: z(c),
             n: z(c),
             stats: NormStats::new(1),
-            qkv: z(3 * c),
-            q: z(c),
-            k_new: z(ckv),
-            v_new: z(ckv),
+            qkv: z(if fused { 3 * c } else { 0 }),
+            q: z(if fused { 0 } else { c }),
+            k_new: z(if fused { 0 } else { ckv }),
+            v_new: z(if fused { 0 } else { ckv }),
             y: z(c),
             x_mid: z(c),
             h: z(f),
@@ -960,10 +945,15 @@ impl Decoder {
         model.embed(p, &[token], &mut self.x, 1, pos);
         for (l, blk) in model.blocks.iter().enumerate() {
             blk.norm1.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-            model.project_qkv(blk, p, &self.n, &mut self.qkv, &mut self.q, &mut self.k_new, &mut self.v_new, 1, pos);
-            self.k[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(&self.k_new);
-            self.v[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(&self.v_new);
-            attend_cached(&self.q, &self.k[l], &self.v[l], pos + 1, cfg, &mut self.scores, &mut self.y);
+            let (qkv, q, k_new, v_new) = (&mut self.qkv, &mut self.q, &mut self.k_new, &mut self.v_new);
+            let (q, k_new, v_new) = match model.project_qkv(blk, p, &self.n, qkv, q, k_new, v_new, 1, pos) {
+                // One row: q, k and v side by side (H = Hkv).
+                QkvIn::Fused(row) => (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..]),
+                QkvIn::Split { q, k, v } => (q, k, v),
+            };
+            self.k[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(k_new);
+            self.v[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(v_new);
+            attend_cached(q, &self.k[l], &self.v[l], pos + 1, cfg, &mut self.scores, &mut self.y);
             blk.o.forward(p, &self.y, &mut self.x_mid, 1);
             self.x_mid.iter_mut().zip(&self.x).for_each(|(m, r)| *m += r);
             blk.norm2.forward(p, &self.x_mid, &mut self.n, &mut self.stats, eps, &self.zeros_c);

@@ -117,8 +117,8 @@ impl<'a> QkvOut<'a> {
 }
 
 /// Head `h` of batch row `b`: (T, D), rows as far apart as the layout puts them.
-fn head<'a>(x: &ArrayView4<'a, f32>, b: usize, h: usize) -> ArrayView2<'a, f32> {
-    (*x).index_axis_move(Axis(0), b).index_axis_move(Axis(1), h)
+fn head<'a>(x: ArrayView4<'a, f32>, b: usize, h: usize) -> ArrayView2<'a, f32> {
+    x.index_axis_move(Axis(0), b).index_axis_move(Axis(1), h)
 }
 
 /// The causal part of a block of score rows `r0..r1` (each `t_` wide): columns `..r1`.
@@ -155,7 +155,7 @@ pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: Attn
             out.axis_iter_mut(Axis(1)).into_par_iter().zip(stats.par_chunks_mut(t_ * 2)).enumerate().for_each(
                 |(h, (mut out, stats))| {
                     let kv = h / group;
-                    let (qh, kh, vh) = (head(&q, b, h), head(&k, b, kv), head(&v, b, kv));
+                    let (qh, kh, vh) = (head(q, b, h), head(k, b, kv), head(v, b, kv));
                     with_scratch(QB.min(t_) * t_, |scratch| {
                         for r0 in (0..t_).step_by(QB) {
                             let r1 = (r0 + QB).min(t_);
@@ -244,7 +244,6 @@ simd_fn! {
 /// Each (batch row, key/value head) is one rayon task, which runs the group's query heads in
 /// head order and each head's query blocks in order, recomputing the block's probabilities,
 /// so a key/value gradient sums its terms in an order fixed by the shapes alone.
-#[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
 pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut, n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
@@ -263,7 +262,7 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
             .zip(dk.axis_iter_mut(Axis(1)))
             .zip(dv.axis_iter_mut(Axis(1)));
         kv_heads.enumerate().for_each(|(kv, ((mut dq, mut dk), mut dv))| {
-            let (kh, vh) = (head(&k, b, kv), head(&v, b, kv));
+            let (kh, vh) = (head(k, b, kv), head(v, b, kv));
             dk.fill(0.0);
             dv.fill(0.0);
             let rows = QB.min(t_) * t_;
@@ -271,7 +270,7 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
                 let (probs, ds) = scratch.split_at_mut(rows);
                 for (j, mut dq) in dq.axis_iter_mut(Axis(1)).enumerate() {
                     let h = kv * group + j;
-                    let (qh, dout_h) = (head(&q, b, h), head(&dout, b, h));
+                    let (qh, dout_h) = (head(q, b, h), head(dout, b, h));
                     let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
                     for r0 in (0..t_).step_by(QB) {
                         let r1 = (r0 + QB).min(t_);
