@@ -378,6 +378,15 @@ fn stage_reference(registry: &Registry) -> String {
             kind.version(),
             if kind.uses_seed() { "yes" } else { "no" }
         ));
+        if !kind.volatile_outputs().is_empty() {
+            let files: Vec<String> = kind.volatile_outputs().iter().map(|f| format!("`{f}`")).collect();
+            out.push_str(&format!(
+                "Volatile outputs (verified, but not in the content digest): {}.
+
+",
+                files.join(", ")
+            ));
+        }
         if !kind.inputs().is_empty() {
             out.push_str("| input | accepts | required | description |\n|---|---|---|---|\n");
             for i in kind.inputs() {

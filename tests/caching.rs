@@ -91,6 +91,28 @@ fn a_stage_that_reruns_to_identical_bytes_leaves_its_dependents_cached() {
 }
 
 #[test]
+fn a_pretrain_that_reruns_to_the_same_weights_leaves_evaluate_cached() {
+    // metrics.jsonl holds timings and follows the unhashed log_interval: it differs between the
+    // two runs, but it is volatile, so the content digest (the weights and the other files)
+    // does not, and the early cutoff holds for the most expensive stage.
+    let sb = Sandbox::new();
+    let small = ["--set", "pretrain.max_steps=12", "--set", "evaluate.max_new_tokens=4"];
+    let first = sb.run_json("train.toml", &small);
+    let pretrain = sb.manifest(&key(&first, "pretrain"));
+    std::fs::remove_dir_all(sb.store().join("objects").join(key(&first, "pretrain"))).unwrap();
+    let rerun = sb.run_json("train.toml", &[&small[..], &["--set", "pretrain.log_interval=3"]].concat());
+    assert_eq!(ran(&rerun), ["pretrain"]);
+    assert_eq!(stage(&rerun, "evaluate")["action"], "cached");
+    let again = sb.manifest(&key(&rerun, "pretrain"));
+    assert_eq!(again["content_digest"], pretrain["content_digest"]);
+    let metrics = |m: &serde_json::Value| {
+        m["files"].as_array().unwrap().iter().find(|f| f["name"] == "metrics.jsonl").cloned().unwrap()
+    };
+    assert_ne!(metrics(&again)["digest"], metrics(&pretrain)["digest"], "the log was written anew");
+    assert_eq!(metrics(&again)["volatile"], true);
+}
+
+#[test]
 fn set_can_point_an_input_at_another_file() {
     let sb = Sandbox::new();
     sb.write("data.txt", "abcabcabcabc\n".repeat(10));

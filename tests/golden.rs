@@ -41,21 +41,13 @@ fn stage_outputs_match_their_golden_digests() {
         "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n".repeat(8),
     );
     let mut actual: BTreeMap<String, Value> = BTreeMap::new();
-    // A training stage's metrics.jsonl holds timings; its other files are deterministic, so
-    // their digests stand for its output.
+    // Volatile files (a training stage's metrics.jsonl, which holds timings) are not part of
+    // the content digest, so one digest stands for every stage's output.
     let mut record = |label: &str, run: &Value, stage: &str| {
         let manifest = sb.manifest(&key(run, stage));
-        let files = manifest["files"].as_array().unwrap();
-        let digest = if files.iter().any(|f| f["name"] == "metrics.jsonl") {
-            let deterministic: Vec<&Value> =
-                files.iter().filter(|f| f["name"] != "metrics.jsonl").map(|f| &f["digest"]).collect();
-            json!(deterministic)
-        } else {
-            manifest["content_digest"].clone()
-        };
         let entry = json!({
             "version": manifest["meta"]["preimage"]["version"],
-            "content_digest": digest,
+            "content_digest": manifest["content_digest"],
         });
         actual.insert(label.to_string(), entry);
     };

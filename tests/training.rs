@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{artifact, assert_success, stage, Sandbox};
+use crate::util::{artifact, assert_success, key, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
@@ -178,6 +178,8 @@ fn resumes_bit_identically_after(sig: &str) {
         weights(&sb, &resumed) == weights(&fresh, &uninterrupted),
         "resumed weights differ from an uninterrupted run"
     );
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, "pretrain"))["content_digest"].clone();
+    assert_eq!(digest(&sb, &resumed), digest(&fresh, &uninterrupted), "every file but the volatile log is the same");
     let steps = |sb: &Sandbox, run: &Value| -> Vec<(u64, Option<f64>, Option<f64>)> {
         std::fs::read_to_string(artifact(sb, run, "pretrain").join("metrics.jsonl"))
             .unwrap()

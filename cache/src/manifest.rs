@@ -16,13 +16,18 @@ pub struct FileEntry {
     pub name: String,
     pub size: u64,
     pub digest: ContentHash,
+    /// A file whose bytes may differ between two runs with the same key (wall-clock timings, a
+    /// log shaped by unhashed parameters): its digest is verified like any other, but it is
+    /// left out of the artifact's `content_digest`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub volatile: bool,
 }
 
 /// Everything recorded about one artifact.
 ///
-/// `content_digest` covers the output files only (sorted names, sizes and digests): never
-/// timings, metrics or paths, so a stage that reruns and writes the same bytes gets the same
-/// digest and its dependents stay fresh (early cutoff).
+/// `content_digest` covers the output files only (sorted names, sizes and digests), and of those
+/// only the ones not marked volatile: never timings, metrics or paths, so a stage that reruns
+/// and writes the same bytes gets the same digest and its dependents stay fresh (early cutoff).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -41,7 +46,7 @@ impl Manifest {
     pub const FILE_NAME: &'static str = "manifest.json";
 
     pub fn digest_of(files: &[FileEntry]) -> ContentHash {
-        hash_listing(files.iter().map(|f| (f.name.as_str(), f.size, &f.digest)))
+        hash_listing(files.iter().filter(|f| !f.volatile).map(|f| (f.name.as_str(), f.size, &f.digest)))
     }
 
     pub fn read(dir: &Path) -> Result<Manifest> {

@@ -150,10 +150,12 @@ impl Store {
     }
 
     /// Hash the staged files, write the manifest last, and rename the whole directory into
-    /// `objects/` in one step: readers see the complete artifact or nothing.
+    /// `objects/` in one step: readers see the complete artifact or nothing. Files named in
+    /// `volatile` are listed and verified but left out of the content digest.
     pub fn publish(
         &self,
         staging: Staging,
+        volatile: &[&str],
         meta: serde_json::Value,
         metrics: serde_json::Value,
         seconds: f64,
@@ -168,7 +170,8 @@ impl Store {
             }
             let size = entry.metadata().ctx("reading metadata of", &path)?.len();
             std::fs::File::open(&path).and_then(|f| f.sync_all()).ctx("syncing", &path)?;
-            files.push(FileEntry { name, size, digest: hash_file(&path)? });
+            let volatile = volatile.contains(&name.as_str());
+            files.push(FileEntry { digest: hash_file(&path)?, name, size, volatile });
         }
         if files.is_empty() {
             return Err(CacheError::EmptyArtifact);
@@ -420,7 +423,7 @@ mod tests {
     fn put(store: &Store, k: ContentHash, name: &str, bytes: &[u8]) -> Artifact {
         let staging = store.begin(&k).unwrap();
         std::fs::write(staging.dir().join(name), bytes).unwrap();
-        store.publish(staging, json!({}), json!({}), 0.0).unwrap()
+        store.publish(staging, &[], json!({}), json!({}), 0.0).unwrap()
     }
 
     #[test]
@@ -443,8 +446,30 @@ mod tests {
         let a = put(&store, key(1), "out.bin", b"same");
         let staging = store.begin(&key(2)).unwrap();
         std::fs::write(staging.dir().join("out.bin"), b"same").unwrap();
-        let b = store.publish(staging, json!({"x": 1}), json!({"loss": 2.0}), 9.0).unwrap();
+        let b = store.publish(staging, &[], json!({"x": 1}), json!({"loss": 2.0}), 9.0).unwrap();
         assert_eq!(a.manifest.content_digest, b.manifest.content_digest);
+    }
+
+    #[test]
+    fn volatile_files_are_verified_but_left_out_of_the_content_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let publish = |k: u8, log: &[u8], volatile: &[&str]| {
+            let staging = store.begin(&key(k)).unwrap();
+            std::fs::write(staging.dir().join("w.bin"), b"weights").unwrap();
+            std::fs::write(staging.dir().join("log.jsonl"), log).unwrap();
+            store.publish(staging, volatile, json!({}), json!({}), 0.0).unwrap()
+        };
+        let a = publish(10, b"took 3 s", &["log.jsonl"]);
+        let b = publish(11, b"took 4.5 s", &["log.jsonl"]);
+        assert_eq!(a.manifest.content_digest, b.manifest.content_digest);
+        assert!(a.manifest.file("log.jsonl").unwrap().volatile && !a.manifest.file("w.bin").unwrap().volatile);
+        let c = publish(12, b"took 3 s", &[]);
+        assert_ne!(a.manifest.content_digest, c.manifest.content_digest, "not volatile: digested");
+        // Still verified: damage to a volatile file makes the artifact missing.
+        std::fs::write(b.path("log.jsonl"), b"took 4.6 s").unwrap();
+        let (_, problems) = store.verify().unwrap();
+        assert_eq!(problems.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), [key(11).to_hex()]);
     }
 
     #[test]

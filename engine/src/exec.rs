@@ -278,7 +278,7 @@ fn try_execute(
         Ok(metrics) => {
             let seconds = start.elapsed().as_secs_f64();
             let metrics = serde_json::Value::Object(metrics.into_iter().collect());
-            let artifact = store.publish(staging, meta, metrics.clone(), seconds)?;
+            let artifact = store.publish(staging, stage.kind.volatile_outputs(), meta, metrics.clone(), seconds)?;
             Ok(Done::Finished(Box::new(StageOutcome {
                 name: stage.name.clone(),
                 kind: stage.kind.kind().to_string(),

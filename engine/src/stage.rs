@@ -106,6 +106,14 @@ pub trait Stage: Send + Sync {
     fn uses_seed(&self) -> bool {
         false
     }
+    /// Output files whose bytes may differ between runs with the same key: wall-clock timings,
+    /// or logs shaped by parameters that are not hashed. The store verifies them like any file
+    /// but leaves them out of the content digest, so that rerunning such a stage to the same
+    /// results keeps its dependents cached. Everything else a stage writes must depend only on
+    /// its key.
+    fn volatile_outputs(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Checks across parameters, run when the recipe is resolved. `connected` holds the input
     /// slots the recipe wired.
     fn check(&self, _params: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {

@@ -7,7 +7,9 @@
 //!
 //! Output: `model.safetensors`, `config.json` and `tokenizer.json` (a directory Hugging Face
 //! `transformers` loads), `meta.json`, and `metrics.jsonl` with one line per logged step and
-//! per evaluation.
+//! per evaluation. `metrics.jsonl` holds wall-clock figures and follows the unhashed
+//! `log_interval` and `eval_interval`, so it is a volatile output: left out of the content
+//! digest, which the weights and the other files determine.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -152,6 +154,9 @@ impl Stage for Pretrain {
     }
     fn uses_seed(&self) -> bool {
         true
+    }
+    fn volatile_outputs(&self) -> &'static [&'static str] {
+        &[METRICS_FILE]
     }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
