@@ -64,6 +64,21 @@ fn a_recipe_pretrains_evaluates_and_samples_for_both_architectures() {
 }
 
 #[test]
+fn padding_fills_the_last_block_but_is_never_scored() {
+    let sb = Sandbox::new();
+    let small = ["--set", "pack.remainder=pad", "--set", "pretrain.max_steps=12", "--set", "evaluate.max_new_tokens=4"];
+    let run = sb.run_json("train.toml", &small);
+    let pack = &stage(&run, "pack")["metrics"];
+    let (val_stream, seq_len) = (pack["val_tokens"].as_u64().unwrap(), 16);
+    assert_ne!((val_stream - 1) % seq_len, 0, "the fixture pads the validation split's last block: {pack}");
+    // Every validation token after the first is predicted once; the padding is not.
+    assert_eq!(stage(&run, "evaluate")["metrics"]["val_tokens"], val_stream - 1);
+    // Random windows are drawn from the stream without it.
+    let windows = sb.run_json("train.toml", &[&small[..], &["--set", "pretrain.sampler=windows"]].concat());
+    assert!(stage(&windows, "pretrain")["metrics"]["train_loss"].as_f64().unwrap().is_finite());
+}
+
+#[test]
 fn sampling_an_unbuilt_stage_says_to_run_the_recipe() {
     let sb = Sandbox::new();
     let out = sb.tinygpt(&["sample", "train.toml", "pretrain"]);

@@ -144,36 +144,64 @@ pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
     Ok(docs)
 }
 
-/// Write blocks of `width` tokens as one `tokens: FixedSizeList<UInt32, width>` column.
-pub fn write_blocks(path: &Path, blocks: &[u32], width: usize) -> Result<(), StageError> {
-    assert!(width > 0 && blocks.len().is_multiple_of(width), "blocks hold a whole number of rows of {width}");
-    let field = Field::new("tokens", DataType::FixedSizeList(item_field(), width as i32), false);
-    let schema = Arc::new(Schema::new(vec![field]));
-    let rows = blocks.len() / width;
-    let columns = (0..rows).step_by(BATCH_ROWS).map(|start| {
-        let end = (start + BATCH_ROWS).min(rows);
-        let values = UInt32Array::from(blocks[start * width..end * width].to_vec());
-        Arc::new(FixedSizeListArray::new(item_field(), width as i32, Arc::new(values), None)) as ArrayRef
-    });
-    write_batches(path, schema, columns)
+/// Packed blocks as `pack` writes them: rows of `width` (T + 1) tokens. The last `padding`
+/// tokens of the last row are end-of-text tokens that fill it: inputs, never targets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Blocks {
+    pub tokens: Vec<u32>,
+    pub width: usize,
+    pub padding: usize,
 }
 
-/// Read blocks back: (flat token ids, width).
-pub fn read_blocks(path: &Path) -> Result<(Vec<u32>, usize), StageError> {
+/// The schema metadata key that holds [`Blocks::padding`] (absent when there is none).
+const PADDING_KEY: &str = "padding";
+
+/// Write blocks as one `tokens: FixedSizeList<UInt32, width>` column; a padding count goes
+/// into the schema's metadata.
+pub fn write_blocks(path: &Path, blocks: &Blocks) -> Result<(), StageError> {
+    let Blocks { tokens, width, padding } = blocks;
+    let width = *width;
+    assert!(width > 0 && tokens.len().is_multiple_of(width), "blocks hold a whole number of rows of {width}");
+    assert!(*padding < width && (*padding == 0 || !tokens.is_empty()), "padding fills part of the last row");
+    let field = Field::new("tokens", DataType::FixedSizeList(item_field(), width as i32), false);
+    let mut schema = Schema::new(vec![field]);
+    if *padding > 0 {
+        schema =
+            schema.with_metadata(std::collections::HashMap::from([(PADDING_KEY.to_string(), padding.to_string())]));
+    }
+    let rows = tokens.len() / width;
+    let columns = (0..rows).step_by(BATCH_ROWS).map(|start| {
+        let end = (start + BATCH_ROWS).min(rows);
+        let values = UInt32Array::from(tokens[start * width..end * width].to_vec());
+        Arc::new(FixedSizeListArray::new(item_field(), width as i32, Arc::new(values), None)) as ArrayRef
+    });
+    write_batches(path, Arc::new(schema), columns)
+}
+
+/// Read blocks back, with their padding.
+pub fn read_blocks(path: &Path) -> Result<Blocks, StageError> {
     let batches = read_batches(path)?;
-    let width = match batches.first().map(|b| b.schema().field(0).data_type().clone()) {
-        Some(DataType::FixedSizeList(_, w)) => w as usize,
-        _ => {
-            return Err(StageError::msg(format!("`{}` holds no fixed-size token blocks", path.display())));
-        }
+    let bad = |what: &str| StageError::msg(format!("`{}` {what}", path.display()));
+    let Some(schema) = batches.first().map(|b| b.schema()) else {
+        return Err(bad("holds no fixed-size token blocks"));
     };
-    let mut out = Vec::new();
+    let DataType::FixedSizeList(_, width) = schema.field(0).data_type() else {
+        return Err(bad("holds no fixed-size token blocks"));
+    };
+    let width = *width as usize;
+    let padding = match schema.metadata().get(PADDING_KEY) {
+        Some(text) => {
+            text.parse().ok().filter(|p| *p < width).ok_or_else(|| bad("has a bad `padding` in its metadata"))?
+        }
+        None => 0,
+    };
+    let mut tokens = Vec::new();
     for batch in batches {
         let list = batch.column(0).as_any().downcast_ref::<FixedSizeListArray>().expect("schema checked above");
         let values = list.values().as_any().downcast_ref::<UInt32Array>().expect("blocks hold uint32");
-        out.extend_from_slice(values.values());
+        tokens.extend_from_slice(values.values());
     }
-    Ok((out, width))
+    Ok(Blocks { tokens, width, padding })
 }
 
 #[cfg(test)]
@@ -188,9 +216,11 @@ mod tests {
         write_docs(&dir.path().join("d.arrow"), &docs).unwrap();
         assert_eq!(read_docs(&dir.path().join("d.arrow")).unwrap(), docs);
 
-        let blocks: Vec<u32> = (0..3000 * 5).collect();
-        write_blocks(&dir.path().join("b.arrow"), &blocks, 5).unwrap();
-        assert_eq!(read_blocks(&dir.path().join("b.arrow")).unwrap(), (blocks, 5));
+        for padding in [0, 3] {
+            let blocks = Blocks { tokens: (0..3000 * 5).collect(), width: 5, padding };
+            write_blocks(&dir.path().join("b.arrow"), &blocks).unwrap();
+            assert_eq!(read_blocks(&dir.path().join("b.arrow")).unwrap(), blocks);
+        }
     }
 
     #[test]

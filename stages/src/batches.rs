@@ -4,11 +4,41 @@
 //! either whole blocks in a seeded shuffled order, epoch after epoch, or nanoGPT's random
 //! windows of `T + 1` tokens from the split's token stream (rebuilt from the blocks). Both are
 //! functions of the seed and a [`DataPos`], so a checkpoint can resume the exact stream.
+//!
+//! Padding that `pack` added to fill a split's last block is never a target: its targets are
+//! [`IGNORE`]d in blocks, and windows are drawn from the stream without it.
 
+use crate::arrow_io::Blocks;
 use crate::checkpoint::DataPos;
+use crate::nn::kernels::cross_entropy::{predicted, IGNORE};
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
+
+impl Blocks {
+    pub fn rows(&self) -> usize {
+        self.tokens.len() / self.width
+    }
+
+    /// Row `r`'s inputs (its first T tokens) and targets (its last T), with the targets that
+    /// are padding set to [`IGNORE`].
+    fn fill_row(&self, r: usize, ids: &mut [u32], targets: &mut [u32]) {
+        let row = &self.tokens[r * self.width..(r + 1) * self.width];
+        let t = self.width - 1;
+        ids.copy_from_slice(&row[..t]);
+        targets.copy_from_slice(&row[1..]);
+        if r + 1 == self.rows() {
+            targets[t - self.padding..].fill(IGNORE);
+        }
+    }
+
+    /// The token stream the blocks were cut from, without the padding.
+    pub fn stream(&self) -> Vec<u32> {
+        let mut stream = stream_of(&self.tokens, self.width);
+        stream.truncate(stream.len() - self.padding);
+        stream
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SamplerKind {
@@ -19,8 +49,8 @@ pub enum SamplerKind {
 /// Draws training sequences of `t` tokens (plus the shifted targets).
 pub struct Sampler {
     kind: SamplerKind,
-    /// Blocks of `t + 1` (Blocks) or the whole token stream (Windows).
-    tokens: Vec<u32>,
+    /// The blocks; for windows, their stream in `tokens` and no padding.
+    blocks: Blocks,
     t: usize,
     seed: u64,
     perm: Vec<u32>,
@@ -28,17 +58,30 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    /// `blocks` are rows of `t + 1` tokens.
+    /// Sequences of `blocks.width - 1` tokens.
     ///
     /// # Panics
-    /// If there are no blocks: `pack` guarantees at least one training block.
-    pub fn new(kind: SamplerKind, blocks: Vec<u32>, t: usize, seed: u64) -> Self {
-        assert!(!blocks.is_empty() && blocks.len().is_multiple_of(t + 1), "blocks are rows of t + 1");
-        let tokens = match kind {
+    /// If there are no blocks (`pack` guarantees at least one training block), or if windows
+    /// are asked of fewer than T + 1 tokens (see [`Sampler::windows_fit`]).
+    pub fn new(kind: SamplerKind, blocks: Blocks, seed: u64) -> Self {
+        assert!(
+            !blocks.tokens.is_empty() && blocks.tokens.len().is_multiple_of(blocks.width),
+            "blocks are rows of t + 1"
+        );
+        let t = blocks.width - 1;
+        let blocks = match kind {
             SamplerKind::Blocks => blocks,
-            SamplerKind::Windows => stream_of(&blocks, t + 1),
+            SamplerKind::Windows => {
+                assert!(Self::windows_fit(&blocks), "random windows need at least T + 1 tokens");
+                Blocks { tokens: blocks.stream(), width: blocks.width, padding: 0 }
+            }
         };
-        Sampler { kind, tokens, t, seed, perm: Vec::new(), perm_epoch: None }
+        Sampler { kind, blocks, t, seed, perm: Vec::new(), perm_epoch: None }
+    }
+
+    /// Whether the split holds a window of T + 1 tokens that are not padding.
+    pub fn windows_fit(blocks: &Blocks) -> bool {
+        blocks.stream().len() > blocks.width - 1
     }
 
     /// The starting data position for a run.
@@ -50,9 +93,9 @@ impl Sampler {
     pub fn fill(&mut self, pos: &mut DataPos, ids: &mut [u32], targets: &mut [u32]) {
         let t = self.t;
         for (x, y) in ids.chunks_mut(t).zip(targets.chunks_mut(t)) {
-            let start = match self.kind {
+            match self.kind {
                 SamplerKind::Blocks => {
-                    let n = (self.tokens.len() / (t + 1)) as u64;
+                    let n = self.blocks.rows() as u64;
                     let (epoch, i) = (pos.consumed / n, pos.consumed % n);
                     if self.perm_epoch != Some(epoch) {
                         self.perm = (0..n as u32).collect();
@@ -60,18 +103,17 @@ impl Sampler {
                         rng.shuffle(&mut self.perm);
                         self.perm_epoch = Some(epoch);
                     }
-                    self.perm[i as usize] as usize * (t + 1)
+                    self.blocks.fill_row(self.perm[i as usize] as usize, x, y);
                 }
                 SamplerKind::Windows => {
                     let mut rng = SplitMix64::new(pos.rng);
-                    let start = rng.below(self.tokens.len() - t);
+                    let start = rng.below(self.blocks.tokens.len() - t);
                     pos.rng = rng.state();
-                    start
+                    x.copy_from_slice(&self.blocks.tokens[start..start + t]);
+                    y.copy_from_slice(&self.blocks.tokens[start + 1..start + t + 1]);
                 }
-            };
+            }
             pos.consumed += 1;
-            x.copy_from_slice(&self.tokens[start..start + t]);
-            y.copy_from_slice(&self.tokens[start + 1..start + t + 1]);
         }
     }
 }
@@ -86,42 +128,49 @@ pub fn stream_of(blocks: &[u32], width: usize) -> Vec<u32> {
     stream
 }
 
-/// Mean cross-entropy (nats per token) over `blocks` (rows of T + 1) in order, in batches of
-/// `acts.batch()`, stopping after `max_batches` batches when given. Returns (mean, tokens).
+/// What [`mean_loss`] scored.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    /// Mean cross-entropy in nats per predicted token.
+    pub mean: f64,
+    /// Tokens predicted (targets that are not padding).
+    pub tokens: usize,
+    /// Blocks scored, from the first.
+    pub rows: usize,
+}
+
+/// Mean cross-entropy over the targets of `blocks` in order (padding is not predicted), in
+/// batches of `acts.batch()`, stopping after `max_batches` batches when given.
 ///
 /// A last partial batch gets its own, smaller activations. The mean is summed in f64 in block
 /// order, so it does not depend on the thread count.
 pub fn mean_loss(
     model: &Model,
     p: &ParamMap,
-    blocks: &[u32],
+    blocks: &Blocks,
     acts: &mut Activations,
     max_batches: Option<usize>,
-) -> (f64, usize) {
+) -> Scored {
     let (b, t) = (acts.batch(), acts.time());
-    let rows: Vec<&[u32]> = blocks.chunks(t + 1).collect();
+    assert_eq!(blocks.width, t + 1, "blocks are rows of T + 1");
     let mut ids = vec![0u32; b * t];
     let mut targets = vec![0u32; b * t];
-    let (mut total, mut tokens) = (0.0f64, 0usize);
+    let (mut total, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
     let mut small = None;
-    for (batch, chunk) in rows.chunks(b).enumerate() {
-        if max_batches.is_some_and(|m| batch >= m) {
-            break;
+    while rows < blocks.rows() && max_batches.is_none_or(|m| rows < m * b) {
+        let chunk = b.min(blocks.rows() - rows);
+        let n = chunk * t;
+        for i in 0..chunk {
+            blocks.fill_row(rows + i, &mut ids[i * t..(i + 1) * t], &mut targets[i * t..(i + 1) * t]);
         }
-        let n = chunk.len() * t;
-        for (i, row) in chunk.iter().enumerate() {
-            ids[i * t..(i + 1) * t].copy_from_slice(&row[..t]);
-            targets[i * t..(i + 1) * t].copy_from_slice(&row[1..]);
-        }
-        let acts = if chunk.len() == b {
-            &mut *acts
-        } else {
-            small.get_or_insert_with(|| Activations::new(&model.cfg, chunk.len(), t))
-        };
-        total += model.loss(p, &ids[..n], &targets[..n], acts) as f64 * n as f64;
-        tokens += n;
+        let acts =
+            if chunk == b { &mut *acts } else { small.get_or_insert_with(|| Activations::new(&model.cfg, chunk, t)) };
+        let counted = predicted(&targets[..n]);
+        total += model.loss(p, &ids[..n], &targets[..n], acts) as f64 * counted as f64;
+        tokens += counted;
+        rows += chunk;
     }
-    (total / tokens.max(1) as f64, tokens)
+    Scored { mean: total / tokens.max(1) as f64, tokens, rows }
 }
 
 #[cfg(test)]
@@ -129,13 +178,21 @@ mod tests {
     use super::*;
 
     /// Blocks of 4 + 1 cut from the stream 0, 1, 2, ... as `pack` cuts them.
-    fn blocks(n: u32) -> Vec<u32> {
-        (0..n).flat_map(|i| (i * 4..i * 4 + 5).collect::<Vec<_>>()).collect()
+    fn blocks(n: u32) -> Blocks {
+        Blocks { tokens: (0..n).flat_map(|i| (i * 4..i * 4 + 5).collect::<Vec<_>>()).collect(), width: 5, padding: 0 }
+    }
+
+    /// The same, with the last `padding` tokens replaced by an end-of-text token 99.
+    fn padded(n: u32, padding: usize) -> Blocks {
+        let mut b = blocks(n);
+        let len = b.tokens.len();
+        b.tokens[len - padding..].fill(99);
+        Blocks { padding, ..b }
     }
 
     #[test]
     fn blocks_come_in_a_seeded_order_and_every_epoch_covers_all() {
-        let mut s = Sampler::new(SamplerKind::Blocks, blocks(6), 4, 9);
+        let mut s = Sampler::new(SamplerKind::Blocks, blocks(6), 9);
         let mut pos = s.start();
         let (mut ids, mut targets) = (vec![0; 6 * 4], vec![0; 6 * 4]);
         s.fill(&mut pos, &mut ids, &mut targets);
@@ -147,7 +204,7 @@ mod tests {
         // Resuming from a position gives the same next batch as going on.
         let saved = pos;
         s.fill(&mut pos, &mut ids, &mut targets);
-        let mut fresh = Sampler::new(SamplerKind::Blocks, blocks(6), 4, 9);
+        let mut fresh = Sampler::new(SamplerKind::Blocks, blocks(6), 9);
         let (mut ids2, mut targets2) = (vec![0; 24], vec![0; 24]);
         fresh.fill(&mut { saved }, &mut ids2, &mut targets2);
         assert_eq!(ids, ids2);
@@ -156,8 +213,8 @@ mod tests {
 
     #[test]
     fn windows_are_random_spans_of_the_rebuilt_stream() {
-        let mut s = Sampler::new(SamplerKind::Windows, blocks(5), 4, 1);
-        assert_eq!(s.tokens, (0..21).collect::<Vec<_>>(), "the stream comes back whole");
+        let mut s = Sampler::new(SamplerKind::Windows, blocks(5), 1);
+        assert_eq!(s.blocks.tokens, (0..21).collect::<Vec<_>>(), "the stream comes back whole");
         let mut pos = s.start();
         let (mut ids, mut targets) = (vec![0; 8 * 4], vec![0; 8 * 4]);
         s.fill(&mut pos, &mut ids, &mut targets);
@@ -166,5 +223,44 @@ mod tests {
         }
         let starts: std::collections::BTreeSet<u32> = ids.chunks(4).map(|r| r[0]).collect();
         assert!(starts.len() > 3, "windows start at many places: {starts:?}");
+    }
+
+    #[test]
+    fn padding_is_never_a_target() {
+        // Blocks: the padded row's last two targets are ignored, its inputs kept.
+        let mut s = Sampler::new(SamplerKind::Blocks, padded(3, 2), 5);
+        let mut pos = s.start();
+        let (mut ids, mut targets) = (vec![0; 3 * 4], vec![0; 3 * 4]);
+        s.fill(&mut pos, &mut ids, &mut targets);
+        let row = ids.chunks(4).position(|r| r[0] == 8).expect("the last block is drawn");
+        assert_eq!(&ids[row * 4..row * 4 + 4], &[8, 9, 10, 99]);
+        assert_eq!(&targets[row * 4..row * 4 + 4], &[9, 10, IGNORE, IGNORE]);
+        assert_eq!(targets.iter().filter(|t| **t == IGNORE).count(), 2, "other rows are whole");
+        // Windows: drawn from the stream without its padding.
+        let s = Sampler::new(SamplerKind::Windows, padded(3, 2), 5);
+        assert_eq!(s.blocks.tokens, (0..11).collect::<Vec<_>>());
+        assert!(Sampler::windows_fit(&padded(1, 0)) && !Sampler::windows_fit(&padded(1, 1)));
+    }
+
+    #[test]
+    fn mean_loss_scores_every_target_but_padding() {
+        use crate::nn::model::ModelConfig;
+        let cfg = ModelConfig::gpt2(100, 4, 1, 2, 8, false);
+        let p = cfg.init(1);
+        let model = Model::new(cfg, &p);
+        let blocks = padded(5, 3);
+        let scored = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None);
+        assert_eq!((scored.tokens, scored.rows), (5 * 4 - 3, 5));
+        // Score each block alone, whole, and drop the padded targets' losses by hand.
+        let mut acts = Activations::new(&cfg, 1, 4);
+        let mut total = 0.0;
+        for row in blocks.tokens.chunks(5) {
+            model.loss(&p, &row[..4], &row[1..], &mut acts);
+            let kept = if row[4] == 99 { 1 } else { 4 };
+            total += acts.row_losses()[..kept].iter().sum::<f64>();
+        }
+        assert!((scored.mean - total / 17.0).abs() < 1e-6, "{} vs {}", scored.mean, total / 17.0);
+        let first = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), Some(1));
+        assert_eq!((first.tokens, first.rows), (8, 2));
     }
 }

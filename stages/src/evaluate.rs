@@ -77,31 +77,33 @@ impl Stage for Evaluate {
         };
         let p = ctx.params();
         let lm = LoadedModel::load(&model_dir.dir)?;
-        let (blocks, width) = read_blocks(&data.path(VAL_FILE))?;
-        let t = width - 1;
+        let blocks = read_blocks(&data.path(VAL_FILE))?;
+        let t = blocks.width - 1;
         if t > lm.cfg().block_size {
             return Err(StageError::msg(format!(
                 "the data's blocks hold {t} tokens, more than the model's block size {}",
                 lm.cfg().block_size
             )));
         }
-        if let Some(bad) = blocks.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
+        if let Some(bad) = blocks.tokens.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
             return Err(StageError::msg(format!(
                 "the data has token {bad}, outside the model's vocabulary of {}: were they made with another tokenizer?",
                 lm.cfg().vocab_size
             )));
         }
-        if blocks.is_empty() {
+        if blocks.tokens.is_empty() {
             return Err(StageError::msg("the data has no validation blocks: give `pack` a `val_fraction` above 0"));
         }
         ctx.progress().set_message("validation loss");
-        let batch = p.usize("batch_size").min(blocks.len() / width).max(1);
+        let batch = p.usize("batch_size").min(blocks.rows()).max(1);
         let mut acts = Activations::new(lm.cfg(), batch, t);
-        let (val_loss, tokens) = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
+        let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
+        let (val_loss, tokens) = (scored.mean, scored.tokens);
         ctx.check_cancelled()?;
 
-        // The predicted tokens are the stream of the scored blocks after its first token.
-        let stream = stream_of(&blocks[..tokens / t * width], width);
+        // The predicted tokens are the stream of the scored blocks after its first token (any
+        // padding ends the stream, and is not predicted).
+        let stream = stream_of(&blocks.tokens[..scored.rows * blocks.width], blocks.width);
         let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
         let bytes = text.len();
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;

@@ -5,11 +5,15 @@
 //! of block i is the first of block i + 1, every token after the first is a prediction target
 //! exactly once, and the split's token stream can be rebuilt from its blocks (for samplers that
 //! draw random windows, as nanoGPT does).
+//!
+//! With `remainder = "pad"` a split's last, partial block is filled with end-of-text tokens,
+//! and their number goes into the block file's metadata: training and evaluation feed them as
+//! inputs but never predict them (their targets are ignored), and windows leave them out.
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
 use serde_json::json;
 
-use crate::arrow_io::{read_docs, write_blocks, TokenDocs, TokenMeta};
+use crate::arrow_io::{read_docs, write_blocks, Blocks, TokenDocs, TokenMeta};
 use crate::nn::rng::SplitMix64;
 use crate::tokenize::{TOKENIZER_FILE, TOKENS_FILE};
 use crate::{fail, PACKED, TOKENS};
@@ -38,7 +42,7 @@ const PARAMS: &[ParamSpec] = &[
         "remainder",
         "drop",
         &["drop", "pad"],
-        "a final partial block is dropped, or padded with the end-of-text token",
+        "a final partial block is dropped, or padded with the end-of-text token (never a target)",
     ),
 ];
 
@@ -50,7 +54,7 @@ impl Stage for Pack {
         "pack"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: the padding count travels in the block files' metadata
     }
     fn about(&self) -> &'static str {
         "split documents into train and validation and cut fixed blocks of seq_len + 1 tokens"
@@ -100,15 +104,15 @@ impl Stage for Pack {
                 seq_len + 1
             )));
         }
-        write_blocks(&ctx.out(TRAIN_FILE), &train_blocks.tokens, seq_len + 1)?;
-        write_blocks(&ctx.out(VAL_FILE), &val_blocks.tokens, seq_len + 1)?;
+        write_blocks(&ctx.out(TRAIN_FILE), &train_blocks.blocks)?;
+        write_blocks(&ctx.out(VAL_FILE), &val_blocks.blocks)?;
         std::fs::copy(artifact.path(TOKENIZER_FILE), ctx.out(TOKENIZER_FILE))
             .map_err(|e| fail("copying tokenizer.json")(&e))?;
         TokenMeta { seq_len: Some(seq_len), ..meta }.write(ctx.out_dir())?;
 
         let dropped = train_blocks.dropped + val_blocks.dropped;
-        let padded = train_blocks.padded + val_blocks.padded;
-        let stored = train_blocks.tokens.len() + val_blocks.tokens.len();
+        let padded = train_blocks.blocks.padding + val_blocks.blocks.padding;
+        let stored = train_blocks.blocks.tokens.len() + val_blocks.blocks.tokens.len();
         Ok(Metrics::from([
             ("train_blocks".into(), json!(train_blocks.rows)),
             ("val_blocks".into(), json!(val_blocks.rows)),
@@ -158,15 +162,15 @@ fn split_by_position(docs: &TokenDocs, eot: u32, fraction: f64) -> (Vec<u32>, Ve
     (all, val)
 }
 
-struct Blocks {
-    tokens: Vec<u32>,
+/// One split cut into blocks, and what did not fit.
+struct Cut {
+    blocks: Blocks,
     rows: usize,
     dropped: usize,
-    padded: usize,
 }
 
 /// Windows of `seq_len + 1` tokens starting every `seq_len` tokens.
-fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Blocks {
+fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Cut {
     let width = seq_len + 1;
     let full = if stream.len() >= width { (stream.len() - 1) / seq_len } else { 0 };
     let mut tokens = Vec::with_capacity((full + 1) * width);
@@ -186,7 +190,7 @@ fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Blocks {
         rows += 1;
         dropped = 0;
     }
-    Blocks { tokens, rows, dropped, padded }
+    Cut { blocks: Blocks { tokens, width, padding: padded }, rows, dropped }
 }
 
 #[cfg(test)]
@@ -198,11 +202,11 @@ mod tests {
         let s: Vec<u32> = (0..23).collect();
         let b = cut_blocks(&s, 4, false, 99);
         assert_eq!(b.rows, 5);
-        assert_eq!(&b.tokens[..5], &[0, 1, 2, 3, 4]);
-        assert_eq!(&b.tokens[5..10], &[4, 5, 6, 7, 8]);
+        assert_eq!(&b.blocks.tokens[..5], &[0, 1, 2, 3, 4]);
+        assert_eq!(&b.blocks.tokens[5..10], &[4, 5, 6, 7, 8]);
         assert_eq!(b.dropped, 2); // 21 and 22 are never targets
-        let mut rebuilt: Vec<u32> = b.tokens[..5].to_vec();
-        for row in b.tokens.chunks(5).skip(1) {
+        let mut rebuilt: Vec<u32> = b.blocks.tokens[..5].to_vec();
+        for row in b.blocks.tokens.chunks(5).skip(1) {
             rebuilt.extend_from_slice(&row[1..]);
         }
         assert_eq!(rebuilt, s[..21]);
@@ -213,10 +217,10 @@ mod tests {
         let s: Vec<u32> = (0..23).collect();
         let b = cut_blocks(&s, 4, true, 99);
         assert_eq!(b.rows, 6);
-        assert_eq!(&b.tokens[25..], &[20, 21, 22, 99, 99]);
-        assert_eq!((b.dropped, b.padded), (0, 2));
+        assert_eq!(&b.blocks.tokens[25..], &[20, 21, 22, 99, 99]);
+        assert_eq!((b.dropped, b.blocks.padding), (0, 2));
         let short = cut_blocks(&[1, 2], 4, true, 9);
-        assert_eq!((short.rows, short.padded, short.tokens.as_slice()), (1, 3, &[1, 2, 9, 9, 9][..]));
+        assert_eq!((short.rows, short.blocks.padding, short.blocks.tokens.as_slice()), (1, 3, &[1, 2, 9, 9, 9][..]));
     }
 
     #[test]

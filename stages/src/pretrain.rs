@@ -18,7 +18,7 @@ use std::time::Instant;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
-use crate::arrow_io::{read_blocks, TokenMeta};
+use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
 use crate::batches::{mean_loss, Sampler, SamplerKind};
 use crate::checkpoint::{Progress, TrainState};
 use crate::model_io::{save_model, TOKENIZER};
@@ -187,10 +187,17 @@ impl Stage for Pretrain {
                 cfg.block_size
             )));
         }
-        let (train, width) = read_blocks(&artifact.path(TRAIN_FILE))?;
-        let (val, _) = read_blocks(&artifact.path(VAL_FILE))?;
-        assert_eq!(width, seq_len + 1, "pack writes blocks of seq_len + 1");
+        let train = read_blocks(&artifact.path(TRAIN_FILE))?;
+        let val = read_blocks(&artifact.path(VAL_FILE))?;
+        assert_eq!(train.width, seq_len + 1, "pack writes blocks of seq_len + 1");
         let kind = if p.str("sampler") == "windows" { SamplerKind::Windows } else { SamplerKind::Blocks };
+        if kind == SamplerKind::Windows && !Sampler::windows_fit(&train) {
+            return Err(StageError::msg(format!(
+                "random windows need seq_len + 1 = {} training tokens that are not padding, and the data has {}: lower `pack.seq_len` or use sampler = \"blocks\"",
+                seq_len + 1,
+                train.stream().len()
+            )));
+        }
         let run = Run {
             cfg,
             batch: p.usize("batch_size"),
@@ -211,7 +218,7 @@ impl Stage for Pretrain {
             log_interval: p.int("log_interval") as u64,
             checkpoint_interval: p.int("checkpoint_interval") as u64,
         };
-        let sampler = Sampler::new(kind, train, seq_len, ctx.seed());
+        let sampler = Sampler::new(kind, train, ctx.seed());
         let outcome = run.train(ctx, sampler, &val, seq_len)?;
 
         save_model(ctx.out_dir(), &cfg, &outcome.state.params, meta.eot_id)?;
@@ -264,7 +271,7 @@ struct Outcome {
 }
 
 impl Run {
-    fn train(&self, ctx: &StageCtx<'_>, mut sampler: Sampler, val: &[u32], t: usize) -> Result<Outcome, StageError> {
+    fn train(&self, ctx: &StageCtx<'_>, mut sampler: Sampler, val: &Blocks, t: usize) -> Result<Outcome, StageError> {
         let fresh = self.cfg.init(ctx.seed());
         let resumed = TrainState::load(ctx.work_dir(), &fresh)?;
         let resumed_from = resumed.as_ref().map(|s| s.progress.step);
@@ -276,7 +283,7 @@ impl Run {
         let model = Model::new(self.cfg, &state.params);
         let mut grads = state.params.zeros_like();
         let mut acts = Activations::new(&self.cfg, self.batch, t);
-        let val_batch = self.batch.min(val.len() / (t + 1)).max(1);
+        let val_batch = self.batch.min(val.rows()).max(1);
         let mut val_acts = Activations::new(&self.cfg, val_batch, t);
         let rows = self.batch * t;
         let (mut ids, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
@@ -344,7 +351,7 @@ impl Run {
             let eval_now =
                 step == self.max_steps || (self.eval_interval > 0 && step.is_multiple_of(self.eval_interval));
             if eval_now {
-                val_loss = mean_loss(&model, &state.params, val, &mut val_acts, Some(self.eval_batches)).0;
+                val_loss = mean_loss(&model, &state.params, val, &mut val_acts, Some(self.eval_batches)).mean;
                 state.progress.log.push(json!({ "step": step, "val_loss": round(val_loss, 5) }));
             }
             progress.set_position(step);

@@ -627,7 +627,7 @@ impl Model {
         self.head.forward(p, &acts.nf, &mut acts.logits, rows);
     }
 
-    /// Mean cross-entropy of the next tokens `targets`, forward only.
+    /// Mean cross-entropy of the next tokens `targets` (those not `IGNORE`d), forward only.
     pub fn loss(&self, p: &ParamMap, ids: &[u32], targets: &[u32], acts: &mut Activations) -> f32 {
         self.forward(p, ids, acts);
         cross_entropy_forward_backward(
@@ -640,8 +640,8 @@ impl Model {
         )
     }
 
-    /// Forward, mean cross-entropy against `targets` (plus `z_loss` times the squared
-    /// log-partition), and backward: adds every parameter's gradient into `grads` (made by
+    /// Forward, mean cross-entropy against `targets` (those not `IGNORE`d; plus `z_loss` times
+    /// the squared log-partition), and backward: adds every parameter's gradient into `grads` (made by
     /// `zeros_like` of `p`). Returns the mean cross-entropy.
     pub fn forward_backward(
         &self,
@@ -865,6 +865,11 @@ impl Activations {
     }
     pub fn time(&self) -> usize {
         self.t
+    }
+    /// Each target's cross-entropy from the last loss (0 for an ignored target).
+    #[cfg(test)]
+    pub(crate) fn row_losses(&self) -> &[f64] {
+        &self.row_loss
     }
 }
 

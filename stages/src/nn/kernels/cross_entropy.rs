@@ -3,15 +3,21 @@
 
 use rayon::prelude::*;
 
-/// Mean over rows of `-log softmax(logits)[target] + z_loss * logsumexp^2`, and its gradient
-/// with respect to the logits written into `dlogits` (already divided by the row count).
+/// A target that is not predicted: its row adds nothing to the loss and gets a zero gradient
+/// (padding; later, the prompt of a fine-tuning example).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Mean of `-log softmax(logits)[target] + z_loss * logsumexp^2` over the rows whose target
+/// is not [`IGNORE`], and its gradient with respect to the logits written into `dlogits`
+/// (already divided by the number of those rows; zero on ignored rows).
 ///
-/// Returns the mean cross-entropy alone (without the z-loss term), the number to report.
-/// Each row's loss goes to `row_loss` (one per target, the caller's buffer) and the mean sums
-/// them in row order in f64, so it does not depend on the thread count.
+/// Returns the mean cross-entropy alone (without the z-loss term), the number to report, or 0
+/// when every target is ignored. Each row's loss goes to `row_loss` (one per target, the
+/// caller's buffer) and the mean sums them in row order in f64, so it does not depend on the
+/// thread count.
 ///
 /// # Panics
-/// If a target is not below `v`.
+/// If a target is neither below `v` nor [`IGNORE`].
 pub fn cross_entropy_forward_backward(
     logits: &[f32],
     targets: &[u32],
@@ -22,9 +28,15 @@ pub fn cross_entropy_forward_backward(
 ) -> f32 {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::CrossEntropy);
     let rows = targets.len();
-    let scale = 1.0 / rows as f32;
+    let counted = predicted(targets);
+    let scale = 1.0 / counted.max(1) as f32;
     let losses = &mut row_loss[..rows];
     dlogits.par_chunks_mut(v).zip(losses.par_iter_mut()).enumerate().for_each(|(row, (d, loss))| {
+        if targets[row] == IGNORE {
+            d.fill(0.0);
+            *loss = 0.0;
+            return;
+        }
         let l = &logits[row * v..(row + 1) * v];
         let target = targets[row] as usize;
         assert!(target < v, "target {target} is outside the vocabulary of {v}");
@@ -39,7 +51,12 @@ pub fn cross_entropy_forward_backward(
             *di = ((p - onehot + z_grad * p) as f32) * scale;
         }
     });
-    (losses.iter().sum::<f64>() / rows as f64) as f32
+    (losses.iter().sum::<f64>() / counted.max(1) as f64) as f32
+}
+
+/// How many of `targets` are predicted (not [`IGNORE`]).
+pub fn predicted(targets: &[u32]) -> usize {
+    targets.iter().filter(|t| **t != IGNORE).count()
 }
 
 #[cfg(test)]
@@ -48,13 +65,14 @@ mod tests {
     use crate::nn::gradcheck::{check, random};
 
     fn reference_loss(logits: &[f32], targets: &[u32], v: usize, z_loss: f64) -> f64 {
-        let mut total = 0.0;
-        for (row, &t) in targets.iter().enumerate() {
+        let (mut total, mut n) = (0.0, 0);
+        for (row, &t) in targets.iter().enumerate().filter(|(_, t)| **t != IGNORE) {
             let l = &logits[row * v..(row + 1) * v];
             let lse = l.iter().map(|x| (*x as f64).exp()).sum::<f64>().ln();
             total += lse - l[t as usize] as f64 + z_loss * lse * lse;
+            n += 1;
         }
-        total / targets.len() as f64
+        total / n as f64
     }
 
     #[test]
@@ -67,6 +85,22 @@ mod tests {
             assert!((loss as f64 - reference_loss(&logits, &targets, v, 0.0)).abs() < 1e-5);
             check("dlogits", &logits, &d, |l| reference_loss(l, &targets, v, z_loss as f64));
         }
+    }
+
+    #[test]
+    fn ignored_targets_add_no_loss_and_get_no_gradient() {
+        let (v, targets) = (11, [3u32, IGNORE, 10, IGNORE]);
+        let logits: Vec<f32> = random(4 * v, 2).iter().map(|x| x * 3.0).collect();
+        let mut d = vec![1.0; logits.len()];
+        let loss = cross_entropy_forward_backward(&logits, &targets, v, 1e-2, &mut d, &mut [0.0; 4]);
+        // The mean is over the two predicted rows, as if the others were not there.
+        let kept: Vec<f32> = [&logits[..v], &logits[2 * v..3 * v]].concat();
+        assert!((loss as f64 - reference_loss(&kept, &[3, 10], v, 0.0)).abs() < 1e-5);
+        assert!(d[v..2 * v].iter().chain(&d[3 * v..]).all(|g| *g == 0.0), "ignored rows get zeros");
+        check("dlogits", &logits, &d, |l| reference_loss(l, &targets, v, 1e-2));
+        let mut d = vec![1.0; logits.len()];
+        assert_eq!(cross_entropy_forward_backward(&logits, &[IGNORE; 4], v, 0.0, &mut d, &mut [0.0; 4]), 0.0);
+        assert!(d.iter().all(|g| *g == 0.0));
     }
 
     #[test]
