@@ -268,6 +268,10 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
         bench::fma_isa(),
         stages::nn::kernels::isa().name()
     );
+    println!(
+        "matmul fingerprint: {} (machines that print the same one round matmuls alike)",
+        bench::matmul_fingerprint()
+    );
     let peaks: Vec<f64> = threads.iter().map(|t| bench::fma_peak(*t)).collect();
     for (t, p) in threads.iter().zip(&peaks) {
         println!("fp32 FMA peak, {t} thread(s): {p:.1} GFLOP/s");

@@ -31,8 +31,20 @@ pub fn check(name: &str, actual: &str) {
     );
 }
 
+/// The section of `digests.json` for outputs that no machine's arithmetic changes.
+const ANY_MACHINE: &str = "any machine";
+
+/// This machine, as far as the bits of a trained model go: the platform and how its matmul
+/// rounds (matrixmultiply picks its micro-kernel at run time).
+fn machine() -> String {
+    let os = std::env::consts::OS;
+    format!("{}-{os}, matmul {}", std::env::consts::ARCH, stages::bench::matmul_fingerprint())
+}
+
 /// Content digests of every stage kind's output on small fixtures, with the implementation
-/// version that produced them.
+/// version that produced them. Stages that train or run a model (their labels start with
+/// `pretrain` or `evaluate`) are kept per machine: on a machine not yet recorded they are
+/// skipped, saying so, and `UPDATE_GOLDEN=1` records it.
 #[test]
 fn stage_outputs_match_their_golden_digests() {
     let sb = Sandbox::new();
@@ -40,7 +52,8 @@ fn stage_outputs_match_their_golden_digests() {
         "data.txt",
         "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n".repeat(8),
     );
-    let mut actual: BTreeMap<String, Value> = BTreeMap::new();
+    let machine = machine();
+    let mut actual: BTreeMap<String, BTreeMap<String, Value>> = BTreeMap::new();
     // Volatile files (a training stage's metrics.jsonl, which holds timings) are not part of
     // the content digest, so one digest stands for every stage's output.
     let mut record = |label: &str, run: &Value, stage: &str| {
@@ -49,7 +62,9 @@ fn stage_outputs_match_their_golden_digests() {
             "version": manifest["meta"]["preimage"]["version"],
             "content_digest": manifest["content_digest"],
         });
-        actual.insert(label.to_string(), entry);
+        let uses_a_model = label.starts_with("pretrain") || label.starts_with("evaluate");
+        let section = if uses_a_model { machine.clone() } else { ANY_MACHINE.to_string() };
+        actual.entry(section).or_default().insert(label.to_string(), entry);
     };
     let tiny = sb.run_json("tiny.toml", &[]);
     record("corpus", &tiny, "corpus");
@@ -75,12 +90,38 @@ fn stage_outputs_match_their_golden_digests() {
     record("pretrain-llama", &llama, "pretrain");
 
     let path = golden_path("digests.json");
+    let mut expected: BTreeMap<String, BTreeMap<String, Value>> = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).expect("digests.json holds sections of digests"),
+        Err(_) if updating() => BTreeMap::new(),
+        Err(e) => panic!("reading {}: {e}; run with UPDATE_GOLDEN=1", path.display()),
+    };
     if updating() {
+        // Other machines keep the digests of stages whose version has not changed.
+        for (other, entries) in expected.iter_mut().filter(|(m, _)| **m != machine && *m != ANY_MACHINE) {
+            entries
+                .retain(|label, then| actual[&machine].get(label).is_some_and(|now| now["version"] == then["version"]));
+            if !entries.is_empty() {
+                actual.insert(other.clone(), std::mem::take(entries));
+            }
+        }
         std::fs::write(&path, serde_json::to_string_pretty(&actual).unwrap() + "\n").unwrap();
         return;
     }
-    let expected: BTreeMap<String, Value> = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    for (label, now) in &actual {
+    let Some(recorded) = expected.get(&machine) else {
+        let known: Vec<&String> = expected.keys().filter(|m| *m != ANY_MACHINE).collect();
+        eprintln!(
+            "SKIPPED: golden digests of pretrain and evaluate are recorded for {known:?}, not for this machine ({machine}), whose arithmetic differs; UPDATE_GOLDEN=1 records it"
+        );
+        compare(&actual[ANY_MACHINE], &expected[ANY_MACHINE]);
+        return;
+    };
+    compare(&actual[ANY_MACHINE], &expected[ANY_MACHINE]);
+    compare(&actual[&machine], recorded);
+}
+
+/// Each fixture's digest against its golden one, and the same fixtures on both sides.
+fn compare(actual: &BTreeMap<String, Value>, expected: &BTreeMap<String, Value>) {
+    for (label, now) in actual {
         let Some(then) = expected.get(label) else { panic!("no golden digest for {label}; run with UPDATE_GOLDEN=1") };
         if now["content_digest"] != then["content_digest"] {
             if now["version"] == then["version"] {

@@ -39,6 +39,22 @@ fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool")
 }
 
+/// A short digest of how this machine's matmul rounds: the bits of one fixed product, long
+/// enough in `k` to cross matrixmultiply's blocking. matrixmultiply picks its micro-kernel at
+/// run time (AVX-512, AVX2+FMA, AVX, NEON or portable), and kernels that round differently
+/// train different weights from the same recipe: two machines can train the same bits only if
+/// their fingerprints agree (the golden digests of training stages are kept per fingerprint).
+pub fn matmul_fingerprint() -> String {
+    let d = Dims { m: 9, k: 600, n: 20 };
+    let mut rng = SplitMix64::new(0x6d61_746d_756c);
+    let mut fill = |n: usize| (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
+    let (a, b) = (fill(d.m * d.k), fill(d.k * d.n));
+    let mut out = vec![0.0f32; d.m * d.n];
+    matmul(&a, Layout::Normal, &b, Layout::Normal, &mut out, d, false);
+    let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
+    blake3::hash(&bytes).to_hex()[..12].to_string()
+}
+
 /// Which FMA loop the peak measurement uses on this machine.
 pub fn fma_isa() -> &'static str {
     #[cfg(target_arch = "x86_64")]
@@ -337,6 +353,13 @@ mod tests {
         let per_chain = |v: f32, lanes: f64| v as f64 / (CHAINS as f64 * lanes);
         assert!((per_chain(value, 8.0) - per_chain(dispatched, lanes)).abs() < 1e-9, "{value} vs {dispatched}");
         assert!(per_chain(value, 8.0) > 9.9e-5, "the chains ran");
+    }
+
+    #[test]
+    fn the_matmul_fingerprint_does_not_depend_on_the_thread_count() {
+        let (one, two) = (pool(1).install(matmul_fingerprint), pool(2).install(matmul_fingerprint));
+        assert_eq!(one, two);
+        assert_eq!(one.len(), 12);
     }
 
     #[test]
