@@ -4,8 +4,9 @@
 
 MODEL_DIR is a `pretrain` artifact (model.safetensors, config.json); BLOCKS.arrow is a `pack`
 split (rows of T + 1 token ids). Prints one JSON object per pair, one per line: the class
-transformers chose and the mean cross-entropy of every row's tokens 1.. given the ones before, which tinygpt's `evaluate`
-reports as `val_loss` for the same blocks. Loading is strict: a missing, unexpected or
+transformers chose, the mean cross-entropy of every row's tokens 1.. given the ones before
+(padding excluded), which tinygpt's `evaluate` reports as `val_loss` for the same blocks, and
+how many tokens it scored. Loading is strict: a missing, unexpected or
 misshapen weight is an error, not a silently initialised one.
 
 Uses transformers' Flax classes (JAX on the CPU), which read safetensors without PyTorch.
@@ -60,19 +61,27 @@ def val_loss(model_dir, blocks_path):
     if complaints.messages:
         sys.exit(f"transformers complained while loading {model_dir}:\n" + "\n".join(complaints.messages))
 
-    column = ipc.open_file(blocks_path).read_all().column("tokens").combine_chunks()
+    table = ipc.open_file(blocks_path).read_all()
+    column = table.column("tokens").combine_chunks()
     width = column.type.list_size
     rows = column.values.to_numpy().astype(np.int32).reshape(-1, width)
+    # `pack` fills a split's last block with end-of-text tokens and counts them in the schema
+    # metadata: inputs, never targets.
+    padding = int((table.schema.metadata or {}).get(b"padding", b"0"))
+    scored = np.ones((len(rows), width - 1), dtype=bool)
+    if padding:
+        scored[-1, width - 1 - padding :] = False
 
     total, count = 0.0, 0
     for start in range(0, len(rows), 16):
         batch = rows[start : start + 16]
+        keep = scored[start : start + 16]
         logits = np.asarray(model(batch[:, :-1]).logits, dtype=np.float64)
         top = logits.max(axis=-1, keepdims=True)
         lse = top[..., 0] + np.log(np.exp(logits - top).sum(axis=-1))
         target = np.take_along_axis(logits, batch[:, 1:, None].astype(np.int64), axis=-1)[..., 0]
-        total += float((lse - target).sum())
-        count += target.size
+        total += float((lse - target)[keep].sum())
+        count += int(keep.sum())
     return {"class": type(model).__name__, "val_loss": total / count, "tokens": count}
 
 
