@@ -385,9 +385,7 @@ fn stage_reference(registry: &Registry) -> String {
         if !kind.volatile_outputs().is_empty() {
             let files: Vec<String> = kind.volatile_outputs().iter().map(|f| format!("`{f}`")).collect();
             out.push_str(&format!(
-                "Volatile outputs (verified, but not in the content digest): {}.
-
-",
+                "Volatile outputs (verified, but not in the content digest): {}.\n\n",
                 files.join(", ")
             ));
         }

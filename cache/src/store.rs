@@ -466,7 +466,7 @@ mod tests {
         assert!(a.manifest.file("log.jsonl").unwrap().volatile && !a.manifest.file("w.bin").unwrap().volatile);
         let c = publish(12, b"took 3 s", &[]);
         assert_ne!(a.manifest.content_digest, c.manifest.content_digest, "not volatile: digested");
-        // Still verified: damage to a volatile file makes the artifact missing.
+        // Still verified: `verify` finds a damaged volatile file and moves the artifact aside.
         std::fs::write(b.path("log.jsonl"), b"took 4.6 s").unwrap();
         let (_, problems) = store.verify().unwrap();
         assert_eq!(problems.iter().map(|p| p.key.as_str()).collect::<Vec<_>>(), [key(11).to_hex()]);

@@ -48,13 +48,19 @@ pub enum SamplerKind {
 
 /// Draws training sequences of `t` tokens (plus the shifted targets).
 pub struct Sampler {
-    kind: SamplerKind,
-    /// The blocks; for windows, their stream in `tokens` and no padding.
-    blocks: Blocks,
+    source: Source,
     t: usize,
     seed: u64,
     perm: Vec<u32>,
     perm_epoch: Option<u64>,
+}
+
+/// What a [`Sampler`] draws from.
+enum Source {
+    /// Whole blocks.
+    Blocks(Blocks),
+    /// Windows of the token stream the blocks were cut from, without padding.
+    Stream(Vec<u32>),
 }
 
 impl Sampler {
@@ -69,14 +75,14 @@ impl Sampler {
             "blocks are rows of t + 1"
         );
         let t = blocks.width - 1;
-        let blocks = match kind {
-            SamplerKind::Blocks => blocks,
+        let source = match kind {
+            SamplerKind::Blocks => Source::Blocks(blocks),
             SamplerKind::Windows => {
                 assert!(Self::windows_fit(&blocks), "random windows need at least T + 1 tokens");
-                Blocks { tokens: blocks.stream(), width: blocks.width, padding: 0 }
+                Source::Stream(blocks.stream())
             }
         };
-        Sampler { kind, blocks, t, seed, perm: Vec::new(), perm_epoch: None }
+        Sampler { source, t, seed, perm: Vec::new(), perm_epoch: None }
     }
 
     /// Whether the split holds a window of T + 1 tokens that are not padding.
@@ -93,9 +99,9 @@ impl Sampler {
     pub fn fill(&mut self, pos: &mut DataPos, ids: &mut [u32], targets: &mut [u32]) {
         let t = self.t;
         for (x, y) in ids.chunks_mut(t).zip(targets.chunks_mut(t)) {
-            match self.kind {
-                SamplerKind::Blocks => {
-                    let n = self.blocks.rows() as u64;
+            match &self.source {
+                Source::Blocks(blocks) => {
+                    let n = blocks.rows() as u64;
                     let (epoch, i) = (pos.consumed / n, pos.consumed % n);
                     if self.perm_epoch != Some(epoch) {
                         self.perm = (0..n as u32).collect();
@@ -103,14 +109,14 @@ impl Sampler {
                         rng.shuffle(&mut self.perm);
                         self.perm_epoch = Some(epoch);
                     }
-                    self.blocks.fill_row(self.perm[i as usize] as usize, x, y);
+                    blocks.fill_row(self.perm[i as usize] as usize, x, y);
                 }
-                SamplerKind::Windows => {
+                Source::Stream(stream) => {
                     let mut rng = SplitMix64::new(pos.rng);
-                    let start = rng.below(self.blocks.tokens.len() - t);
+                    let start = rng.below(stream.len() - t);
                     pos.rng = rng.state();
-                    x.copy_from_slice(&self.blocks.tokens[start..start + t]);
-                    y.copy_from_slice(&self.blocks.tokens[start + 1..start + t + 1]);
+                    x.copy_from_slice(&stream[start..start + t]);
+                    y.copy_from_slice(&stream[start + 1..start + t + 1]);
                 }
             }
             pos.consumed += 1;
@@ -214,7 +220,8 @@ mod tests {
     #[test]
     fn windows_are_random_spans_of_the_rebuilt_stream() {
         let mut s = Sampler::new(SamplerKind::Windows, blocks(5), 1);
-        assert_eq!(s.blocks.tokens, (0..21).collect::<Vec<_>>(), "the stream comes back whole");
+        let Source::Stream(stream) = &s.source else { panic!("windows draw from the stream") };
+        assert_eq!(stream, &(0..21).collect::<Vec<_>>(), "the stream comes back whole");
         let mut pos = s.start();
         let (mut ids, mut targets) = (vec![0; 8 * 4], vec![0; 8 * 4]);
         s.fill(&mut pos, &mut ids, &mut targets);
@@ -238,7 +245,8 @@ mod tests {
         assert_eq!(targets.iter().filter(|t| **t == IGNORE).count(), 2, "other rows are whole");
         // Windows: drawn from the stream without its padding.
         let s = Sampler::new(SamplerKind::Windows, padded(3, 2), 5);
-        assert_eq!(s.blocks.tokens, (0..11).collect::<Vec<_>>());
+        let Source::Stream(stream) = &s.source else { panic!("windows draw from the stream") };
+        assert_eq!(stream, &(0..11).collect::<Vec<_>>());
         assert!(Sampler::windows_fit(&padded(1, 0)) && !Sampler::windows_fit(&padded(1, 1)));
     }
 

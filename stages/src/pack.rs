@@ -90,14 +90,14 @@ impl Stage for Pack {
         };
         let train_blocks = cut_blocks(&train, seq_len, pad, meta.eot_id);
         let val_blocks = cut_blocks(&val, seq_len, pad, meta.eot_id);
-        if train_blocks.rows == 0 {
+        if train_blocks.blocks.rows() == 0 {
             return Err(StageError::msg(format!(
                 "the training split has {} tokens, fewer than seq_len + 1 = {}: lower `seq_len` or give more data",
                 train.len(),
                 seq_len + 1
             )));
         }
-        if val_fraction > 0.0 && val_blocks.rows == 0 {
+        if val_fraction > 0.0 && val_blocks.blocks.rows() == 0 {
             return Err(StageError::msg(format!(
                 "the validation split has {} tokens, fewer than seq_len + 1 = {}: raise `val_fraction` or lower `seq_len`",
                 val.len(),
@@ -114,8 +114,8 @@ impl Stage for Pack {
         let padded = train_blocks.blocks.padding + val_blocks.blocks.padding;
         let stored = train_blocks.blocks.tokens.len() + val_blocks.blocks.tokens.len();
         Ok(Metrics::from([
-            ("train_blocks".into(), json!(train_blocks.rows)),
-            ("val_blocks".into(), json!(val_blocks.rows)),
+            ("train_blocks".into(), json!(train_blocks.blocks.rows())),
+            ("val_blocks".into(), json!(val_blocks.blocks.rows())),
             ("train_tokens".into(), json!(train.len())),
             ("val_tokens".into(), json!(val.len())),
             ("dropped_tokens".into(), json!(dropped)),
@@ -165,7 +165,6 @@ fn split_by_position(docs: &TokenDocs, eot: u32, fraction: f64) -> (Vec<u32>, Ve
 /// One split cut into blocks, and what did not fit.
 struct Cut {
     blocks: Blocks,
-    rows: usize,
     dropped: usize,
 }
 
@@ -180,17 +179,16 @@ fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Cut {
     // Tokens after the last full block's end never become targets unless padded.
     let used = if full > 0 { full * seq_len + 1 } else { 0 };
     let rest = stream.len() - used;
-    let (mut rows, mut dropped, mut padded) = (full, rest, 0);
+    let (mut dropped, mut padded) = (rest, 0);
     if pad && rest > 0 {
         let start = if full > 0 { full * seq_len } else { 0 };
         let tail = &stream[start..];
         tokens.extend_from_slice(tail);
         padded = width - tail.len();
         tokens.extend(std::iter::repeat_n(eot, padded));
-        rows += 1;
         dropped = 0;
     }
-    Cut { blocks: Blocks { tokens, width, padding: padded }, rows, dropped }
+    Cut { blocks: Blocks { tokens, width, padding: padded }, dropped }
 }
 
 #[cfg(test)]
@@ -201,7 +199,7 @@ mod tests {
     fn blocks_overlap_by_one_and_rebuild_the_stream() {
         let s: Vec<u32> = (0..23).collect();
         let b = cut_blocks(&s, 4, false, 99);
-        assert_eq!(b.rows, 5);
+        assert_eq!(b.blocks.rows(), 5);
         assert_eq!(&b.blocks.tokens[..5], &[0, 1, 2, 3, 4]);
         assert_eq!(&b.blocks.tokens[5..10], &[4, 5, 6, 7, 8]);
         assert_eq!(b.dropped, 2); // 21 and 22 are never targets
@@ -216,11 +214,14 @@ mod tests {
     fn padding_fills_the_last_block_with_end_of_text() {
         let s: Vec<u32> = (0..23).collect();
         let b = cut_blocks(&s, 4, true, 99);
-        assert_eq!(b.rows, 6);
+        assert_eq!(b.blocks.rows(), 6);
         assert_eq!(&b.blocks.tokens[25..], &[20, 21, 22, 99, 99]);
         assert_eq!((b.dropped, b.blocks.padding), (0, 2));
         let short = cut_blocks(&[1, 2], 4, true, 9);
-        assert_eq!((short.rows, short.blocks.padding, short.blocks.tokens.as_slice()), (1, 3, &[1, 2, 9, 9, 9][..]));
+        assert_eq!(
+            (short.blocks.rows(), short.blocks.padding, short.blocks.tokens.as_slice()),
+            (1, 3, &[1, 2, 9, 9, 9][..])
+        );
     }
 
     #[test]

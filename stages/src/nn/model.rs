@@ -641,8 +641,8 @@ impl Model {
     }
 
     /// Forward, mean cross-entropy against `targets` (those not `IGNORE`d; plus `z_loss` times
-    /// the squared log-partition), and backward: adds every parameter's gradient into `grads` (made by
-    /// `zeros_like` of `p`). Returns the mean cross-entropy.
+    /// the squared log-partition), and backward: adds every parameter's gradient into `grads`
+    /// (made by `zeros_like` of `p`). Returns the mean cross-entropy.
     pub fn forward_backward(
         &self,
         p: &ParamMap,
