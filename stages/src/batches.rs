@@ -8,6 +8,8 @@
 //! Padding that `pack` added to fill a split's last block is never a target: its targets are
 //! [`IGNORE`]d in blocks, and windows are drawn from the stream without it.
 
+use engine::StageError;
+
 use crate::arrow_io::Blocks;
 use crate::checkpoint::DataPos;
 use crate::nn::kernels::cross_entropy::{predicted, IGNORE};
@@ -146,7 +148,9 @@ pub struct Scored {
 }
 
 /// Mean cross-entropy over the targets of `blocks` in order (padding is not predicted), in
-/// batches of `acts.batch()`, stopping after `max_batches` batches when given.
+/// batches of `acts.batch()`, stopping after `max_batches` batches when given. After each
+/// batch, `after_batch` gets the number of blocks scored so far (for progress); an error from
+/// it (an interrupt) stops the scoring.
 ///
 /// A last partial batch gets its own, smaller activations. The mean is summed in f64 in block
 /// order, so it does not depend on the thread count.
@@ -156,7 +160,8 @@ pub fn mean_loss(
     blocks: &Blocks,
     acts: &mut Activations,
     max_batches: Option<usize>,
-) -> Scored {
+    mut after_batch: impl FnMut(usize) -> Result<(), StageError>,
+) -> Result<Scored, StageError> {
     let (b, t) = (acts.batch(), acts.time());
     assert_eq!(blocks.width, t + 1, "blocks are rows of T + 1");
     let mut ids = vec![0u32; b * t];
@@ -175,8 +180,9 @@ pub fn mean_loss(
         total += model.loss(p, &ids[..n], &targets[..n], acts) as f64 * counted as f64;
         tokens += counted;
         rows += chunk;
+        after_batch(rows)?;
     }
-    Scored { mean: total / tokens.max(1) as f64, tokens, rows }
+    Ok(Scored { mean: total / tokens.max(1) as f64, tokens, rows })
 }
 
 #[cfg(test)]
@@ -257,7 +263,13 @@ mod tests {
         let p = cfg.init(1);
         let model = Model::new(cfg, &p);
         let blocks = padded(5, 3);
-        let scored = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None);
+        let mut seen = Vec::new();
+        let scored = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None, |rows| {
+            seen.push(rows);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [2, 4, 5], "blocks scored after each batch");
         assert_eq!((scored.tokens, scored.rows), (5 * 4 - 3, 5));
         // Score each block alone, whole, and drop the padded targets' losses by hand.
         let mut acts = Activations::new(&cfg, 1, 4);
@@ -268,7 +280,14 @@ mod tests {
             total += acts.row_losses()[..kept].iter().sum::<f64>();
         }
         assert!((scored.mean - total / 17.0).abs() < 1e-6, "{} vs {}", scored.mean, total / 17.0);
-        let first = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), Some(1));
+        let first = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), Some(1), |_| Ok(())).unwrap();
         assert_eq!((first.tokens, first.rows), (8, 2));
+        // An interrupt after the first batch stops the scoring there.
+        let mut batches = 0;
+        let stopped = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None, |_| {
+            batches += 1;
+            Err(StageError::Interrupted)
+        });
+        assert!(matches!(stopped, Err(StageError::Interrupted)) && batches == 1);
     }
 }

@@ -94,12 +94,17 @@ impl Stage for Evaluate {
         if blocks.tokens.is_empty() {
             return Err(StageError::msg("the data has no validation blocks: give `pack` a `val_fraction` above 0"));
         }
-        ctx.progress().set_message("validation loss");
         let batch = p.usize("batch_size").min(blocks.rows()).max(1);
+        let max_batches = p.opt_usize("max_batches");
+        let progress = ctx.progress();
+        progress.set_message("validation loss");
+        progress.set_length(max_batches.map_or(blocks.rows(), |m| (m * batch).min(blocks.rows())) as u64, "blocks");
         let mut acts = Activations::new(lm.cfg(), batch, t);
-        let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, p.opt_usize("max_batches"));
+        let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, max_batches, |rows| {
+            progress.set_position(rows as u64);
+            ctx.check_cancelled()
+        })?;
         let (val_loss, tokens) = (scored.mean, scored.tokens);
-        ctx.check_cancelled()?;
 
         // The predicted tokens are the stream of the scored blocks after its first token (any
         // padding ends the stream, and is not predicted).

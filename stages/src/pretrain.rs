@@ -351,7 +351,8 @@ impl Run {
             let eval_now =
                 step == self.max_steps || (self.eval_interval > 0 && step.is_multiple_of(self.eval_interval));
             if eval_now {
-                val_loss = mean_loss(&model, &state.params, val, &mut val_acts, Some(self.eval_batches)).mean;
+                let batches = Some(self.eval_batches);
+                val_loss = mean_loss(&model, &state.params, val, &mut val_acts, batches, |_| Ok(()))?.mean;
                 state.progress.log.push(json!({ "step": step, "val_loss": round(val_loss, 5) }));
             }
             progress.set_position(step);
