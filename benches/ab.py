@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Compare the training step of two tinygpt builds on a noisy machine.
+r"""Compare the training step of two tinygpt builds on a noisy machine.
 
 Runs `BIN bench --no-matmul --steps S` for the two binaries alternately (A, B, A, B, ...), so
 that a slow spell of the machine falls on both alike, and prints per model the median and the
@@ -9,6 +9,10 @@ for example:
     git stash && cargo build --release && cp target/release/tinygpt /tmp/tinygpt-a
     git stash pop && cargo build --release && cp target/release/tinygpt /tmp/tinygpt-b
     python3 benches/ab.py /tmp/tinygpt-a /tmp/tinygpt-b --pairs 8
+
+To compare settings of one build that an environment variable selects, give it a wrapper:
+
+    printf '#!/bin/sh\nexec env VAR=1 /tmp/tinygpt-a "$@"\n' > /tmp/tinygpt-var && chmod +x /tmp/tinygpt-var
 
 Standard library only. Prints figures; decides nothing.
 """
