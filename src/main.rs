@@ -358,7 +358,7 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             // How the step scales, against the FMA loop, which touches no memory: the gap is
             // what the cores cost each other (shared cache and memory).
             let one = bench::train_steps(&m, 1);
-            let fma_scaling = peaks[peaks.len() - 1] / peaks[0];
+            let fma_scaling = peaks[peaks.len() - 1] / peaks[0]; // all threads against one
             println!(
                 "on 1 thread: median {:.1} ms/step; {cores} threads are {:.2}x faster (the FMA loop: {fma_scaling:.2}x)",
                 one.step_spread[1] * 1e3,

@@ -34,6 +34,20 @@ impl Blocks {
         }
     }
 
+    /// How many tokens [`Blocks::stream`] holds, without building it.
+    pub fn stream_len(&self) -> usize {
+        match self.rows() {
+            0 => 0,
+            rows => rows * (self.width - 1) + 1 - self.padding,
+        }
+    }
+
+    /// The first `max_batches` batches of `batch` rows, or all rows: how many rows
+    /// [`mean_loss`] scores.
+    pub fn rows_scored(&self, batch: usize, max_batches: Option<usize>) -> usize {
+        max_batches.map_or(self.rows(), |m| (m * batch).min(self.rows()))
+    }
+
     /// The token stream the blocks were cut from, without the padding.
     pub fn stream(&self) -> Vec<u32> {
         let mut stream = stream_of(&self.tokens, self.width);
@@ -89,7 +103,7 @@ impl Sampler {
 
     /// Whether the split holds a window of T + 1 tokens that are not padding.
     pub fn windows_fit(blocks: &Blocks) -> bool {
-        blocks.stream().len() > blocks.width - 1
+        blocks.stream_len() > blocks.width - 1
     }
 
     /// The starting data position for a run.
@@ -168,8 +182,9 @@ pub fn mean_loss(
     let mut targets = vec![0u32; b * t];
     let (mut total, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
     let mut small = None;
-    while rows < blocks.rows() && max_batches.is_none_or(|m| rows < m * b) {
-        let chunk = b.min(blocks.rows() - rows);
+    let last = blocks.rows_scored(b, max_batches);
+    while rows < last {
+        let chunk = b.min(last - rows);
         let n = chunk * t;
         for i in 0..chunk {
             blocks.fill_row(rows + i, &mut ids[i * t..(i + 1) * t], &mut targets[i * t..(i + 1) * t]);
@@ -254,6 +269,9 @@ mod tests {
         let Source::Stream(stream) = &s.source else { panic!("windows draw from the stream") };
         assert_eq!(stream, &(0..11).collect::<Vec<_>>());
         assert!(Sampler::windows_fit(&padded(1, 0)) && !Sampler::windows_fit(&padded(1, 1)));
+        for b in [blocks(0), blocks(1), blocks(4), padded(3, 2), padded(1, 4)] {
+            assert_eq!(b.stream_len(), b.stream().len(), "{b:?}");
+        }
     }
 
     #[test]

@@ -39,6 +39,13 @@ fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool")
 }
 
+/// Seeded operands of a product with dims `d`, values in [-1, 1): a (m * k), then b (k * n).
+fn operands(d: Dims, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let mut rng = SplitMix64::new(seed);
+    let mut fill = |n: usize| (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
+    (fill(d.m * d.k), fill(d.k * d.n))
+}
+
 /// A short digest of how this machine's matmul rounds: the bits of one fixed product, long
 /// enough in `k` to cross matrixmultiply's blocking. matrixmultiply picks its micro-kernel at
 /// run time (AVX-512, AVX2+FMA, AVX, NEON or portable), and kernels that round differently
@@ -46,9 +53,7 @@ fn pool(threads: usize) -> rayon::ThreadPool {
 /// their fingerprints agree (the golden digests of training stages are kept per fingerprint).
 pub fn matmul_fingerprint() -> String {
     let d = Dims { m: 9, k: 600, n: 20 };
-    let mut rng = SplitMix64::new(0x6d61_746d_756c);
-    let mut fill = |n: usize| (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect::<Vec<f32>>();
-    let (a, b) = (fill(d.m * d.k), fill(d.k * d.n));
+    let (a, b) = operands(d, 0x6d61_746d_756c);
     let mut out = vec![0.0f32; d.m * d.n];
     matmul(&a, Layout::Normal, &b, Layout::Normal, &mut out, d, false);
     let bytes: Vec<u8> = out.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -215,9 +220,7 @@ pub fn matmul_shapes(cfg: &ModelConfig, batch: usize) -> Vec<Shape> {
 /// GFLOP/s of `matmul` on this shape with `threads` threads (best of a few runs).
 pub fn matmul_gflops(s: &Shape, threads: usize) -> f64 {
     let d = s.d;
-    let mut rng = SplitMix64::new(1);
-    let mut fill = |n: usize| (0..n).map(|_| rng.unit() as f32 - 0.5).collect::<Vec<f32>>();
-    let (a, b) = (fill(d.m * d.k), fill(d.k * d.n));
+    let (a, b) = operands(d, 1);
     let mut out = vec![0.0f32; d.m * d.n];
     let flops = 2.0 * (d.m * d.k * d.n) as f64;
     let reps = ((2e8 / flops) as usize).clamp(1, 1000);

@@ -98,7 +98,7 @@ impl Stage for Evaluate {
         let max_batches = p.opt_usize("max_batches");
         let progress = ctx.progress();
         progress.set_message("validation loss");
-        progress.set_length(max_batches.map_or(blocks.rows(), |m| (m * batch).min(blocks.rows())) as u64, "blocks");
+        progress.set_length(blocks.rows_scored(batch, max_batches) as u64, "blocks");
         let mut acts = Activations::new(lm.cfg(), batch, t);
         let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, max_batches, |rows| {
             progress.set_position(rows as u64);

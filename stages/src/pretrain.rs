@@ -195,7 +195,7 @@ impl Stage for Pretrain {
             return Err(StageError::msg(format!(
                 "random windows need seq_len + 1 = {} training tokens that are not padding, and the data has {}: lower `pack.seq_len` or use sampler = \"blocks\"",
                 seq_len + 1,
-                train.stream().len()
+                train.stream_len()
             )));
         }
         let run = Run {

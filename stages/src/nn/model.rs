@@ -719,6 +719,11 @@ impl Model {
     }
 }
 
+/// `n` zeros when the architecture uses the buffer, none otherwise.
+fn zeros_if(used: bool, n: usize) -> Vec<f32> {
+    vec![0.0; if used { n } else { 0 }]
+}
+
 /// What one block's forward saves for its backward.
 struct BlockActs {
     x_in: Vec<f32>,
@@ -782,17 +787,17 @@ impl Activations {
             x_in: z(rows * c),
             n1: z(rows * c),
             s1: NormStats::new(rows),
-            qkv: z(if fused { rows * 3 * c } else { 0 }),
-            q: z(if fused { 0 } else { rows * c }),
-            k: z(if fused { 0 } else { rows * ckv }),
-            v: z(if fused { 0 } else { rows * ckv }),
+            qkv: zeros_if(fused, rows * 3 * c),
+            q: zeros_if(!fused, rows * c),
+            k: zeros_if(!fused, rows * ckv),
+            v: zeros_if(!fused, rows * ckv),
             att_stats: z(b * cfg.n_head * t * 2),
             y: z(rows * c),
             x_mid: z(rows * c),
             n2: z(rows * c),
             s2: NormStats::new(rows),
             h: z(rows * f),
-            u: z(if swiglu { rows * f } else { 0 }),
+            u: zeros_if(swiglu, rows * f),
             g: z(rows * f),
         };
         Activations {
@@ -808,12 +813,12 @@ impl Activations {
             dx: z(rows * c),
             dtmp: z(rows * c),
             dn: z(rows * c),
-            dqkv: z(if fused { rows * 3 * c } else { 0 }),
-            dq: z(if fused { 0 } else { rows * c }),
-            dk: z(if fused { 0 } else { rows * ckv }),
-            dv: z(if fused { 0 } else { rows * ckv }),
+            dqkv: zeros_if(fused, rows * 3 * c),
+            dq: zeros_if(!fused, rows * c),
+            dk: zeros_if(!fused, rows * ckv),
+            dv: zeros_if(!fused, rows * ckv),
             dh: z(rows * f),
-            du: z(if swiglu { rows * f } else { 0 }),
+            du: zeros_if(swiglu, rows * f),
             dg: z(rows * f),
             zeros_c: z(c),
             scratch_c: z(c),
@@ -910,10 +915,10 @@ impl Decoder {
             x: z(c),
             n: z(c),
             stats: NormStats::new(1),
-            qkv: z(if fused { 3 * c } else { 0 }),
-            q: z(if fused { 0 } else { c }),
-            k_new: z(if fused { 0 } else { ckv }),
-            v_new: z(if fused { 0 } else { ckv }),
+            qkv: zeros_if(fused, 3 * c),
+            q: zeros_if(!fused, c),
+            k_new: zeros_if(!fused, ckv),
+            v_new: zeros_if(!fused, ckv),
             y: z(c),
             x_mid: z(c),
             h: z(f),

@@ -38,6 +38,16 @@ impl AttnDims {
     fn lens(&self) -> (usize, usize, usize) {
         (self.t * self.h * self.d, self.t * self.h_kv * self.d, self.h * self.t * self.t)
     }
+    /// The shapes of q (B, T, H, D) and of k and v (B, T, Hkv, D).
+    fn shapes(&self) -> ([usize; 4], [usize; 4]) {
+        ([self.b, self.t, self.h, self.d], [self.b, self.t, self.h_kv, self.d])
+    }
+    /// The shape of a fused q/k/v (B, T, 3, H, D), which has as many key/value heads as query
+    /// heads.
+    fn fused_shape(&self) -> [usize; 5] {
+        assert_eq!(self.h, self.h_kv, "a fused q/k/v has as many key/value heads as query heads");
+        [self.b, self.t, 3, self.h, self.d]
+    }
     /// Floats per batch row of the forward's row statistics (H, T, 2).
     fn stats_len(&self) -> usize {
         self.h * self.t * 2
@@ -78,7 +88,7 @@ type ViewsMut<'a> = (ArrayViewMut4<'a, f32>, ArrayViewMut4<'a, f32>, ArrayViewMu
 impl<'a> QkvIn<'a> {
     /// q (B, T, H, D), k and v (B, T, Hkv, D), strided when fused.
     fn views(self, n: AttnDims) -> Views<'a> {
-        let (q_shape, kv_shape) = ((n.b, n.t, n.h, n.d), (n.b, n.t, n.h_kv, n.d));
+        let (q_shape, kv_shape) = n.shapes();
         match self {
             QkvIn::Split { q, k, v } => (
                 ArrayView4::from_shape(q_shape, q).expect("q is (B, T, H, D)"),
@@ -86,8 +96,7 @@ impl<'a> QkvIn<'a> {
                 ArrayView4::from_shape(kv_shape, v).expect("v is (B, T, Hkv, D)"),
             ),
             QkvIn::Fused(qkv) => {
-                assert_eq!(n.h, n.h_kv, "a fused q/k/v has as many key/value heads as query heads");
-                let all = ArrayView5::from_shape((n.b, n.t, 3, n.h, n.d), qkv).expect("qkv is (B, T, 3, H, D)");
+                let all = ArrayView5::from_shape(n.fused_shape(), qkv).expect("qkv is (B, T, 3, H, D)");
                 let part = |i| all.index_axis_move(Axis(2), i);
                 (part(0), part(1), part(2))
             }
@@ -97,7 +106,7 @@ impl<'a> QkvIn<'a> {
 
 impl<'a> QkvOut<'a> {
     fn views(self, n: AttnDims) -> ViewsMut<'a> {
-        let (q_shape, kv_shape) = ((n.b, n.t, n.h, n.d), (n.b, n.t, n.h_kv, n.d));
+        let (q_shape, kv_shape) = n.shapes();
         match self {
             QkvOut::Split { dq, dk, dv } => (
                 ArrayViewMut4::from_shape(q_shape, dq).expect("dq is (B, T, H, D)"),
@@ -105,8 +114,7 @@ impl<'a> QkvOut<'a> {
                 ArrayViewMut4::from_shape(kv_shape, dv).expect("dv is (B, T, Hkv, D)"),
             ),
             QkvOut::Fused(dqkv) => {
-                assert_eq!(n.h, n.h_kv, "a fused q/k/v has as many key/value heads as query heads");
-                let all = ArrayViewMut5::from_shape((n.b, n.t, 3, n.h, n.d), dqkv).expect("dqkv is (B, T, 3, H, D)");
+                let all = ArrayViewMut5::from_shape(n.fused_shape(), dqkv).expect("dqkv is (B, T, 3, H, D)");
                 let (dq, rest) = all.split_at(Axis(2), 1);
                 let (dk, dv) = rest.split_at(Axis(2), 1);
                 let part = |x: ArrayViewMut5<'a, f32>| x.index_axis_move(Axis(2), 0);
@@ -149,7 +157,7 @@ pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: Attn
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let (q, k, v) = qkv.views(n);
-    let mut out = ArrayViewMut4::from_shape((n.b, t_, n.h, d), out).expect("out is (B, T, H, D)");
+    let mut out = ArrayViewMut4::from_shape(n.shapes().0, out).expect("out is (B, T, H, D)");
     out.axis_iter_mut(Axis(0)).into_par_iter().zip(stats.par_chunks_mut(n.stats_len())).enumerate().for_each(
         |(b, (mut out, stats))| {
             out.axis_iter_mut(Axis(1)).into_par_iter().zip(stats.par_chunks_mut(t_ * 2)).enumerate().for_each(
@@ -250,7 +258,7 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let (q, k, v) = qkv.views(n);
-    let dout = ArrayView4::from_shape((n.b, t_, n.h, d), dout).expect("dout is (B, T, H, D)");
+    let dout = ArrayView4::from_shape(n.shapes().0, dout).expect("dout is (B, T, H, D)");
     let (mut dq, mut dk, mut dv) = grads.views(n);
     let batch_rows =
         dq.axis_iter_mut(Axis(0)).into_par_iter().zip(dk.axis_iter_mut(Axis(0))).zip(dv.axis_iter_mut(Axis(0)));
