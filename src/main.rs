@@ -269,7 +269,8 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
         stages::nn::kernels::isa().name()
     );
     println!(
-        "matmul fingerprint: {} (machines that print the same one round matmuls alike)",
+        "matmul kernel {}, fingerprint {} (machines that print the same fingerprint round matmuls alike)",
+        bench::matmul_kernel(),
         bench::matmul_fingerprint()
     );
     let peaks: Vec<f64> = threads.iter().map(|t| bench::fma_peak(*t)).collect();

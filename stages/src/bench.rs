@@ -79,6 +79,30 @@ pub fn fma_isa() -> &'static str {
     "portable"
 }
 
+/// Which micro-kernel matrixmultiply runs on this machine: its run-time dispatch, restated
+/// (AVX-512F first, built in through the crate's `avx512` feature; then AVX2+FMA, AVX, NEON,
+/// and its portable kernel).
+pub fn matmul_kernel() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return "avx512f (16x16)";
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return "avx2+fma (8x8)";
+        }
+        if std::is_x86_feature_detected!("avx") {
+            return "avx (8x8)";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        return "neon (8x8)";
+    }
+    #[allow(unreachable_code)]
+    "portable (8x4)"
+}
+
 /// Runs `iters` iterations of independent FMA chains; returns the flops done and a value that
 /// keeps the work alive.
 fn fma_loop(iters: u64) -> (f64, f32) {
