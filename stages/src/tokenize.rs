@@ -141,7 +141,7 @@ impl Stage for Tokenize {
         ctx.check_cancelled()?;
 
         progress.set_message("building tokenizer");
-        let tokenizer = build_tokenizer(p, ctx.input("tokenizer"), &docs)?;
+        let tokenizer = build_tokenizer(p, ctx.input("tokenizer"), &docs, &|| ctx.check_cancelled().is_err())?;
         let eot = p.str("eot_token");
         let eot_id = tokenizer.token_to_id(eot).ok_or_else(|| {
             StageError::msg(format!("the tokenizer has no token `{eot}`: set `eot_token` to one of its special tokens"))
@@ -198,7 +198,17 @@ fn fixed_vocab(symbols: impl IntoIterator<Item = String>) -> Result<BPE, StageEr
     BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| fail("building the vocabulary")(&*e))
 }
 
-fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) -> Result<Tokenizer, StageError> {
+/// Builds the tokenizer `algorithm` names. BPE training reads the documents while `stop()` is
+/// false and returns `Interrupted` once it is true: an interrupt ends the counting of pairs at
+/// the next document, and the merges then run on the little counted so far. (The Hugging Face
+/// trainer cannot be stopped inside its merge loop: an interrupt that comes after the counting
+/// waits for it.)
+fn build_tokenizer(
+    p: &Params,
+    tokenizer_file: Option<&Input>,
+    docs: &[String],
+    stop: &(dyn Fn() -> bool + Sync),
+) -> Result<Tokenizer, StageError> {
     let tokenizer = match p.str("algorithm") {
         "byte" => {
             let mut t = Tokenizer::new(fixed_vocab((0..=255u8).map(|b| byte_char(b).to_string()))?);
@@ -231,7 +241,11 @@ fn build_tokenizer(p: &Params, tokenizer_file: Option<&Input>, docs: &[String]) 
                 .show_progress(false)
                 .build()
                 .into();
-            t.train(&mut trainer, docs.iter()).map_err(|e| fail("training BPE")(&*e))?;
+            let trained = t.train(&mut trainer, docs.iter().take_while(|_| !stop()));
+            if stop() {
+                return Err(StageError::Interrupted);
+            }
+            trained.map_err(|e| fail("training BPE")(&*e))?;
             t
         }
         "pretrained" => {
@@ -298,9 +312,23 @@ mod tests {
                     ("vocab_size", engine::ParamValue::Int(300)),
                 ],
             );
-            let t = build_tokenizer(&p, None, &docs).unwrap();
+            let t = build_tokenizer(&p, None, &docs, &|| false).unwrap();
             let ids = t.encode_fast(docs[0].as_str(), false).unwrap().get_ids().to_vec();
             assert_eq!(t.decode(&ids, false).unwrap(), docs[0], "{algorithm}");
         }
+    }
+
+    #[test]
+    fn an_interrupt_stops_bpe_training_at_the_next_document() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let docs: Vec<String> = (0..1000).map(|i| format!("document {i}: the quick brown fox")).collect();
+        let p = Params::from_defaults(PARAMS, &[("algorithm", engine::ParamValue::Str("bpe".into()))]);
+        // The user presses Ctrl-C while the trainer reads the 10th document.
+        let asked = AtomicUsize::new(0);
+        let stop = || asked.fetch_add(1, Ordering::SeqCst) >= 10;
+        let result = build_tokenizer(&p, None, &docs, &stop);
+        assert!(matches!(result, Err(StageError::Interrupted)), "an interrupted training must not return a tokenizer");
+        // One question per document read, one more that ended the reading, one after training.
+        assert_eq!(asked.load(Ordering::SeqCst), 12, "the trainer went on reading after the interrupt");
     }
 }
