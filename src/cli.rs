@@ -109,9 +109,11 @@ pub struct SampleArgs {
     /// Override a stage parameter or input, as for `run`
     #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
     pub sets: Vec<String>,
-    /// The text to continue [default: start from the end-of-text token]
-    #[arg(long, default_value = "")]
+    /// The text to continue; the model sees its last block_size - 1 tokens [default: start
+    /// from the end-of-text token]
+    #[arg(long, default_value = "", hide_default_value = true)]
     pub prompt: String,
+    /// Tokens to generate per sample
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub max_new_tokens: usize,
     /// 0 picks the most likely token every time
@@ -123,6 +125,7 @@ pub struct SampleArgs {
     /// Sample among the most likely tokens whose probability reaches P
     #[arg(long, default_value_t = 1.0, value_name = "P")]
     pub top_p: f32,
+    /// Seed of the first sample: the same seed and prompt give the same text
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Samples to draw, each with the next seed
