@@ -53,6 +53,7 @@ pub enum Command {
     Dag {
         #[command(flatten)]
         recipe: RecipeArgs,
+        /// Graphviz (`dot -Tsvg`) or a Mermaid flowchart (renders in GitHub Markdown)
         #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
         format: DagFormat,
     },
