@@ -9,7 +9,7 @@ use arrow::array::{ArrayRef, Int64Array, StringArray};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 
-use crate::util::{assert_success, key, stage, Sandbox};
+use crate::util::{assert_success, key, shared_data, stage, Sandbox};
 
 fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
     let batch = RecordBatch::try_from_iter(columns).unwrap();
@@ -132,16 +132,6 @@ fn bad_jsonl_and_bad_text_name_the_line_or_byte() {
     sb.write("data.txt", "");
     let err = stage_error(&sb, &["run", "raw_text.toml"]);
     assert!(err.contains("the corpus is empty"), "{err}");
-}
-
-fn shared_data() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
-    if dir.join("tinyshakespeare/input.txt").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: ../shared/data is not present (checks on real data run only beside it)");
-        None
-    }
 }
 
 #[test]

@@ -36,7 +36,7 @@ const ANY_MACHINE: &str = "any machine";
 
 /// This machine, as far as the bits of a trained model go: the platform and how its matmul
 /// rounds (matrixmultiply picks its micro-kernel at run time).
-fn machine() -> String {
+pub fn machine() -> String {
     let os = std::env::consts::OS;
     format!("{}-{os}, matmul {}", std::env::consts::ARCH, stages::bench::matmul_fingerprint())
 }

@@ -8,5 +8,5 @@ mod golden; // golden digests of every stage's output, golden diagnostics
 mod hf_crosscheck; // models load in Hugging Face transformers and score the same loss
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod tidy; // every source file opens with a module doc
-mod training; // pretrain, evaluate, sample; exact resume; threads; divergence
+mod training; // pretrain, evaluate, sample; exact resume; threads; divergence; shakespeare_char on real data
 mod util;

@@ -112,3 +112,16 @@ pub fn touch(path: &Path) {
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
     std::fs::File::options().write(true).open(path).unwrap().set_modified(later).unwrap();
 }
+
+/// `../shared/data` beside the project, with the real data sets, or `None` (saying the check is
+/// skipped) where it is absent: the suite makes its own fixtures, and checks on real data run
+/// only beside it.
+pub fn shared_data() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
+    if dir.join("tinyshakespeare/input.txt").exists() {
+        Some(dir)
+    } else {
+        eprintln!("SKIPPED: ../shared/data is not present (checks on real data run only beside it)");
+        None
+    }
+}
