@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{artifact, assert_success, key, stage, Sandbox};
+use crate::util::{artifact, assert_success, key, shared_data, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
@@ -254,12 +254,11 @@ fn a_nan_loss_stops_the_stage_naming_the_step_and_publishes_nothing() {
 fn shipped_recipes_plan() {
     let sb = Sandbox::new();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes");
-    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data");
     for entry in std::fs::read_dir(&root).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
-        if text.contains("shared/data") && !shared.exists() {
-            eprintln!("skipping {}: ../shared/data is absent", path.display());
+        if text.contains("shared/data") && shared_data().is_none() {
+            eprintln!("SKIPPED: planning {}, which reads ../shared/data", path.display());
             continue;
         }
         let out = sb.tinygpt(&["plan", path.to_str().unwrap()]);
@@ -304,7 +303,7 @@ const SHAKESPEARE_MEASURED_ON: &str = "x86_64-linux, matmul afd09ebc60c7";
 /// 12 windows), while `evaluate` scores every validation block. About two minutes.
 #[test]
 fn real_data_shakespeare_char_reaches_the_validation_loss_of_nanogpt() {
-    let Some(data) = crate::util::shared_data() else { return };
+    let Some(data) = shared_data() else { return };
     let sb = Sandbox::new();
     let recipe = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes/shakespeare_char.toml");
     let input = format!("tokenize.input={}", data.join("tinyshakespeare/input.txt").display());
@@ -313,7 +312,8 @@ fn real_data_shakespeare_char_reaches_the_validation_loss_of_nanogpt() {
     let whole = stage(&run, "evaluate")["metrics"]["val_loss"].as_f64().unwrap();
     let machine = crate::golden::machine();
     eprintln!("shakespeare_char on {machine}: val_loss {estimate} (240 windows), {whole} (whole split)");
-    // An untrained model scores 4.17 and one that learned only character frequencies about 3.3.
+    // An untrained model scores about 4.19 (ln 66) and one that learned only character
+    // frequencies 3.31 (their entropy), so both bounds fail unless the model learned context.
     assert!(estimate < 1.95 && whole < 1.95, "the recipe no longer trains: {estimate}, {whole}");
     if machine == SHAKESPEARE_MEASURED_ON {
         assert!(estimate <= 1.90, "nanoGPT's metric: {estimate} > 1.90");
