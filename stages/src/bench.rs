@@ -60,70 +60,80 @@ pub fn matmul_fingerprint() -> String {
     blake3::hash(&bytes).to_hex()[..12].to_string()
 }
 
+/// The vector instructions this CPU offers that the FMA loop and matrixmultiply's kernels use,
+/// detected at run time, best first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // each target builds only its own variants
+enum Simd {
+    Avx512f,
+    Avx2Fma,
+    /// AVX without FMA: matrixmultiply has a kernel for it, the FMA loop does not.
+    Avx,
+    Neon,
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512f;
+            }
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                return Simd::Avx2Fma;
+            }
+            if std::is_x86_feature_detected!("avx") {
+                return Simd::Avx;
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            return Simd::Neon;
+        }
+        #[allow(unreachable_code)]
+        Simd::Portable
+    }
+}
+
 /// Which FMA loop the peak measurement uses on this machine.
 pub fn fma_isa() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            return "avx512f";
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return "avx2+fma";
-        }
+    match Simd::detect() {
+        Simd::Avx512f => "avx512f",
+        Simd::Avx2Fma => "avx2+fma",
+        Simd::Neon => "neon",
+        Simd::Avx | Simd::Portable => "portable",
     }
-    #[cfg(target_arch = "aarch64")]
-    {
-        return "neon";
-    }
-    #[allow(unreachable_code)]
-    "portable"
 }
 
 /// Which micro-kernel matrixmultiply runs on this machine: its run-time dispatch, restated
 /// (AVX-512F first, built in through the crate's `avx512` feature; then AVX2+FMA, AVX, NEON,
 /// and its portable kernel).
 pub fn matmul_kernel() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            return "avx512f (16x16)";
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return "avx2+fma (8x8)";
-        }
-        if std::is_x86_feature_detected!("avx") {
-            return "avx (8x8)";
-        }
+    match Simd::detect() {
+        Simd::Avx512f => "avx512f (16x16)",
+        Simd::Avx2Fma => "avx2+fma (8x8)",
+        Simd::Avx => "avx (8x8)",
+        Simd::Neon => "neon (8x8)",
+        Simd::Portable => "portable (8x4)",
     }
-    #[cfg(target_arch = "aarch64")]
-    {
-        return "neon (8x8)";
-    }
-    #[allow(unreachable_code)]
-    "portable (8x4)"
 }
 
 /// Runs `iters` iterations of independent FMA chains; returns the flops done and a value that
 /// keeps the work alive.
 fn fma_loop(iters: u64) -> (f64, f32) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected at run time.
-            return unsafe { fma_avx512(iters) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected at run time.
-            return unsafe { fma_avx2(iters) };
-        }
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
+    match Simd::detect() {
+        // SAFETY: the features were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512f => unsafe { fma_avx512(iters) },
+        // SAFETY: the features were detected at run time.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => unsafe { fma_avx2(iters) },
         // SAFETY: NEON is part of the aarch64 baseline.
-        return unsafe { fma_neon(iters) };
+        #[cfg(target_arch = "aarch64")]
+        Simd::Neon => unsafe { fma_neon(iters) },
+        _ => fma_portable(iters),
     }
-    #[allow(unreachable_code)]
-    fma_portable(iters)
 }
 
 /// Twelve chains: enough to cover FMA latency times the ports on current cores.
