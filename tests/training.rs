@@ -236,7 +236,7 @@ fn a_nan_loss_stops_the_stage_naming_the_step_and_publishes_nothing() {
         }
         like
     };
-    let mut state = TrainState::load(&work, &like).unwrap().expect("Ctrl-C left a checkpoint");
+    let mut state = TrainState::load(&work, &like, &like).unwrap().expect("Ctrl-C left a checkpoint");
     state.params.get_mut("transformer.h.0.mlp.c_fc.weight")[0] = f32::NAN;
     state.save(&work).unwrap();
     let step = state.progress.step;

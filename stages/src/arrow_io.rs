@@ -83,12 +83,16 @@ impl TokenMeta {
     }
 }
 
-fn write_batches(path: &Path, schema: Arc<Schema>, columns: impl Iterator<Item = ArrayRef>) -> Result<(), StageError> {
+fn write_batches(
+    path: &Path,
+    schema: Arc<Schema>,
+    batches: impl Iterator<Item = Vec<ArrayRef>>,
+) -> Result<(), StageError> {
     let err = |e: &dyn std::error::Error| fail(format!("writing `{}`", path.display()))(e);
     let file = File::create(path).map_err(|e| err(&e))?;
     let mut writer = FileWriter::try_new(BufWriter::new(file), &schema).map_err(|e| err(&e))?;
-    for column in columns {
-        let batch = RecordBatch::try_new(schema.clone(), vec![column]).map_err(|e| err(&e))?;
+    for columns in batches {
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| err(&e))?;
         writer.write(&batch).map_err(|e| err(&e))?;
     }
     writer.finish().map_err(|e| err(&e))?;
@@ -106,42 +110,93 @@ fn item_field() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::UInt32, false))
 }
 
-/// Write documents as one `tokens: List<UInt32>` column.
-pub fn write_docs(path: &Path, docs: &TokenDocs) -> Result<(), StageError> {
-    let schema = Arc::new(Schema::new(vec![Field::new("tokens", DataType::List(item_field()), false)]));
-    let n = docs.len();
-    let columns = (0..n).step_by(BATCH_ROWS).map(|start| {
-        let end = (start + BATCH_ROWS).min(n);
-        let base = docs.offsets[start];
-        let offsets: Vec<i32> = docs.offsets[start..=end]
-            .iter()
-            .map(|o| i32::try_from(o - base).expect("a batch of documents holds under 2^31 tokens"))
-            .collect();
-        let values = UInt32Array::from(docs.values[base..docs.offsets[end]].to_vec());
-        Arc::new(ListArray::new(item_field(), OffsetBuffer::new(ScalarBuffer::from(offsets)), Arc::new(values), None))
-            as ArrayRef
-    });
-    write_batches(path, schema, columns)
+/// Documents `start..end` as one `List<UInt32>` column.
+fn list_column(docs: &TokenDocs, start: usize, end: usize) -> ArrayRef {
+    let base = docs.offsets[start];
+    let offsets: Vec<i32> = docs.offsets[start..=end]
+        .iter()
+        .map(|o| i32::try_from(o - base).expect("a batch of documents holds under 2^31 tokens"))
+        .collect();
+    let values = UInt32Array::from(docs.values[base..docs.offsets[end]].to_vec());
+    Arc::new(ListArray::new(item_field(), OffsetBuffer::new(ScalarBuffer::from(offsets)), Arc::new(values), None))
 }
 
-pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
+/// Write `List<UInt32>` columns of as many documents each, named `names`.
+fn write_lists(path: &Path, names: &[&str], columns: &[&TokenDocs]) -> Result<(), StageError> {
+    let fields: Vec<Field> = names.iter().map(|n| Field::new(*n, DataType::List(item_field()), false)).collect();
+    let n = columns[0].len();
+    assert!(columns.iter().all(|c| c.len() == n), "every column holds a value per row");
+    let batches = (0..n).step_by(BATCH_ROWS).map(|start| {
+        let end = (start + BATCH_ROWS).min(n);
+        columns.iter().map(|c| list_column(c, start, end)).collect()
+    });
+    write_batches(path, Arc::new(Schema::new(fields)), batches)
+}
+
+/// Read column `index` of a file of `List<UInt32>` columns.
+fn read_list(path: &Path, index: usize, what: &str) -> Result<TokenDocs, StageError> {
     let mut docs = TokenDocs::default();
     for batch in read_batches(path)? {
-        let list = batch
-            .column(0)
-            .as_any()
-            .downcast_ref::<ListArray>()
-            .ok_or_else(|| StageError::msg(format!("`{}`: column 0 is not a list of token ids", path.display())))?;
+        let bad = || StageError::msg(format!("`{}`: column {index} is not a list of {what}", path.display()));
+        let list = batch.columns().get(index).and_then(|c| c.as_any().downcast_ref::<ListArray>()).ok_or_else(bad)?;
         for i in 0..list.len() {
             let row = list.value(i);
-            let ids = row
-                .as_any()
-                .downcast_ref::<UInt32Array>()
-                .ok_or_else(|| StageError::msg(format!("`{}`: token ids are not uint32", path.display())))?;
+            let ids = row.as_any().downcast_ref::<UInt32Array>().ok_or_else(bad)?;
             docs.push(ids.values());
         }
     }
     Ok(docs)
+}
+
+/// Write documents as one `tokens: List<UInt32>` column.
+pub fn write_docs(path: &Path, docs: &TokenDocs) -> Result<(), StageError> {
+    write_lists(path, &["tokens"], &[docs])
+}
+
+pub fn read_docs(path: &Path) -> Result<TokenDocs, StageError> {
+    read_list(path, 0, "token ids")
+}
+
+/// Instruction examples: each example's token ids and, per token, 1 where it is a target the
+/// loss counts (a response token) and 0 where it is not (the prompt).
+///
+/// Invariant: `masks` has the offsets of `tokens` and holds only 0 and 1.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Examples {
+    pub tokens: TokenDocs,
+    pub masks: TokenDocs,
+}
+
+impl Examples {
+    pub fn push(&mut self, tokens: &[u32], mask: &[u32]) {
+        assert_eq!(tokens.len(), mask.len(), "a mask value per token");
+        self.tokens.push(tokens);
+        self.masks.push(mask);
+    }
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    /// Example `i`: its tokens and loss mask.
+    pub fn example(&self, i: usize) -> (&[u32], &[u32]) {
+        (self.tokens.doc(i), self.masks.doc(i))
+    }
+}
+
+/// Write examples as `tokens` and `loss_mask` columns (`List<UInt32>` both).
+pub fn write_examples(path: &Path, examples: &Examples) -> Result<(), StageError> {
+    write_lists(path, &["tokens", "loss_mask"], &[&examples.tokens, &examples.masks])
+}
+
+pub fn read_examples(path: &Path) -> Result<Examples, StageError> {
+    let tokens = read_list(path, 0, "token ids")?;
+    let masks = read_list(path, 1, "loss-mask values")?;
+    if tokens.offsets != masks.offsets || masks.values.iter().any(|m| *m > 1) {
+        return Err(StageError::msg(format!("`{}`: the loss masks do not match the examples", path.display())));
+    }
+    Ok(Examples { tokens, masks })
 }
 
 /// Packed blocks as `pack` writes them: rows of `width` (T + 1) tokens. The last `padding`
@@ -173,7 +228,7 @@ pub fn write_blocks(path: &Path, blocks: &Blocks) -> Result<(), StageError> {
     let columns = (0..rows).step_by(BATCH_ROWS).map(|start| {
         let end = (start + BATCH_ROWS).min(rows);
         let values = UInt32Array::from(tokens[start * width..end * width].to_vec());
-        Arc::new(FixedSizeListArray::new(item_field(), width as i32, Arc::new(values), None)) as ArrayRef
+        vec![Arc::new(FixedSizeListArray::new(item_field(), width as i32, Arc::new(values), None)) as ArrayRef]
     });
     write_batches(path, Arc::new(schema), columns)
 }

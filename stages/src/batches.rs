@@ -12,7 +12,7 @@ use engine::StageError;
 
 use crate::arrow_io::Blocks;
 use crate::checkpoint::DataPos;
-use crate::nn::kernels::cross_entropy::{predicted, IGNORE};
+use crate::nn::batch::{Batch, IGNORE};
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
@@ -62,13 +62,39 @@ pub enum SamplerKind {
     Windows,
 }
 
+/// Rows in a seeded shuffled order, epoch after epoch: the `consumed`-th row drawn is a
+/// function of the seed and `consumed` alone, so a run resumes its exact order.
+pub struct EpochOrder {
+    seed: u64,
+    perm: Vec<u32>,
+    perm_epoch: Option<u64>,
+}
+
+impl EpochOrder {
+    pub fn new(seed: u64) -> Self {
+        EpochOrder { seed, perm: Vec::new(), perm_epoch: None }
+    }
+
+    /// The row drawn `consumed`-th from `n` rows.
+    pub fn row(&mut self, consumed: u64, n: usize) -> usize {
+        let n = n as u64;
+        let (epoch, i) = (consumed / n, consumed % n);
+        if self.perm_epoch != Some(epoch) {
+            self.perm = (0..n as u32).collect();
+            let mut rng = SplitMix64::new(self.seed ^ (epoch + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+            rng.shuffle(&mut self.perm);
+            self.perm_epoch = Some(epoch);
+        }
+        self.perm[i as usize] as usize
+    }
+}
+
 /// Draws training sequences of `t` tokens (plus the shifted targets).
 pub struct Sampler {
     source: Source,
     t: usize,
     seed: u64,
-    perm: Vec<u32>,
-    perm_epoch: Option<u64>,
+    order: EpochOrder,
 }
 
 /// What a [`Sampler`] draws from.
@@ -98,7 +124,7 @@ impl Sampler {
                 Source::Stream(blocks.stream())
             }
         };
-        Sampler { source, t, seed, perm: Vec::new(), perm_epoch: None }
+        Sampler { source, t, seed, order: EpochOrder::new(seed) }
     }
 
     /// Whether the split holds a window of T + 1 tokens that are not padding.
@@ -111,21 +137,16 @@ impl Sampler {
         DataPos { rng: self.seed ^ 0x5749_4E44_4F57_5321, consumed: 0 }
     }
 
-    /// Fill `ids` and `targets` (B * T each) with the next B sequences and advance `pos`.
-    pub fn fill(&mut self, pos: &mut DataPos, ids: &mut [u32], targets: &mut [u32]) {
+    /// Fill the ids and targets of `batch` (B rows of T) with the next B sequences and advance
+    /// `pos`. Each row is one sequence: its positions stay 0..T.
+    pub fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
         let t = self.t;
-        for (x, y) in ids.chunks_mut(t).zip(targets.chunks_mut(t)) {
+        assert_eq!(batch.time(), t, "the batch's rows are T long");
+        for (x, y) in batch.ids.chunks_mut(t).zip(batch.targets.chunks_mut(t)) {
             match &self.source {
                 Source::Blocks(blocks) => {
-                    let n = blocks.rows() as u64;
-                    let (epoch, i) = (pos.consumed / n, pos.consumed % n);
-                    if self.perm_epoch != Some(epoch) {
-                        self.perm = (0..n as u32).collect();
-                        let mut rng = SplitMix64::new(self.seed ^ (epoch + 1).wrapping_mul(0xA24B_AED4_963E_E407));
-                        rng.shuffle(&mut self.perm);
-                        self.perm_epoch = Some(epoch);
-                    }
-                    blocks.fill_row(self.perm[i as usize] as usize, x, y);
+                    let row = self.order.row(pos.consumed, blocks.rows());
+                    blocks.fill_row(row, x, y);
                 }
                 Source::Stream(stream) => {
                     let mut rng = SplitMix64::new(pos.rng);
@@ -162,9 +183,9 @@ pub struct Scored {
 }
 
 /// Mean cross-entropy over the targets of `blocks` in order (padding is not predicted), in
-/// batches of `acts.batch()`, stopping after `max_batches` batches when given. After each
-/// batch, `after_batch` gets the number of blocks scored so far (for progress); an error from
-/// it (an interrupt) stops the scoring.
+/// batches of `acts.batch()` (inference activations will do), stopping after `max_batches`
+/// batches when given. After each batch, `after_batch` gets the number of blocks scored so far
+/// (for progress); an error from it (an interrupt) stops the scoring.
 ///
 /// A last partial batch gets its own, smaller activations. The mean is summed in f64 in block
 /// order, so it does not depend on the thread count.
@@ -178,21 +199,24 @@ pub fn mean_loss(
 ) -> Result<Scored, StageError> {
     let (b, t) = (acts.batch(), acts.time());
     assert_eq!(blocks.width, t + 1, "blocks are rows of T + 1");
-    let mut ids = vec![0u32; b * t];
-    let mut targets = vec![0u32; b * t];
+    let mut batch = Batch::new(b, t);
     let (mut total, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
     let mut small = None;
     let last = blocks.rows_scored(b, max_batches);
     while rows < last {
         let chunk = b.min(last - rows);
-        let n = chunk * t;
+        let (acts, batch) = if chunk == b {
+            (&mut *acts, &mut batch)
+        } else {
+            let (a, b) = small.get_or_insert_with(|| (Activations::inference(model, chunk, t), Batch::new(chunk, t)));
+            (a, b)
+        };
         for i in 0..chunk {
-            blocks.fill_row(rows + i, &mut ids[i * t..(i + 1) * t], &mut targets[i * t..(i + 1) * t]);
+            let (ids, targets, _) = batch.row_mut(i);
+            blocks.fill_row(rows + i, ids, targets);
         }
-        let acts =
-            if chunk == b { &mut *acts } else { small.get_or_insert_with(|| Activations::new(&model.cfg, chunk, t)) };
-        let counted = predicted(&targets[..n]);
-        total += model.loss(p, &ids[..n], &targets[..n], acts) as f64 * counted as f64;
+        let counted = batch.predicted();
+        total += model.loss(p, batch, acts) as f64 * counted as f64;
         tokens += counted;
         rows += chunk;
         after_batch(rows)?;
@@ -221,8 +245,9 @@ mod tests {
     fn blocks_come_in_a_seeded_order_and_every_epoch_covers_all() {
         let mut s = Sampler::new(SamplerKind::Blocks, blocks(6), 9);
         let mut pos = s.start();
-        let (mut ids, mut targets) = (vec![0; 6 * 4], vec![0; 6 * 4]);
-        s.fill(&mut pos, &mut ids, &mut targets);
+        let mut batch = Batch::new(6, 4);
+        s.fill(&mut pos, &mut batch);
+        let (ids, targets) = (batch.ids.clone(), batch.targets.clone());
         let mut firsts: Vec<u32> = ids.chunks(4).map(|r| r[0]).collect();
         assert_ne!(firsts, [0, 4, 8, 12, 16, 20], "shuffled");
         assert!(ids.iter().zip(&targets).all(|(x, y)| y - x == 1), "targets are the next tokens");
@@ -230,11 +255,11 @@ mod tests {
         assert_eq!(firsts, [0, 4, 8, 12, 16, 20], "one epoch is a permutation");
         // Resuming from a position gives the same next batch as going on.
         let saved = pos;
-        s.fill(&mut pos, &mut ids, &mut targets);
+        s.fill(&mut pos, &mut batch);
         let mut fresh = Sampler::new(SamplerKind::Blocks, blocks(6), 9);
-        let (mut ids2, mut targets2) = (vec![0; 24], vec![0; 24]);
-        fresh.fill(&mut { saved }, &mut ids2, &mut targets2);
-        assert_eq!(ids, ids2);
+        let mut again = Batch::new(6, 4);
+        fresh.fill(&mut { saved }, &mut again);
+        assert_eq!(batch.ids, again.ids);
         assert_eq!(pos.consumed, 12);
     }
 
@@ -244,8 +269,9 @@ mod tests {
         let Source::Stream(stream) = &s.source else { panic!("windows draw from the stream") };
         assert_eq!(stream, &(0..21).collect::<Vec<_>>(), "the stream comes back whole");
         let mut pos = s.start();
-        let (mut ids, mut targets) = (vec![0; 8 * 4], vec![0; 8 * 4]);
-        s.fill(&mut pos, &mut ids, &mut targets);
+        let mut batch = Batch::new(8, 4);
+        s.fill(&mut pos, &mut batch);
+        let (ids, targets) = (&batch.ids, &batch.targets);
         for (x, y) in ids.chunks(4).zip(targets.chunks(4)) {
             assert!(x.windows(2).all(|w| w[1] == w[0] + 1) && y[0] == x[0] + 1 && y[3] <= 20);
         }
@@ -258,8 +284,9 @@ mod tests {
         // Blocks: the padded row's last two targets are ignored, its inputs kept.
         let mut s = Sampler::new(SamplerKind::Blocks, padded(3, 2), 5);
         let mut pos = s.start();
-        let (mut ids, mut targets) = (vec![0; 3 * 4], vec![0; 3 * 4]);
-        s.fill(&mut pos, &mut ids, &mut targets);
+        let mut batch = Batch::new(3, 4);
+        s.fill(&mut pos, &mut batch);
+        let (ids, targets) = (&batch.ids, &batch.targets);
         let row = ids.chunks(4).position(|r| r[0] == 8).expect("the last block is drawn");
         assert_eq!(&ids[row * 4..row * 4 + 4], &[8, 9, 10, 99]);
         assert_eq!(&targets[row * 4..row * 4 + 4], &[9, 10, IGNORE, IGNORE]);
@@ -282,7 +309,7 @@ mod tests {
         let model = Model::new(cfg, &p);
         let blocks = padded(5, 3);
         let mut seen = Vec::new();
-        let scored = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None, |rows| {
+        let scored = mean_loss(&model, &p, &blocks, &mut Activations::inference(&model, 2, 4), None, |rows| {
             seen.push(rows);
             Ok(())
         })
@@ -293,16 +320,17 @@ mod tests {
         let mut acts = Activations::new(&cfg, 1, 4);
         let mut total = 0.0;
         for row in blocks.tokens.chunks(5) {
-            model.loss(&p, &row[..4], &row[1..], &mut acts);
+            model.loss(&p, &Batch::whole_rows(4, &row[..4], &row[1..]), &mut acts);
             let kept = if row[4] == 99 { 1 } else { 4 };
             total += acts.row_losses()[..kept].iter().sum::<f64>();
         }
         assert!((scored.mean - total / 17.0).abs() < 1e-6, "{} vs {}", scored.mean, total / 17.0);
         let first = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), Some(1), |_| Ok(())).unwrap();
+        assert_eq!(first.mean, mean_loss(&model, &p, &blocks, &mut Activations::inference(&model, 2, 4), Some(1), |_| Ok(())).unwrap().mean);
         assert_eq!((first.tokens, first.rows), (8, 2));
         // An interrupt after the first batch stops the scoring there.
         let mut batches = 0;
-        let stopped = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), None, |_| {
+        let stopped = mean_loss(&model, &p, &blocks, &mut Activations::inference(&model, 2, 4), None, |_| {
             batches += 1;
             Err(StageError::Interrupted)
         });

@@ -13,10 +13,11 @@ use std::time::Instant;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::model::{Activations, Model, ModelConfig};
-use crate::nn::optim::AdamWState;
+use crate::nn::batch::Batch;
+use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::profile;
 use crate::nn::rng::SplitMix64;
-use crate::nn::step::{train_step, StepConfig};
+use crate::nn::step::{train_step, LossMean, StepConfig, Trainable};
 
 /// One of the two models issue 4 measures, with its batch shape.
 #[derive(Clone, Copy, Debug)]
@@ -328,17 +329,19 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
         let mut opt = AdamWState::new(&params);
         let mut grads = params.zeros_like();
         let mut acts = Activations::new(&cfg, m.batch, t);
-        let (mut ids, mut targets) = (vec![0u32; m.batch * t], vec![0u32; m.batch * t]);
+        let mut batches = [Batch::new(m.batch, t)];
+        let opts = TensorOpt::defaults(&params);
         let mut rng = SplitMix64::new(2);
         let step_cfg = StepConfig {
-            accum: 1,
             adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
             grad_clip: 1.0,
             z_loss: 0.0,
+            mean: LossMean::PerMicroBatch,
         };
         let mut step = |params: &mut _, opt: &mut _, grads: &mut _, acts: &mut _| {
-            train_step(&model, params, opt, grads, acts, &mut ids, &mut targets, step_cfg, |x, y| {
-                x.iter_mut().chain(y.iter_mut()).for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
+            let trainable = Trainable { params, grads, opt, opts: &opts };
+            train_step(&model, trainable, acts, &mut batches, step_cfg, |batch| {
+                batch.ids.iter_mut().chain(batch.targets.iter_mut()).for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
             });
         };
         step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up

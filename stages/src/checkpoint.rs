@@ -67,9 +67,10 @@ impl TrainState {
         std::fs::rename(&tmp, &path).map_err(|e| fail(format!("renaming `{}`", path.display()))(&e))
     }
 
-    /// The checkpoint in `dir`, if there is one. `like` gives the parameter names, order and
-    /// shapes the run expects; a checkpoint that does not match them is an error.
-    pub fn load(dir: &Path, like: &ParamMap) -> Result<Option<TrainState>, StageError> {
+    /// The checkpoint in `dir`, if there is one. `params` and `moments` give the names, order
+    /// and shapes the run expects of the parameters and of the optimizer moments (empty for
+    /// frozen tensors); a checkpoint that does not match them is an error.
+    pub fn load(dir: &Path, params: &ParamMap, moments: &ParamMap) -> Result<Option<TrainState>, StageError> {
         let path = dir.join(FILE);
         if !path.exists() {
             return Ok(None);
@@ -85,7 +86,7 @@ impl TrainState {
             .get("tinygpt.adam_step")
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("has no optimizer step".into()))?;
-        let mut take = |prefix: &str| -> Result<ParamMap, StageError> {
+        let mut take = |prefix: &str, like: &ParamMap| -> Result<ParamMap, StageError> {
             let mut out = ParamMap::default();
             for (name, t) in like.iter() {
                 let key = format!("{prefix}{name}");
@@ -96,9 +97,9 @@ impl TrainState {
             }
             Ok(out)
         };
-        let params = take(PARAM)?;
-        let m = take(M)?;
-        let v = take(V)?;
+        let params = take(PARAM, params)?;
+        let m = take(M, moments)?;
+        let v = take(V, moments)?;
         Ok(Some(TrainState { params, opt: AdamWState { m, v, step: adam_step }, progress }))
     }
 }
@@ -124,13 +125,13 @@ mod tests {
         };
         let state = TrainState { params: params.clone(), opt, progress };
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(TrainState::load(dir.path(), &params).unwrap(), None);
+        assert_eq!(TrainState::load(dir.path(), &params, &params).unwrap(), None);
         state.save(dir.path()).unwrap();
-        assert_eq!(TrainState::load(dir.path(), &params).unwrap(), Some(state));
+        assert_eq!(TrainState::load(dir.path(), &params, &params).unwrap(), Some(state));
         assert!(!dir.path().join(format!("{FILE}.tmp")).exists());
 
         let other = ModelConfig::llama(13, 6, 2, 4, 2, 16).init(3);
-        let err = TrainState::load(dir.path(), &other).unwrap_err().to_string();
+        let err = TrainState::load(dir.path(), &other, &other).unwrap_err().to_string();
         assert!(err.contains("does not match this model at `param.model.layers.1"), "{err}");
     }
 }

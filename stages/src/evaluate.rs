@@ -99,7 +99,7 @@ impl Stage for Evaluate {
         let progress = ctx.progress();
         progress.set_message("validation loss");
         progress.set_length(blocks.rows_scored(batch, max_batches) as u64, "blocks");
-        let mut acts = Activations::new(lm.cfg(), batch, t);
+        let mut acts = Activations::inference(&lm.model, batch, t);
         let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, max_batches, |rows| {
             progress.set_position(rows as u64);
             ctx.check_cancelled()

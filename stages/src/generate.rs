@@ -8,7 +8,8 @@ use engine::StageError;
 use tokenizers::Tokenizer;
 
 use crate::model_io::{load_model_with_eot, TOKENIZER};
-use crate::nn::model::{Decoder, Model, ModelConfig};
+use crate::nn::decoder::Decoder;
+use crate::nn::model::{Model, ModelConfig};
 use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
 use crate::nn::sample::{pick, Sampling};
@@ -68,7 +69,7 @@ pub fn generate(
         return Err(StageError::msg(format!("the prompt has token {bad}, outside the model's vocabulary")));
     }
     let block = lm.cfg().block_size;
-    let mut decoder = Decoder::new(lm.cfg());
+    let mut decoder = Decoder::new(&lm.model);
     let keep = (block / 2).max(1);
     let start = context.len().saturating_sub(block.saturating_sub(1).max(1));
     for &id in &context[start..] {

@@ -16,6 +16,7 @@ pub mod pretrain;
 
 mod text_source;
 pub mod tokenize;
+pub mod train;
 
 use std::sync::Arc;
 
@@ -55,4 +56,20 @@ pub(crate) fn fail(context: impl std::fmt::Display) -> impl FnOnce(&dyn std::err
 pub(crate) fn round(x: f64, digits: i32) -> f64 {
     let f = 10f64.powi(digits);
     (x * f).round() / f
+}
+
+/// Two parameter tables as one, for a kind whose table is its own parameters followed by a
+/// shared list (every training stage's [`train::TRAIN_PARAMS`]).
+pub(crate) const fn concat_params<const A: usize, const B: usize, const N: usize>(
+    a: [engine::ParamSpec; A],
+    b: [engine::ParamSpec; B],
+) -> [engine::ParamSpec; N] {
+    assert!(A + B == N && A > 0, "N is the sum of the two lengths");
+    let mut out = [a[0]; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = if i < A { a[i] } else { b[i - A] };
+        i += 1;
+    }
+    out
 }

@@ -146,14 +146,20 @@ pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
     load_model_with_eot(dir).map(|(cfg, params, _)| (cfg, params))
 }
 
-/// [`load_model`] plus the end-of-text token `config.json` names (`eos_token_id`, else 0).
-pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), StageError> {
+/// A model directory's configuration and the end-of-text token `config.json` names
+/// (`eos_token_id`, else 0), without reading the weights.
+pub fn load_config_with_eot(dir: &Path) -> Result<(ModelConfig, u32), StageError> {
     let path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
     let cfg = parse_hf_config(&value).map_err(|e| StageError::msg(format!("`{}`: {e}", path.display())))?;
-    let eot = value["eos_token_id"].as_u64().map_or(0, |x| x as u32);
+    Ok((cfg, value["eos_token_id"].as_u64().map_or(0, |x| x as u32)))
+}
+
+/// [`load_model`] plus the end-of-text token `config.json` names (`eos_token_id`, else 0).
+pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), StageError> {
+    let (cfg, eot) = load_config_with_eot(dir)?;
     let weights = dir.join(WEIGHTS);
     let mut file = load_safetensors(&weights)?;
     let mut params = ParamMap::default();
@@ -244,11 +250,12 @@ pub fn load_safetensors_with(path: &Path) -> Result<(ParamMap, HashMap<String, S
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::batch::Batch;
     use crate::nn::model::{Activations, Model};
 
     fn logits(cfg: &ModelConfig, p: &ParamMap, ids: &[u32]) -> Vec<f32> {
         let mut a = Activations::new(cfg, 1, ids.len());
-        Model::new(*cfg, p).forward(p, ids, &mut a);
+        Model::new(*cfg, p).forward(p, &Batch::whole_rows(ids.len(), ids, ids), &mut a);
         a.logits
     }
 

@@ -12,28 +12,28 @@
 //! digest, which the weights and the other files determine.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::time::Instant;
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
 use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
 use crate::batches::{mean_loss, Sampler, SamplerKind};
-use crate::checkpoint::{Progress, TrainState};
+use crate::checkpoint::DataPos;
 use crate::model_io::{save_model, TOKENIZER};
-use crate::nn::kernels::adamw::AdamW;
+use crate::nn::batch::Batch;
 use crate::nn::model::{Activations, Gelu, Model, ModelConfig};
-use crate::nn::optim::{AdamWState, Schedule};
-use crate::nn::step::{train_step, StepConfig};
+use crate::nn::optim::TensorOpt;
+use crate::nn::params::ParamMap;
+use crate::nn::step::LossMean;
 use crate::pack::{TRAIN_FILE, VAL_FILE};
-use crate::{fail, round, MODEL, PACKED};
+use crate::train::{self, check_lrs, metrics_lines, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
+use crate::{concat_params, fail, round, MODEL, PACKED};
 
 pub struct Pretrain;
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-const PARAMS: &[ParamSpec] = &[
+const OWN_PARAMS: [ParamSpec; 12] = [
     ParamSpec::choice("arch", "gpt2", &["gpt2", "llama"], "`gpt2` (nanoGPT's model) or `llama`"),
     ParamSpec::int("n_layer", 4, 1, 1024, "transformer blocks"),
     ParamSpec::int("n_head", 4, 1, 1024, "attention heads"),
@@ -50,43 +50,15 @@ const PARAMS: &[ParamSpec] = &[
     ),
     ParamSpec::bool("tie_embeddings", true, "llama: the output projection is the token embedding (gpt2 always ties)"),
     ParamSpec::float("rope_theta", 10_000.0, 1.0, 1e9, "llama: rotary embedding base"),
-    ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
-    ParamSpec::int("batch_size", 12, 1, 1 << 20, "sequences per micro-batch"),
-    ParamSpec::int("grad_accum", 1, 1, 1 << 16, "micro-batches per optimizer step"),
     ParamSpec::choice(
         "sampler",
         "blocks",
         &["blocks", "windows"],
         "`blocks`: packed blocks in a seeded shuffled order; `windows`: random windows of the token stream (nanoGPT)",
     ),
-    ParamSpec::float("lr", 1e-3, 0.0, 10.0, "peak learning rate"),
-    ParamSpec::float("min_lr", 1e-4, 0.0, 10.0, "learning rate at the end of the decay"),
-    ParamSpec::int("warmup_steps", 100, 0, 1 << 40, "linear warmup from lr / (warmup + 1)"),
-    ParamSpec::choice(
-        "schedule",
-        "cosine",
-        &["cosine", "wsd", "constant"],
-        "after warmup: `cosine` to min_lr, `wsd` (warmup-stable-decay, linear decay at the end), or `constant`",
-    ),
-    ParamSpec::opt_int(
-        "decay_steps",
-        1,
-        1 << 40,
-        "cosine: the step where the decay ends (default max_steps); wsd: length of the final decay (default max_steps / 5)",
-    ),
-    ParamSpec::float("beta1", 0.9, 0.0, 0.999_999, "AdamW first-moment decay"),
-    ParamSpec::float("beta2", 0.99, 0.0, 0.999_999, "AdamW second-moment decay"),
-    ParamSpec::float("eps", 1e-8, 0.0, 1.0, "AdamW epsilon"),
-    ParamSpec::float("weight_decay", 0.1, 0.0, 10.0, "decoupled weight decay, on matrices only"),
-    ParamSpec::float("grad_clip", 1.0, 0.0, 1e9, "clip the global gradient norm to this (0: no clipping)"),
-    ParamSpec::float("z_loss", 0.0, 0.0, 1.0, "weight of the squared log-partition (PaLM's z-loss)"),
-    ParamSpec::int("eval_interval", 250, 0, 1 << 40, "validation loss every this many steps, and at the end (0: only at the end)")
-        .not_hashed(),
-    ParamSpec::int("eval_batches", 20, 1, 1 << 30, "validation batches per evaluation (the first ones, in order)")
-        .not_hashed(),
-    ParamSpec::int("log_interval", 10, 1, 1 << 40, "a metrics line every this many steps").not_hashed(),
-    ParamSpec::int("checkpoint_interval", 250, 1, 1 << 40, "save the training state every this many steps").not_hashed(),
 ];
+
+const PARAMS: &[ParamSpec] = &concat_params::<12, 18, 30>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] =
     &[InputSpec { name: "data", accepts: Accepts::Artifact(&[PACKED]), required: true, doc: "a `pack` stage" }];
@@ -117,20 +89,6 @@ fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
     cfg.tie_embeddings = p.bool("tie_embeddings");
     cfg.gelu = Gelu::from_hf_name(p.str("activation")).expect("a declared choice");
     cfg
-}
-
-fn schedule(p: &Params) -> Schedule {
-    let (lr, min_lr, warmup, steps) =
-        (p.float("lr"), p.float("min_lr"), p.int("warmup_steps") as u64, p.int("max_steps") as u64);
-    let decay = p.opt_usize("decay_steps").map(|d| d as u64);
-    match p.str("schedule") {
-        "wsd" => {
-            let len = decay.unwrap_or(steps / 5).min(steps);
-            Schedule::Wsd { lr, min_lr, warmup, decay_start: (steps - len).max(warmup), decay_end: steps }
-        }
-        "constant" => Schedule::Constant { lr, warmup },
-        _ => Schedule::Cosine { lr, min_lr, warmup, decay_end: decay.unwrap_or(steps).max(warmup + 1) },
-    }
 }
 
 impl Stage for Pretrain {
@@ -164,13 +122,7 @@ impl Stage for Pretrain {
         if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
         }
-        if p.float("min_lr") > p.float("lr") {
-            return Err(ParamProblem::new(
-                "min_lr",
-                format!("min_lr {} is above lr {}", p.float("min_lr"), p.float("lr")),
-            ));
-        }
-        Ok(())
+        check_lrs(p)
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
@@ -198,39 +150,25 @@ impl Stage for Pretrain {
                 train.stream_len()
             )));
         }
-        let run = Run {
-            cfg,
-            batch: p.usize("batch_size"),
-            accum: p.usize("grad_accum"),
-            max_steps: p.int("max_steps") as u64,
-            schedule: schedule(p),
-            adamw: AdamW {
-                lr: 0.0,
-                beta1: p.float("beta1") as f32,
-                beta2: p.float("beta2") as f32,
-                eps: p.float("eps") as f32,
-                weight_decay: p.float("weight_decay") as f32,
-            },
-            grad_clip: p.float("grad_clip"),
-            z_loss: p.float("z_loss") as f32,
-            eval_interval: p.int("eval_interval") as u64,
-            eval_batches: p.usize("eval_batches"),
-            log_interval: p.int("log_interval") as u64,
-            checkpoint_interval: p.int("checkpoint_interval") as u64,
+        let spec = TrainSpec::from_params(p, seq_len, LossMean::PerMicroBatch);
+        let fresh = cfg.init(ctx.seed());
+        let trainee = Trainee {
+            model: Model::new(cfg, &fresh),
+            grads: fresh.zeros_like(),
+            opts: TensorOpt::defaults(&fresh),
+            fresh,
         };
-        let sampler = Sampler::new(kind, train, ctx.seed());
-        let outcome = run.train(ctx, sampler, &val, seq_len)?;
+        let val_batch = spec.batch.min(val.rows()).max(1);
+        let mut data = BlockData { sampler: Sampler::new(kind, train, ctx.seed()), val, val_batch };
+        let outcome = train::train(ctx, &spec, trainee, &mut data)?;
 
         save_model(ctx.out_dir(), &cfg, &outcome.state.params, meta.eot_id)?;
         std::fs::copy(artifact.path(TOKENIZER), ctx.out(TOKENIZER)).map_err(|e| fail("copying tokenizer.json")(&e))?;
         meta.write(ctx.out_dir())?;
-        let mut lines = Vec::new();
-        for line in &outcome.state.progress.log {
-            writeln!(lines, "{line}").expect("writing to memory");
-        }
+        let lines = metrics_lines(&outcome.state);
         std::fs::write(ctx.out(METRICS_FILE), lines).map_err(|e| fail("writing metrics.jsonl")(&e))?;
 
-        let tokens = outcome.state.progress.step * (run.batch * run.accum * seq_len) as u64;
+        let tokens = outcome.state.progress.step * (spec.batch * spec.accum * seq_len) as u64;
         let mut metrics = Metrics::from([
             ("steps".into(), json!(outcome.state.progress.step)),
             ("train_loss".into(), json!(round(outcome.last_loss, 4))),
@@ -246,132 +184,24 @@ impl Stage for Pretrain {
     }
 }
 
-/// The numbers of one training run.
-struct Run {
-    cfg: ModelConfig,
-    batch: usize,
-    accum: usize,
-    max_steps: u64,
-    schedule: Schedule,
-    adamw: AdamW,
-    grad_clip: f64,
-    z_loss: f32,
-    eval_interval: u64,
-    eval_batches: usize,
-    log_interval: u64,
-    checkpoint_interval: u64,
+/// Packed blocks: training batches from a [`Sampler`], the validation loss over the first
+/// blocks of the validation split.
+struct BlockData {
+    sampler: Sampler,
+    val: Blocks,
+    val_batch: usize,
 }
 
-struct Outcome {
-    state: TrainState,
-    last_loss: f64,
-    val_loss: f64,
-    tokens_per_s: f64,
-    resumed_from: Option<u64>,
-}
-
-impl Run {
-    fn train(&self, ctx: &StageCtx<'_>, mut sampler: Sampler, val: &Blocks, t: usize) -> Result<Outcome, StageError> {
-        let fresh = self.cfg.init(ctx.seed());
-        let resumed = TrainState::load(ctx.work_dir(), &fresh)?;
-        let resumed_from = resumed.as_ref().map(|s| s.progress.step);
-        let mut state = resumed.unwrap_or_else(|| TrainState {
-            opt: AdamWState::new(&fresh),
-            progress: Progress { step: 0, data: sampler.start(), elapsed: 0.0, log: Vec::new() },
-            params: fresh,
-        });
-        let model = Model::new(self.cfg, &state.params);
-        let mut grads = state.params.zeros_like();
-        let mut acts = Activations::new(&self.cfg, self.batch, t);
-        let val_batch = self.batch.min(val.rows()).max(1);
-        let mut val_acts = Activations::new(&self.cfg, val_batch, t);
-        let rows = self.batch * t;
-        let (mut ids, mut targets) = (vec![0u32; rows], vec![0u32; rows]);
-
-        let progress = ctx.progress();
-        progress.set_length(self.max_steps, "steps");
-        progress.set_position(state.progress.step);
-        let started = Instant::now();
-        let elapsed_before = state.progress.elapsed;
-        let (mut last_loss, mut val_loss) = (f64::NAN, f64::NAN);
-        let mut window = (Instant::now(), 0u64);
-        let tokens_per_step = (rows * self.accum) as u64;
-
-        while state.progress.step < self.max_steps {
-            if ctx.check_cancelled().is_err() {
-                state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
-                state.save(ctx.work_dir())?;
-                return Err(StageError::Interrupted);
-            }
-            let step = state.progress.step;
-            let lr = self.schedule.lr(step);
-            let cfg = StepConfig {
-                accum: self.accum,
-                adamw: AdamW { lr: lr as f32, ..self.adamw },
-                grad_clip: self.grad_clip,
-                z_loss: self.z_loss,
-            };
-            let data = &mut state.progress.data;
-            let outcome = train_step(
-                &model,
-                &mut state.params,
-                &mut state.opt,
-                &mut grads,
-                &mut acts,
-                &mut ids,
-                &mut targets,
-                cfg,
-                |ids, targets| sampler.fill(data, ids, targets),
-            );
-            let (loss, norm) = (outcome.loss, outcome.grad_norm);
-            if !outcome.finite() {
-                return Err(StageError::msg(format!(
-                    "training diverged at step {}: loss {loss}, gradient norm {norm} (lr {lr:.3e}); \
-                     lower `lr`, raise `warmup_steps` or set `grad_clip`",
-                    step + 1
-                )));
-            }
-            state.progress.step += 1;
-            let step = state.progress.step;
-            last_loss = loss;
-            window.1 += tokens_per_step;
-
-            if step.is_multiple_of(self.log_interval) || step == self.max_steps {
-                let secs = window.0.elapsed().as_secs_f64();
-                state.progress.log.push(json!({
-                    "step": step,
-                    "loss": round(loss, 5),
-                    "lr": lr,
-                    "grad_norm": round(norm, 5),
-                    "tokens_per_s": round(window.1 as f64 / secs.max(1e-9), 0),
-                    "elapsed_s": round(elapsed_before + started.elapsed().as_secs_f64(), 3),
-                }));
-                window = (Instant::now(), 0);
-            }
-            let eval_now =
-                step == self.max_steps || (self.eval_interval > 0 && step.is_multiple_of(self.eval_interval));
-            if eval_now {
-                let batches = Some(self.eval_batches);
-                val_loss = mean_loss(&model, &state.params, val, &mut val_acts, batches, |_| Ok(()))?.mean;
-                state.progress.log.push(json!({ "step": step, "val_loss": round(val_loss, 5) }));
-            }
-            progress.set_position(step);
-            let val_note = if val_loss.is_nan() { String::new() } else { format!(" val {val_loss:.4}") };
-            progress.set_message(&format!("loss {loss:.4}{val_note}"));
-            if step.is_multiple_of(self.checkpoint_interval) && step < self.max_steps {
-                state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
-                state.save(ctx.work_dir())?;
-            }
-        }
-        let seconds = started.elapsed().as_secs_f64();
-        let trained = state.progress.step - resumed_from.unwrap_or(0);
-        Ok(Outcome {
-            last_loss,
-            val_loss,
-            tokens_per_s: (trained * tokens_per_step) as f64 / seconds.max(1e-9),
-            resumed_from,
-            state,
-        })
+impl TrainData for BlockData {
+    fn start(&self) -> DataPos {
+        self.sampler.start()
+    }
+    fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
+        self.sampler.fill(pos, batch);
+    }
+    fn val_loss(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<f64, StageError> {
+        let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
+        Ok(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean)
     }
 }
 
@@ -379,6 +209,8 @@ impl Run {
 mod tests {
     use super::*;
     use crate::nn::model::Arch;
+    use crate::nn::optim::Schedule;
+    use crate::train::schedule;
 
     #[test]
     fn schedules_come_from_the_parameters() {

@@ -4,16 +4,25 @@
 //! ndarray and rayon, so it can become its own crate without edits.
 //!
 //! - [`kernels`]: the arithmetic, each kernel with a plain reference or a backward checked
-//!   against finite differences; the only place the speed work (issue 4) needs to touch.
+//!   against finite differences; the only place speed work needs to touch.
 //! - [`params`]: the named parameter map.
-//! - [`model`]: gpt2 and llama, forward and backward over [`params::ParamMap`], and a KV-cache
-//!   decoder.
-//! - [`optim`]: AdamW over the whole map, clipping and learning-rate schedules; [`step`]: one
-//!   training step (micro-batches, accumulation, clipping, update).
+//! - [`config`]: the architectures' shapes, parameter names and linear-layer table.
+//! - [`batch`]: token rows with targets and per-example positions (packing).
+//! - [`model`]: gpt2 and llama, forward and backward over [`params::ParamMap`]; [`decoder`]:
+//!   one token at a time against a KV cache.
+//! - [`lora`]: LoRA adapters and their variants.
+//! - [`loss`]: losses that write the logits' gradient.
+//! - [`optim`]: AdamW over the trainable tensors, clipping and learning-rate schedules;
+//!   [`step`]: one training step (micro-batches, accumulation, clipping, update).
 //! - [`sample`]: temperature, top-k and top-p sampling.
 //! - [`profile`]: time per kind of kernel, for `tinygpt bench`.
 
+pub mod batch;
+pub mod config;
+pub mod decoder;
 pub mod kernels;
+pub mod lora;
+pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod params;

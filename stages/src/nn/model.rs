@@ -1,313 +1,88 @@
-//! The two decoder-only architectures, as one pre-norm transformer with per-architecture parts:
+//! The model: gpt2 and llama (see [`crate::nn::config`]) as explicit forward and backward passes
+//! over a [`ParamMap`] with Hugging Face names.
 //!
-//! | part            | `gpt2` (nanoGPT, `GPT2LMHeadModel`) | `llama` (`LlamaForCausalLM`)       |
-//! |-----------------|-------------------------------------|------------------------------------|
-//! | positions       | learned `wpe` added to the input    | rotary (RoPE) on queries and keys  |
-//! | norm            | LayerNorm (bias if `bias`)          | RMSNorm                            |
-//! | attention       | fused `c_attn`, H heads             | `q/k/v_proj`, `n_kv_head` kv heads |
-//! | MLP             | GELU (tanh), 4x                     | SwiGLU, `ffn_hidden`               |
-//! | weight layout   | `Conv1D` (in, out)                  | `nn.Linear` (out, in)              |
-//! | output          | tied to `wte`                       | `lm_head`, or tied                 |
+//! Forward reads a [`Batch`] (ids and positions) and writes logits; a loss writes the logits'
+//! gradient into [`Activations::loss_buffers`]; backward reads it and adds every trainable
+//! parameter's gradient into a gradient map. A parameter whose gradient tensor is empty is
+//! frozen: backward does no weight-gradient work for it, and its input gradient still flows.
 //!
-//! Parameter names are Hugging Face's. Forward saves what backward needs in [`Activations`],
-//! allocated once per (batch, time) shape; backward adds into a gradient map with the same
-//! names. Every loss ends in a gradient on the logits. [`Decoder`] runs one token at a time
-//! against a KV cache for sampling.
+//! A linear layer may carry a LoRA adapter (`lora_A`, `lora_B` in the same map, see
+//! [`crate::nn::lora`]): forward adds `scale * x A^T B^T` without forming `W + scale B A`.
+//!
+//! [`Activations`] are allocated once per (batch, time) shape: for training they keep every
+//! block's intermediates; for inference ([`Activations::inference`]) one block's buffers serve
+//! every layer and nothing is kept for backward.
 
-pub use crate::nn::kernels::activation::Gelu;
+use crate::nn::batch::Batch;
+pub use crate::nn::config::{Arch, Gelu, Init, LinearModule, ModelConfig, ParamSpec, WeightLayout};
+use crate::nn::config::LINEAR_SLOTS;
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
 use crate::nn::kernels::bias::{add_bias, bias_backward};
-use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
-use crate::nn::kernels::dot;
+use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
-use crate::nn::params::{ParamId, ParamMap, Tensor};
+use crate::nn::lora;
+use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Gpt2,
-    Llama,
-}
-
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::Gpt2 => "gpt2",
-            Arch::Llama => "llama",
-        }
-    }
-}
-
-/// Everything that fixes a model's shapes and arithmetic.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct ModelConfig {
-    pub arch: Arch,
-    pub vocab_size: usize,
-    /// The longest sequence (the size of `wpe` for gpt2).
-    pub block_size: usize,
-    pub n_layer: usize,
-    pub n_head: usize,
-    /// Key/value heads: `n_head` for multi-head attention, fewer for grouped-query, 1 for
-    /// multi-query. Always `n_head` for gpt2.
-    pub n_kv_head: usize,
-    pub n_embd: usize,
-    /// The MLP's hidden width: 4 * n_embd for gpt2.
-    pub ffn_hidden: usize,
-    /// Biases in linear layers and LayerNorms (gpt2 only).
-    pub bias: bool,
-    /// Output projection shares the token embedding (always for gpt2).
-    pub tie_embeddings: bool,
-    /// gpt2's activation: GPT-2's tanh approximation, or exact with erf (nanoGPT's).
-    pub gelu: Gelu,
-    pub norm_eps: f32,
-    pub rope_theta: f32,
-}
-
-impl ModelConfig {
-    /// nanoGPT's model: GELU MLP of 4x, tied output, LayerNorm eps 1e-5.
-    pub fn gpt2(
-        vocab_size: usize,
-        block_size: usize,
-        n_layer: usize,
-        n_head: usize,
-        n_embd: usize,
-        bias: bool,
-    ) -> Self {
-        ModelConfig {
-            arch: Arch::Gpt2,
-            vocab_size,
-            block_size,
-            n_layer,
-            n_head,
-            n_kv_head: n_head,
-            n_embd,
-            ffn_hidden: 4 * n_embd,
-            bias,
-            tie_embeddings: true,
-            gelu: Gelu::Tanh,
-            norm_eps: 1e-5,
-            rope_theta: 0.0,
-        }
-    }
-
-    /// A llama with the usual SwiGLU width: 8/3 * n_embd rounded up to a multiple of 32.
-    pub fn llama(
-        vocab_size: usize,
-        block_size: usize,
-        n_layer: usize,
-        n_head: usize,
-        n_kv_head: usize,
-        n_embd: usize,
-    ) -> Self {
-        ModelConfig {
-            arch: Arch::Llama,
-            vocab_size,
-            block_size,
-            n_layer,
-            n_head,
-            n_kv_head,
-            n_embd,
-            ffn_hidden: (8 * n_embd / 3).div_ceil(32) * 32,
-            bias: false,
-            tie_embeddings: false,
-            gelu: Gelu::Tanh,
-            norm_eps: 1e-5,
-            rope_theta: 10_000.0,
-        }
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.n_embd / self.n_head
-    }
-
-    /// What is wrong with these numbers, if anything, as one sentence.
-    pub fn validate(&self) -> Result<(), String> {
-        self.problem().map_or(Ok(()), |(_, message)| Err(message))
-    }
-
-    /// The first problem with these numbers: the field to blame and one sentence.
-    pub fn problem(&self) -> Option<(&'static str, String)> {
-        let positive = [
-            ("vocab_size", self.vocab_size),
-            ("block_size", self.block_size),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_kv_head", self.n_kv_head),
-            ("n_embd", self.n_embd),
-            ("ffn_hidden", self.ffn_hidden),
-        ];
-        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Some((name, format!("{name} must be positive")));
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Some(("n_head", format!("n_embd {} is not a multiple of n_head {}", self.n_embd, self.n_head)));
-        }
-        if !self.n_head.is_multiple_of(self.n_kv_head) {
-            return Some((
-                "n_kv_head",
-                format!("n_head {} is not a multiple of n_kv_head {}", self.n_head, self.n_kv_head),
-            ));
-        }
-        if self.arch == Arch::Llama && !self.head_dim().is_multiple_of(2) {
-            return Some(("n_head", format!("rotary embeddings need an even head size, not {}", self.head_dim())));
-        }
-        if self.arch == Arch::Gpt2 && self.n_kv_head != self.n_head {
-            return Some(("n_kv_head", "gpt2 has as many key/value heads as heads".into()));
-        }
-        if self.arch == Arch::Llama && self.gelu != Gelu::Tanh {
-            return Some(("activation", "llama's MLP is SwiGLU; `activation` chooses gpt2's GELU".into()));
-        }
-        if self.arch == Arch::Gpt2 && !self.tie_embeddings {
-            return Some(("tie_embeddings", "gpt2 always ties its output to the token embedding".into()));
-        }
-        if self.arch == Arch::Llama && self.bias {
-            return Some(("bias", "llama has no biases".into()));
-        }
-        None
-    }
-
-    /// Every parameter's Hugging Face name, shape and initialisation, in the map's order.
-    ///
-    /// Initialisation as in GPT-2 (and nanoGPT): weights normal(0, 0.02), the residual output
-    /// projections (`c_proj`, `o_proj`, `down_proj`) scaled by 1/sqrt(2 n_layer), norm weights
-    /// 1, biases 0. Llama uses the same rule.
-    pub fn params(&self) -> Vec<ParamSpec> {
-        let (c, f, v) = (self.n_embd, self.ffn_hidden, self.vocab_size);
-        let ckv = self.n_kv_head * self.head_dim();
-        let resid = 0.02 / (2.0 * self.n_layer as f64).sqrt();
-        let mut out = Vec::new();
-        let mut add = |name: String, shape: Vec<usize>, init: Init| out.push(ParamSpec { name, shape, init });
-        match self.arch {
-            Arch::Gpt2 => {
-                let bias = self.bias;
-                add("transformer.wte.weight".into(), vec![v, c], Init::Normal(0.02));
-                add("transformer.wpe.weight".into(), vec![self.block_size, c], Init::Normal(0.02));
-                for l in 0..self.n_layer {
-                    let name = |s: &str| format!("transformer.h.{l}.{s}");
-                    for (s, shape, init, is_bias) in [
-                        ("ln_1.weight", vec![c], Init::Ones, false),
-                        ("ln_1.bias", vec![c], Init::Zeros, true),
-                        ("attn.c_attn.weight", vec![c, 3 * c], Init::Normal(0.02), false),
-                        ("attn.c_attn.bias", vec![3 * c], Init::Zeros, true),
-                        ("attn.c_proj.weight", vec![c, c], Init::Normal(resid), false),
-                        ("attn.c_proj.bias", vec![c], Init::Zeros, true),
-                        ("ln_2.weight", vec![c], Init::Ones, false),
-                        ("ln_2.bias", vec![c], Init::Zeros, true),
-                        ("mlp.c_fc.weight", vec![c, f], Init::Normal(0.02), false),
-                        ("mlp.c_fc.bias", vec![f], Init::Zeros, true),
-                        ("mlp.c_proj.weight", vec![f, c], Init::Normal(resid), false),
-                        ("mlp.c_proj.bias", vec![c], Init::Zeros, true),
-                    ] {
-                        if bias || !is_bias {
-                            add(name(s), shape, init);
-                        }
-                    }
-                }
-                add("transformer.ln_f.weight".into(), vec![c], Init::Ones);
-                if bias {
-                    add("transformer.ln_f.bias".into(), vec![c], Init::Zeros);
-                }
-            }
-            Arch::Llama => {
-                add("model.embed_tokens.weight".into(), vec![v, c], Init::Normal(0.02));
-                for l in 0..self.n_layer {
-                    let name = |s: &str| format!("model.layers.{l}.{s}");
-                    for (s, shape, init) in [
-                        ("input_layernorm.weight", vec![c], Init::Ones),
-                        ("self_attn.q_proj.weight", vec![c, c], Init::Normal(0.02)),
-                        ("self_attn.k_proj.weight", vec![ckv, c], Init::Normal(0.02)),
-                        ("self_attn.v_proj.weight", vec![ckv, c], Init::Normal(0.02)),
-                        ("self_attn.o_proj.weight", vec![c, c], Init::Normal(resid)),
-                        ("post_attention_layernorm.weight", vec![c], Init::Ones),
-                        ("mlp.gate_proj.weight", vec![f, c], Init::Normal(0.02)),
-                        ("mlp.up_proj.weight", vec![f, c], Init::Normal(0.02)),
-                        ("mlp.down_proj.weight", vec![c, f], Init::Normal(resid)),
-                    ] {
-                        add(name(s), shape, init);
-                    }
-                }
-                add("model.norm.weight".into(), vec![c], Init::Ones);
-                if !self.tie_embeddings {
-                    add("lm_head.weight".into(), vec![v, c], Init::Normal(0.02));
-                }
-            }
-        }
-        out
-    }
-
-    /// Fresh parameters. Each tensor draws from its own stream (seed, index), so adding a
-    /// parameter does not move the others.
-    pub fn init(&self, seed: u64) -> ParamMap {
-        let mut params = ParamMap::default();
-        for (i, spec) in self.params().into_iter().enumerate() {
-            let mut t = Tensor::zeros(&spec.shape);
-            match spec.init {
-                Init::Zeros => {}
-                Init::Ones => t.data_mut().fill(1.0),
-                Init::Normal(std) => {
-                    let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                    t.data_mut().iter_mut().for_each(|w| *w = (rng.normal() * std) as f32);
-                }
-            }
-            params.insert(spec.name, t);
-        }
-        params
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Init {
-    Zeros,
-    Ones,
-    Normal(f64),
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ParamSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
+/// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled.
+#[derive(Clone, Copy, Debug)]
+struct Adapter {
+    a: ParamId,
+    b: ParamId,
+    r: usize,
+    scale: f32,
 }
 
 /// A linear layer: `out = x W (+ b)` with W stored (in, out) (`Conv1D`), or `out = x W^T`
-/// with W stored (out, in) (`nn.Linear`).
+/// with W stored (out, in) (`nn.Linear`), plus its adapter's `scale * x A^T B^T`.
 #[derive(Clone, Copy, Debug)]
-struct Linear {
+pub(crate) struct Linear {
     w: ParamId,
     b: Option<ParamId>,
     cin: usize,
     cout: usize,
-    out_in: bool,
+    layout: WeightLayout,
+    adapter: Option<Adapter>,
+    /// Where its adapter keeps `x A^T` among its block's buffers.
+    pub(crate) slot: usize,
 }
 
 impl Linear {
     fn w_layout(&self) -> Layout {
-        if self.out_in {
-            Layout::Transposed
-        } else {
-            Layout::Normal
+        match self.layout {
+            WeightLayout::OutIn => Layout::Transposed,
+            WeightLayout::InOut => Layout::Normal,
         }
     }
 
-    /// `out = x W + b`.
-    fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize) {
-        self.product(p, x, out, rows);
+    /// `out = x W + b` (+ the adapter's term, with `x A^T` saved into `xa`).
+    pub(crate) fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize, xa: &mut [f32]) {
+        self.product(p, x, out, rows, xa);
         if let Some(b) = self.b {
             add_bias(out, p.at(b));
         }
     }
 
-    /// `out = x W`, the bias left to the caller.
-    fn product(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize) {
+    /// `out = x W` (+ the adapter's term), the bias left to the caller.
+    fn product(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize, xa: &mut [f32]) {
         let d = Dims { m: rows, k: self.cin, n: self.cout };
         matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
+        if let Some(ad) = self.adapter {
+            // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
+            let xa = &mut xa[..rows * ad.r];
+            matmul(x, Layout::Normal, p.at(ad.a), Layout::Transposed, xa, Dims { m: rows, k: self.cin, n: ad.r }, false);
+            xa.iter_mut().for_each(|v| *v *= ad.scale);
+            let d = Dims { m: rows, k: ad.r, n: self.cout };
+            matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, d, true);
+        }
     }
 
-    /// Writes (or with `add_dx`, adds into) `dx`; adds into the weight and bias gradients.
+    /// Writes (or with `add_dx`, adds into) `dx`; adds into the gradients of the weight, bias
+    /// and adapter that are not frozen. `xa` is what forward saved; `dxa` (rows, r) is scratch.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -315,62 +90,83 @@ impl Linear {
         g: &mut ParamMap,
         dout: &[f32],
         x: &[f32],
+        xa: &[f32],
+        dxa: &mut [f32],
         dx: &mut [f32],
         rows: usize,
         add_dx: bool,
     ) {
         let (cin, cout) = (self.cin, self.cout);
-        let dx_layout = if self.out_in { Layout::Normal } else { Layout::Transposed };
+        let dx_layout = match self.layout {
+            WeightLayout::OutIn => Layout::Normal,
+            WeightLayout::InOut => Layout::Transposed,
+        };
         matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, Dims { m: rows, k: cout, n: cin }, add_dx);
-        if self.out_in {
-            matmul(
-                dout,
-                Layout::Transposed,
-                x,
-                Layout::Normal,
-                g.at_mut(self.w),
-                Dims { m: cout, k: rows, n: cin },
-                true,
-            );
-        } else {
-            matmul(
-                x,
-                Layout::Transposed,
-                dout,
-                Layout::Normal,
-                g.at_mut(self.w),
-                Dims { m: cin, k: rows, n: cout },
-                true,
-            );
+        if !g.at(self.w).is_empty() {
+            match self.layout {
+                WeightLayout::OutIn => {
+                    let d = Dims { m: cout, k: rows, n: cin };
+                    matmul(dout, Layout::Transposed, x, Layout::Normal, g.at_mut(self.w), d, true);
+                }
+                WeightLayout::InOut => {
+                    let d = Dims { m: cin, k: rows, n: cout };
+                    matmul(x, Layout::Transposed, dout, Layout::Normal, g.at_mut(self.w), d, true);
+                }
+            }
         }
-        if let Some(b) = self.b {
+        if let Some(b) = self.b.filter(|b| !g.at(*b).is_empty()) {
             bias_backward(dout, g.at_mut(b));
+        }
+        if let Some(ad) = self.adapter {
+            let (xa, dxa) = (&xa[..rows * ad.r], &mut dxa[..rows * ad.r]);
+            // dB += dout^T (scale x A^T): (out, rows) x (rows, r).
+            if !g.at(ad.b).is_empty() {
+                let d = Dims { m: cout, k: rows, n: ad.r };
+                matmul(dout, Layout::Transposed, xa, Layout::Normal, g.at_mut(ad.b), d, true);
+            }
+            // d(x A^T) = scale * dout B: (rows, out) x (out, r).
+            matmul(dout, Layout::Normal, p.at(ad.b), Layout::Normal, dxa, Dims { m: rows, k: cout, n: ad.r }, false);
+            dxa.iter_mut().for_each(|v| *v *= ad.scale);
+            // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in).
+            if !g.at(ad.a).is_empty() {
+                let d = Dims { m: ad.r, k: rows, n: cin };
+                matmul(dxa, Layout::Transposed, x, Layout::Normal, g.at_mut(ad.a), d, true);
+            }
+            matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, Dims { m: rows, k: ad.r, n: cin }, true);
         }
     }
 }
 
 /// LayerNorm (with an optional bias) or RMSNorm.
 #[derive(Clone, Copy, Debug)]
-struct Norm {
+pub(crate) struct Norm {
     w: ParamId,
     b: Option<ParamId>,
     rms: bool,
 }
 
 /// Per-row statistics a norm saves: `mean` (LayerNorm only) and the reciprocal deviation.
-struct NormStats {
+pub(crate) struct NormStats {
     mean: Vec<f32>,
     rstd: Vec<f32>,
 }
 
 impl NormStats {
-    fn new(rows: usize) -> Self {
+    pub(crate) fn new(rows: usize) -> Self {
         NormStats { mean: vec![0.0; rows], rstd: vec![0.0; rows] }
     }
 }
 
 impl Norm {
-    fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], s: &mut NormStats, eps: f32, zeros: &[f32]) {
+    pub(crate) fn forward(
+        &self,
+        p: &ParamMap,
+        x: &[f32],
+        out: &mut [f32],
+        s: &mut NormStats,
+        eps: f32,
+        zeros: &[f32],
+    ) {
         let c = zeros.len();
         if self.rms {
             rmsnorm_forward(x, p.at(self.w), eps, out, &mut s.rstd, c);
@@ -380,8 +176,8 @@ impl Norm {
         }
     }
 
-    /// Writes `dx`; adds into the weight (and bias) gradients. `scratch` (C) takes the bias
-    /// gradient of a LayerNorm without bias.
+    /// Writes `dx`; adds into the weight (and bias) gradients unless the weight is frozen.
+    /// `scratch` (C) takes the bias gradient of a LayerNorm without bias.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -394,13 +190,17 @@ impl Norm {
         scratch: &mut [f32],
     ) {
         let (w, c) = (p.at(self.w), scratch.len());
+        // Empty gradient slices make the kernels skip the parameters' column sums.
+        let frozen = g.at(self.w).is_empty();
         if self.rms {
-            rmsnorm_backward(dout, x, w, &s.rstd, dx, g.at_mut(self.w), c);
+            let dw = if frozen { &mut [][..] } else { g.at_mut(self.w) };
+            rmsnorm_backward(dout, x, w, &s.rstd, dx, dw, c);
             return;
         }
-        let (dw, db) = match self.b {
-            Some(b) => g.pair_mut(self.w, b),
-            None => (g.at_mut(self.w), scratch),
+        let (dw, db) = match (frozen, self.b) {
+            (true, _) => (&mut [][..], &mut [][..]),
+            (false, Some(b)) => g.pair_mut(self.w, b),
+            (false, None) => (g.at_mut(self.w), scratch),
         };
         layernorm_backward(dout, x, w, &s.mean, &s.rstd, dx, dw, db, c);
     }
@@ -421,118 +221,130 @@ enum Mlp {
 }
 
 #[derive(Clone, Copy, Debug)]
-struct Block {
-    norm1: Norm,
+pub(crate) struct Block {
+    pub(crate) norm1: Norm,
     qkv: Qkv,
-    o: Linear,
-    norm2: Norm,
+    pub(crate) o: Linear,
+    pub(crate) norm2: Norm,
     mlp: Mlp,
 }
 
-/// A configuration with every parameter resolved to its place in the map.
+/// A configuration with every parameter (and adapter) resolved to its place in the map.
 #[derive(Clone, Debug)]
 pub struct Model {
     pub cfg: ModelConfig,
     wte: ParamId,
     wpe: Option<ParamId>,
-    blocks: Vec<Block>,
-    norm_f: Norm,
-    head: Linear,
+    pub(crate) blocks: Vec<Block>,
+    pub(crate) norm_f: Norm,
+    pub(crate) head: Linear,
+    /// The widest adapter rank: the width of the `x A^T` buffers.
+    lora_rank: usize,
 }
 
 impl Model {
-    /// Resolve the names of `cfg` in `params`.
+    /// Resolve the names of `cfg` in `params`; a linear layer whose `lora_A` and `lora_B` are in
+    /// the map gets its adapter, scaled by `lora_scale`.
     ///
     /// # Panics
     /// If `params` lacks a parameter of `cfg`: load paths check names and shapes first.
     pub fn new(cfg: ModelConfig, params: &ParamMap) -> Self {
+        Self::with_lora_scale(cfg, params, 1.0)
+    }
+
+    /// [`Model::new`] with the scale of every adapter the map holds.
+    pub fn with_lora_scale(cfg: ModelConfig, params: &ParamMap, lora_scale: f32) -> Self {
         let id = |name: &str| params.id(name).unwrap_or_else(|| panic!("no parameter `{name}`"));
-        let (c, f) = (cfg.n_embd, cfg.ffn_hidden);
-        let ckv = cfg.n_kv_head * cfg.head_dim();
-        match cfg.arch {
-            Arch::Gpt2 => {
-                let bias = |name: String| cfg.bias.then(|| id(&name));
-                let lin = |l: usize, s: &str, cin, cout| Linear {
-                    w: id(&format!("transformer.h.{l}.{s}.weight")),
-                    b: bias(format!("transformer.h.{l}.{s}.bias")),
-                    cin,
-                    cout,
-                    out_in: false,
-                };
-                let norm = |prefix: String| Norm {
-                    w: id(&format!("{prefix}.weight")),
-                    b: bias(format!("{prefix}.bias")),
-                    rms: false,
-                };
-                let wte = id("transformer.wte.weight");
-                Model {
-                    cfg,
-                    wte,
-                    wpe: Some(id("transformer.wpe.weight")),
-                    blocks: (0..cfg.n_layer)
-                        .map(|l| Block {
-                            norm1: norm(format!("transformer.h.{l}.ln_1")),
-                            qkv: Qkv::Fused(lin(l, "attn.c_attn", c, 3 * c)),
-                            o: lin(l, "attn.c_proj", c, c),
-                            norm2: norm(format!("transformer.h.{l}.ln_2")),
-                            mlp: Mlp::Gelu { fc: lin(l, "mlp.c_fc", c, f), proj: lin(l, "mlp.c_proj", f, c) },
-                        })
-                        .collect(),
-                    norm_f: norm("transformer.ln_f".into()),
-                    head: Linear { w: wte, b: None, cin: c, cout: cfg.vocab_size, out_in: true },
+        let c = cfg.n_embd;
+        let mut lora_rank = 0;
+        let mut linears: Vec<[Option<Linear>; LINEAR_SLOTS]> = vec![[None; LINEAR_SLOTS]; cfg.n_layer];
+        for m in cfg.linear_modules() {
+            let adapter = match (params.id(&lora::a_name(&m.path)), params.id(&lora::b_name(&m.path))) {
+                (Some(a), Some(b)) => {
+                    let r = params.at(a).len() / m.cin;
+                    lora_rank = lora_rank.max(r);
+                    Some(Adapter { a, b, r, scale: lora_scale })
                 }
+                _ => None,
+            };
+            linears[m.layer][m.slot] = Some(Linear {
+                w: id(&format!("{}.weight", m.path)),
+                b: cfg.bias.then(|| id(&format!("{}.bias", m.path))),
+                cin: m.cin,
+                cout: m.cout,
+                layout: m.layout,
+                adapter,
+                slot: m.slot,
+            });
+        }
+        let lin = |l: usize, slot: usize| linears[l][slot].expect("the module table covers every slot of the arch");
+        let (wte, wpe, norm_f, head_w) = match cfg.arch {
+            Arch::Gpt2 => {
+                let wte = id("transformer.wte.weight");
+                let bias = cfg.bias.then(|| id("transformer.ln_f.bias"));
+                (wte, Some(id("transformer.wpe.weight")), Norm { w: id("transformer.ln_f.weight"), b: bias, rms: false }, wte)
             }
             Arch::Llama => {
-                let lin = |l: usize, s: &str, cin, cout| Linear {
-                    w: id(&format!("model.layers.{l}.{s}.weight")),
-                    b: None,
-                    cin,
-                    cout,
-                    out_in: true,
-                };
-                let norm = |name: String| Norm { w: id(&name), b: None, rms: true };
                 let wte = id("model.embed_tokens.weight");
                 let head = if cfg.tie_embeddings { wte } else { id("lm_head.weight") };
-                Model {
-                    cfg,
-                    wte,
-                    wpe: None,
-                    blocks: (0..cfg.n_layer)
-                        .map(|l| Block {
-                            norm1: norm(format!("model.layers.{l}.input_layernorm.weight")),
-                            qkv: Qkv::Split(
-                                lin(l, "self_attn.q_proj", c, c),
-                                lin(l, "self_attn.k_proj", c, ckv),
-                                lin(l, "self_attn.v_proj", c, ckv),
-                            ),
-                            o: lin(l, "self_attn.o_proj", c, c),
-                            norm2: norm(format!("model.layers.{l}.post_attention_layernorm.weight")),
-                            mlp: Mlp::SwiGlu {
-                                gate: lin(l, "mlp.gate_proj", c, f),
-                                up: lin(l, "mlp.up_proj", c, f),
-                                down: lin(l, "mlp.down_proj", f, c),
-                            },
-                        })
-                        .collect(),
-                    norm_f: norm("model.norm.weight".into()),
-                    head: Linear { w: head, b: None, cin: c, cout: cfg.vocab_size, out_in: true },
-                }
+                (wte, None, Norm { w: id("model.norm.weight"), b: None, rms: true }, head)
             }
-        }
+        };
+        let norm = |name: String| match cfg.arch {
+            Arch::Gpt2 => Norm {
+                w: id(&format!("{name}.weight")),
+                b: cfg.bias.then(|| id(&format!("{name}.bias"))),
+                rms: false,
+            },
+            Arch::Llama => Norm { w: id(&format!("{name}.weight")), b: None, rms: true },
+        };
+        let blocks = (0..cfg.n_layer)
+            .map(|l| match cfg.arch {
+                Arch::Gpt2 => Block {
+                    norm1: norm(format!("transformer.h.{l}.ln_1")),
+                    qkv: Qkv::Fused(lin(l, 0)),
+                    o: lin(l, 3),
+                    norm2: norm(format!("transformer.h.{l}.ln_2")),
+                    mlp: Mlp::Gelu { fc: lin(l, 4), proj: lin(l, 6) },
+                },
+                Arch::Llama => Block {
+                    norm1: norm(format!("model.layers.{l}.input_layernorm")),
+                    qkv: Qkv::Split(lin(l, 0), lin(l, 1), lin(l, 2)),
+                    o: lin(l, 3),
+                    norm2: norm(format!("model.layers.{l}.post_attention_layernorm")),
+                    mlp: Mlp::SwiGlu { gate: lin(l, 4), up: lin(l, 5), down: lin(l, 6) },
+                },
+            })
+            .collect();
+        let head = Linear {
+            w: head_w,
+            b: None,
+            cin: c,
+            cout: cfg.vocab_size,
+            layout: WeightLayout::OutIn,
+            adapter: None,
+            slot: 0,
+        };
+        Model { cfg, wte, wpe, blocks, norm_f, head, lora_rank }
     }
 
     fn attn_dims(&self, b: usize, t: usize) -> AttnDims {
         AttnDims { b, t, h: self.cfg.n_head, h_kv: self.cfg.n_kv_head, d: self.cfg.head_dim() }
     }
 
-    /// Token embeddings plus learned positions (gpt2); row `r` is at position `pos0 + r % t`.
-    fn embed(&self, p: &ParamMap, ids: &[u32], x: &mut [f32], t: usize, pos0: usize) {
+    /// The widest adapter rank (0 without adapters).
+    pub fn lora_rank(&self) -> usize {
+        self.lora_rank
+    }
+
+    /// Token embeddings plus learned positions (gpt2), token `r` at position `pos[r]`.
+    pub(crate) fn embed(&self, p: &ParamMap, ids: &[u32], pos: &[u32], x: &mut [f32]) {
         let c = self.cfg.n_embd;
         embedding_forward(ids, p.at(self.wte), x, c);
         if let Some(wpe) = self.wpe {
             let wpe = p.at(wpe);
-            for (r, row) in x.chunks_mut(c).enumerate() {
-                let pos = pos0 + r % t;
+            for (row, &pos) in x.chunks_mut(c).zip(pos) {
+                let pos = pos as usize;
                 row.iter_mut().zip(&wpe[pos * c..(pos + 1) * c]).for_each(|(a, w)| *a += w);
             }
         }
@@ -542,31 +354,31 @@ impl Model {
     /// projection into `qkv` (left whole), or llama's three projections into `q`, `k`, `v`
     /// with rotary positions applied. The buffers of the other architecture are not touched.
     #[allow(clippy::too_many_arguments)]
-    fn project_qkv<'a>(
+    pub(crate) fn project_qkv<'a>(
         &self,
         blk: &Block,
         p: &ParamMap,
         x: &[f32],
+        pos: &[u32],
         qkv: &'a mut [f32],
         q: &'a mut [f32],
         k: &'a mut [f32],
         v: &'a mut [f32],
-        t: usize,
-        pos0: usize,
+        xa: &mut [Vec<f32>],
     ) -> QkvIn<'a> {
         let rows = x.len() / self.cfg.n_embd;
         match blk.qkv {
             Qkv::Fused(lin) => {
-                lin.forward(p, x, qkv, rows);
+                lin.forward(p, x, qkv, rows, &mut xa[lin.slot]);
                 QkvIn::Fused(qkv)
             }
             Qkv::Split(lq, lk, lv) => {
-                lq.forward(p, x, q, rows);
-                lk.forward(p, x, k, rows);
-                lv.forward(p, x, v, rows);
+                lq.forward(p, x, q, rows, &mut xa[lq.slot]);
+                lk.forward(p, x, k, rows, &mut xa[lk.slot]);
+                lv.forward(p, x, v, rows, &mut xa[lv.slot]);
                 let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
-                rope(q, t, self.cfg.n_head, d, theta, pos0, false);
-                rope(k, t, self.cfg.n_kv_head, d, theta, pos0, false);
+                rope(q, pos, self.cfg.n_head, d, theta, false);
+                rope(k, pos, self.cfg.n_kv_head, d, theta, false);
                 QkvIn::Split { q, k, v }
             }
         }
@@ -574,7 +386,7 @@ impl Model {
 
     /// `out = MLP(x)`, keeping the pre-activations (`h`, and `u` for SwiGLU) and `g`.
     #[allow(clippy::too_many_arguments)]
-    fn mlp_forward(
+    pub(crate) fn mlp_forward(
         &self,
         blk: &Block,
         p: &ParamMap,
@@ -583,144 +395,166 @@ impl Model {
         u: &mut [f32],
         g: &mut [f32],
         out: &mut [f32],
+        xa: &mut [Vec<f32>],
     ) {
         let rows = x.len() / self.cfg.n_embd;
         match blk.mlp {
             Mlp::Gelu { fc, proj } => {
                 // The bias, if any, is added by the GELU's pass over `h`.
-                fc.product(p, x, h, rows);
+                fc.product(p, x, h, rows, &mut xa[fc.slot]);
                 match fc.b {
                     Some(b) => bias_gelu_forward(self.cfg.gelu, h, p.at(b), g),
                     None => gelu_forward(self.cfg.gelu, h, g),
                 }
-                proj.forward(p, g, out, rows);
+                proj.forward(p, g, out, rows, &mut xa[proj.slot]);
             }
             Mlp::SwiGlu { gate, up, down } => {
-                gate.forward(p, x, h, rows);
-                up.forward(p, x, u, rows);
+                gate.forward(p, x, h, rows, &mut xa[gate.slot]);
+                up.forward(p, x, u, rows, &mut xa[up.slot]);
                 swiglu_forward(h, u, g);
-                down.forward(p, g, out, rows);
+                down.forward(p, g, out, rows, &mut xa[down.slot]);
             }
         }
     }
 
-    /// Forward pass: fills `acts` and `acts.logits` (B * T, V) for the token ids (B * T).
-    pub fn forward(&self, p: &ParamMap, ids: &[u32], acts: &mut Activations) {
+    /// Forward pass: `acts.logits` (B * T, V) for the batch's ids at its positions. With
+    /// training activations every block's intermediates are kept for [`Model::backward`].
+    ///
+    /// # Panics
+    /// If the batch is not the activations' shape, or breaks its invariant.
+    pub fn forward(&self, p: &ParamMap, batch: &Batch, acts: &mut Activations) {
         let (b, t, eps) = (acts.b, acts.t, self.cfg.norm_eps);
+        assert_eq!((batch.batch(), batch.time()), (b, t), "the batch is not the activations' shape");
+        batch.check();
         let rows = b * t;
-        assert_eq!(ids.len(), rows, "ids are not B * T");
         let n = self.attn_dims(b, t);
         let x = &mut acts.x;
-        self.embed(p, ids, x, t, 0);
-        for (blk, a) in self.blocks.iter().zip(&mut acts.blocks) {
+        self.embed(p, &batch.ids, &batch.pos, x);
+        if let Some(noise) = batch.noise {
+            add_embedding_noise(x, batch, noise.alpha, noise.seed, self.cfg.n_embd);
+        }
+        // Inference activations hold one block's buffers, which every layer reuses.
+        let kept = acts.blocks.len();
+        for (l, blk) in self.blocks.iter().enumerate() {
+            let a = &mut acts.blocks[l.min(kept - 1)];
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            let qkv = self.project_qkv(blk, p, &a.n1, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, t, 0);
-            attention_forward(qkv, &mut a.y, &mut a.att_stats, n);
-            blk.o.forward(p, &a.y, &mut a.x_mid, rows);
+            let qkv =
+                self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.xa);
+            attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
+            blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.xa[blk.o.slot]);
             add_assign(&mut a.x_mid, x);
             blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
-            self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x);
+            self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x, &mut a.xa);
             add_assign(x, &a.x_mid);
         }
         self.norm_f.forward(p, x, &mut acts.nf, &mut acts.sf, eps, &acts.zeros_c);
-        self.head.forward(p, &acts.nf, &mut acts.logits, rows);
+        self.head.forward(p, &acts.nf, &mut acts.logits, rows, &mut []);
     }
 
-    /// Mean cross-entropy of the next tokens `targets` (those not `IGNORE`d), forward only.
-    pub fn loss(&self, p: &ParamMap, ids: &[u32], targets: &[u32], acts: &mut Activations) -> f32 {
-        self.forward(p, ids, acts);
-        cross_entropy_forward_backward(
-            &acts.logits,
-            targets,
-            self.cfg.vocab_size,
-            0.0,
-            &mut acts.dlogits,
-            &mut acts.row_loss,
-        )
+    /// Forward only: each token's negative log-probability of its target into
+    /// `acts.row_losses()` (0 where the target is `IGNORE`d); returns their sum and how many
+    /// were predicted. Works with inference activations.
+    pub fn target_losses(&self, p: &ParamMap, batch: &Batch, acts: &mut Activations) -> (f64, usize) {
+        self.forward(p, batch, acts);
+        let sum = target_losses(&acts.logits, &batch.targets, self.cfg.vocab_size, &mut acts.row_loss);
+        (sum, batch.predicted())
     }
 
-    /// Forward, mean cross-entropy against `targets` (those not `IGNORE`d; plus `z_loss` times
-    /// the squared log-partition), and backward: adds every parameter's gradient into `grads`
-    /// (made by `zeros_like` of `p`). Returns the mean cross-entropy.
-    pub fn forward_backward(
-        &self,
-        p: &ParamMap,
-        ids: &[u32],
-        targets: &[u32],
-        z_loss: f32,
-        acts: &mut Activations,
-        grads: &mut ParamMap,
-    ) -> f32 {
-        self.forward(p, ids, acts);
+    /// Mean cross-entropy of the batch's predicted targets, forward only.
+    pub fn loss(&self, p: &ParamMap, batch: &Batch, acts: &mut Activations) -> f32 {
+        let (sum, n) = self.target_losses(p, batch, acts);
+        (sum / n.max(1) as f64) as f32
+    }
+
+    /// Backward from the logits' gradient a loss wrote into [`Activations::loss_buffers`] after
+    /// [`Model::forward`] of the same batch: adds every gradient whose tensor in `grads` is not
+    /// empty (a map made by [`ParamMap::zeros_like`] or [`ParamMap::zeros_like_trainable`] of
+    /// `p`).
+    ///
+    /// # Panics
+    /// If `acts` are inference activations.
+    pub fn backward(&self, p: &ParamMap, batch: &Batch, acts: &mut Activations, grads: &mut ParamMap) {
+        assert!(acts.training, "backward needs training activations");
         let (b, t, c) = (acts.b, acts.t, self.cfg.n_embd);
         let rows = b * t;
         let n = self.attn_dims(b, t);
-        let loss = cross_entropy_forward_backward(
-            &acts.logits,
-            targets,
-            self.cfg.vocab_size,
-            z_loss,
-            &mut acts.dlogits,
-            &mut acts.row_loss,
-        );
-        let Activations { blocks, x, nf, sf, dlogits, dx, dtmp, dn, dqkv, dq, dk, dv, dh, du, dg, scratch_c, .. } =
-            acts;
+        let pos = &batch.pos[..];
+        let Activations {
+            blocks, x, nf, sf, dlogits, dx, dtmp, dn, dqkv, dq, dk, dv, dh, du, dg, dxa, scratch_c, ..
+        } = acts;
 
-        self.head.backward(p, grads, dlogits, nf, dtmp, rows, false);
+        self.head.backward(p, grads, dlogits, nf, &[], dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
         for (blk, a) in self.blocks.iter().zip(blocks.iter()).rev() {
             // dx holds d(block output) = d(x_mid + mlp(norm2(x_mid))).
+            let xa = &a.xa;
             match blk.mlp {
                 Mlp::Gelu { fc, proj } => {
-                    proj.backward(p, grads, dx, &a.g, dg, rows, false);
+                    proj.backward(p, grads, dx, &a.g, &xa[proj.slot], dxa, dg, rows, false);
                     gelu_backward(self.cfg.gelu, dg, &a.h, dh);
-                    fc.backward(p, grads, dh, &a.n2, dtmp, rows, false);
+                    fc.backward(p, grads, dh, &a.n2, &xa[fc.slot], dxa, dtmp, rows, false);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    down.backward(p, grads, dx, &a.g, dg, rows, false);
+                    down.backward(p, grads, dx, &a.g, &xa[down.slot], dxa, dg, rows, false);
                     swiglu_backward(dg, &a.h, &a.u, dh, du);
-                    gate.backward(p, grads, dh, &a.n2, dtmp, rows, false);
-                    up.backward(p, grads, du, &a.n2, dtmp, rows, true);
+                    gate.backward(p, grads, dh, &a.n2, &xa[gate.slot], dxa, dtmp, rows, false);
+                    up.backward(p, grads, du, &a.n2, &xa[up.slot], dxa, dtmp, rows, true);
                 }
             }
             blk.norm2.backward(p, grads, dtmp, &a.x_mid, &a.s2, dn, scratch_c);
             add_assign(dx, dn); // d x_mid
 
-            blk.o.backward(p, grads, dx, &a.y, dtmp, rows, false);
+            blk.o.backward(p, grads, dx, &a.y, &xa[blk.o.slot], dxa, dtmp, rows, false);
             match blk.qkv {
                 Qkv::Fused(lin) => {
-                    attention_backward(dtmp, QkvIn::Fused(&a.qkv), &a.att_stats, QkvOut::Fused(dqkv), n);
-                    lin.backward(p, grads, dqkv, &a.n1, dtmp, rows, false);
+                    attention_backward(dtmp, QkvIn::Fused(&a.qkv), pos, &a.att_stats, QkvOut::Fused(dqkv), n);
+                    lin.backward(p, grads, dqkv, &a.n1, &xa[lin.slot], dxa, dtmp, rows, false);
                 }
                 Qkv::Split(lq, lk, lv) => {
                     let qkv = QkvIn::Split { q: &a.q, k: &a.k, v: &a.v };
-                    attention_backward(dtmp, qkv, &a.att_stats, QkvOut::Split { dq, dk, dv }, n);
+                    attention_backward(dtmp, qkv, pos, &a.att_stats, QkvOut::Split { dq, dk, dv }, n);
                     let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
-                    rope(dq, t, self.cfg.n_head, d, theta, 0, true);
-                    rope(dk, t, self.cfg.n_kv_head, d, theta, 0, true);
-                    lq.backward(p, grads, dq, &a.n1, dtmp, rows, false);
-                    lk.backward(p, grads, dk, &a.n1, dtmp, rows, true);
-                    lv.backward(p, grads, dv, &a.n1, dtmp, rows, true);
+                    rope(dq, pos, self.cfg.n_head, d, theta, true);
+                    rope(dk, pos, self.cfg.n_kv_head, d, theta, true);
+                    lq.backward(p, grads, dq, &a.n1, &xa[lq.slot], dxa, dtmp, rows, false);
+                    lk.backward(p, grads, dk, &a.n1, &xa[lk.slot], dxa, dtmp, rows, true);
+                    lv.backward(p, grads, dv, &a.n1, &xa[lv.slot], dxa, dtmp, rows, true);
                 }
             }
             blk.norm1.backward(p, grads, dtmp, &a.x_in, &a.s1, dn, scratch_c);
             add_assign(dx, dn); // d x_in
         }
-        embedding_backward(ids, dx, grads.at_mut(self.wte), c);
-        if let Some(wpe) = self.wpe {
+        if !grads.at(self.wte).is_empty() {
+            embedding_backward(&batch.ids, dx, grads.at_mut(self.wte), c);
+        }
+        if let Some(wpe) = self.wpe.filter(|w| !grads.at(*w).is_empty()) {
             let dwpe = grads.at_mut(wpe);
-            for (r, row) in dx.chunks(c).enumerate() {
-                let pos = r % t;
+            for (row, &pos) in dx.chunks(c).zip(pos) {
+                let pos = pos as usize;
                 dwpe[pos * c..(pos + 1) * c].iter_mut().zip(row).for_each(|(g, d)| *g += d);
             }
         }
-        loss
+    }
+}
+
+/// NEFTune's noise (see [`crate::nn::batch::EmbeddingNoise`]) added to the input embeddings
+/// `x` (B * T, C). Each token draws from its own stream (seed, index), so the noise does not
+/// depend on the thread count.
+fn add_embedding_noise(x: &mut [f32], batch: &Batch, alpha: f32, seed: u64, c: usize) {
+    for (start, len) in batch.examples() {
+        let magnitude = alpha / ((len * c) as f32).sqrt();
+        for r in start..start + len {
+            let mut rng = SplitMix64::new(seed ^ (r as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            for v in &mut x[r * c..(r + 1) * c] {
+                *v += (rng.unit() as f32 * 2.0 - 1.0) * magnitude;
+            }
+        }
     }
 }
 
 /// `n` zeros when the architecture uses the buffer, none otherwise.
-fn zeros_if(used: bool, n: usize) -> Vec<f32> {
+pub(crate) fn zeros_if(used: bool, n: usize) -> Vec<f32> {
     vec![0.0; if used { n } else { 0 }]
 }
 
@@ -746,12 +580,17 @@ struct BlockActs {
     /// SwiGLU's up projection; empty for gpt2.
     u: Vec<f32>,
     g: Vec<f32>,
+    /// Per linear slot, its adapter's scaled `x A^T` (B * T, r); empty without adapters.
+    xa: Vec<Vec<f32>>,
 }
 
-/// Every buffer a training step needs, allocated once for a (batch, time) shape.
+/// Every buffer a forward (and for training, a backward) pass needs, allocated once for a
+/// (batch, time) shape.
 pub struct Activations {
     b: usize,
     t: usize,
+    /// Whether every block's intermediates are kept for backward.
+    training: bool,
     blocks: Vec<BlockActs>,
     /// The residual stream; after forward, the input of the final norm.
     x: Vec<f32>,
@@ -771,18 +610,37 @@ pub struct Activations {
     dh: Vec<f32>,
     du: Vec<f32>,
     dg: Vec<f32>,
+    /// An adapter's gradient of `x A^T` (B * T, r).
+    dxa: Vec<f32>,
     zeros_c: Vec<f32>,
     scratch_c: Vec<f32>,
 }
 
 impl Activations {
+    /// Buffers for training a model without adapters.
     pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        Self::build(cfg, b, t, 0, true)
+    }
+
+    /// Buffers for training `model` (its adapters included).
+    pub fn for_training(model: &Model, b: usize, t: usize) -> Self {
+        Self::build(&model.cfg, b, t, model.lora_rank, true)
+    }
+
+    /// Buffers for forward passes of `model` only: one block's intermediates, which every
+    /// layer overwrites, and no gradients.
+    pub fn inference(model: &Model, b: usize, t: usize) -> Self {
+        Self::build(&model.cfg, b, t, model.lora_rank, false)
+    }
+
+    fn build(cfg: &ModelConfig, b: usize, t: usize, lora_rank: usize, training: bool) -> Self {
         assert!(t <= cfg.block_size, "sequence of {t} is longer than the block size {}", cfg.block_size);
         let (rows, c, f, v) = (b * t, cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let ckv = cfg.n_kv_head * cfg.head_dim();
         let swiglu = cfg.arch == Arch::Llama;
         let fused = cfg.arch == Arch::Gpt2;
         let z = |n: usize| vec![0.0f32; n];
+        let g = |n: usize| zeros_if(training, n);
         let block = || BlockActs {
             x_in: z(rows * c),
             n1: z(rows * c),
@@ -799,27 +657,31 @@ impl Activations {
             h: z(rows * f),
             u: zeros_if(swiglu, rows * f),
             g: z(rows * f),
+            xa: (0..LINEAR_SLOTS).map(|_| z(rows * lora_rank)).collect(),
         };
+        let kept = if training { cfg.n_layer } else { 1 };
         Activations {
             b,
             t,
-            blocks: (0..cfg.n_layer).map(|_| block()).collect(),
+            training,
+            blocks: (0..kept).map(|_| block()).collect(),
             x: z(rows * c),
             nf: z(rows * c),
             sf: NormStats::new(rows),
             logits: z(rows * v),
-            dlogits: z(rows * v),
+            dlogits: g(rows * v),
             row_loss: vec![0.0; rows],
-            dx: z(rows * c),
-            dtmp: z(rows * c),
-            dn: z(rows * c),
-            dqkv: zeros_if(fused, rows * 3 * c),
-            dq: zeros_if(!fused, rows * c),
-            dk: zeros_if(!fused, rows * ckv),
-            dv: zeros_if(!fused, rows * ckv),
-            dh: z(rows * f),
-            du: zeros_if(swiglu, rows * f),
-            dg: z(rows * f),
+            dx: g(rows * c),
+            dtmp: g(rows * c),
+            dn: g(rows * c),
+            dqkv: zeros_if(training && fused, rows * 3 * c),
+            dq: zeros_if(training && !fused, rows * c),
+            dk: zeros_if(training && !fused, rows * ckv),
+            dv: zeros_if(training && !fused, rows * ckv),
+            dh: g(rows * f),
+            du: zeros_if(training && swiglu, rows * f),
+            dg: g(rows * f),
+            dxa: g(rows * lora_rank),
             zeros_c: z(c),
             scratch_c: z(c),
         }
@@ -827,6 +689,18 @@ impl Activations {
 
     pub fn batch(&self) -> usize {
         self.b
+    }
+    pub fn time(&self) -> usize {
+        self.t
+    }
+    /// What a loss reads and writes after [`Model::forward`]: the logits (B * T, V), their
+    /// gradient (empty for inference activations) and one f64 per token for its losses.
+    pub fn loss_buffers(&mut self) -> (&[f32], &mut [f32], &mut [f64]) {
+        (&self.logits, &mut self.dlogits, &mut self.row_loss)
+    }
+    /// Each token's loss as the last loss wrote it (0 for an ignored target).
+    pub fn row_losses(&self) -> &[f64] {
+        &self.row_loss
     }
     /// Bytes held: what forward saves for backward plus backward's scratch.
     pub fn bytes(&self) -> usize {
@@ -840,6 +714,7 @@ impl Activations {
                     .map(v)
                     .iter()
                     .sum::<usize>()
+                    + a.xa.iter().map(v).sum::<usize>()
                     + s(&a.s1)
                     + s(&a.s2)
             })
@@ -859,6 +734,7 @@ impl Activations {
             &self.dh,
             &self.du,
             &self.dg,
+            &self.dxa,
             &self.zeros_c,
             &self.scratch_c,
         ]
@@ -868,160 +744,28 @@ impl Activations {
             + s(&self.sf);
         4 * (blocks + rest) + 8 * self.row_loss.len()
     }
-    pub fn time(&self) -> usize {
-        self.t
-    }
-    /// Each target's cross-entropy from the last loss (0 for an ignored target).
-    #[cfg(test)]
-    pub(crate) fn row_losses(&self) -> &[f64] {
-        &self.row_loss
-    }
-}
-
-/// One-token-at-a-time inference with a KV cache: each step costs one row through every
-/// layer plus attention over the cached positions.
-pub struct Decoder {
-    /// Per layer, keys and values of every cached position: (block_size, n_kv_head, D).
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    len: usize,
-    x: Vec<f32>,
-    n: Vec<f32>,
-    stats: NormStats,
-    qkv: Vec<f32>,
-    q: Vec<f32>,
-    k_new: Vec<f32>,
-    v_new: Vec<f32>,
-    y: Vec<f32>,
-    x_mid: Vec<f32>,
-    h: Vec<f32>,
-    u: Vec<f32>,
-    g: Vec<f32>,
-    scores: Vec<f32>,
-    zeros_c: Vec<f32>,
-    pub logits: Vec<f32>,
-}
-
-impl Decoder {
-    pub fn new(cfg: &ModelConfig) -> Self {
-        let (c, f) = (cfg.n_embd, cfg.ffn_hidden);
-        let ckv = cfg.n_kv_head * cfg.head_dim();
-        let fused = cfg.arch == Arch::Gpt2;
-        let z = |n: usize| vec![0.0f32; n];
-        Decoder {
-            k: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
-            v: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
-            len: 0,
-            x: z(c),
-            n: z(c),
-            stats: NormStats::new(1),
-            qkv: zeros_if(fused, 3 * c),
-            q: zeros_if(!fused, c),
-            k_new: zeros_if(!fused, ckv),
-            v_new: zeros_if(!fused, ckv),
-            y: z(c),
-            x_mid: z(c),
-            h: z(f),
-            u: z(f),
-            g: z(f),
-            scores: z(cfg.block_size),
-            zeros_c: z(c),
-            logits: z(cfg.vocab_size),
-        }
-    }
-
-    /// Positions in the cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Forget every cached position.
-    pub fn clear(&mut self) {
-        self.len = 0;
-    }
-
-    /// Feed one token at the next position; `self.logits` then predicts the one after it.
-    ///
-    /// # Panics
-    /// If the cache already holds `block_size` positions (call [`Decoder::clear`] and feed a
-    /// shorter context again).
-    pub fn step(&mut self, model: &Model, p: &ParamMap, token: u32) -> &[f32] {
-        let cfg = &model.cfg;
-        let (d, eps, pos) = (cfg.head_dim(), cfg.norm_eps, self.len);
-        let ckv = cfg.n_kv_head * d;
-        assert!(pos < cfg.block_size, "the KV cache is full ({pos} positions)");
-        model.embed(p, &[token], &mut self.x, 1, pos);
-        for (l, blk) in model.blocks.iter().enumerate() {
-            blk.norm1.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-            let (qkv, q, k_new, v_new) = (&mut self.qkv, &mut self.q, &mut self.k_new, &mut self.v_new);
-            let (q, k_new, v_new) = match model.project_qkv(blk, p, &self.n, qkv, q, k_new, v_new, 1, pos) {
-                // One row: q, k and v side by side (H = Hkv).
-                QkvIn::Fused(row) => (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..]),
-                QkvIn::Split { q, k, v } => (q, k, v),
-            };
-            self.k[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(k_new);
-            self.v[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(v_new);
-            attend_cached(q, &self.k[l], &self.v[l], pos + 1, cfg, &mut self.scores, &mut self.y);
-            blk.o.forward(p, &self.y, &mut self.x_mid, 1);
-            self.x_mid.iter_mut().zip(&self.x).for_each(|(m, r)| *m += r);
-            blk.norm2.forward(p, &self.x_mid, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-            model.mlp_forward(blk, p, &self.n, &mut self.h, &mut self.u, &mut self.g, &mut self.x);
-            self.x.iter_mut().zip(&self.x_mid).for_each(|(o, m)| *o += m);
-        }
-        model.norm_f.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-        model.head.forward(p, &self.n, &mut self.logits, 1);
-        self.len += 1;
-        &self.logits
-    }
-}
-
-/// One query row (H, D) against `len` cached keys and values (len, Hkv, D).
-fn attend_cached(q: &[f32], k: &[f32], v: &[f32], len: usize, cfg: &ModelConfig, scores: &mut [f32], y: &mut [f32]) {
-    let (h, h_kv, d) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim());
-    let scale = 1.0 / (d as f32).sqrt();
-    let group = h / h_kv;
-    for head in 0..h {
-        let qh = &q[head * d..(head + 1) * d];
-        let kv = head / group;
-        let mut max = f32::NEG_INFINITY;
-        for s in 0..len {
-            let ks = &k[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-            scores[s] = dot(qh, ks) * scale;
-            max = max.max(scores[s]);
-        }
-        let mut sum = 0.0f32;
-        for s in &mut scores[..len] {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let out = &mut y[head * d..(head + 1) * d];
-        out.fill(0.0);
-        for s in 0..len {
-            let w = scores[s] / sum;
-            let vs = &v[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-            out.iter_mut().zip(vs).for_each(|(o, v)| *o += w * v);
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::batch::IGNORE;
+    use crate::nn::decoder::Decoder;
     use crate::nn::gradcheck::{check_relative, random};
+    use crate::nn::lora::{LoraConfig, LoraInit};
+    use crate::nn::loss::cross_entropy;
 
     fn tiny(arch: Arch, variant: usize) -> ModelConfig {
         match arch {
             // variant: 0 = biases and GPT-2's GELU, 1 = no biases and the exact GELU
             Arch::Gpt2 => ModelConfig {
                 gelu: [Gelu::Tanh, Gelu::Erf][variant],
-                ..ModelConfig::gpt2(11, 4, 2, 2, 8, variant == 0)
+                ..ModelConfig::gpt2(11, 8, 2, 2, 8, variant == 0)
             },
             Arch::Llama => {
                 // variant: 0 = MHA untied, 1 = GQA tied, 2 = MQA
                 let kv = [4, 2, 1][variant];
-                let mut cfg = ModelConfig::llama(11, 4, 2, 4, kv, 16);
+                let mut cfg = ModelConfig::llama(11, 8, 2, 4, kv, 16);
                 cfg.tie_embeddings = variant == 1;
                 cfg.ffn_hidden = 12;
                 cfg
@@ -1033,110 +777,213 @@ mod tests {
         [(Arch::Gpt2, 0), (Arch::Gpt2, 1), (Arch::Llama, 0), (Arch::Llama, 1), (Arch::Llama, 2)];
 
     /// Random parameters of a useful size (the 0.02 init would make every gradient tiny).
-    fn random_params(cfg: &ModelConfig) -> ParamMap {
-        let mut p = cfg.init(1);
+    fn randomize(p: &mut ParamMap) {
         for (i, (_, t)) in p.iter_mut().enumerate() {
             let values = random(t.data().len(), 100 + i as u64);
             t.data_mut().iter_mut().zip(values).for_each(|(w, r)| *w = r * 0.5);
         }
+    }
+
+    fn random_params(cfg: &ModelConfig) -> ParamMap {
+        let mut p = cfg.init(1);
+        randomize(&mut p);
         p
     }
 
-    fn shapes(cfg: &ModelConfig) -> std::collections::BTreeMap<String, Vec<usize>> {
-        cfg.params().into_iter().map(|s| (s.name, s.shape)).collect()
+    /// A batch of whole rows with random ids and targets.
+    fn random_batch(cfg: &ModelConfig, b: usize, t: usize, seed: u64) -> Batch {
+        let v = cfg.vocab_size as f32;
+        let ids: Vec<u32> = random(b * t, seed).iter().map(|r| ((r + 1.0) / 2.0 * (v - 0.01)) as u32).collect();
+        let targets: Vec<u32> = random(b * t, seed + 1).iter().map(|r| ((r + 1.0) / 2.0 * (v - 0.01)) as u32).collect();
+        Batch::whole_rows(t, &ids, &targets)
     }
 
-    #[test]
-    fn gpt2_hugging_face_names_and_shapes() {
-        let cfg = ModelConfig::gpt2(50257, 1024, 12, 12, 768, true);
-        // GPT-2 small has 124,439,808 parameters (the tied lm_head counted once).
-        assert_eq!(cfg.init(0).num_elements(), 124_439_808);
-        let s = shapes(&cfg);
-        assert_eq!(s["transformer.h.0.attn.c_attn.weight"], [768, 2304]);
-        assert_eq!(s["transformer.h.11.mlp.c_proj.weight"], [3072, 768]);
-        assert_eq!(s["transformer.wpe.weight"], [1024, 768]);
-        assert_eq!(s.len(), 2 + 12 * 12 + 2);
-        assert!(!shapes(&tiny(Arch::Gpt2, 1)).keys().any(|n| n.ends_with("bias")));
+    /// Forward, mean cross-entropy over the predicted targets, backward into `grads`.
+    fn forward_backward(
+        model: &Model,
+        p: &ParamMap,
+        batch: &Batch,
+        z_loss: f32,
+        acts: &mut Activations,
+        grads: &mut ParamMap,
+    ) -> f32 {
+        model.forward(p, batch, acts);
+        let n = batch.predicted();
+        let sum = cross_entropy(acts, batch, model.cfg.vocab_size, z_loss, n);
+        model.backward(p, batch, acts, grads);
+        (sum / n.max(1) as f64) as f32
     }
 
-    #[test]
-    fn llama_hugging_face_names_and_shapes() {
-        // TinyLlama-1.1B: 22 layers, 32 heads, 4 kv heads, 2048 wide, 5632 MLP, 32000 vocab,
-        // untied: 1,100,048,384 parameters.
-        let mut cfg = ModelConfig::llama(32000, 2048, 22, 32, 4, 2048);
-        cfg.ffn_hidden = 5632;
-        let s = shapes(&cfg);
-        assert_eq!(s.values().map(|v| v.iter().product::<usize>()).sum::<usize>(), 1_100_048_384);
-        assert_eq!(s["model.layers.0.self_attn.k_proj.weight"], [256, 2048]);
-        assert_eq!(s["model.layers.21.mlp.down_proj.weight"], [2048, 5632]);
-        assert_eq!(s["lm_head.weight"], [32000, 2048]);
-        assert_eq!(s.len(), 1 + 22 * 9 + 2);
-        assert!(!shapes(&tiny(Arch::Llama, 1)).contains_key("lm_head.weight"), "tied: no lm_head");
-        assert_eq!(ModelConfig::llama(10, 8, 1, 4, 4, 128).ffn_hidden, 352);
-    }
-
-    #[test]
-    fn init_scales_residual_projections() {
-        for (cfg, fc, proj, norm) in [
-            (
-                ModelConfig::gpt2(64, 16, 4, 4, 64, false),
-                "transformer.h.0.mlp.c_fc.weight",
-                "transformer.h.0.mlp.c_proj.weight",
-                "transformer.h.1.ln_2.weight",
-            ),
-            (
-                ModelConfig::llama(64, 16, 4, 4, 2, 64),
-                "model.layers.0.mlp.up_proj.weight",
-                "model.layers.0.mlp.down_proj.weight",
-                "model.layers.1.input_layernorm.weight",
-            ),
-        ] {
-            let p = cfg.init(3);
-            let std = |name: &str| {
-                let d = p.get(name);
-                (d.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / d.len() as f64).sqrt()
-            };
-            assert!((std(fc) - 0.02).abs() < 0.002, "{fc}");
-            assert!((std(proj) - 0.02 / 8f64.sqrt()).abs() < 0.001, "{proj}");
-            assert!(p.get(norm).iter().all(|w| *w == 1.0));
+    fn check_gradients(label: &str, model: &Model, params: &ParamMap, batch: &Batch, grads: &ParamMap) {
+        let (b, t) = (batch.batch(), batch.time());
+        let loss_of = |p: &ParamMap| -> f64 {
+            let mut acts = Activations::inference(model, b, t);
+            model.loss(p, batch, &mut acts) as f64
+        };
+        for (name, analytic) in grads.iter().filter(|(_, g)| !g.data().is_empty()) {
+            check_relative(&format!("{name} ({label})"), params.get(name), analytic.data(), |x| {
+                let mut p = params.clone();
+                p.get_mut(name).copy_from_slice(x);
+                loss_of(&p)
+            });
         }
-    }
-
-    #[test]
-    fn validate_names_the_problem() {
-        assert!(ModelConfig::llama(10, 8, 1, 4, 3, 16).validate().unwrap_err().contains("n_kv_head 3"));
-        assert!(ModelConfig::gpt2(10, 8, 1, 3, 16, true).validate().unwrap_err().contains("n_head 3"));
-        assert!(ModelConfig::llama(10, 8, 1, 4, 1, 16).validate().is_ok());
     }
 
     #[test]
     fn whole_model_gradients_match_finite_differences() {
         for (arch, variant) in VARIANTS {
             let cfg = tiny(arch, variant);
-            let (b, t) = (2, 4);
-            let ids: Vec<u32> = random(b * t, 7).iter().map(|r| ((r + 1.0) * 5.4) as u32).collect();
-            let targets: Vec<u32> = random(b * t, 8).iter().map(|r| ((r + 1.0) * 5.4) as u32).collect();
+            let batch = random_batch(&cfg, 2, 4, 7);
             let params = random_params(&cfg);
             let model = Model::new(cfg, &params);
-            let mut acts = Activations::new(&cfg, b, t);
+            let mut acts = Activations::new(&cfg, 2, 4);
             let mut grads = params.zeros_like();
-            model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut grads);
-            let loss_of = |p: &ParamMap| -> f64 {
-                let mut acts = Activations::new(&cfg, b, t);
-                model.loss(p, &ids, &targets, &mut acts) as f64
-            };
-            for (name, analytic) in grads.iter() {
-                check_relative(
-                    &format!("{name} ({} {variant})", arch.name()),
-                    params.get(name),
-                    analytic.data(),
-                    |x| {
-                        let mut p = params.clone();
-                        p.get_mut(name).copy_from_slice(x);
-                        loss_of(&p)
-                    },
-                );
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut grads);
+            check_gradients(&format!("{} {variant}", arch.name()), &model, &params, &batch, &grads);
+        }
+    }
+
+    /// Two rows packing examples of 3 + 5 and 6 + 2 tokens, random ids, and some targets
+    /// ignored as a prompt would be.
+    fn packed_batch(cfg: &ModelConfig) -> Batch {
+        let mut batch = random_batch(cfg, 2, 8, 3);
+        batch.pos.copy_from_slice(&[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0, 1]);
+        for i in [0, 3, 4, 8] {
+            batch.targets[i] = IGNORE;
+        }
+        batch
+    }
+
+    #[test]
+    fn packed_gradients_match_finite_differences() {
+        for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 1)] {
+            let cfg = tiny(arch, variant);
+            let batch = packed_batch(&cfg);
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            let mut acts = Activations::new(&cfg, 2, 8);
+            let mut grads = params.zeros_like();
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut grads);
+            check_gradients(&format!("packed {}", arch.name()), &model, &params, &batch, &grads);
+        }
+    }
+
+    #[test]
+    fn a_block_packing_examples_gives_each_the_logits_it_gets_alone() {
+        for (arch, variant) in VARIANTS {
+            let cfg = tiny(arch, variant);
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            let batch = packed_batch(&cfg);
+            let mut acts = Activations::inference(&model, 2, 8);
+            model.forward(&params, &batch, &mut acts);
+            let v = cfg.vocab_size;
+            for (start, len) in batch.examples() {
+                let ids = &batch.ids[start..start + len];
+                let alone = Batch::whole_rows(len, ids, &vec![IGNORE; len]);
+                let mut acts1 = Activations::inference(&model, 1, len);
+                model.forward(&params, &alone, &mut acts1);
+                for (i, (a, b)) in acts.logits[start * v..(start + len) * v].iter().zip(&acts1.logits).enumerate() {
+                    assert!((a - b).abs() <= 1e-6, "{} {variant}, example at {start}, logit {i}: {a} vs {b}", arch.name());
+                }
             }
+        }
+    }
+
+    #[test]
+    fn ignored_tokens_and_padding_add_no_gradient() {
+        for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 0)] {
+            let cfg = tiny(arch, variant);
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            // One example of 5 tokens, then a 3-token example that predicts nothing (padding).
+            let mut batch = random_batch(&cfg, 1, 8, 11);
+            batch.pos.copy_from_slice(&[0, 1, 2, 3, 4, 0, 1, 2]);
+            batch.targets[5..].fill(IGNORE);
+            let mut acts = Activations::new(&cfg, 1, 8);
+            let mut grads = params.zeros_like();
+            forward_backward(&model, &params, &batch, 1e-3, &mut acts, &mut grads);
+            let v = cfg.vocab_size;
+            assert!(acts.dlogits[5 * v..].iter().all(|g| *g == 0.0), "ignored rows: exactly zero gradient");
+            let alone = Batch::whole_rows(5, &batch.ids[..5], &batch.targets[..5]);
+            let mut acts1 = Activations::new(&cfg, 1, 5);
+            let mut grads1 = params.zeros_like();
+            forward_backward(&model, &params, &alone, 1e-3, &mut acts1, &mut grads1);
+            for ((name, a), (_, b)) in grads.iter().zip(grads1.iter()) {
+                let close = a.data().iter().zip(b.data()).all(|(x, y)| (x - y).abs() <= 1e-6 * (1.0 + y.abs()));
+                assert!(close, "{name}: the padding changed the gradient");
+            }
+        }
+    }
+
+    #[test]
+    fn frozen_parameters_get_no_gradient_and_inputs_still_do() {
+        let cfg = tiny(Arch::Llama, 0);
+        let params = random_params(&cfg);
+        let model = Model::new(cfg, &params);
+        let batch = random_batch(&cfg, 2, 4, 5);
+        let mut acts = Activations::new(&cfg, 2, 4);
+        let mut all = params.zeros_like();
+        forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut all);
+        // Freeze everything but the first layer's q_proj: its gradient needs the input gradient
+        // to flow back through every frozen layer above it.
+        let only = "model.layers.0.self_attn.q_proj.weight";
+        let mut some = params.zeros_like_trainable(|name| name == only);
+        forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut some);
+        assert_eq!(some.get(only), all.get(only));
+        assert!(some.iter().filter(|(n, _)| *n != only).all(|(_, g)| g.data().is_empty()));
+    }
+
+    fn lora_on_everything(cfg: &ModelConfig, rslora: bool) -> LoraConfig {
+        LoraConfig {
+            r: 2,
+            alpha: 4.0,
+            rslora,
+            targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+            init: LoraInit::Gaussian,
+        }
+    }
+
+    /// A model of `cfg` with random base weights and adapters whose B is not zero.
+    fn adapted(cfg: &ModelConfig, lora: &LoraConfig) -> ParamMap {
+        let mut params = random_params(cfg);
+        lora.add(cfg, &mut params, 3);
+        randomize(&mut params);
+        params
+    }
+
+    #[test]
+    fn lora_forward_equals_the_merged_model() {
+        for (arch, variant) in VARIANTS {
+            let cfg = tiny(arch, variant);
+            let lora = lora_on_everything(&cfg, variant == 1);
+            let params = adapted(&cfg, &lora);
+            let model = Model::with_lora_scale(cfg, &params, lora.scale());
+            let merged = lora.merged(&cfg, &params);
+            let plain = Model::new(cfg, &merged);
+            let batch = packed_batch(&cfg);
+            let (mut a1, mut a2) = (Activations::inference(&model, 2, 8), Activations::inference(&plain, 2, 8));
+            model.forward(&params, &batch, &mut a1);
+            plain.forward(&merged, &batch, &mut a2);
+            for (x, y) in a1.logits.iter().zip(&a2.logits) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{} {variant}: {x} vs {y}", arch.name());
+            }
+        }
+    }
+
+    #[test]
+    fn lora_gradients_match_finite_differences_and_leave_the_base_frozen() {
+        for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 1)] {
+            let cfg = tiny(arch, variant);
+            let lora = lora_on_everything(&cfg, false);
+            let params = adapted(&cfg, &lora);
+            let model = Model::with_lora_scale(cfg, &params, lora.scale());
+            let batch = packed_batch(&cfg);
+            let mut acts = Activations::for_training(&model, 2, 8);
+            let mut grads = params.zeros_like_trainable(crate::nn::lora::is_adapter);
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut grads);
+            assert!(grads.iter().filter(|(_, g)| !g.data().is_empty()).count() == 2 * lora.modules(&cfg).len());
+            check_gradients(&format!("lora {}", arch.name()), &model, &params, &batch, &grads);
         }
     }
 
@@ -1146,17 +993,35 @@ mod tests {
             let cfg = tiny(arch, variant);
             let params = random_params(&cfg);
             let model = Model::new(cfg, &params);
-            let (ids, targets) = ([1u32, 2, 3, 4], [2u32, 3, 4, 5]);
+            let batch = Batch::whole_rows(4, &[1, 2, 3, 4], &[2, 3, 4, 5]);
             let mut acts = Activations::new(&cfg, 1, 4);
             let mut once = params.zeros_like();
-            model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut once);
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut once);
             let mut twice = params.zeros_like();
-            model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut twice);
-            model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut twice);
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut twice);
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut twice);
             for ((name, a), (_, b)) in once.iter().zip(twice.iter()) {
                 let close = a.data().iter().zip(b.data()).all(|(x, y)| (2.0 * x - y).abs() <= 1e-5 * (1.0 + y.abs()));
                 assert!(close, "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn inference_activations_give_the_training_forward_bits() {
+        for (arch, variant) in VARIANTS {
+            let cfg = tiny(arch, variant);
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            let batch = packed_batch(&cfg);
+            let (mut train, mut infer) = (Activations::new(&cfg, 2, 8), Activations::inference(&model, 2, 8));
+            let (l1, l2) = (model.loss(&params, &batch, &mut train), model.loss(&params, &batch, &mut infer));
+            assert_eq!(train.logits, infer.logits);
+            assert_eq!(l1.to_bits(), l2.to_bits());
+            assert!(infer.bytes() < train.bytes() / 2, "inference keeps one block and no gradients");
+            let (sum, n) = model.target_losses(&params, &batch, &mut infer);
+            assert_eq!(n, 12);
+            assert!((sum / n as f64 - l1 as f64).abs() < 1e-6);
         }
     }
 
@@ -1169,8 +1034,8 @@ mod tests {
             let model = Model::new(cfg, &params);
             let ids = [3u32, 1, 4, 1, 5, 9];
             let mut acts = Activations::new(&cfg, 1, ids.len());
-            model.forward(&params, &ids, &mut acts);
-            let mut dec = Decoder::new(&cfg);
+            model.forward(&params, &Batch::whole_rows(ids.len(), &ids, &[IGNORE; 6]), &mut acts);
+            let mut dec = Decoder::new(&model);
             for (pos, &id) in ids.iter().enumerate() {
                 let logits = dec.step(&model, &params, id);
                 let full = &acts.logits[pos * cfg.vocab_size..(pos + 1) * cfg.vocab_size];
@@ -1187,12 +1052,33 @@ mod tests {
         let cfg = tiny(Arch::Llama, 0);
         let params = random_params(&cfg);
         let model = Model::new(cfg, &params);
-        let (ids, targets) = ([1u32, 2, 3, 4], [2u32, 3, 4, 5]);
+        let batch = Batch::whole_rows(4, &[1, 2, 3, 4], &[2, 3, 4, 5]);
         let mut acts = Activations::new(&cfg, 1, 4);
         let (mut g0, mut g1) = (params.zeros_like(), params.zeros_like());
-        let l0 = model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut g0);
-        let l1 = model.forward_backward(&params, &ids, &targets, 1e-2, &mut acts, &mut g1);
+        let l0 = forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut g0);
+        let l1 = forward_backward(&model, &params, &batch, 1e-2, &mut acts, &mut g1);
         assert_eq!(l0, l1, "the reported loss is the cross-entropy alone");
         assert_ne!(g0.get("lm_head.weight"), g1.get("lm_head.weight"));
+    }
+
+    #[test]
+    fn neftune_noise_moves_training_inputs_by_its_scale_only() {
+        let cfg = tiny(Arch::Gpt2, 1);
+        let params = random_params(&cfg);
+        let model = Model::new(cfg, &params);
+        let mut batch = packed_batch(&cfg);
+        let mut acts = Activations::new(&cfg, 2, 8);
+        model.forward(&params, &batch, &mut acts);
+        let clean = acts.blocks[0].x_in.clone();
+        batch.noise = Some(crate::nn::batch::EmbeddingNoise { alpha: 5.0, seed: 9 });
+        model.forward(&params, &batch, &mut acts);
+        let c = cfg.n_embd;
+        for (start, len) in batch.examples() {
+            let bound = 5.0 / ((len * c) as f32).sqrt();
+            let rows = start * c..(start + len) * c;
+            let moved: Vec<f32> = acts.blocks[0].x_in[rows.clone()].iter().zip(&clean[rows]).map(|(a, b)| a - b).collect();
+            assert!(moved.iter().all(|d| d.abs() <= bound * 1.0001), "within alpha / sqrt(L d)");
+            assert!(moved.iter().any(|d| d.abs() > bound / 2.0), "and of that size");
+        }
     }
 }

@@ -10,7 +10,26 @@ use crate::nn::params::ParamMap;
 /// on the thread count.
 const CHUNK: usize = 8192;
 
-/// AdamW's state: first and second moments and the number of steps taken.
+/// How the optimizer treats one tensor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorOpt {
+    /// A factor on the step's learning rate (LoRA+ raises it for `lora_B`).
+    pub lr_scale: f32,
+    /// Whether weight decay applies.
+    pub decay: bool,
+}
+
+impl TensorOpt {
+    /// nanoGPT's rule for every tensor of `params`: decay on matrices (rank 2 and up: linear
+    /// weights, embeddings, adapters) and not on vectors (biases, norm weights), the step's
+    /// learning rate unscaled.
+    pub fn defaults(params: &ParamMap) -> Vec<TensorOpt> {
+        params.iter().map(|(_, t)| TensorOpt { lr_scale: 1.0, decay: t.shape().len() >= 2 }).collect()
+    }
+}
+
+/// AdamW's state: first and second moments of the trainable tensors and the number of steps
+/// taken. A frozen tensor has empty moments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamWState {
     pub m: ParamMap,
@@ -19,19 +38,24 @@ pub struct AdamWState {
 }
 
 impl AdamWState {
-    pub fn new(params: &ParamMap) -> Self {
-        AdamWState { m: params.zeros_like(), v: params.zeros_like(), step: 0 }
+    /// Zero moments shaped like `grads`: the parameters' shapes, empty where frozen.
+    pub fn new(grads: &ParamMap) -> Self {
+        AdamWState { m: grads.zeros_like(), v: grads.zeros_like(), step: 0 }
     }
 
-    /// One update of every parameter. Weight decay applies to matrices (rank 2 and up:
-    /// linear weights and embeddings) and not to vectors (biases, norm weights), as in nanoGPT.
-    pub fn update(&mut self, hp: AdamW, params: &mut ParamMap, grads: &ParamMap) {
+    /// One update of every trainable parameter (those whose gradient is not empty), each with
+    /// its settings in `opts` (in the map's order).
+    pub fn update(&mut self, hp: AdamW, params: &mut ParamMap, grads: &ParamMap, opts: &[TensorOpt]) {
         let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
+        assert_eq!(opts.len(), params.len(), "one optimizer setting per tensor");
         self.step += 1;
         let tensors = params.iter_mut().zip(grads.iter()).zip(self.m.iter_mut().zip(self.v.iter_mut()));
-        for (((name, p), (gname, g)), ((_, m), (_, v))) in tensors {
+        for ((((name, p), (gname, g)), ((_, m), (_, v))), opt) in tensors.zip(opts) {
             debug_assert_eq!(name, gname, "gradients are not in parameter order");
-            let hp = AdamW { weight_decay: if p.shape().len() >= 2 { hp.weight_decay } else { 0.0 }, ..hp };
+            if g.data().is_empty() {
+                continue;
+            }
+            let hp = AdamW { lr: hp.lr * opt.lr_scale, weight_decay: if opt.decay { hp.weight_decay } else { 0.0 }, ..hp };
             adamw_step(hp, self.step, p.data_mut(), g.data(), m.data_mut(), v.data_mut());
         }
     }
@@ -130,6 +154,8 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nn::batch::Batch;
+    use crate::nn::loss::cross_entropy;
     use crate::nn::model::{Activations, Model, ModelConfig};
     use crate::nn::params::Tensor;
 
@@ -177,7 +203,9 @@ mod tests {
         let mut p = map(&[("w", &[1, 2], vec![1.0, 1.0]), ("b", &[2], vec![1.0, 1.0])]);
         let g = p.zeros_like();
         let mut opt = AdamWState::new(&p);
-        opt.update(AdamW { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.5 }, &mut p, &g);
+        let hp = AdamW { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.5 };
+        let opts = TensorOpt::defaults(&p);
+        opt.update(hp, &mut p, &g, &opts);
         assert!((p.get("w")[0] - 0.95).abs() < 1e-6, "matrix decays: {}", p.get("w")[0]);
         assert_eq!(p.get("b"), &[1.0, 1.0], "vector does not");
         assert_eq!(opt.step, 1);
@@ -190,7 +218,9 @@ mod tests {
             let (b, t) = (2, cfg.block_size);
             let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
             let targets: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as u32).collect();
+            let batch = Batch::whole_rows(t, &ids, &targets);
             let mut params = cfg.init(5);
+            let opts = TensorOpt::defaults(&params);
             let model = Model::new(cfg, &params);
             let mut grads = params.zeros_like();
             let mut opt = AdamWState::new(&params);
@@ -199,9 +229,12 @@ mod tests {
             let mut losses = Vec::new();
             for _ in 0..steps {
                 grads.fill_zero();
-                losses.push(model.forward_backward(&params, &ids, &targets, 0.0, &mut acts, &mut grads));
+                model.forward(&params, &batch, &mut acts);
+                let sum = cross_entropy(&mut acts, &batch, cfg.vocab_size, 0.0, b * t);
+                losses.push((sum / (b * t) as f64) as f32);
+                model.backward(&params, &batch, &mut acts, &mut grads);
                 clip_global_norm(&mut grads, 1.0);
-                opt.update(hp, &mut params, &grads);
+                opt.update(hp, &mut params, &grads, &opts);
             }
             (losses, params)
         })

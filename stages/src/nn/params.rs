@@ -127,6 +127,18 @@ impl ParamMap {
             index: self.index.clone(),
         }
     }
+    /// The same names and order, zeros shaped like the tensors for which `trainable` holds
+    /// and empty for the others: the gradients and moments of a partly frozen model.
+    pub fn zeros_like_trainable(&self, trainable: impl Fn(&str) -> bool) -> ParamMap {
+        ParamMap {
+            names: self.names.clone(),
+            tensors: self
+                .iter()
+                .map(|(name, t)| Tensor::zeros(if trainable(name) { t.shape() } else { &[0] }))
+                .collect(),
+            index: self.index.clone(),
+        }
+    }
     pub fn fill_zero(&mut self) {
         for t in &mut self.tensors {
             t.data_mut().fill(0.0);

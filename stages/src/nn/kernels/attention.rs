@@ -4,6 +4,10 @@
 //! Hkv (Hkv = H: multi-head; Hkv = 1: multi-query); query head `h` reads key/value head
 //! `h / (H / Hkv)`.
 //!
+//! Several examples may share a row (packing): `pos` (B, T) gives each token's position in its
+//! own example, so row `t` starts its example at `t - pos[t]` and sees keys from there to `t`
+//! only (block-diagonal causal attention). A row that is one sequence has `pos[t] = t`.
+//!
 //! The kernels the model uses never hold a (T, T) matrix: forward keeps two numbers per score
 //! row (its maximum and inverse sum) and backward recomputes each block's probabilities from
 //! them, as flash attention does. The plain references keep the probabilities (B, H, T, T).
@@ -129,31 +133,55 @@ fn head<'a>(x: ArrayView4<'a, f32>, b: usize, h: usize) -> ArrayView2<'a, f32> {
     x.index_axis_move(Axis(0), b).index_axis_move(Axis(1), h)
 }
 
-/// The causal part of a block of score rows `r0..r1` (each `t_` wide): columns `..r1`.
-fn seen(rows: &[f32], t_: usize, r1: usize) -> ArrayView2<'_, f32> {
-    ArrayView2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., ..r1])
+/// The keys a block of score rows `r0..r1` (each `t_` wide) may see: columns `k0..r1`, `k0`
+/// the start of the example row `r0` belongs to.
+fn seen(rows: &[f32], t_: usize, k0: usize, r1: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., k0..r1])
 }
 
-fn seen_mut(rows: &mut [f32], t_: usize, r1: usize) -> ArrayViewMut2<'_, f32> {
-    ArrayViewMut2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., ..r1])
+fn seen_mut(rows: &mut [f32], t_: usize, k0: usize, r1: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((rows.len() / t_, t_), rows).expect("rows * T").slice_move(s![.., k0..r1])
+}
+
+/// The first key of the query block starting at row `r0`: where its example starts. Starts
+/// only grow along a row, so no row of the block sees an earlier key.
+fn block_start(pos: &[u32], r0: usize) -> usize {
+    r0 - pos[r0] as usize
+}
+
+/// Checks that `pos` (B, T) numbers each example of each row 0, 1, 2, ...: every token is
+/// either at position 0 or one after the token before it.
+///
+/// # Panics
+/// If it does not: the batch was built wrong, a bug.
+pub fn check_positions(pos: &[u32], t_: usize) {
+    assert!(t_ > 0 && pos.len().is_multiple_of(t_), "positions are not (B, T)");
+    for row in pos.chunks(t_) {
+        assert_eq!(row[0], 0, "a row starts an example");
+        assert!(row.windows(2).all(|w| w[1] == 0 || w[1] == w[0] + 1), "positions restart at 0 or count up by 1");
+    }
 }
 
 /// Query rows per block: a block of rows `r0..r1` needs keys `0..r1` only, so the products
 /// skip most of the masked upper triangle (all of it above the diagonal blocks).
 const QB: usize = 32;
 
-/// `out = softmax(q k^T / sqrt(D) + causal mask) v`, per batch row and head; `stats` (B, H, T, 2)
+/// `out = softmax(q k^T / sqrt(D) + mask) v`, per batch row and head, the mask causal within
+/// each example of `pos` (B, T; see the module doc); `stats` (B, H, T, 2)
 /// receives each score row's maximum and inverse sum, from which backward recomputes the
 /// probabilities instead of keeping them.
 ///
 /// Each (batch row, head) is one rayon task and runs in blocks of [`QB`] query rows: two matrix
 /// products on the block's scores against the keys it may see (ndarray's `general_mat_mul`)
 /// and a row-wise causal softmax between them, in a (QB, T) scratch: no (T, T) matrix is held.
+/// A block starts its keys where the example of its first row starts, so the keys of earlier
+/// examples in a packed row are skipped, not computed and discarded.
 /// A task's arithmetic does not depend on which thread runs it, so neither do the bits.
 /// [`attention_forward_plain`], one dot product at a time, is the reference.
-pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: AttnDims) {
+pub fn attention_forward(qkv: QkvIn, pos: &[u32], out: &mut [f32], stats: &mut [f32], n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
+    assert_eq!(pos.len(), n.b * n.t, "positions are (B, T)");
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let (q, k, v) = qkv.views(n);
@@ -164,14 +192,16 @@ pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: Attn
                 |(h, (mut out, stats))| {
                     let kv = h / group;
                     let (qh, kh, vh) = (head(q, b, h), head(k, b, kv), head(v, b, kv));
+                    let pos = &pos[b * t_..(b + 1) * t_];
                     with_scratch(QB.min(t_) * t_, |scratch| {
                         for r0 in (0..t_).step_by(QB) {
-                            let r1 = (r0 + QB).min(t_);
+                            let (r1, k0) = ((r0 + QB).min(t_), block_start(pos, r0));
                             let rows = &mut scratch[..(r1 - r0) * t_];
-                            scores(scale, &qh, &kh, r0, r1, rows, t_);
-                            causal_softmax(rows, t_, r0, &mut stats[r0 * 2..r1 * 2]);
+                            scores(scale, &qh, &kh, r0, r1, k0, rows, t_);
+                            causal_softmax(rows, t_, r0, &pos[r0..r1], &mut stats[r0 * 2..r1 * 2]);
                             let mut out_rows = out.slice_mut(s![r0..r1, ..]);
-                            general_mat_mul(1.0, &seen(rows, t_, r1), &vh.slice(s![..r1, ..]), 0.0, &mut out_rows);
+                            let vs = vh.slice(s![k0..r1, ..]);
+                            general_mat_mul(1.0, &seen(rows, t_, k0, r1), &vs, 0.0, &mut out_rows);
                         }
                     });
                 },
@@ -180,23 +210,40 @@ pub fn attention_forward(qkv: QkvIn, out: &mut [f32], stats: &mut [f32], n: Attn
     );
 }
 
-/// The scaled scores of query rows `r0..r1` against the keys they may see, into `rows`
-/// ((r1 - r0) rows, T wide; columns `r1..` are left alone).
-fn scores(scale: f32, qh: &ArrayView2<f32>, kh: &ArrayView2<f32>, r0: usize, r1: usize, rows: &mut [f32], t_: usize) {
-    let mut scores = seen_mut(rows, t_, r1);
-    general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![..r1, ..]).t(), 0.0, &mut scores);
+/// The scaled scores of query rows `r0..r1` against keys `k0..r1`, into `rows` ((r1 - r0)
+/// rows, T wide; the other columns are left alone).
+#[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
+fn scores(
+    scale: f32,
+    qh: &ArrayView2<f32>,
+    kh: &ArrayView2<f32>,
+    r0: usize,
+    r1: usize,
+    k0: usize,
+    rows: &mut [f32],
+    t_: usize,
+) {
+    let mut scores = seen_mut(rows, t_, k0, r1);
+    general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![k0..r1, ..]).t(), 0.0, &mut scores);
+}
+
+/// The columns row `t` of a block sees: from its example's start `t - pos` to `t`.
+#[inline(always)]
+fn seen_cols(t: usize, pos: u32) -> std::ops::RangeInclusive<usize> {
+    t - pos as usize..=t
 }
 
 simd_fn! {
-    /// Softmax in place over each row of `rows` (T wide), whose first row is position `first`:
-    /// row `t` keeps columns `..=t` and zeroes the rest; its maximum and inverse sum go to
-    /// `stats[2i..2i + 2]`. Max, exponentials ([`exp_fast`]) and the sum run along the row in order.
-    fn causal_softmax(rows: &mut [f32], t_: usize, first: usize, stats: &mut [f32]) {
+    /// Softmax in place over each row of `rows` (T wide), whose first row is position `first`
+    /// and whose positions in their examples are `pos`: row `t` keeps the columns it sees
+    /// ([`seen_cols`]) and zeroes the rest; its maximum and inverse sum go to `stats[2i..2i + 2]`.
+    /// Max, exponentials ([`exp_fast`]) and the sum run along the row in order.
+    fn causal_softmax(rows: &mut [f32], t_: usize, first: usize, pos: &[u32], stats: &mut [f32]) {
         for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
-            let seen = &row[..first + i + 1];
-            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / exp_row(row, first + i, max).iter().sum::<f32>();
-            normalize_row(row, first + i, inv);
+            let cols = seen_cols(first + i, pos[i]);
+            let max = row[cols.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let inv = 1.0 / exp_row(row, cols.clone(), max).iter().sum::<f32>();
+            normalize_row(row, cols, inv);
             stats.copy_from_slice(&[max, inv]);
         }
     }
@@ -205,56 +252,63 @@ simd_fn! {
 simd_fn! {
     /// The probabilities [`causal_softmax`] made, again, from the same scores and its `stats`:
     /// the same row helpers, so the same bits.
-    fn causal_probs(rows: &mut [f32], t_: usize, first: usize, stats: &[f32]) {
+    fn causal_probs(rows: &mut [f32], t_: usize, first: usize, pos: &[u32], stats: &[f32]) {
         for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact(2)).enumerate() {
-            exp_row(row, first + i, stats[0]);
-            normalize_row(row, first + i, stats[1]);
+            let cols = seen_cols(first + i, pos[i]);
+            exp_row(row, cols.clone(), stats[0]);
+            normalize_row(row, cols, stats[1]);
         }
     }
 }
 
-/// `row[s] = e^(row[s] - max)` for the columns position `t` sees (`..=t`); returns them.
+/// `row[s] = e^(row[s] - max)` for the columns `cols` a position sees; returns them.
 #[inline(always)]
-fn exp_row(row: &mut [f32], t: usize, max: f32) -> &[f32] {
-    for p in &mut row[..=t] {
+fn exp_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>, max: f32) -> &[f32] {
+    let seen = &mut row[cols];
+    for p in seen.iter_mut() {
         *p = exp_fast(*p - max);
     }
-    &row[..=t]
+    seen
 }
 
-/// Scales the seen columns `..=t` by `inv` and zeroes the masked ones after them.
+/// Scales the seen columns `cols` by `inv` and zeroes the masked ones before and after them.
 #[inline(always)]
-fn normalize_row(row: &mut [f32], t: usize, inv: f32) {
-    let (seen, masked) = row.split_at_mut(t + 1);
+fn normalize_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>, inv: f32) {
+    let (before, rest) = row.split_at_mut(*cols.start());
+    let (seen, after) = rest.split_at_mut(cols.end() + 1 - cols.start());
+    before.fill(0.0);
     for p in seen {
         *p *= inv;
     }
-    masked.fill(0.0);
+    after.fill(0.0);
 }
 
 simd_fn! {
     /// Softmax backward in place on the rows of `ds` (dP in, dS out) with the probabilities:
-    /// `dS = P (dP - sum(P dP)) / sqrt(D)` on the causal columns, 0 elsewhere.
-    fn causal_softmax_backward(ds: &mut [f32], probs: &[f32], t_: usize, first: usize, scale: f32) {
+    /// `dS = P (dP - sum(P dP)) / sqrt(D)` on the seen columns, 0 elsewhere.
+    fn causal_softmax_backward(ds: &mut [f32], probs: &[f32], t_: usize, first: usize, pos: &[u32], scale: f32) {
         for (i, (ds, p)) in ds.chunks_exact_mut(t_).zip(probs.chunks_exact(t_)).enumerate() {
-            let t = first + i;
-            let inner = dot(&p[..=t], &ds[..=t]);
-            for (d, &p) in ds[..=t].iter_mut().zip(&p[..=t]) {
+            let cols = seen_cols(first + i, pos[i]);
+            let inner = dot(&p[cols.clone()], &ds[cols.clone()]);
+            for (d, &p) in ds[cols.clone()].iter_mut().zip(&p[cols.clone()]) {
                 *d = p * (*d - inner) * scale;
             }
-            ds[t + 1..].fill(0.0);
+            ds[..*cols.start()].fill(0.0);
+            ds[cols.end() + 1..].fill(0.0);
         }
     }
 }
 
-/// Gradients of [`attention_forward`] from its `stats`: writes `dq`, `dk`, `dv`.
+/// Gradients of [`attention_forward`] from its `stats` (with the same `pos`): writes `dq`, `dk`,
+/// `dv`.
 ///
 /// Each (batch row, key/value head) is one rayon task, which runs the group's query heads in
 /// head order and each head's query blocks in order, recomputing the block's probabilities,
 /// so a key/value gradient sums its terms in an order fixed by the shapes alone.
-pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut, n: AttnDims) {
+pub fn attention_backward(dout: &[f32], qkv: QkvIn, pos: &[u32], stats: &[f32], grads: QkvOut, n: AttnDims) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
+    assert_eq!(pos.len(), n.b * n.t, "positions are (B, T)");
     let (t_, d, group) = (n.t, n.d, n.h / n.h_kv);
     let scale = 1.0 / (d as f32).sqrt();
     let (q, k, v) = qkv.views(n);
@@ -264,6 +318,7 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
         dq.axis_iter_mut(Axis(0)).into_par_iter().zip(dk.axis_iter_mut(Axis(0))).zip(dv.axis_iter_mut(Axis(0)));
     batch_rows.enumerate().for_each(|(b, ((mut dq, mut dk), mut dv))| {
         let stats = &stats[b * n.stats_len()..(b + 1) * n.stats_len()];
+        let pos = &pos[b * t_..(b + 1) * t_];
         let kv_heads = dq
             .axis_chunks_iter_mut(Axis(1), group)
             .into_par_iter()
@@ -281,22 +336,25 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
                     let (qh, dout_h) = (head(q, b, h), head(dout, b, h));
                     let stats = &stats[h * t_ * 2..(h + 1) * t_ * 2];
                     for r0 in (0..t_).step_by(QB) {
-                        let r1 = (r0 + QB).min(t_);
+                        let (r1, k0) = ((r0 + QB).min(t_), block_start(pos, r0));
+                        let block_pos = &pos[r0..r1];
                         let probs = &mut probs[..(r1 - r0) * t_];
-                        scores(scale, &qh, &kh, r0, r1, probs, t_);
-                        causal_probs(probs, t_, r0, &stats[r0 * 2..r1 * 2]);
+                        scores(scale, &qh, &kh, r0, r1, k0, probs, t_);
+                        causal_probs(probs, t_, r0, block_pos, &stats[r0 * 2..r1 * 2]);
                         let dout_rows = dout_h.slice(s![r0..r1, ..]);
-                        // dV[..r1] += P^T dO; dP = dO V[..r1]^T.
-                        let probs_t = seen(probs, t_, r1).reversed_axes();
-                        general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![..r1, ..]));
+                        // dV[k0..r1] += P^T dO; dP = dO V[k0..r1]^T.
+                        let probs_t = seen(probs, t_, k0, r1).reversed_axes();
+                        general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![k0..r1, ..]));
                         let ds = &mut ds[..(r1 - r0) * t_];
-                        general_mat_mul(1.0, &dout_rows, &vh.slice(s![..r1, ..]).t(), 0.0, &mut seen_mut(ds, t_, r1));
-                        causal_softmax_backward(ds, probs, t_, r0, scale);
-                        let dscores = seen(ds, t_, r1);
-                        // dQ = dS K[..r1]; dK[..r1] += dS^T Q.
-                        general_mat_mul(1.0, &dscores, &kh.slice(s![..r1, ..]), 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
+                        let vs = vh.slice(s![k0..r1, ..]);
+                        general_mat_mul(1.0, &dout_rows, &vs.t(), 0.0, &mut seen_mut(ds, t_, k0, r1));
+                        causal_softmax_backward(ds, probs, t_, r0, block_pos, scale);
+                        let dscores = seen(ds, t_, k0, r1);
+                        // dQ = dS K[k0..r1]; dK[k0..r1] += dS^T Q.
+                        let ks = kh.slice(s![k0..r1, ..]);
+                        general_mat_mul(1.0, &dscores, &ks, 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
                         let q_rows = qh.slice(s![r0..r1, ..]);
-                        general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![..r1, ..]));
+                        general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![k0..r1, ..]));
                     }
                 }
             });
@@ -305,35 +363,45 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, stats: &[f32], grads: QkvOut
 }
 
 /// The reference for [`attention_forward`]: one dot product at a time.
-pub fn attention_forward_plain(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], att: &mut [f32], n: AttnDims) {
+pub fn attention_forward_plain(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    pos: &[u32],
+    out: &mut [f32],
+    att: &mut [f32],
+    n: AttnDims,
+) {
     n.check();
     let (t_, d) = (n.t, n.d);
     let scale = 1.0 / (d as f32).sqrt();
     let (q_len, _, att_len) = n.lens();
     out.par_chunks_mut(q_len).zip(att.par_chunks_mut(att_len)).enumerate().for_each(|(b, (out, att))| {
         let (q, k, v) = n.row(b, q, k, v);
+        let pos = &pos[b * t_..(b + 1) * t_];
         for h in 0..n.h {
             for t in 0..t_ {
+                let start = t - pos[t] as usize;
                 let qt = &q[n.q_at(t, h)..n.q_at(t, h) + d];
                 let row = &mut att[(h * t_ + t) * t_..(h * t_ + t + 1) * t_];
+                row.fill(0.0);
                 let mut max = f32::NEG_INFINITY;
-                for s in 0..=t {
+                for s in start..=t {
                     let ks = &k[n.kv_at(s, h)..n.kv_at(s, h) + d];
                     row[s] = dot(qt, ks) * scale;
                     max = max.max(row[s]);
                 }
                 let mut sum = 0.0f32;
-                for p in &mut row[..=t] {
+                for p in &mut row[start..=t] {
                     *p = (*p - max).exp();
                     sum += *p;
                 }
-                for p in &mut row[..=t] {
+                for p in &mut row[start..=t] {
                     *p /= sum;
                 }
-                row[t + 1..].fill(0.0);
                 let o = &mut out[n.q_at(t, h)..n.q_at(t, h) + d];
                 o.fill(0.0);
-                for s in 0..=t {
+                for s in start..=t {
                     axpy(row[s], &v[n.kv_at(s, h)..n.kv_at(s, h) + d], o);
                 }
             }
@@ -348,6 +416,7 @@ pub fn attention_backward_plain(
     q: &[f32],
     k: &[f32],
     v: &[f32],
+    pos: &[u32],
     att: &[f32],
     dq: &mut [f32],
     dk: &mut [f32],
@@ -362,23 +431,25 @@ pub fn attention_backward_plain(
         |(b, (dq, (dk, dv)))| {
             let (q, k, v) = n.row(b, q, k, v);
             let (dout, att) = (&dout[b * q_len..(b + 1) * q_len], &att[b * att_len..(b + 1) * att_len]);
+            let pos = &pos[b * t_..(b + 1) * t_];
             dq.fill(0.0);
             dk.fill(0.0);
             dv.fill(0.0);
             let mut datt = vec![0.0f32; t_];
             for h in 0..n.h {
                 for t in 0..t_ {
+                    let start = t - pos[t] as usize;
                     let p = &att[(h * t_ + t) * t_..(h * t_ + t + 1) * t_];
                     let dout_t = &dout[n.q_at(t, h)..n.q_at(t, h) + d];
                     // dp_s = dout_t . v_s; dv_s += p_s dout_t
-                    for s in 0..=t {
+                    for s in start..=t {
                         let at = n.kv_at(s, h);
                         datt[s] = dot(dout_t, &v[at..at + d]);
                         axpy(p[s], dout_t, &mut dv[at..at + d]);
                     }
                     // Softmax backward: dscore_s = p_s (dp_s - sum_r p_r dp_r).
-                    let inner: f32 = (0..=t).map(|s| p[s] * datt[s]).sum();
-                    for s in 0..=t {
+                    let inner: f32 = (start..=t).map(|s| p[s] * datt[s]).sum();
+                    for s in start..=t {
                         let ds = p[s] * (datt[s] - inner) * scale;
                         let (qa, ka) = (n.q_at(t, h), n.kv_at(s, h));
                         axpy(ds, &k[ka..ka + d], &mut dq[qa..qa + d]);
@@ -391,18 +462,17 @@ pub fn attention_backward_plain(
 }
 
 /// Rotary position embedding in place on (B, T, H, D), in Hugging Face llama's convention:
-/// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`, where row `t` of each
-/// sequence sits at position `pos0 + t` (`pos0` > 0 when decoding after a cache). `inverse`
-/// rotates back, which is also the backward (the rotation is orthogonal).
-#[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
-pub fn rope(x: &mut [f32], t: usize, h: usize, d: usize, theta: f32, pos0: usize, inverse: bool) {
+/// dimension `i` pairs with `i + D/2`, rotated by `pos * theta^(-2i/D)`, where token `r` sits at
+/// position `pos[r]` (its place in its example; after a KV cache's positions when decoding).
+/// `inverse` rotates back, which is also the backward (the rotation is orthogonal).
+pub fn rope(x: &mut [f32], pos: &[u32], h: usize, d: usize, theta: f32, inverse: bool) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     assert!(d.is_multiple_of(2), "rotary embeddings need an even head size, not {d}");
-    assert!(x.len().is_multiple_of(t * h * d), "x is not (B, T, H, D)");
+    assert_eq!(x.len(), pos.len() * h * d, "x is not (B, T, H, D)");
     let half = d / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(h * d).enumerate().for_each(|(row, heads)| {
-        let pos = (pos0 + row % t) as f32;
+    x.par_chunks_mut(h * d).zip(pos).for_each(|(heads, &pos)| {
+        let pos = pos as f32;
         for head in heads.chunks_mut(d) {
             for i in 0..half {
                 let freq = theta.powf(-2.0 * i as f32 / d as f32);
@@ -420,11 +490,30 @@ mod tests {
     use super::*;
     use crate::nn::gradcheck::{check, probe_loss, random};
 
-    fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
+    /// Positions of rows that are one sequence each.
+    fn whole(n: AttnDims) -> Vec<u32> {
+        (0..n.b * n.t).map(|r| (r % n.t) as u32).collect()
+    }
+
+    /// Positions of rows that pack examples of the given lengths, over and over.
+    fn packed(n: AttnDims, lens: &[usize]) -> Vec<u32> {
+        let mut pos = Vec::new();
+        for _ in 0..n.b {
+            let row: Vec<u32> = lens.iter().cycle().flat_map(|&l| 0..l as u32).take(n.t).collect();
+            pos.extend(row);
+        }
+        pos
+    }
+
+    fn forward_at(q: &[f32], k: &[f32], v: &[f32], pos: &[u32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; n.b * n.t * n.h * n.d];
         let mut stats = vec![0.0; n.b * n.h * n.t * 2];
-        attention_forward(QkvIn::Split { q, k, v }, &mut out, &mut stats, n);
+        attention_forward(QkvIn::Split { q, k, v }, pos, &mut out, &mut stats, n);
         (out, stats)
+    }
+
+    fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
+        forward_at(q, k, v, &whole(n), n)
     }
 
     #[test]
@@ -433,7 +522,7 @@ mod tests {
         let (q, k, v) = (random(48, 1), random(48, 2), random(48, 3));
         let (out, stats) = forward(&q, &k, &v, n);
         let (mut out_ref, mut att) = (vec![0.0; 48], vec![0.0; 2 * 2 * 4 * 4]);
-        attention_forward_plain(&q, &k, &v, &mut out_ref, &mut att, n);
+        attention_forward_plain(&q, &k, &v, &whole(n), &mut out_ref, &mut att, n);
         for b in 0..2 {
             for h in 0..2 {
                 let at = (b * 4 * 2 + h) * 3;
@@ -458,7 +547,7 @@ mod tests {
             let (_, stats) = forward(&q, &k, &v, n);
             let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
             let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-            attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
+            attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &whole(n), &stats, grads, n);
             check(&format!("dq (kv heads {h_kv})"), &q, &dq, |q| probe_loss(&forward(q, &k, &v, n).0, &probe));
             check(&format!("dk (kv heads {h_kv})"), &k, &dk, |k| probe_loss(&forward(&q, k, &v, n).0, &probe));
             check(&format!("dv (kv heads {h_kv})"), &v, &dv, |v| probe_loss(&forward(&q, &k, v, n).0, &probe));
@@ -469,24 +558,35 @@ mod tests {
     fn probabilities_recomputed_from_the_row_statistics_are_the_same_bits() {
         let (t_, first, rows) = (40, 7, 5);
         let scores: Vec<f32> = random(rows * t_, 12).iter().map(|x| x * 6.0).collect();
+        let pos: Vec<u32> = (first..first + rows).map(|t| t as u32 % 4).collect();
         let (mut probs, mut stats) = (scores.clone(), vec![0.0; rows * 2]);
-        causal_softmax(&mut probs, t_, first, &mut stats);
+        causal_softmax(&mut probs, t_, first, &pos, &mut stats);
         let mut again = scores.clone();
-        causal_probs(&mut again, t_, first, &stats);
+        causal_probs(&mut again, t_, first, &pos, &stats);
         assert_eq!(probs, again);
-        assert!(probs.chunks(t_).enumerate().all(|(i, row)| row[first + i + 1..].iter().all(|p| *p == 0.0)));
+        for (i, row) in probs.chunks(t_).enumerate() {
+            let cols = seen_cols(first + i, pos[i]);
+            assert!(row[..*cols.start()].iter().chain(&row[cols.end() + 1..]).all(|p| *p == 0.0));
+        }
     }
 
     #[test]
     fn the_blocked_version_matches_the_plain_one() {
-        // Lengths below, at and past the query block, with a partial last block.
-        for (h, h_kv, t) in [(4, 4, 9), (4, 2, 16), (6, 1, 5), (2, 2, 64), (4, 2, 75)] {
+        // Lengths below, at and past the query block, with a partial last block; whole rows and
+        // rows packing examples shorter and longer than a block.
+        let cases = [(4, 4, 9, 0), (4, 2, 16, 0), (6, 1, 5, 0), (2, 2, 64, 0), (4, 2, 75, 0), (4, 2, 75, 1), (2, 1, 9, 2)];
+        for (h, h_kv, t, packing) in cases {
             let n = AttnDims { b: 3, t, h, h_kv, d: 8 };
+            let pos = match packing {
+                0 => whole(n),
+                1 => packed(n, &[40, 7, 1, 30]),
+                _ => packed(n, &[3, 1, 2]),
+            };
             let (qn, kn) = (n.b * t * h * 8, n.b * t * h_kv * 8);
             let (q, k, v, dout) = (random(qn, 1), random(kn, 2), random(kn, 3), random(qn, 4));
-            let (out, stats) = forward(&q, &k, &v, n);
+            let (out, stats) = forward_at(&q, &k, &v, &pos, n);
             let (mut out_ref, mut att_ref) = (vec![0.0; qn], vec![0.0; n.b * h * t * t]);
-            attention_forward_plain(&q, &k, &v, &mut out_ref, &mut att_ref, n);
+            attention_forward_plain(&q, &k, &v, &pos, &mut out_ref, &mut att_ref, n);
             let close = |a: &[f32], b: &[f32], what: &str| {
                 for (i, (x, y)) in a.iter().zip(b).enumerate() {
                     assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{what}[{i}] ({h}/{h_kv} heads): {x} vs {y}");
@@ -495,9 +595,9 @@ mod tests {
             close(&out, &out_ref, "out");
             let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
             let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
+            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
             let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
-            attention_backward_plain(&dout, &q, &k, &v, &att_ref, &mut dq_ref, &mut dk_ref, &mut dv_ref, n);
+            attention_backward_plain(&dout, &q, &k, &v, &pos, &att_ref, &mut dq_ref, &mut dk_ref, &mut dv_ref, n);
             close(&dq, &dq_ref, "dq");
             close(&dk, &dk_ref, "dk");
             close(&dv, &dv_ref, "dv");
@@ -514,13 +614,14 @@ mod tests {
             (0..n.b * n.t).flat_map(|r| [&q, &k, &v].map(|x| &x[r * c..(r + 1) * c]).concat()).collect();
         let (out, stats) = forward(&q, &k, &v, n);
         let (mut out_fused, mut stats_fused) = (vec![0.0; len], vec![0.0; stats.len()]);
-        attention_forward(QkvIn::Fused(&fused), &mut out_fused, &mut stats_fused, n);
+        let pos = whole(n);
+        attention_forward(QkvIn::Fused(&fused), &pos, &mut out_fused, &mut stats_fused, n);
         assert_eq!((&out, &stats), (&out_fused, &stats_fused));
         let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
         let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &stats, grads, n);
+        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
         let mut dqkv = vec![9.0; 3 * len];
-        attention_backward(&dout, QkvIn::Fused(&fused), &stats, QkvOut::Fused(&mut dqkv), n);
+        attention_backward(&dout, QkvIn::Fused(&fused), &pos, &stats, QkvOut::Fused(&mut dqkv), n);
         let want: Vec<f32> =
             (0..n.b * n.t).flat_map(|r| [&dq, &dk, &dv].map(|x| &x[r * c..(r + 1) * c]).concat()).collect();
         assert_eq!(dqkv, want);
@@ -535,16 +636,17 @@ mod tests {
         let mut q: Vec<f32> = (0..t).flat_map(|_| base_q.clone()).collect();
         let mut k: Vec<f32> = (0..t).flat_map(|_| base_k.clone()).collect();
         let original = q.clone();
-        rope(&mut q, t, 1, d, 10_000.0, 0, false);
-        rope(&mut k, t, 1, d, 10_000.0, 0, false);
+        let pos: Vec<u32> = (0..t as u32).collect();
+        rope(&mut q, &pos, 1, d, 10_000.0, false);
+        rope(&mut k, &pos, 1, d, 10_000.0, false);
         let dot = |m: usize, n: usize| -> f32 { (0..d).map(|i| q[m * d + i] * k[n * d + i]).sum() };
         assert!((dot(3, 1) - dot(5, 3)).abs() < 1e-4, "same offset, same score");
         assert!((dot(3, 1) - dot(3, 2)).abs() > 1e-4, "another offset, another score");
         assert_eq!(&q[..d], &original[..d], "position 0 is not rotated");
         let mut alone = base_q.clone();
-        rope(&mut alone, 1, 1, d, 10_000.0, 4, false);
-        assert_eq!(alone, &q[4 * d..5 * d], "pos0 places a decoded row");
-        rope(&mut q, t, 1, d, 10_000.0, 0, true);
+        rope(&mut alone, &[4], 1, d, 10_000.0, false);
+        assert_eq!(alone, &q[4 * d..5 * d], "a row's position places it");
+        rope(&mut q, &pos, 1, d, 10_000.0, true);
         assert!(q.iter().zip(&original).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
@@ -552,12 +654,61 @@ mod tests {
     fn rope_backward_is_the_inverse_rotation() {
         let (b, t, h, d) = (2, 3, 2, 4);
         let (x, probe) = (random(b * t * h * d, 10), random(b * t * h * d, 11));
+        let pos: Vec<u32> = (0..b * t).map(|r| (r % t) as u32).collect();
         let mut grad = probe.clone();
-        rope(&mut grad, t, h, d, 10_000.0, 0, true);
+        rope(&mut grad, &pos, h, d, 10_000.0, true);
         check("drope", &x, &grad, |x| {
             let mut y = x.to_vec();
-            rope(&mut y, t, h, d, 10_000.0, 0, false);
+            rope(&mut y, &pos, h, d, 10_000.0, false);
             probe_loss(&y, &probe)
         });
+    }
+
+    #[test]
+    fn a_packed_row_gives_each_example_what_it_gets_alone() {
+        let n = AttnDims { b: 1, t: 50, h: 4, h_kv: 2, d: 8 };
+        let lens = [20, 1, 29];
+        let pos = packed(n, &lens);
+        check_positions(&pos, n.t);
+        let (qn, kn) = (n.t * n.h * n.d, n.t * n.h_kv * n.d);
+        let (q, k, v, dout) = (random(qn, 1), random(kn, 2), random(kn, 3), random(qn, 4));
+        let (out, stats) = forward_at(&q, &k, &v, &pos, n);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
+        let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+        let (qr, kr) = (n.h * n.d, n.h_kv * n.d);
+        let mut start = 0;
+        for len in lens {
+            let alone = AttnDims { t: len, ..n };
+            let (qs, ks) = (start * qr..(start + len) * qr, start * kr..(start + len) * kr);
+            let (q1, k1, v1) = (&q[qs.clone()], &k[ks.clone()], &v[ks.clone()]);
+            let (out1, stats1) = forward(q1, k1, v1, alone);
+            let (mut dq1, mut dk1, mut dv1) = (vec![0.0; len * qr], vec![0.0; len * kr], vec![0.0; len * kr]);
+            let grads = QkvOut::Split { dq: &mut dq1, dk: &mut dk1, dv: &mut dv1 };
+            let pos1 = whole(alone);
+            attention_backward(&dout[qs.clone()], QkvIn::Split { q: q1, k: k1, v: v1 }, &pos1, &stats1, grads, alone);
+            for (what, a, b) in [("out", &out[qs.clone()], &out1[..]), ("dq", &dq[qs.clone()], &dq1[..])]
+                .into_iter()
+                .chain([("dk", &dk[ks.clone()], &dk1[..]), ("dv", &dv[ks.clone()], &dv1[..])])
+            {
+                assert!(a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6), "{what} of the example at {start}");
+            }
+            start += len;
+        }
+    }
+
+    #[test]
+    fn packed_backward_matches_finite_differences() {
+        let n = AttnDims { b: 2, t: 5, h: 2, h_kv: 1, d: 2 };
+        let pos = packed(n, &[2, 3]);
+        let (qn, kn) = (n.b * n.t * n.h * n.d, n.b * n.t * n.h_kv * n.d);
+        let (q, k, v, probe) = (random(qn, 4), random(kn, 5), random(kn, 6), random(qn, 7));
+        let (_, stats) = forward_at(&q, &k, &v, &pos, n);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
+        let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+        attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+        check("dq (packed)", &q, &dq, |q| probe_loss(&forward_at(q, &k, &v, &pos, n).0, &probe));
+        check("dk (packed)", &k, &dk, |k| probe_loss(&forward_at(&q, k, &v, &pos, n).0, &probe));
+        check("dv (packed)", &v, &dv, |v| probe_loss(&forward_at(&q, &k, v, &pos, n).0, &probe));
     }
 }

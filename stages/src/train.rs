@@ -1,0 +1,262 @@
+//! The training loop every training stage shares: steps with a learning-rate schedule,
+//! metrics lines, periodic validation, checkpoints every `checkpoint_interval` steps and on
+//! Ctrl-C, resume from the last checkpoint (ending bit-identical to an uninterrupted run), a
+//! stop with a clear message when the loss diverges, and progress.
+//!
+//! A stage supplies what differs: the model and its starting parameters, which tensors train
+//! and how ([`TensorOpt`]), and its data ([`TrainData`]: batches and a validation loss).
+
+use std::time::Instant;
+
+use engine::{ParamSpec, Params, StageCtx, StageError};
+use serde_json::json;
+
+use crate::checkpoint::{DataPos, Progress, TrainState};
+use crate::nn::batch::Batch;
+use crate::nn::kernels::adamw::AdamW;
+use crate::nn::model::{Activations, Model};
+use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
+use crate::nn::params::ParamMap;
+use crate::nn::step::{train_step, LossMean, StepConfig, Trainable};
+use crate::round;
+
+/// Where a training stage's batches and validation loss come from.
+pub trait TrainData {
+    /// The data position of a fresh run.
+    fn start(&self) -> DataPos;
+    /// Fill `batch` with the next rows and advance `pos`.
+    fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch);
+    /// The validation loss of `params`, on at most `max_batches` batches.
+    fn val_loss(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<f64, StageError>;
+}
+
+/// The optimisation and logging settings of a run, read from the parameters every training
+/// stage declares ([`TRAIN_PARAMS`]).
+#[derive(Clone, Debug)]
+pub struct TrainSpec {
+    pub batch: usize,
+    pub accum: usize,
+    pub t: usize,
+    pub max_steps: u64,
+    pub schedule: Schedule,
+    pub adamw: AdamW,
+    pub grad_clip: f64,
+    pub z_loss: f32,
+    pub mean: LossMean,
+    pub eval_interval: u64,
+    pub eval_batches: usize,
+    pub log_interval: u64,
+    pub checkpoint_interval: u64,
+}
+
+/// The optimizer, schedule and logging parameters of every training stage; a stage's own
+/// table is its parameters followed by these ([`crate::concat_params`]).
+pub const TRAIN_PARAMS: [ParamSpec; 18] = [
+        ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
+        ParamSpec::int("batch_size", 12, 1, 1 << 20, "sequences per micro-batch"),
+        ParamSpec::int("grad_accum", 1, 1, 1 << 16, "micro-batches per optimizer step"),
+        ParamSpec::float("lr", 1e-3, 0.0, 10.0, "peak learning rate"),
+        ParamSpec::float("min_lr", 1e-4, 0.0, 10.0, "learning rate at the end of the decay"),
+        ParamSpec::int("warmup_steps", 100, 0, 1 << 40, "linear warmup from lr / (warmup + 1)"),
+        ParamSpec::choice(
+            "schedule",
+            "cosine",
+            &["cosine", "wsd", "constant"],
+            "after warmup: `cosine` to min_lr, `wsd` (warmup-stable-decay, linear decay at the end), or `constant`",
+        ),
+        ParamSpec::opt_int(
+            "decay_steps",
+            1,
+            1 << 40,
+            "cosine: the step where the decay ends (default max_steps); wsd: length of the final decay (default max_steps / 5)",
+        ),
+        ParamSpec::float("beta1", 0.9, 0.0, 0.999_999, "AdamW first-moment decay"),
+        ParamSpec::float("beta2", 0.99, 0.0, 0.999_999, "AdamW second-moment decay"),
+        ParamSpec::float("eps", 1e-8, 0.0, 1.0, "AdamW epsilon"),
+        ParamSpec::float("weight_decay", 0.1, 0.0, 10.0, "decoupled weight decay, on matrices only"),
+        ParamSpec::float("grad_clip", 1.0, 0.0, 1e9, "clip the global gradient norm to this (0: no clipping)"),
+        ParamSpec::float("z_loss", 0.0, 0.0, 1.0, "weight of the squared log-partition (PaLM's z-loss)"),
+        ParamSpec::int(
+            "eval_interval",
+            250,
+            0,
+            1 << 40,
+            "validation loss every this many steps, and at the end (0: only at the end)",
+        )
+        .not_hashed(),
+        ParamSpec::int("eval_batches", 20, 1, 1 << 30, "validation batches per evaluation (the first ones, in order)")
+            .not_hashed(),
+        ParamSpec::int("log_interval", 10, 1, 1 << 40, "a metrics line every this many steps").not_hashed(),
+        ParamSpec::int("checkpoint_interval", 250, 1, 1 << 40, "save the training state every this many steps")
+            .not_hashed(),
+    ];
+
+/// The learning-rate schedule the parameters ask for.
+pub fn schedule(p: &Params) -> Schedule {
+    let (lr, min_lr, warmup, steps) =
+        (p.float("lr"), p.float("min_lr"), p.int("warmup_steps") as u64, p.int("max_steps") as u64);
+    let decay = p.opt_usize("decay_steps").map(|d| d as u64);
+    match p.str("schedule") {
+        "wsd" => {
+            let len = decay.unwrap_or(steps / 5).min(steps);
+            Schedule::Wsd { lr, min_lr, warmup, decay_start: (steps - len).max(warmup), decay_end: steps }
+        }
+        "constant" => Schedule::Constant { lr, warmup },
+        _ => Schedule::Cosine { lr, min_lr, warmup, decay_end: decay.unwrap_or(steps).max(warmup + 1) },
+    }
+}
+
+/// The error `check` gives when `min_lr` is above `lr`.
+pub fn check_lrs(p: &Params) -> Result<(), engine::ParamProblem> {
+    if p.float("min_lr") > p.float("lr") {
+        return Err(engine::ParamProblem::new(
+            "min_lr",
+            format!("min_lr {} is above lr {}", p.float("min_lr"), p.float("lr")),
+        ));
+    }
+    Ok(())
+}
+
+impl TrainSpec {
+    /// The settings of [`TRAIN_PARAMS`], for sequences of `t` tokens.
+    pub fn from_params(p: &Params, t: usize, mean: LossMean) -> Self {
+        TrainSpec {
+            batch: p.usize("batch_size"),
+            accum: p.usize("grad_accum"),
+            t,
+            max_steps: p.int("max_steps") as u64,
+            schedule: schedule(p),
+            adamw: AdamW {
+                lr: 0.0,
+                beta1: p.float("beta1") as f32,
+                beta2: p.float("beta2") as f32,
+                eps: p.float("eps") as f32,
+                weight_decay: p.float("weight_decay") as f32,
+            },
+            grad_clip: p.float("grad_clip"),
+            z_loss: p.float("z_loss") as f32,
+            mean,
+            eval_interval: p.int("eval_interval") as u64,
+            eval_batches: p.usize("eval_batches"),
+            log_interval: p.int("log_interval") as u64,
+            checkpoint_interval: p.int("checkpoint_interval") as u64,
+        }
+    }
+}
+
+/// The trained state and what the run saw.
+pub struct Outcome {
+    pub state: TrainState,
+    pub last_loss: f64,
+    pub val_loss: f64,
+    pub tokens_per_s: f64,
+    pub resumed_from: Option<u64>,
+}
+
+/// What trains: the model, the parameters a fresh run starts from, which of them train (a
+/// gradient map with empty tensors for the frozen ones) and each tensor's optimizer settings.
+pub struct Trainee {
+    pub model: Model,
+    pub fresh: ParamMap,
+    pub grads: ParamMap,
+    pub opts: Vec<TensorOpt>,
+}
+
+/// Train `trainee` on `data` as `spec` says, resuming from the checkpoint in the stage's work
+/// directory if there is one.
+pub fn train(ctx: &StageCtx<'_>, spec: &TrainSpec, trainee: Trainee, data: &mut dyn TrainData) -> Result<Outcome, StageError> {
+    let Trainee { model, fresh, mut grads, opts } = trainee;
+    let resumed = TrainState::load(ctx.work_dir(), &fresh, &grads)?;
+    let resumed_from = resumed.as_ref().map(|s| s.progress.step);
+    let mut state = resumed.unwrap_or_else(|| TrainState {
+        opt: AdamWState::new(&grads),
+        progress: Progress { step: 0, data: data.start(), elapsed: 0.0, log: Vec::new() },
+        params: fresh,
+    });
+    let mut acts = Activations::for_training(&model, spec.batch, spec.t);
+    let mut batches: Vec<Batch> = (0..spec.accum).map(|_| Batch::new(spec.batch, spec.t)).collect();
+
+    let progress = ctx.progress();
+    progress.set_length(spec.max_steps, "steps");
+    progress.set_position(state.progress.step);
+    let started = Instant::now();
+    let elapsed_before = state.progress.elapsed;
+    let (mut last_loss, mut val_loss) = (f64::NAN, f64::NAN);
+    let mut window = (Instant::now(), 0u64);
+    let tokens_per_step = (spec.batch * spec.t * spec.accum) as u64;
+
+    while state.progress.step < spec.max_steps {
+        if ctx.check_cancelled().is_err() {
+            state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
+            state.save(ctx.work_dir())?;
+            return Err(StageError::Interrupted);
+        }
+        let step = state.progress.step;
+        let lr = spec.schedule.lr(step);
+        let cfg = StepConfig {
+            adamw: AdamW { lr: lr as f32, ..spec.adamw },
+            grad_clip: spec.grad_clip,
+            z_loss: spec.z_loss,
+            mean: spec.mean,
+        };
+        let pos = &mut state.progress.data;
+        let trainable = Trainable { params: &mut state.params, grads: &mut grads, opt: &mut state.opt, opts: &opts };
+        let outcome = train_step(&model, trainable, &mut acts, &mut batches, cfg, |batch| data.fill(pos, batch));
+        let (loss, norm) = (outcome.loss, outcome.grad_norm);
+        if !outcome.finite() {
+            return Err(StageError::msg(format!(
+                "training diverged at step {}: loss {loss}, gradient norm {norm} (lr {lr:.3e}); \
+                 lower `lr`, raise `warmup_steps` or set `grad_clip`",
+                step + 1
+            )));
+        }
+        state.progress.step += 1;
+        let step = state.progress.step;
+        last_loss = loss;
+        window.1 += tokens_per_step;
+
+        if step.is_multiple_of(spec.log_interval) || step == spec.max_steps {
+            let secs = window.0.elapsed().as_secs_f64();
+            state.progress.log.push(json!({
+                "step": step,
+                "loss": round(loss, 5),
+                "lr": lr,
+                "grad_norm": round(norm, 5),
+                "tokens_per_s": round(window.1 as f64 / secs.max(1e-9), 0),
+                "elapsed_s": round(elapsed_before + started.elapsed().as_secs_f64(), 3),
+            }));
+            window = (Instant::now(), 0);
+        }
+        let eval_now = step == spec.max_steps || (spec.eval_interval > 0 && step.is_multiple_of(spec.eval_interval));
+        if eval_now {
+            val_loss = data.val_loss(&model, &state.params, spec.eval_batches)?;
+            state.progress.log.push(json!({ "step": step, "val_loss": round(val_loss, 5) }));
+        }
+        progress.set_position(step);
+        let val_note = if val_loss.is_nan() { String::new() } else { format!(" val {val_loss:.4}") };
+        progress.set_message(&format!("loss {loss:.4}{val_note}"));
+        if step.is_multiple_of(spec.checkpoint_interval) && step < spec.max_steps {
+            state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
+            state.save(ctx.work_dir())?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let trained = state.progress.step - resumed_from.unwrap_or(0);
+    Ok(Outcome {
+        last_loss,
+        val_loss,
+        tokens_per_s: (trained * tokens_per_step) as f64 / seconds.max(1e-9),
+        resumed_from,
+        state,
+    })
+}
+
+/// The lines of `metrics.jsonl`: one per logged step and per evaluation.
+pub fn metrics_lines(state: &TrainState) -> Vec<u8> {
+    let mut lines = Vec::new();
+    for line in &state.progress.log {
+        use std::io::Write;
+        writeln!(lines, "{line}").expect("writing to memory");
+    }
+    lines
+}
