@@ -103,7 +103,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
                     let more = if more > 0 { format!(" and {more} more") } else { String::new() };
                     eprintln!("not run: {shown}{more}");
                 }
-                return Ok(ExitCode::from(1));
+                return Ok(ExitCode::from(if f.bad_input { 2 } else { 1 }));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -3,12 +3,10 @@
 //! diverging run that stops with the step named.
 
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{artifact, assert_success, key, shared_data, stage, Sandbox};
+use crate::util::{artifact, assert_success, interrupt_run, key, shared_data, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
@@ -141,42 +139,12 @@ fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
 /// Long enough to be interrupted: a few seconds, with a checkpoint every 10 steps.
 const LONG: [&str; 4] = ["--set", "pretrain.max_steps=600", "--set", "pretrain.eval_interval=0"];
 
-/// Start the long run (with `sets`), wait until it has written a checkpoint, send `sig`, and
-/// wait for the process. Returns the sandbox, the pretrain key and the exit status.
+/// Start the long run (with `sets`), interrupt it with `sig` once it has written a checkpoint.
+/// Returns the sandbox, the pretrain key and the exit status.
 fn interrupt_training(sig: &str, sets: &[&str]) -> (Sandbox, String, std::process::ExitStatus) {
     let sb = Sandbox::new();
-    let mut child: Child = sb
-        .command()
-        .args(["run", "train.toml"])
-        .args(LONG)
-        .args(sets)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // The pretrain key depends on upstream outputs, so find it by its checkpoint.
-    let checkpoint_dir = || -> Option<PathBuf> {
-        let dirs = std::fs::read_dir(sb.store().join("work")).ok()?;
-        dirs.filter_map(|d| d.ok()).map(|d| d.path()).find(|d| d.join("checkpoint.safetensors").exists())
-    };
-    let start = Instant::now();
-    let work = loop {
-        if let Some(dir) = checkpoint_dir() {
-            break dir;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let pretrain_key = work.file_name().unwrap().to_str().unwrap().to_string();
-    std::thread::sleep(Duration::from_millis(50));
-    let status = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let status = child.wait().unwrap();
-    assert!(
-        !sb.store().join("objects").join(&pretrain_key).exists(),
-        "the run finished before the signal; make the test run longer"
-    );
-    (sb, pretrain_key, status)
+    let (key, status) = interrupt_run(&sb, "train.toml", &[&LONG[..], sets].concat(), sig);
+    (sb, key, status)
 }
 
 fn resumes_bit_identically_after(sig: &str, sets: &[&str]) {

@@ -19,7 +19,7 @@ pub enum CacheError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("stage output `{name}` is not a plain file name (outputs are flat: no `/`, no `..`)")]
+    #[error("stage output `{name}` is not a file the store keeps (a hidden name, or the manifest's)")]
     BadOutputName { name: String },
     #[error("stage wrote no output files")]
     EmptyArtifact,

@@ -18,7 +18,7 @@ use crate::error::{CacheError, IoContext, Result};
 use crate::lock::KeyLock;
 use crate::manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
 use crate::runs::RunRecord;
-use crate::statcache::StatCache;
+use crate::statcache::{list_files, StatCache};
 
 /// A published artifact: its directory and manifest.
 #[derive(Clone, Debug)]
@@ -44,7 +44,8 @@ pub struct Staging {
 }
 
 impl Staging {
-    /// Where the stage writes its output files (flat: no subdirectories).
+    /// Where the stage writes its output files (subdirectories allowed; hidden names are not
+    /// kept).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -151,7 +152,8 @@ impl Store {
 
     /// Hash the staged files, write the manifest last, and rename the whole directory into
     /// `objects/` in one step: readers see the complete artifact or nothing. Files named in
-    /// `volatile` are listed and verified but left out of the content digest.
+    /// `volatile` are listed and verified but left out of the content digest. Files in
+    /// subdirectories are named by their relative path (`adapter/adapter_config.json`).
     pub fn publish(
         &self,
         staging: Staging,
@@ -161,14 +163,15 @@ impl Store {
         seconds: f64,
     ) -> Result<Artifact> {
         let mut files = Vec::new();
+        let listed = list_files(&staging.dir)?;
         for entry in std::fs::read_dir(&staging.dir).ctx("listing", &staging.dir)? {
-            let entry = entry.ctx("listing", &staging.dir)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if !path.is_file() || name == Manifest::FILE_NAME {
+            let name = entry.ctx("listing", &staging.dir)?.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') || name == Manifest::FILE_NAME {
                 return Err(CacheError::BadOutputName { name });
             }
-            let size = entry.metadata().ctx("reading metadata of", &path)?.len();
+        }
+        for (name, path) in listed {
+            let size = std::fs::metadata(&path).ctx("reading metadata of", &path)?.len();
             std::fs::File::open(&path).and_then(|f| f.sync_all()).ctx("syncing", &path)?;
             let volatile = volatile.contains(&name.as_str());
             files.push(FileEntry { digest: hash_file(&path)?, name, size, volatile });
@@ -177,6 +180,11 @@ impl Store {
             return Err(CacheError::EmptyArtifact);
         }
         files.sort_by(|a, b| a.name.cmp(&b.name));
+        let subdirs: HashSet<&str> = files.iter().filter_map(|f| f.name.rsplit_once('/')).map(|(d, _)| d).collect();
+        for dir in subdirs {
+            sync_dir(&staging.dir.join(dir))?;
+        }
+
         let manifest = Manifest {
             format: MANIFEST_FORMAT,
             key: staging.key,

@@ -46,6 +46,8 @@ pub struct StageOutcome {
 pub struct StageFailure {
     pub stage: String,
     pub message: String,
+    /// The stage's input data was malformed ([`StageError::BadInput`]), not the stage broken.
+    pub bad_input: bool,
 }
 
 #[derive(Debug, Default)]
@@ -60,7 +62,7 @@ pub struct RunReport {
 
 enum Done {
     Finished(Box<StageOutcome>),
-    Failed(String),
+    Failed { message: String, bad_input: bool },
     Interrupted,
 }
 
@@ -135,7 +137,7 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 running += 1;
                 scope.spawn(move || {
                     let done = try_execute(stage, key, meta, &inputs, store, opts)
-                        .unwrap_or_else(|e| Done::Failed(e.to_string()));
+                        .unwrap_or_else(|e| Done::Failed { message: e.to_string(), bad_input: false });
                     let _ = tx.send((id, done));
                 });
             }
@@ -150,10 +152,10 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                     opts.observer.stage_finished(&outcome);
                     complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
                 }
-                Done::Failed(message) => {
+                Done::Failed { message, bad_input } => {
                     let name = recipe.stages[id].name.clone();
                     opts.observer.stage_failed(&name, &message);
-                    report.failure.get_or_insert(StageFailure { stage: name, message });
+                    report.failure.get_or_insert(StageFailure { stage: name, message, bad_input });
                     stop = true;
                 }
                 Done::Interrupted => {
@@ -293,7 +295,8 @@ fn try_execute(
             store.abandon(staging)?;
             Ok(match e {
                 StageError::Interrupted => Done::Interrupted,
-                StageError::Failed(message) => Done::Failed(message),
+                StageError::Failed(message) => Done::Failed { message, bad_input: false },
+                StageError::BadInput(message) => Done::Failed { message, bad_input: true },
             })
         }
     }

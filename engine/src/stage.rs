@@ -71,11 +71,20 @@ pub enum StageError {
     /// A complete, human-readable message: what failed, on which file, at which place.
     #[error("{0}")]
     Failed(String),
+    /// The stage's input data is malformed (a missing field, a wrong type): a message naming
+    /// the file, the row and the field. Like a bad recipe, the user must fix what they gave.
+    #[error("{0}")]
+    BadInput(String),
 }
 
 impl StageError {
     pub fn msg(message: impl Into<String>) -> Self {
         StageError::Failed(message.into())
+    }
+
+    /// Malformed input data (see [`StageError::BadInput`]).
+    pub fn bad_input(message: impl Into<String>) -> Self {
+        StageError::BadInput(message.into())
     }
 
     /// An error with its whole chain of causes: "reading `x`: permission denied".

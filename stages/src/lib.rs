@@ -9,10 +9,12 @@ pub mod checkpoint;
 pub mod corpus;
 pub mod evaluate;
 pub mod generate;
+pub mod instructions;
 pub mod model_io;
 pub mod nn;
 pub mod pack;
 pub mod pretrain;
+pub mod sft;
 
 mod text_source;
 pub mod tokenize;
@@ -33,6 +35,10 @@ pub const PACKED: ArtifactType = ArtifactType("packed");
 /// `meta.json` (the `pretrain` stage).
 pub const MODEL: ArtifactType = ArtifactType("model");
 
+/// Instruction examples: token ids and a loss mask per example, train and validation, with
+/// the model's tokenizer and the template (the `instructions` stage).
+pub const EXAMPLES: ArtifactType = ArtifactType("examples");
+
 /// Evaluation results: `eval.json` with losses and samples (the `evaluate` stage).
 pub const EVAL: ArtifactType = ArtifactType("eval");
 
@@ -43,6 +49,8 @@ pub fn registry() -> Registry {
     r.register(Arc::new(tokenize::Tokenize));
     r.register(Arc::new(pack::Pack));
     r.register(Arc::new(pretrain::Pretrain));
+    r.register(Arc::new(instructions::Instructions));
+    r.register(Arc::new(sft::Sft));
     r.register(Arc::new(evaluate::Evaluate));
     r
 }

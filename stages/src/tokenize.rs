@@ -198,6 +198,16 @@ fn fixed_vocab(symbols: impl IntoIterator<Item = String>) -> Result<BPE, StageEr
     BPE::builder().vocab_and_merges(vocab, vec![]).build().map_err(|e| fail("building the vocabulary")(&*e))
 }
 
+/// A byte-level tokenizer whose ids are the bytes, for tests of stages that take a model's
+/// tokenizer.
+#[cfg(test)]
+pub(crate) fn byte_tokenizer() -> Tokenizer {
+    let mut t = Tokenizer::new(fixed_vocab((0..=255u8).map(|b| byte_char(b).to_string())).expect("a fixed vocabulary"));
+    t.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));
+    t.with_decoder(Some(ByteLevel::new(false, false, false)));
+    t
+}
+
 /// Builds the tokenizer `algorithm` names. BPE training reads the documents while `stop()` is
 /// false and returns `Interrupted` once it is true: an interrupt ends the counting of pairs at
 /// the next document, and the merges then run on the little counted so far. (The Hugging Face

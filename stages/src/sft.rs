@@ -1,0 +1,518 @@
+//! `sft`: supervised fine-tuning of a model on instruction examples, in full or with LoRA
+//! adapters (rsLoRA, LoRA+, LoRA-FA), with NEFTune.
+//!
+//! Examples are packed whole into rows of `seq_len` positions (first-fit decreasing; an
+//! example is never split across rows) with block-diagonal attention and positions restarting
+//! in each example, so a packed example trains exactly as it would alone; `packing = false`
+//! gives each example a row of its own. The loss counts response tokens only (unless
+//! `train_on_prompt`) and averages over every counted token of a step.
+//!
+//! Output: the model with any adapter merged in, in `pretrain`'s layout (so `evaluate`,
+//! `sample` and later stages take it as it is), the template of the examples, and with an
+//! adapter, `adapter/` in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`).
+
+use std::collections::BTreeSet;
+
+use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use serde_json::json;
+
+use crate::arrow_io::{read_examples, Examples, TokenMeta};
+use crate::batches::EpochOrder;
+use crate::checkpoint::DataPos;
+use crate::instructions::{TEMPLATE_FILE, TRAIN_FILE, VAL_FILE};
+use crate::model_io::{load_model_with_eot, save_model, save_safetensors, TOKENIZER};
+use crate::nn::batch::{Batch, EmbeddingNoise, IGNORE};
+use crate::nn::config::{Arch, ModelConfig};
+use crate::nn::lora::{self, LoraConfig, LoraInit};
+use crate::nn::model::{Activations, Model};
+use crate::nn::optim::TensorOpt;
+use crate::nn::params::ParamMap;
+use crate::nn::step::LossMean;
+use crate::pretrain::METRICS_FILE;
+use crate::train::{self, check_lrs, metrics_lines, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
+use crate::{concat_params, fail, round, EXAMPLES, MODEL};
+
+pub struct Sft;
+
+/// PEFT's adapter directory inside the output.
+pub const ADAPTER_DIR: &str = "adapter";
+
+const OWN_PARAMS: [ParamSpec; 14] = [
+    ParamSpec::int("seq_len", 256, 2, 1 << 20, "positions per row (at most the model's block size)"),
+    ParamSpec::bool("packing", true, "pack whole examples into rows (first-fit decreasing); false: one example per row"),
+    ParamSpec::choice(
+        "overlong",
+        "truncate",
+        &["truncate", "drop"],
+        "an example longer than seq_len + 1 tokens is cut to fit (`truncate`) or left out (`drop`)",
+    ),
+    ParamSpec::bool("train_on_prompt", false, "the loss counts the prompt's tokens too"),
+    ParamSpec::float("neftune_alpha", 0.0, 0.0, 1e3, "NEFTune: uniform noise of alpha / sqrt(L d) on the input embeddings (0: off)"),
+    ParamSpec::choice("adapter", "none", &["none", "lora"], "`none` trains every weight; `lora` trains adapters only"),
+    ParamSpec::int("lora_r", 8, 1, 4096, "LoRA rank"),
+    ParamSpec::float("lora_alpha", 16.0, 0.0, 1e6, "LoRA scale numerator: scale = alpha / r (or / sqrt(r))"),
+    ParamSpec::str_list(
+        "lora_targets",
+        &["all-linear"],
+        "module names to adapt (gpt2: c_attn, c_proj, c_fc; llama: q_proj ... down_proj), or `all-linear`",
+    ),
+    ParamSpec::bool("use_rslora", false, "rsLoRA: scale by alpha / sqrt(r)"),
+    ParamSpec::float("lora_plus_ratio", 1.0, 1.0, 1e4, "LoRA+: lora_B learns at this times the learning rate"),
+    ParamSpec::bool("lora_fa", false, "LoRA-FA: lora_A stays at its random initialisation"),
+    ParamSpec::choice(
+        "lora_init",
+        "kaiming",
+        &["kaiming", "gaussian"],
+        "lora_A's initialisation: PEFT's default Kaiming-uniform, or N(0, 1/r^2)",
+    ),
+    ParamSpec::int("val_batch_size", 16, 1, 1 << 20, "rows per validation forward pass").not_hashed(),
+];
+
+const PARAMS: &[ParamSpec] = &concat_params::<14, 18, 32>(OWN_PARAMS, TRAIN_PARAMS);
+
+const INPUTS: &[InputSpec] = &[
+    InputSpec {
+        name: "model",
+        accepts: Accepts::Artifact(&[MODEL]),
+        required: true,
+        doc: "the model to fine-tune (`pretrain` or another `sft`)",
+    },
+    InputSpec {
+        name: "data",
+        accepts: Accepts::Artifact(&[EXAMPLES]),
+        required: true,
+        doc: "an `instructions` stage made with the same model's tokenizer",
+    },
+];
+
+/// Every module name a supported architecture has.
+const KNOWN_MODULES: [&str; 10] =
+    ["c_attn", "c_proj", "c_fc", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+impl Stage for Sft {
+    fn kind(&self) -> &'static str {
+        "sft"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "fine-tune a model on instruction examples, in full or with LoRA adapters, packed without cross-talk"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        INPUTS
+    }
+    fn output(&self) -> engine::ArtifactType {
+        MODEL
+    }
+    fn uses_seed(&self) -> bool {
+        true
+    }
+    fn volatile_outputs(&self) -> &'static [&'static str] {
+        &[METRICS_FILE]
+    }
+
+    fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
+        check_lrs(p)?;
+        for target in p.str_list("lora_targets") {
+            if target != "all-linear" && !KNOWN_MODULES.contains(&target.as_str()) {
+                return Err(ParamProblem::new(
+                    "lora_targets",
+                    format!("`{target}` is not a linear module of gpt2 or llama (known: {})", KNOWN_MODULES.join(", ")),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
+        let (Input::Artifact { artifact: model_dir, stage: model_stage, .. }, Input::Artifact { artifact: data, stage: data_stage, .. }) =
+            (ctx.required_input("model"), ctx.required_input("data"))
+        else {
+            unreachable!("both slots accept only artifacts");
+        };
+        let p = ctx.params();
+        let (cfg, mut params, eot) = load_model_with_eot(&model_dir.dir)?;
+        let same_tokenizer = std::fs::read(model_dir.path(TOKENIZER)).ok() == std::fs::read(data.path(TOKENIZER)).ok();
+        if !same_tokenizer {
+            return Err(StageError::msg(format!(
+                "the examples of stage `{data_stage}` were tokenized with another tokenizer than the model of stage `{model_stage}`: wire `{data_stage}.model` to the same model"
+            )));
+        }
+        let seq_len = p.usize("seq_len");
+        if seq_len > cfg.block_size {
+            return Err(StageError::msg(format!(
+                "seq_len {seq_len} is longer than the model's block size {}: lower `seq_len`",
+                cfg.block_size
+            )));
+        }
+        let layout = Layout {
+            t: seq_len,
+            packing: p.bool("packing"),
+            drop_overlong: p.str("overlong") == "drop",
+            train_on_prompt: p.bool("train_on_prompt"),
+            eot,
+        };
+        let (train_rows, stats) = layout.pack(&read_examples(&data.path(TRAIN_FILE))?);
+        let (val_rows, _) = layout.pack(&read_examples(&data.path(VAL_FILE))?);
+        if train_rows.rows == 0 {
+            return Err(StageError::msg("no training example fits: raise `seq_len` or set overlong = \"truncate\""));
+        }
+
+        let lora = lora_config(p, &cfg)?;
+        if let Some(lora) = &lora {
+            lora.add(&cfg, &mut params, ctx.seed());
+        }
+        let (grads, opts) = trainable(p, &params, lora.is_some());
+        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale));
+        let trainable_count: usize = grads.iter().map(|(_, g)| g.data().len()).sum();
+        let spec = TrainSpec::from_params(p, seq_len, LossMean::PerToken);
+        let alpha = p.float("neftune_alpha") as f32;
+        let mut data_source = ExampleData {
+            train: train_rows,
+            val: val_rows,
+            order: EpochOrder::new(ctx.seed()),
+            noise: (alpha > 0.0).then_some(EmbeddingNoise { alpha, seed: ctx.seed() }),
+            val_batch: p.usize("val_batch_size"),
+        };
+        let trainee = Trainee { model, fresh: params, grads, opts };
+        let outcome = train::train(ctx, &spec, trainee, &mut data_source)?;
+
+        let trained = &outcome.state.params;
+        let merged = match &lora {
+            Some(lora) => lora.merged(&cfg, trained),
+            None => trained.clone(),
+        };
+        save_model(ctx.out_dir(), &cfg, &merged, eot)?;
+        for file in [TOKENIZER, TEMPLATE_FILE] {
+            std::fs::copy(data.path(file), ctx.out(file)).map_err(|e| fail(format!("copying {file}"))(&e))?;
+        }
+        TokenMeta { vocab_size: cfg.vocab_size as u32, eot_id: eot, seq_len: Some(seq_len) }.write(ctx.out_dir())?;
+        if let Some(lora) = &lora {
+            write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, trained)?;
+        }
+        std::fs::write(ctx.out(METRICS_FILE), metrics_lines(&outcome.state))
+            .map_err(|e| fail("writing metrics.jsonl")(&e))?;
+
+        let mut metrics = Metrics::from([
+            ("steps".into(), json!(outcome.state.progress.step)),
+            ("train_loss".into(), json!(round(outcome.last_loss, 4))),
+            ("val_loss".into(), json!(round(outcome.val_loss, 4))),
+            ("trainable_parameters".into(), json!(trainable_count)),
+            ("examples".into(), json!(stats.examples)),
+            ("truncated".into(), json!(stats.truncated)),
+            ("dropped".into(), json!(stats.dropped)),
+            ("rows".into(), json!(stats.rows)),
+            ("packing_efficiency".into(), json!(round(stats.efficiency(seq_len), 4))),
+            ("tokens_per_s".into(), json!(round(outcome.tokens_per_s, 0))),
+        ]);
+        if let Some(step) = outcome.resumed_from {
+            metrics.insert("resumed_from_step".into(), json!(step));
+        }
+        Ok(metrics)
+    }
+}
+
+/// The adapters the parameters ask for, checked against the model's architecture.
+fn lora_config(p: &Params, cfg: &ModelConfig) -> Result<Option<LoraConfig>, StageError> {
+    if p.str("adapter") != "lora" {
+        return Ok(None);
+    }
+    let names = cfg.module_names();
+    let mut targets: Vec<String> = Vec::new();
+    for t in p.str_list("lora_targets") {
+        if t == "all-linear" {
+            targets.extend(names.iter().map(|s| s.to_string()));
+        } else if names.contains(&t.as_str()) {
+            targets.push(t.clone());
+        } else {
+            return Err(StageError::msg(format!(
+                "lora_targets: a {} model has no module `{t}` (its linear modules: {})",
+                cfg.arch.name(),
+                names.join(", ")
+            )));
+        }
+    }
+    targets.sort();
+    targets.dedup();
+    Ok(Some(LoraConfig {
+        r: p.usize("lora_r"),
+        alpha: p.float("lora_alpha") as f32,
+        rslora: p.bool("use_rslora"),
+        targets,
+        init: if p.str("lora_init") == "gaussian" { LoraInit::Gaussian } else { LoraInit::Kaiming },
+    }))
+}
+
+/// Which tensors train, and how: everything (a full fine-tune), or the adapters only, `lora_A`
+/// not at all under LoRA-FA and `lora_B` at `lora_plus_ratio` times the learning rate.
+fn trainable(p: &Params, params: &ParamMap, adapters: bool) -> (ParamMap, Vec<TensorOpt>) {
+    if !adapters {
+        return (params.zeros_like(), TensorOpt::defaults(params));
+    }
+    let lora_fa = p.bool("lora_fa");
+    let trains = |name: &str| lora::is_adapter(name) && !(lora_fa && name.ends_with(".lora_A.weight"));
+    let ratio = p.float("lora_plus_ratio") as f32;
+    let opts = TensorOpt::defaults(params)
+        .into_iter()
+        .zip(params.iter())
+        .map(|(opt, (name, _))| if name.ends_with(".lora_B.weight") { TensorOpt { lr_scale: ratio, ..opt } } else { opt })
+        .collect();
+    (params.zeros_like_trainable(trains), opts)
+}
+
+/// How examples become rows.
+struct Layout {
+    t: usize,
+    packing: bool,
+    drop_overlong: bool,
+    train_on_prompt: bool,
+    eot: u32,
+}
+
+/// Rows of `t` positions: ids, targets and positions, as a [`Batch`] holds them.
+struct Rows {
+    t: usize,
+    rows: usize,
+    ids: Vec<u32>,
+    targets: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+impl Rows {
+    fn copy_row(&self, r: usize, batch: &mut Batch, i: usize) {
+        let span = r * self.t..(r + 1) * self.t;
+        let (ids, targets, pos) = batch.row_mut(i);
+        ids.copy_from_slice(&self.ids[span.clone()]);
+        targets.copy_from_slice(&self.targets[span.clone()]);
+        pos.copy_from_slice(&self.pos[span]);
+    }
+}
+
+/// What packing did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct PackStats {
+    examples: usize,
+    truncated: usize,
+    dropped: usize,
+    rows: usize,
+    /// Positions that hold an example's token (the rest is padding).
+    filled: usize,
+}
+
+impl PackStats {
+    /// Real tokens over row positions.
+    fn efficiency(&self, t: usize) -> f64 {
+        self.filled as f64 / (self.rows * t).max(1) as f64
+    }
+}
+
+impl Layout {
+    /// An example of n tokens fills n - 1 positions (inputs `..n-1`, targets `1..`).
+    fn pack(&self, examples: &Examples) -> (Rows, PackStats) {
+        let t = self.t;
+        let mut stats = PackStats { examples: examples.len(), ..PackStats::default() };
+        // (example, positions it fills)
+        let mut items: Vec<(usize, usize)> = Vec::new();
+        for i in 0..examples.len() {
+            let len = examples.example(i).0.len().saturating_sub(1);
+            if len > t {
+                if self.drop_overlong {
+                    stats.dropped += 1;
+                    continue;
+                }
+                stats.truncated += 1;
+            }
+            if len > 0 {
+                items.push((i, len.min(t)));
+            }
+        }
+        // First-fit decreasing: longest first (ties in example order), each into the first
+        // row with room; without packing, a row each.
+        let mut bins: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+        if self.packing {
+            items.sort_by_key(|&(i, len)| (std::cmp::Reverse(len), i));
+            for item in items {
+                match bins.iter_mut().find(|(free, _)| *free >= item.1) {
+                    Some((free, members)) => {
+                        *free -= item.1;
+                        members.push(item);
+                    }
+                    None => bins.push((t - item.1, vec![item])),
+                }
+            }
+        } else {
+            bins = items.into_iter().map(|item| (t - item.1, vec![item])).collect();
+        }
+        let rows = bins.len();
+        let mut out = Rows {
+            t,
+            rows,
+            ids: vec![self.eot; rows * t],
+            targets: vec![IGNORE; rows * t],
+            pos: vec![0; rows * t],
+        };
+        for (r, (_, members)) in bins.iter().enumerate() {
+            let mut at = r * t;
+            for &(i, len) in members {
+                let (ids, mask) = examples.example(i);
+                for k in 0..len {
+                    out.ids[at + k] = ids[k];
+                    let counted = self.train_on_prompt || mask[k + 1] == 1;
+                    out.targets[at + k] = if counted { ids[k + 1] } else { IGNORE };
+                    out.pos[at + k] = k as u32;
+                }
+                at += len;
+                stats.filled += len;
+            }
+            // Padding: its own segment, never a target.
+            for (k, p) in out.pos[at..(r + 1) * t].iter_mut().enumerate() {
+                *p = k as u32;
+            }
+        }
+        stats.rows = rows;
+        (out, stats)
+    }
+}
+
+/// Packed training rows in a seeded order, and the validation rows in theirs.
+struct ExampleData {
+    train: Rows,
+    val: Rows,
+    order: EpochOrder,
+    noise: Option<EmbeddingNoise>,
+    val_batch: usize,
+}
+
+impl TrainData for ExampleData {
+    fn start(&self) -> DataPos {
+        DataPos { rng: 0, consumed: 0 }
+    }
+    fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
+        // Each micro-batch's noise comes from the seed and where the data stands.
+        batch.noise = self.noise.map(|n| EmbeddingNoise {
+            seed: n.seed ^ (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25),
+            ..n
+        });
+        for i in 0..batch.batch() {
+            let r = self.order.row(pos.consumed, self.train.rows);
+            self.train.copy_row(r, batch, i);
+            pos.consumed += 1;
+        }
+    }
+    fn val_loss(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<f64, StageError> {
+        Ok(rows_loss(model, params, &self.val, self.val_batch, Some(max_batches)).0)
+    }
+}
+
+/// Mean loss over the counted targets of the first rows (at most `max_batches` batches of
+/// `batch`), and how many targets counted. Summed in row order in f64.
+fn rows_loss(model: &Model, params: &ParamMap, rows: &Rows, batch: usize, max_batches: Option<usize>) -> (f64, usize) {
+    let last = max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows));
+    let (mut total, mut tokens, mut r) = (0.0f64, 0usize, 0usize);
+    while r < last {
+        let b = batch.min(last - r);
+        let mut x = Batch::new(b, rows.t);
+        for i in 0..b {
+            rows.copy_row(r + i, &mut x, i);
+        }
+        let mut acts = Activations::inference(model, b, rows.t);
+        let (sum, n) = model.target_losses(params, &x, &mut acts);
+        total += sum;
+        tokens += n;
+        r += b;
+    }
+    (total / tokens.max(1) as f64, tokens)
+}
+
+/// PEFT's layout: `adapter_config.json` and `adapter_model.safetensors` with PEFT's tensor
+/// names (`base_model.model.` + the module path + `.lora_A.weight`).
+fn write_peft_adapter(dir: &std::path::Path, cfg: &ModelConfig, lora: &LoraConfig, params: &ParamMap) -> Result<(), StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating `{}`", dir.display()))(&e))?;
+    let mut tensors = ParamMap::default();
+    for m in lora.modules(cfg) {
+        for name in [lora::a_name(&m.path), lora::b_name(&m.path)] {
+            tensors.insert(format!("base_model.model.{name}"), params.tensor(&name).clone());
+        }
+    }
+    save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": null,
+        "inference_mode": true,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": lora.targets,
+        "fan_in_fan_out": cfg.arch == Arch::Gpt2,
+        "bias": "none",
+        "use_rslora": lora.rslora,
+        "use_dora": false,
+        "init_lora_weights": if lora.init == LoraInit::Gaussian { json!("gaussian") } else { json!(true) },
+        "modules_to_save": null,
+    });
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialize") + "\n";
+    let path = dir.join("adapter_config.json");
+    std::fs::write(&path, text).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples(lens: &[usize]) -> Examples {
+        let mut ex = Examples::default();
+        for (j, &n) in lens.iter().enumerate() {
+            let ids: Vec<u32> = (0..n as u32).map(|k| 10 * j as u32 + k).collect();
+            // The first half is the prompt.
+            let mask: Vec<u32> = (0..n).map(|k| u32::from(k >= n / 2)).collect();
+            ex.push(&ids, &mask);
+        }
+        ex
+    }
+
+    fn layout(t: usize, packing: bool) -> Layout {
+        Layout { t, packing, drop_overlong: false, train_on_prompt: false, eot: 99 }
+    }
+
+    #[test]
+    fn first_fit_decreasing_packs_whole_examples_with_restarting_positions() {
+        // Examples fill 5, 3, 2, 4 and 1 positions in rows of 6.
+        let ex = examples(&[6, 4, 3, 5, 2]);
+        let (rows, stats) = layout(6, true).pack(&ex);
+        assert_eq!(stats.rows, 3);
+        assert_eq!(stats.filled, 15);
+        assert!((stats.efficiency(6) - 15.0 / 18.0).abs() < 1e-12);
+        // Row 0: the 5 then the 1; row 1: the 4 then the 2; row 2: the 3 and padding.
+        assert_eq!(&rows.pos[..6], &[0, 1, 2, 3, 4, 0]);
+        assert_eq!(&rows.ids[..6], &[0, 1, 2, 3, 4, 40]);
+        assert_eq!(&rows.pos[6..12], &[0, 1, 2, 3, 0, 1]);
+        assert_eq!(&rows.ids[12..18], &[10, 11, 12, 99, 99, 99]);
+        assert_eq!(&rows.targets[15..18], &[IGNORE; 3], "padding is never a target");
+        // Example 0 (6 tokens, prompt 0..3): targets 1, 2 are prompt, 3.. are response.
+        assert_eq!(&rows.targets[..5], &[IGNORE, IGNORE, 3, 4, 5]);
+        let mut batch = Batch::new(3, 6);
+        for r in 0..3 {
+            rows.copy_row(r, &mut batch, r);
+        }
+        batch.check();
+    }
+
+    #[test]
+    fn without_packing_each_example_has_a_row_and_long_ones_are_cut_or_dropped() {
+        let ex = examples(&[3, 9, 2]);
+        let (rows, stats) = layout(4, false).pack(&ex);
+        assert_eq!((stats.rows, stats.truncated, stats.filled), (3, 1, 2 + 4 + 1));
+        assert_eq!(&rows.ids[4..8], &[10, 11, 12, 13]);
+        let dropping = Layout { drop_overlong: true, ..layout(4, false) };
+        let (_, stats) = dropping.pack(&ex);
+        assert_eq!((stats.rows, stats.dropped), (2, 1));
+        let prompt_too = Layout { train_on_prompt: true, ..layout(4, false) };
+        let (rows, _) = prompt_too.pack(&ex);
+        assert_eq!(&rows.targets[..2], &[1, 2]);
+    }
+}

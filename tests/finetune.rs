@@ -1,0 +1,148 @@
+//! Fine-tuning end to end: instruction data with bad rows, `sft` with LoRA adapters written in
+//! PEFT's layout, a merged model equal to base + scale * B A, what reruns after an edit, and
+//! exact resume with and without adapters.
+
+use serde_json::Value;
+use stages::model_io::{load_model, load_safetensors};
+use stages::nn::lora::{LoraConfig, LoraInit};
+use stages::nn::params::ParamMap;
+
+use crate::util::{artifact, interrupt_run, key, ran, stage, Sandbox};
+
+/// The sft stage's adapter tensors under their in-map names (PEFT's without its prefix).
+fn adapter_tensors(dir: &std::path::Path) -> ParamMap {
+    let peft = load_safetensors(&dir.join("adapter/adapter_model.safetensors")).unwrap();
+    let mut out = ParamMap::default();
+    for (name, t) in peft.iter() {
+        let name = name.strip_prefix("base_model.model.").expect("PEFT's prefix");
+        out.insert(name, t.clone());
+    }
+    out
+}
+
+#[test]
+fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("sft.toml", &[]);
+    let sft = artifact(&sb, &run, "sft");
+    for file in ["model.safetensors", "config.json", "tokenizer.json", "template.json", "metrics.jsonl"] {
+        assert!(sft.join(file).is_file(), "sft writes {file}");
+    }
+    let metrics = &stage(&run, "sft")["metrics"];
+    assert!(metrics["packing_efficiency"].as_f64().unwrap() > 0.8, "{metrics}");
+    // Per layer r (in + out) for q, k, v, o (32 -> 32) and gate, up, down (32 <-> 96).
+    assert_eq!(metrics["trainable_parameters"], 2 * (4 * 4 * (32 + 32) + 3 * 4 * (32 + 96)));
+
+    let config: Value = serde_json::from_slice(&std::fs::read(sft.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(4)));
+    assert_eq!(config["fan_in_fan_out"], false, "llama's weights are nn.Linear");
+    let adapters = adapter_tensors(&sft);
+    // q_proj of a 32-wide model: A (r, in), B (out, r).
+    assert_eq!(adapters.tensor("model.layers.1.self_attn.q_proj.lora_A.weight").shape(), [4, 32]);
+    assert_eq!(adapters.tensor("model.layers.0.mlp.down_proj.lora_B.weight").shape(), [32, 4]);
+    assert!(adapters.get("model.layers.0.mlp.down_proj.lora_B.weight").iter().any(|x| *x != 0.0), "B trained");
+
+    // The merged model is the untouched base plus scale * B A, to the bit.
+    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
+    let (_, merged) = load_model(&sft).unwrap();
+    let mut adapted = base.clone();
+    for (name, t) in adapters.iter() {
+        adapted.insert(name, t.clone());
+    }
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+        init: LoraInit::Kaiming,
+    };
+    assert!(lora.merged(&cfg, &adapted) == merged, "merged = frozen base + scale * B A");
+}
+
+#[test]
+fn a_full_fine_tune_moves_every_weight() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("sft.toml", &["--set", "sft.adapter=none", "--set", "sft.neftune_alpha=0"]);
+    let sft = artifact(&sb, &run, "sft");
+    assert!(!sft.join("adapter").exists(), "no adapter without one");
+    let (_, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
+    let (_, tuned) = load_model(&sft).unwrap();
+    for ((name, a), (_, b)) in base.iter().zip(tuned.iter()) {
+        assert_ne!(a, b, "{name} trained");
+    }
+    assert_eq!(stage(&run, "sft")["metrics"]["trainable_parameters"].as_u64(), Some(base.num_elements() as u64));
+}
+
+#[test]
+fn changing_an_adapter_or_neftune_parameter_reruns_sft_but_not_pretrain() {
+    let sb = Sandbox::new();
+    sb.run_json("sft.toml", &[]);
+    for set in ["sft.neftune_alpha=1", "sft.lora_r=2", "sft.use_rslora=true", "sft.lora_fa=true"] {
+        let run = sb.run_json("sft.toml", &["--set", set]);
+        assert_eq!(ran(&run), ["sft"], "{set}");
+    }
+    let run = sb.run_json("sft.toml", &["--set", "instructions.val_fraction=0.25"]);
+    assert_eq!(ran(&run), ["instructions", "sft"]);
+}
+
+#[test]
+fn lora_fa_keeps_a_at_its_initialisation() {
+    let sb = Sandbox::new();
+    let fa = sb.run_json("sft.toml", &["--set", "sft.lora_fa=true", "--set", "sft.max_steps=3"]);
+    let zero = sb.run_json("sft.toml", &["--set", "sft.lr=0", "--set", "sft.min_lr=0", "--set", "sft.max_steps=3"]);
+    let (a, b) = (adapter_tensors(&artifact(&sb, &fa, "sft")), adapter_tensors(&artifact(&sb, &zero, "sft")));
+    for (name, t) in a.iter().filter(|(n, _)| n.ends_with("lora_A.weight")) {
+        assert_eq!(t, b.tensor(name), "{name} is frozen");
+    }
+}
+
+#[test]
+fn bad_instruction_rows_exit_2_naming_the_file_row_and_field() {
+    let sb = Sandbox::new();
+    let rows = [
+        ("{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 3, \"output\": \"b\"}\n", "line 2: field `instruction` is a number, not a string"),
+        ("{\"instruction\": \"a\", \"output\": \"\"}\n", "line 1: field `output` is empty"),
+        ("{\"instruction\": \"a\"}\n", "line 1: missing field `output`"),
+    ];
+    for (text, expected) in rows {
+        sb.write("bad.jsonl", text);
+        let out = sb.tinygpt(&["run", "sft.toml", "--set", "instructions.input=bad.jsonl"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("bad.jsonl") && err.contains(expected), "{err}");
+    }
+    let out = sb.tinygpt(&["plan", "sft.toml", "--set", "instructions.template={instruction} {answer}"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("unknown placeholder `{answer}`"), "{err}");
+    let out = sb.tinygpt(&["plan", "sft.toml", "--set", "sft.lora_targets=[\"q_prj\"]"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`q_prj` is not a linear module"));
+}
+
+/// Run the recipe's upstream stages, then a long sft interrupted by `sig`, then again: the
+/// resumed weights equal an uninterrupted run's.
+fn sft_resumes_bit_identically(sig: &str, sets: &[&str]) {
+    let long = [&["--set", "sft.max_steps=1500", "--set", "sft.eval_interval=0"][..], sets].concat();
+    let sb = Sandbox::new();
+    sb.run_json("sft.toml", &["--set", "sft.max_steps=1"]);
+    let (sft_key, _) = interrupt_run(&sb, "sft.toml", &long, sig);
+    let resumed = sb.run_json("sft.toml", &long);
+    assert_eq!(key(&resumed, "sft"), sft_key);
+    let from = stage(&resumed, "sft")["metrics"]["resumed_from_step"].as_u64();
+    assert!(from.is_some_and(|s| s > 0 && s < 1500), "resumed from a checkpoint: {from:?}");
+    let fresh = Sandbox::new();
+    let uninterrupted = fresh.run_json("sft.toml", &long);
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, "sft"))["content_digest"].clone();
+    assert_eq!(digest(&sb, &resumed), digest(&fresh, &uninterrupted), "same model and adapter bits");
+}
+
+#[test]
+fn a_killed_lora_fine_tune_resumes_to_the_same_bits() {
+    sft_resumes_bit_identically("-KILL", &[]);
+}
+
+#[test]
+fn an_interrupted_full_fine_tune_resumes_to_the_same_bits() {
+    sft_resumes_bit_identically("-INT", &["--set", "sft.adapter=none"]);
+}
