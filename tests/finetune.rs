@@ -146,3 +146,14 @@ fn a_killed_lora_fine_tune_resumes_to_the_same_bits() {
 fn an_interrupted_full_fine_tune_resumes_to_the_same_bits() {
     sft_resumes_bit_identically("-INT", &["--set", "sft.adapter=none"]);
 }
+
+#[test]
+fn one_and_two_threads_fine_tune_to_the_same_bits() {
+    let digest = |threads: &str| {
+        let sb = Sandbox::new();
+        let sets = ["--set", &format!("sft.threads={threads}"), "--set", "sft.max_steps=6"];
+        let run = sb.run_json("sft.toml", &sets);
+        sb.manifest(&key(&run, "sft"))["content_digest"].clone()
+    };
+    assert_eq!(digest("1"), digest("2"));
+}

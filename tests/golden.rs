@@ -43,7 +43,7 @@ pub fn machine() -> String {
 
 /// Content digests of every stage kind's output on small fixtures, with the implementation
 /// version that produced them. Stages that train or run a model (their labels start with
-/// `pretrain` or `evaluate`) are kept per machine: on a machine not yet recorded they are
+/// `pretrain`, `evaluate` or `sft`) are kept per machine: on a machine not yet recorded they are
 /// skipped, saying so, and `UPDATE_GOLDEN=1` records it.
 #[test]
 fn stage_outputs_match_their_golden_digests() {
@@ -62,7 +62,7 @@ fn stage_outputs_match_their_golden_digests() {
             "version": manifest["meta"]["preimage"]["version"],
             "content_digest": manifest["content_digest"],
         });
-        let uses_a_model = label.starts_with("pretrain") || label.starts_with("evaluate");
+        let uses_a_model = ["pretrain", "evaluate", "sft"].iter().any(|kind| label.starts_with(kind));
         let section = if uses_a_model { machine.clone() } else { ANY_MACHINE.to_string() };
         actual.entry(section).or_default().insert(label.to_string(), entry);
     };
@@ -88,6 +88,11 @@ fn stage_outputs_match_their_golden_digests() {
         &[&small[..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"]].concat(),
     );
     record("pretrain-llama", &llama, "pretrain");
+    let sft = sb.run_json("sft.toml", &["--set", "sft.max_steps=4"]);
+    record("instructions", &sft, "instructions");
+    record("sft-lora", &sft, "sft");
+    let full = sb.run_json("sft.toml", &["--set", "sft.max_steps=4", "--set", "sft.adapter=none"]);
+    record("sft-full", &full, "sft");
 
     let path = golden_path("digests.json");
     let mut expected: BTreeMap<String, BTreeMap<String, Value>> = match std::fs::read(&path) {
