@@ -112,8 +112,15 @@ pub struct SampleArgs {
     pub sets: Vec<String>,
     /// The text to continue; the model sees its last block_size - 1 tokens [default: start
     /// from the end-of-text token]
-    #[arg(long, default_value = "", hide_default_value = true)]
+    #[arg(long, default_value = "", hide_default_value = true, conflicts_with = "instruction")]
     pub prompt: String,
+    /// An instruction for a fine-tuned model: the prompt becomes the model's template (from
+    /// `sft`) applied to it
+    #[arg(long, value_name = "TEXT")]
+    pub instruction: Option<String>,
+    /// The instruction's input, if it has one
+    #[arg(long, value_name = "TEXT", requires = "instruction", default_value = "", hide_default_value = true)]
+    pub input: String,
     /// Tokens to generate per sample
     #[arg(long, default_value_t = 200, value_name = "N")]
     pub max_new_tokens: usize,

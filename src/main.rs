@@ -234,20 +234,33 @@ fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Resu
     use std::io::Write;
     let dir = model_dir(&args, root, registry)?;
     let lm = stages::generate::LoadedModel::load(&dir).map_err(|e| Fail::Other(e.to_string()))?;
+    let prompt = match &args.instruction {
+        None => args.prompt.clone(),
+        Some(instruction) => {
+            if !dir.join(stages::instructions::TEMPLATE_FILE).is_file() {
+                return Err(Fail::Other(format!(
+                    "the model in `{}` has no instruction template (`sft` writes one): use --prompt",
+                    dir.display()
+                )));
+            }
+            let template = stages::instructions::Template::read(&dir).map_err(|e| Fail::Other(e.to_string()))?;
+            template.prompt(instruction, &args.input)
+        }
+    };
     let sampling = stages::nn::sample::Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
     let mut out = std::io::stdout().lock();
     for i in 0..args.num_samples {
         if i > 0 {
             writeln!(out, "\n---").ok();
         }
-        write!(out, "{}", args.prompt).ok();
+        write!(out, "{prompt}").ok();
         let opts = stages::generate::GenOptions {
             sampling,
             max_new_tokens: args.max_new_tokens,
             seed: args.seed.wrapping_add(i as u64),
             stop_at_eot: true,
         };
-        stages::generate::generate(&lm, &args.prompt, opts, |piece| {
+        stages::generate::generate(&lm, &prompt, opts, |piece| {
             write!(out, "{piece}").ok();
             out.flush().ok();
         })

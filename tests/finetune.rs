@@ -57,6 +57,20 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
         init: LoraInit::Kaiming,
     };
     assert!(lora.merged(&cfg, &adapted) == merged, "merged = frozen base + scale * B A");
+
+    // evaluate scores the held-out responses as sft's validation did, and answers instructions.
+    let eval: Value = serde_json::from_slice(&std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap()).unwrap();
+    let sft_val = metrics["val_loss"].as_f64().unwrap();
+    assert!((eval["val_loss"].as_f64().unwrap() - sft_val).abs() < 1e-4, "{eval} vs {sft_val}");
+    let samples = eval["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    assert!(samples[0]["prompt"].as_str().unwrap().starts_with("Q: ") && samples[0]["reference"].is_string());
+    // sample --instruction applies the template the model was tuned with.
+    let out = sb.tinygpt(&["sample", "sft.toml", "--instruction", "What is 2 plus 3?", "--max-new-tokens", "3"]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Q: What is 2 plus 3? \nA: "), "{out:?}");
+    let out = sb.tinygpt(&["sample", "sft.toml", "pretrain", "--instruction", "Hi"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no instruction template"));
 }
 
 #[test]

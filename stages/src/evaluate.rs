@@ -1,5 +1,6 @@
 //! `evaluate`: a model's validation loss, perplexity and bits per byte on a packed split, and
-//! samples from given prompts.
+//! samples from given prompts; or, on instruction examples, the loss of the held-out responses
+//! and the model's answers to held-out instructions.
 //!
 //! Bits per byte divide the total loss (in bits) by the UTF-8 length of the text the predicted
 //! tokens decode to (special tokens count zero bytes), so models with different tokenizers
@@ -14,7 +15,12 @@ use crate::generate::{generate, GenOptions, LoadedModel};
 use crate::nn::model::Activations;
 use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
-use crate::{fail, round, EVAL, MODEL, PACKED};
+use crate::arrow_io::read_examples;
+use crate::example_rows::{rows_loss, Layout};
+use crate::instructions::VAL_FILE as EXAMPLES_VAL_FILE;
+use crate::model_io::TOKENIZER;
+use crate::nn::batch::IGNORE;
+use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED};
 
 pub struct Evaluate;
 
@@ -34,15 +40,22 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::int("top_k", 200, 0, 1 << 30, "sample among the k most likely tokens (0: all)"),
     ParamSpec::float("top_p", 1.0, 0.0, 1.0, "sample among the most likely tokens whose probability reaches top_p"),
     ParamSpec::bool("stop_at_eot", true, "end a sample at the end-of-text token"),
+    ParamSpec::int(
+        "instruction_samples",
+        3,
+        0,
+        1 << 20,
+        "with instruction examples: answer this many held-out instructions (their prompts, template applied)",
+    ),
 ];
 
 const INPUTS: &[InputSpec] = &[
     InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "a `pretrain` stage" },
     InputSpec {
         name: "data",
-        accepts: Accepts::Artifact(&[PACKED]),
+        accepts: Accepts::Artifact(&[PACKED, EXAMPLES]),
         required: true,
-        doc: "a `pack` stage; its validation split is evaluated",
+        doc: "a `pack` stage, or an `instructions` stage (responses only); its validation split is evaluated",
     },
 ];
 
@@ -70,13 +83,16 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (Input::Artifact { artifact: model_dir, .. }, Input::Artifact { artifact: data, .. }) =
+        let (Input::Artifact { artifact: model_dir, .. }, Input::Artifact { artifact: data, ty, .. }) =
             (ctx.required_input("model"), ctx.required_input("data"))
         else {
             unreachable!("both slots accept only artifacts");
         };
         let p = ctx.params();
         let lm = LoadedModel::load(&model_dir.dir)?;
+        if *ty == EXAMPLES {
+            return evaluate_examples(ctx, &lm, &model_dir.path(TOKENIZER), data);
+        }
         let blocks = read_blocks(&data.path(VAL_FILE))?;
         let t = blocks.width - 1;
         if t > lm.cfg().block_size {
@@ -113,24 +129,8 @@ impl Stage for Evaluate {
         let bytes = text.len();
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
 
-        let opts = GenOptions {
-            sampling: Sampling {
-                temperature: p.float("temperature") as f32,
-                top_k: p.usize("top_k"),
-                top_p: p.float("top_p") as f32,
-            },
-            max_new_tokens: p.usize("max_new_tokens"),
-            seed: ctx.seed(),
-            stop_at_eot: p.bool("stop_at_eot"),
-        };
-        let mut samples = Vec::new();
-        for (i, prompt) in p.str_list("prompts").iter().enumerate() {
-            ctx.check_cancelled()?;
-            ctx.progress().set_message(&format!("sample {}", i + 1));
-            let seeded = GenOptions { seed: opts.seed.wrapping_add(i as u64), ..opts };
-            let text = generate(&lm, prompt, seeded, |_| {})?;
-            samples.push(json!({ "prompt": prompt, "text": text }));
-        }
+        let prompts: Vec<(String, Option<String>)> = p.str_list("prompts").iter().map(|s| (s.clone(), None)).collect();
+        let samples = answer(ctx, &lm, &prompts)?;
         let results = json!({
             "val_loss": val_loss,
             "perplexity": val_loss.exp(),
@@ -139,8 +139,7 @@ impl Stage for Evaluate {
             "val_bytes": bytes,
             "samples": samples,
         });
-        let pretty = serde_json::to_string_pretty(&results).expect("JSON values serialize") + "\n";
-        std::fs::write(ctx.out(RESULTS_FILE), pretty).map_err(|e| fail("writing eval.json")(&e))?;
+        write_results(ctx, &results)?;
         Ok(Metrics::from([
             ("val_loss".into(), json!(round(val_loss, 4))),
             ("perplexity".into(), json!(round(val_loss.exp(), 4))),
@@ -149,4 +148,107 @@ impl Stage for Evaluate {
             ("samples".into(), json!(samples.len())),
         ]))
     }
+}
+
+fn write_results(ctx: &StageCtx<'_>, results: &serde_json::Value) -> Result<(), StageError> {
+    let pretty = serde_json::to_string_pretty(results).expect("JSON values serialize") + "\n";
+    std::fs::write(ctx.out(RESULTS_FILE), pretty).map_err(|e| fail("writing eval.json")(&e))
+}
+
+/// A sample per prompt (each with the next seed), with its reference answer when there is one.
+fn answer(
+    ctx: &StageCtx<'_>,
+    lm: &LoadedModel,
+    prompts: &[(String, Option<String>)],
+) -> Result<Vec<serde_json::Value>, StageError> {
+    let p = ctx.params();
+    let opts = GenOptions {
+        sampling: Sampling {
+            temperature: p.float("temperature") as f32,
+            top_k: p.usize("top_k"),
+            top_p: p.float("top_p") as f32,
+        },
+        max_new_tokens: p.usize("max_new_tokens"),
+        seed: ctx.seed(),
+        stop_at_eot: p.bool("stop_at_eot"),
+    };
+    let mut samples = Vec::new();
+    for (i, (prompt, reference)) in prompts.iter().enumerate() {
+        ctx.check_cancelled()?;
+        ctx.progress().set_message(&format!("sample {}", i + 1));
+        let seeded = GenOptions { seed: opts.seed.wrapping_add(i as u64), ..opts };
+        let text = generate(lm, prompt, seeded, |_| {})?;
+        samples.push(match reference {
+            Some(reference) => json!({ "prompt": prompt, "reference": reference, "text": text }),
+            None => json!({ "prompt": prompt, "text": text }),
+        });
+    }
+    Ok(samples)
+}
+
+/// Instruction examples: the loss of the held-out responses (prompts are not scored, as in
+/// training), and answers to the first `instruction_samples` held-out instructions.
+fn evaluate_examples(
+    ctx: &StageCtx<'_>,
+    lm: &LoadedModel,
+    model_tokenizer: &std::path::Path,
+    data: &engine::cache::Artifact,
+) -> Result<Metrics, StageError> {
+    let p = ctx.params();
+    let model_tokenizer = std::fs::read(model_tokenizer).ok();
+    if model_tokenizer != std::fs::read(data.path(TOKENIZER)).ok() {
+        return Err(StageError::msg(
+            "the examples were tokenized with another tokenizer than the model's: make them from the same model",
+        ));
+    }
+    let examples = read_examples(&data.path(EXAMPLES_VAL_FILE))?;
+    if examples.is_empty() {
+        return Err(StageError::msg("the examples have no validation split: give `instructions` a `val_fraction` above 0"));
+    }
+    let longest = (0..examples.len()).map(|i| examples.example(i).0.len()).max().unwrap_or(2);
+    let t = (longest - 1).clamp(1, lm.cfg().block_size);
+    let layout = Layout { t, packing: true, drop_overlong: false, train_on_prompt: false, eot: lm.eot };
+    let (rows, _) = layout.pack(&examples);
+    let batch = p.usize("batch_size").min(rows.rows).max(1);
+    let max_batches = p.opt_usize("max_batches");
+    let progress = ctx.progress();
+    progress.set_message("validation loss (responses)");
+    progress.set_length(max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows)) as u64, "rows");
+    let (val_loss, tokens) = rows_loss(&lm.model, &lm.params, &rows, batch, max_batches, |r| {
+        progress.set_position(r as u64);
+        ctx.check_cancelled()
+    })?;
+    let scored = max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows)) * t;
+    let predicted: Vec<u32> = rows.targets[..scored].iter().copied().filter(|id| *id != IGNORE).collect();
+    let decode = |ids: &[u32]| lm.tokenizer.decode(ids, true).map_err(|e| fail("decoding")(&*e));
+    let bytes = decode(&predicted)?.len();
+    let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
+
+    let mut prompts = Vec::new();
+    for i in 0..p.usize("instruction_samples").min(examples.len()) {
+        let (ids, mask) = examples.example(i);
+        let prompt_len = mask.iter().position(|m| *m == 1).unwrap_or(ids.len());
+        let response: Vec<u32> = ids[prompt_len..].iter().copied().filter(|id| *id != lm.eot).collect();
+        prompts.push((decode(&ids[..prompt_len])?, Some(decode(&response)?)));
+    }
+    let samples = answer(ctx, lm, &prompts)?;
+    write_results(
+        ctx,
+        &json!({
+            "val_loss": val_loss,
+            "perplexity": val_loss.exp(),
+            "bits_per_byte": bits_per_byte,
+            "val_tokens": tokens,
+            "val_bytes": bytes,
+            "val_examples": examples.len(),
+            "samples": samples,
+        }),
+    )?;
+    Ok(Metrics::from([
+        ("val_loss".into(), json!(round(val_loss, 4))),
+        ("perplexity".into(), json!(round(val_loss.exp(), 4))),
+        ("bits_per_byte".into(), json!(round(bits_per_byte, 4))),
+        ("val_tokens".into(), json!(tokens)),
+        ("samples".into(), json!(samples.len())),
+    ]))
 }

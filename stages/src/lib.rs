@@ -8,6 +8,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
 pub mod evaluate;
+pub mod example_rows;
 pub mod generate;
 pub mod instructions;
 pub mod model_io;
