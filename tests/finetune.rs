@@ -33,7 +33,8 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
     // Per layer r (in + out) for q, k, v, o (32 -> 32) and gate, up, down (32 <-> 96).
     assert_eq!(metrics["trainable_parameters"], 2 * (4 * 4 * (32 + 32) + 3 * 4 * (32 + 96)));
 
-    let config: Value = serde_json::from_slice(&std::fs::read(sft.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(sft.join("adapter/adapter_config.json")).unwrap()).unwrap();
     assert_eq!((config["peft_type"].as_str(), config["r"].as_u64()), (Some("LORA"), Some(4)));
     assert_eq!(config["fan_in_fan_out"], false, "llama's weights are nn.Linear");
     let adapters = adapter_tensors(&sft);
@@ -59,7 +60,8 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
     assert!(lora.merged(&cfg, &adapted) == merged, "merged = frozen base + scale * B A");
 
     // evaluate scores the held-out responses as sft's validation did, and answers instructions.
-    let eval: Value = serde_json::from_slice(&std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap()).unwrap();
+    let eval: Value =
+        serde_json::from_slice(&std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap()).unwrap();
     let sft_val = metrics["val_loss"].as_f64().unwrap();
     assert!((eval["val_loss"].as_f64().unwrap() - sft_val).abs() < 1e-4, "{eval} vs {sft_val}");
     let samples = eval["samples"].as_array().unwrap();
@@ -114,7 +116,10 @@ fn lora_fa_keeps_a_at_its_initialisation() {
 fn bad_instruction_rows_exit_2_naming_the_file_row_and_field() {
     let sb = Sandbox::new();
     let rows = [
-        ("{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 3, \"output\": \"b\"}\n", "line 2: field `instruction` is a number, not a string"),
+        (
+            "{\"instruction\": \"a\", \"output\": \"b\"}\n{\"instruction\": 3, \"output\": \"b\"}\n",
+            "line 2: field `instruction` is a number, not a string",
+        ),
         ("{\"instruction\": \"a\", \"output\": \"\"}\n", "line 1: field `output` is empty"),
         ("{\"instruction\": \"a\"}\n", "line 1: missing field `output`"),
     ];

@@ -326,7 +326,12 @@ mod tests {
         }
         assert!((scored.mean - total / 17.0).abs() < 1e-6, "{} vs {}", scored.mean, total / 17.0);
         let first = mean_loss(&model, &p, &blocks, &mut Activations::new(&cfg, 2, 4), Some(1), |_| Ok(())).unwrap();
-        assert_eq!(first.mean, mean_loss(&model, &p, &blocks, &mut Activations::inference(&model, 2, 4), Some(1), |_| Ok(())).unwrap().mean);
+        assert_eq!(
+            first.mean,
+            mean_loss(&model, &p, &blocks, &mut Activations::inference(&model, 2, 4), Some(1), |_| Ok(()))
+                .unwrap()
+                .mean
+        );
         assert_eq!((first.tokens, first.rows), (8, 2));
         // An interrupt after the first batch stops the scoring there.
         let mut batches = 0;

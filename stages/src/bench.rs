@@ -10,10 +10,10 @@
 
 use std::time::Instant;
 
+use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::model::{Activations, Model, ModelConfig};
-use crate::nn::batch::Batch;
 use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::profile;
 use crate::nn::rng::SplitMix64;
@@ -341,7 +341,11 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
         let mut step = |params: &mut _, opt: &mut _, grads: &mut _, acts: &mut _| {
             let trainable = Trainable { params, grads, opt, opts: &opts };
             train_step(&model, trainable, acts, &mut batches, step_cfg, |batch| {
-                batch.ids.iter_mut().chain(batch.targets.iter_mut()).for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
+                batch
+                    .ids
+                    .iter_mut()
+                    .chain(batch.targets.iter_mut())
+                    .for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
             });
         };
         step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up

@@ -10,16 +10,16 @@ use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, Sta
 use serde_json::json;
 
 use crate::arrow_io::read_blocks;
-use crate::batches::{mean_loss, stream_of};
-use crate::generate::{generate, GenOptions, LoadedModel};
-use crate::nn::model::Activations;
-use crate::nn::sample::Sampling;
-use crate::pack::VAL_FILE;
 use crate::arrow_io::read_examples;
+use crate::batches::{mean_loss, stream_of};
 use crate::example_rows::{rows_loss, Layout};
+use crate::generate::{generate, GenOptions, LoadedModel};
 use crate::instructions::VAL_FILE as EXAMPLES_VAL_FILE;
 use crate::model_io::TOKENIZER;
 use crate::nn::batch::IGNORE;
+use crate::nn::model::Activations;
+use crate::nn::sample::Sampling;
+use crate::pack::VAL_FILE;
 use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED};
 
 pub struct Evaluate;
@@ -203,7 +203,9 @@ fn evaluate_examples(
     }
     let examples = read_examples(&data.path(EXAMPLES_VAL_FILE))?;
     if examples.is_empty() {
-        return Err(StageError::msg("the examples have no validation split: give `instructions` a `val_fraction` above 0"));
+        return Err(StageError::msg(
+            "the examples have no validation split: give `instructions` a `val_fraction` above 0",
+        ));
     }
     let longest = (0..examples.len()).map(|i| examples.example(i).0.len()).max().unwrap_or(2);
     let t = (longest - 1).clamp(1, lm.cfg().block_size);

@@ -94,13 +94,8 @@ impl Layout {
             bins = items.into_iter().map(|item| (t - item.1, vec![item])).collect();
         }
         let rows = bins.len();
-        let mut out = Rows {
-            t,
-            rows,
-            ids: vec![self.eot; rows * t],
-            targets: vec![IGNORE; rows * t],
-            pos: vec![0; rows * t],
-        };
+        let mut out =
+            Rows { t, rows, ids: vec![self.eot; rows * t], targets: vec![IGNORE; rows * t], pos: vec![0; rows * t] };
         for (r, (_, members)) in bins.iter().enumerate() {
             let mut at = r * t;
             for &(i, len) in members {

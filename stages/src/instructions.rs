@@ -130,7 +130,11 @@ impl Template {
 /// One example as read: an instruction with its response, or a conversation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Row {
-    Single { instruction: String, input: String, response: String },
+    Single {
+        instruction: String,
+        input: String,
+        response: String,
+    },
     /// (role, content) in order; the assistant's turns are the responses.
     Chat(Vec<(String, String)>),
 }
@@ -353,10 +357,13 @@ fn read_rows(path: &Path, format: &str, fields: &Fields<'_>) -> Result<Vec<Row>,
 }
 
 fn read_text(path: &Path) -> Result<String, StageError> {
-    let bytes =
-        std::fs::read(path).map_err(|e| StageError::bad_input(format!("reading `{}`: {e}", path.display())))?;
+    let bytes = std::fs::read(path).map_err(|e| StageError::bad_input(format!("reading `{}`: {e}", path.display())))?;
     String::from_utf8(bytes).map_err(|e| {
-        StageError::bad_input(format!("`{}`: not UTF-8 at byte offset {}", path.display(), e.utf8_error().valid_up_to()))
+        StageError::bad_input(format!(
+            "`{}`: not UTF-8 at byte offset {}",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
     })
 }
 
@@ -370,7 +377,9 @@ fn row_of(v: &Value, fields: &Fields<'_>, at: &str, chat: bool) -> Result<Row, S
             Some(Value::String(s)) => Ok(Some(s.clone())),
             Some(Value::Null) | None if !required => Ok(None),
             None => Err(StageError::bad_input(format!("{at}: missing field `{name}`"))),
-            Some(other) => Err(StageError::bad_input(format!("{at}: field `{name}` is {}, not a string", kind_of(other)))),
+            Some(other) => {
+                Err(StageError::bad_input(format!("{at}: field `{name}` is {}, not a string", kind_of(other))))
+            }
         }
     };
     if chat {
@@ -397,7 +406,9 @@ fn row_of(v: &Value, fields: &Fields<'_>, at: &str, chat: bool) -> Result<Row, S
     let input = string(fields.input, false)?.unwrap_or_default();
     let (name, response) = match fields.response {
         Some(name) => (name, string(name, true)?),
-        None if object.contains_key("output") || !object.contains_key("response") => ("output", string("output", true)?),
+        None if object.contains_key("output") || !object.contains_key("response") => {
+            ("output", string("output", true)?)
+        }
         None => ("response", string("response", true)?),
     };
     let response = response.unwrap_or_default();
@@ -420,9 +431,8 @@ fn kind_of(v: &Value) -> &'static str {
 
 /// The rows of a Parquet file with string columns for the fields.
 fn read_parquet(path: &Path, fields: &Fields<'_>) -> Result<Vec<Row>, StageError> {
-    let err = |e: &dyn std::error::Error| {
-        StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display()))
-    };
+    let err =
+        |e: &dyn std::error::Error| StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display()));
     let handle = std::fs::File::open(path).map_err(|e| err(&e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| err(&e))?;
     let schema = builder.schema().clone();
@@ -505,7 +515,10 @@ mod tests {
         let json = dir.path().join("d.json");
         std::fs::write(&json, r#"[{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 5}]"#).unwrap();
         let err = read_rows(&json, "auto", &fields()).unwrap_err();
-        assert!(matches!(&err, StageError::BadInput(m) if m.contains("d.json` row 2: field `output` is a number")), "{err}");
+        assert!(
+            matches!(&err, StageError::BadInput(m) if m.contains("d.json` row 2: field `output` is a number")),
+            "{err}"
+        );
         let jsonl = dir.path().join("d.jsonl");
         std::fs::write(&jsonl, "{\"instruction\": \"a\", \"output\": \"b\"}\n\n{\"output\": \"x\"}\n").unwrap();
         let err = read_rows(&jsonl, "auto", &fields()).unwrap_err().to_string();
@@ -514,7 +527,11 @@ mod tests {
         let err = read_rows(&jsonl, "auto", &fields()).unwrap_err().to_string();
         assert!(err.contains("line 1: field `response` is empty"), "{err}");
         let chat = dir.path().join("c.jsonl");
-        std::fs::write(&chat, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\"}]}\n").unwrap();
+        std::fs::write(
+            &chat,
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\"}]}\n",
+        )
+        .unwrap();
         let err = read_rows(&chat, "auto", &fields()).unwrap_err().to_string();
         assert!(err.contains("field `messages[1].content` is missing"), "{err}");
     }

@@ -40,7 +40,12 @@ const OWN_PARAMS: [ParamSpec; 12] = [
     ParamSpec::opt_int("n_kv_head", 1, 1024, "llama: key/value heads (default n_head; 1 is multi-query)"),
     ParamSpec::int("n_embd", 128, 2, 65536, "model width"),
     ParamSpec::opt_int("block_size", 1, 1 << 20, "longest sequence the model accepts (default: the data's seq_len)"),
-    ParamSpec::opt_int("ffn_hidden", 1, 1 << 20, "MLP width (default 4 n_embd for gpt2, 8/3 n_embd rounded up to 32 for llama)"),
+    ParamSpec::opt_int(
+        "ffn_hidden",
+        1,
+        1 << 20,
+        "MLP width (default 4 n_embd for gpt2, 8/3 n_embd rounded up to 32 for llama)",
+    ),
     ParamSpec::bool("bias", false, "gpt2: biases in linear layers and LayerNorms"),
     ParamSpec::choice(
         "activation",

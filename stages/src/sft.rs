@@ -40,7 +40,11 @@ pub const ADAPTER_DIR: &str = "adapter";
 
 const OWN_PARAMS: [ParamSpec; 14] = [
     ParamSpec::int("seq_len", 256, 2, 1 << 20, "positions per row (at most the model's block size)"),
-    ParamSpec::bool("packing", true, "pack whole examples into rows (first-fit decreasing); false: one example per row"),
+    ParamSpec::bool(
+        "packing",
+        true,
+        "pack whole examples into rows (first-fit decreasing); false: one example per row",
+    ),
     ParamSpec::choice(
         "overlong",
         "truncate",
@@ -48,7 +52,13 @@ const OWN_PARAMS: [ParamSpec; 14] = [
         "an example longer than seq_len + 1 tokens is cut to fit (`truncate`) or left out (`drop`)",
     ),
     ParamSpec::bool("train_on_prompt", false, "the loss counts the prompt's tokens too"),
-    ParamSpec::float("neftune_alpha", 0.0, 0.0, 1e3, "NEFTune: uniform noise of alpha / sqrt(L d) on the input embeddings (0: off)"),
+    ParamSpec::float(
+        "neftune_alpha",
+        0.0,
+        0.0,
+        1e3,
+        "NEFTune: uniform noise of alpha / sqrt(L d) on the input embeddings (0: off)",
+    ),
     ParamSpec::choice("adapter", "none", &["none", "lora"], "`none` trains every weight; `lora` trains adapters only"),
     ParamSpec::int("lora_r", 8, 1, 4096, "LoRA rank"),
     ParamSpec::float("lora_alpha", 16.0, 0.0, 1e6, "LoRA scale numerator: scale = alpha / r (or / sqrt(r))"),
@@ -130,8 +140,10 @@ impl Stage for Sft {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (Input::Artifact { artifact: model_dir, stage: model_stage, .. }, Input::Artifact { artifact: data, stage: data_stage, .. }) =
-            (ctx.required_input("model"), ctx.required_input("data"))
+        let (
+            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
+            Input::Artifact { artifact: data, stage: data_stage, .. },
+        ) = (ctx.required_input("model"), ctx.required_input("data"))
         else {
             unreachable!("both slots accept only artifacts");
         };
@@ -260,7 +272,15 @@ fn trainable(p: &Params, params: &ParamMap, adapters: bool) -> (ParamMap, Vec<Te
     let opts = TensorOpt::defaults(params)
         .into_iter()
         .zip(params.iter())
-        .map(|(opt, (name, _))| if name.ends_with(".lora_B.weight") { TensorOpt { lr_scale: ratio, ..opt } } else { opt })
+        .map(
+            |(opt, (name, _))| {
+                if name.ends_with(".lora_B.weight") {
+                    TensorOpt { lr_scale: ratio, ..opt }
+                } else {
+                    opt
+                }
+            },
+        )
         .collect();
     (params.zeros_like_trainable(trains), opts)
 }
@@ -280,10 +300,9 @@ impl TrainData for ExampleData {
     }
     fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
         // Each micro-batch's noise comes from the seed and where the data stands.
-        batch.noise = self.noise.map(|n| EmbeddingNoise {
-            seed: n.seed ^ (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25),
-            ..n
-        });
+        batch.noise = self
+            .noise
+            .map(|n| EmbeddingNoise { seed: n.seed ^ (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25), ..n });
         for i in 0..batch.batch() {
             let r = self.order.row(pos.consumed, self.train.rows);
             self.train.copy_row(r, batch, i);
@@ -297,7 +316,12 @@ impl TrainData for ExampleData {
 
 /// PEFT's layout: `adapter_config.json` and `adapter_model.safetensors` with PEFT's tensor
 /// names (`base_model.model.` + the module path + `.lora_A.weight`).
-fn write_peft_adapter(dir: &std::path::Path, cfg: &ModelConfig, lora: &LoraConfig, params: &ParamMap) -> Result<(), StageError> {
+fn write_peft_adapter(
+    dir: &std::path::Path,
+    cfg: &ModelConfig,
+    lora: &LoraConfig,
+    params: &ParamMap,
+) -> Result<(), StageError> {
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating `{}`", dir.display()))(&e))?;
     let mut tensors = ParamMap::default();
     for m in lora.modules(cfg) {
@@ -326,4 +350,3 @@ fn write_peft_adapter(dir: &std::path::Path, cfg: &ModelConfig, lora: &LoraConfi
     let path = dir.join("adapter_config.json");
     std::fs::write(&path, text).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
 }
-

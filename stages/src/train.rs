@@ -164,7 +164,12 @@ pub struct Trainee {
 
 /// Train `trainee` on `data` as `spec` says, resuming from the checkpoint in the stage's work
 /// directory if there is one.
-pub fn train(ctx: &StageCtx<'_>, spec: &TrainSpec, trainee: Trainee, data: &mut dyn TrainData) -> Result<Outcome, StageError> {
+pub fn train(
+    ctx: &StageCtx<'_>,
+    spec: &TrainSpec,
+    trainee: Trainee,
+    data: &mut dyn TrainData,
+) -> Result<Outcome, StageError> {
     let Trainee { model, fresh, mut grads, opts } = trainee;
     let resumed = TrainState::load(ctx.work_dir(), &fresh, &grads)?;
     let resumed_from = resumed.as_ref().map(|s| s.progress.step);

@@ -138,4 +138,3 @@ fn attend_cached(q: &[f32], k: &[f32], v: &[f32], len: usize, cfg: &ModelConfig,
         }
     }
 }
-

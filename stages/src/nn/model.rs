@@ -14,8 +14,8 @@
 //! every layer and nothing is kept for backward.
 
 use crate::nn::batch::Batch;
-pub use crate::nn::config::{Arch, Gelu, Init, LinearModule, ModelConfig, ParamSpec, WeightLayout};
 use crate::nn::config::LINEAR_SLOTS;
+pub use crate::nn::config::{Arch, Gelu, Init, LinearModule, ModelConfig, ParamSpec, WeightLayout};
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
@@ -74,7 +74,15 @@ impl Linear {
         if let Some(ad) = self.adapter {
             // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
             let xa = &mut xa[..rows * ad.r];
-            matmul(x, Layout::Normal, p.at(ad.a), Layout::Transposed, xa, Dims { m: rows, k: self.cin, n: ad.r }, false);
+            matmul(
+                x,
+                Layout::Normal,
+                p.at(ad.a),
+                Layout::Transposed,
+                xa,
+                Dims { m: rows, k: self.cin, n: ad.r },
+                false,
+            );
             xa.iter_mut().for_each(|v| *v *= ad.scale);
             let d = Dims { m: rows, k: ad.r, n: self.cout };
             matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, d, true);
@@ -158,15 +166,7 @@ impl NormStats {
 }
 
 impl Norm {
-    pub(crate) fn forward(
-        &self,
-        p: &ParamMap,
-        x: &[f32],
-        out: &mut [f32],
-        s: &mut NormStats,
-        eps: f32,
-        zeros: &[f32],
-    ) {
+    pub(crate) fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], s: &mut NormStats, eps: f32, zeros: &[f32]) {
         let c = zeros.len();
         if self.rms {
             rmsnorm_forward(x, p.at(self.w), eps, out, &mut s.rstd, c);
@@ -282,7 +282,12 @@ impl Model {
             Arch::Gpt2 => {
                 let wte = id("transformer.wte.weight");
                 let bias = cfg.bias.then(|| id("transformer.ln_f.bias"));
-                (wte, Some(id("transformer.wpe.weight")), Norm { w: id("transformer.ln_f.weight"), b: bias, rms: false }, wte)
+                (
+                    wte,
+                    Some(id("transformer.wpe.weight")),
+                    Norm { w: id("transformer.ln_f.weight"), b: bias, rms: false },
+                    wte,
+                )
             }
             Arch::Llama => {
                 let wte = id("model.embed_tokens.weight");
@@ -291,11 +296,9 @@ impl Model {
             }
         };
         let norm = |name: String| match cfg.arch {
-            Arch::Gpt2 => Norm {
-                w: id(&format!("{name}.weight")),
-                b: cfg.bias.then(|| id(&format!("{name}.bias"))),
-                rms: false,
-            },
+            Arch::Gpt2 => {
+                Norm { w: id(&format!("{name}.weight")), b: cfg.bias.then(|| id(&format!("{name}.bias"))), rms: false }
+            }
             Arch::Llama => Norm { w: id(&format!("{name}.weight")), b: None, rms: true },
         };
         let blocks = (0..cfg.n_layer)
@@ -439,8 +442,7 @@ impl Model {
             let a = &mut acts.blocks[l.min(kept - 1)];
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            let qkv =
-                self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.xa);
+            let qkv = self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.xa);
             attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
             blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.xa[blk.o.slot]);
             add_assign(&mut a.x_mid, x);
@@ -884,7 +886,11 @@ mod tests {
                 let mut acts1 = Activations::inference(&model, 1, len);
                 model.forward(&params, &alone, &mut acts1);
                 for (i, (a, b)) in acts.logits[start * v..(start + len) * v].iter().zip(&acts1.logits).enumerate() {
-                    assert!((a - b).abs() <= 1e-6, "{} {variant}, example at {start}, logit {i}: {a} vs {b}", arch.name());
+                    assert!(
+                        (a - b).abs() <= 1e-6,
+                        "{} {variant}, example at {start}, logit {i}: {a} vs {b}",
+                        arch.name()
+                    );
                 }
             }
         }
@@ -1076,7 +1082,8 @@ mod tests {
         for (start, len) in batch.examples() {
             let bound = 5.0 / ((len * c) as f32).sqrt();
             let rows = start * c..(start + len) * c;
-            let moved: Vec<f32> = acts.blocks[0].x_in[rows.clone()].iter().zip(&clean[rows]).map(|(a, b)| a - b).collect();
+            let moved: Vec<f32> =
+                acts.blocks[0].x_in[rows.clone()].iter().zip(&clean[rows]).map(|(a, b)| a - b).collect();
             assert!(moved.iter().all(|d| d.abs() <= bound * 1.0001), "within alpha / sqrt(L d)");
             assert!(moved.iter().any(|d| d.abs() > bound / 2.0), "and of that size");
         }

@@ -55,7 +55,8 @@ impl AdamWState {
             if g.data().is_empty() {
                 continue;
             }
-            let hp = AdamW { lr: hp.lr * opt.lr_scale, weight_decay: if opt.decay { hp.weight_decay } else { 0.0 }, ..hp };
+            let hp =
+                AdamW { lr: hp.lr * opt.lr_scale, weight_decay: if opt.decay { hp.weight_decay } else { 0.0 }, ..hp };
             adamw_step(hp, self.step, p.data_mut(), g.data(), m.data_mut(), v.data_mut());
         }
     }

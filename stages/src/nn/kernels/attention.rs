@@ -574,7 +574,8 @@ mod tests {
     fn the_blocked_version_matches_the_plain_one() {
         // Lengths below, at and past the query block, with a partial last block; whole rows and
         // rows packing examples shorter and longer than a block.
-        let cases = [(4, 4, 9, 0), (4, 2, 16, 0), (6, 1, 5, 0), (2, 2, 64, 0), (4, 2, 75, 0), (4, 2, 75, 1), (2, 1, 9, 2)];
+        let cases =
+            [(4, 4, 9, 0), (4, 2, 16, 0), (6, 1, 5, 0), (2, 2, 64, 0), (4, 2, 75, 0), (4, 2, 75, 1), (2, 1, 9, 2)];
         for (h, h_kv, t, packing) in cases {
             let n = AttnDims { b: 3, t, h, h_kv, d: 8 };
             let pos = match packing {
