@@ -176,3 +176,37 @@ fn one_and_two_threads_fine_tune_to_the_same_bits() {
     };
     assert_eq!(digest("1"), digest("2"));
 }
+
+/// The instruct recipe's data on the real files, with one step of each training stage: the
+/// instructions of `llms_from_scratch_instruction` pack into rows of 256 with at least 90% of
+/// the positions holding a real token.
+#[test]
+fn real_data_instructions_pack_densely() {
+    let Some(_) = crate::util::shared_data() else {
+        eprintln!("SKIPPED: real_data_instructions_pack_densely needs ../shared/data");
+        return;
+    };
+    let sb = Sandbox::new();
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/instruct.toml");
+    let sets = [
+        "--set",
+        "pretrain.max_steps=1",
+        "--set",
+        "sft.max_steps=1",
+        "--set",
+        "evaluate.instruction_samples=1",
+        "--set",
+        "evaluate.max_new_tokens=1",
+    ];
+    let run = sb.run_json(recipe.to_str().unwrap(), &sets);
+    let instructions = &stage(&run, "instructions")["metrics"];
+    assert_eq!(
+        (instructions["train_examples"].as_u64(), instructions["val_examples"].as_u64()),
+        (Some(990), Some(110))
+    );
+    let sft = &stage(&run, "sft")["metrics"];
+    assert_eq!((sft["truncated"].as_u64(), sft["dropped"].as_u64()), (Some(0), Some(0)));
+    let efficiency = sft["packing_efficiency"].as_f64().unwrap();
+    assert!(efficiency >= 0.9, "packing efficiency {efficiency}");
+    eprintln!("llms_from_scratch_instruction at seq_len 256: packing efficiency {efficiency}");
+}

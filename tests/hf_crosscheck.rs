@@ -1,4 +1,4 @@
-//! Cross-check against Hugging Face `transformers`: models that `pretrain` writes load as
+//! Cross-check against Hugging Face `transformers`: models that `pretrain` and `sft` write load as
 //! `GPT2LMHeadModel` and `LlamaForCausalLM` (their Flax classes, which read safetensors without
 //! PyTorch), strictly (no weight missing, unused or misshapen), and give the validation loss
 //! that `evaluate` reports on the same blocks.
@@ -53,11 +53,18 @@ fn transformers_loads_every_architecture_and_agrees_on_the_validation_loss() {
             "FlaxLlamaForCausalLM",
         ),
     ];
+    // A LoRA fine-tune of a llama, merged: scored on the pretraining validation blocks.
+    let tuned: [&str; 6] =
+        ["--set", "evaluate.data=pack", "--set", "evaluate.max_new_tokens=4", "--set", "sft.max_steps=30"];
+    let runs = variants
+        .iter()
+        .map(|(set, class)| ("train.toml", "pretrain", [&small[..], set].concat(), *class))
+        .chain([("sft.toml", "sft", tuned.to_vec(), "FlaxLlamaForCausalLM")]);
     let mut args: Vec<PathBuf> = Vec::new();
     let mut expected = Vec::new();
-    for (set, class) in variants {
-        let run = sb.run_json("train.toml", &[&small[..], set].concat());
-        args.push(artifact(&sb, &run, "pretrain"));
+    for (recipe, model, set, class) in runs {
+        let run = sb.run_json(recipe, &set);
+        args.push(artifact(&sb, &run, model));
         args.push(artifact(&sb, &run, "pack").join("val.arrow"));
         let eval: Value =
             serde_json::from_slice(&std::fs::read(artifact(&sb, &run, "evaluate").join("eval.json")).unwrap()).unwrap();
@@ -76,5 +83,50 @@ fn transformers_loads_every_architecture_and_agrees_on_the_validation_loss() {
         let theirs = got["val_loss"].as_f64().unwrap();
         assert!((theirs - ours).abs() < 2e-5 * ours, "{set:?}: transformers {theirs}, tinygpt {ours}");
         eprintln!("{set:?}: transformers {theirs:.6}, tinygpt {ours:.6}");
+    }
+}
+
+/// PEFT loads the base model plus `sft`'s `adapter/` (gpt2's Conv1D layout with
+/// `fan_in_fan_out`, and llama's) and gives the logits of tinygpt's merged model. Needs a
+/// Python with torch, transformers and peft; without them it says it skips (PyTorch is a large
+/// download that `.ci/run` does not make).
+#[test]
+fn peft_loads_the_adapter_and_gives_the_merged_models_logits() {
+    let python = PathBuf::from(std::env::var_os("TINYGPT_PYTHON").unwrap_or_else(|| "python3".into()));
+    let probe = Command::new(&python).args(["-c", "import torch, transformers, peft"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("SKIPPED: no Python with torch, transformers and peft (pip install torch transformers peft; set TINYGPT_PYTHON)");
+        return;
+    }
+    let sb = Sandbox::new();
+    for arch in ["llama", "gpt2"] {
+        let run = sb.run_json("sft.toml", &["--set", &format!("pretrain.arch={arch}"), "--set", "sft.max_steps=30"]);
+        let (base, tuned) = (artifact(&sb, &run, "pretrain"), artifact(&sb, &run, "sft"));
+        let ids: Vec<u32> = "Q: What is 2 plus 3?\nA: 5".bytes().map(u32::from).collect();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/crosscheck/peft_logits.py");
+        let out = Command::new(&python)
+            .arg(script)
+            .arg(&base)
+            .arg(tuned.join("adapter"))
+            .args(ids.iter().map(u32::to_string))
+            .output()
+            .expect("python runs");
+        assert!(out.status.success(), "{arch}: PEFT failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (cfg, params) = stages::model_io::load_model(&tuned).unwrap();
+        let model = stages::nn::model::Model::new(cfg, &params);
+        let batch = stages::nn::batch::Batch::whole_rows(ids.len(), &ids, &ids);
+        let mut acts = stages::nn::model::Activations::inference(&model, 1, ids.len());
+        model.forward(&params, &batch, &mut acts);
+        let theirs: Vec<f64> = theirs["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()))
+            .collect();
+        assert_eq!(theirs.len(), acts.logits.len());
+        let worst = theirs.iter().zip(&acts.logits).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
+        assert!(worst < 1e-4, "{arch}: PEFT's logits differ from the merged model's by {worst}");
+        eprintln!("{arch}: PEFT and the merged model agree to {worst:.2e}");
     }
 }
