@@ -323,7 +323,7 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
         if let Some(n) = steps {
             m.steps = n.max(1);
         }
-        let r = bench::train_steps(&m, cores);
+        let r = bench::train_steps(&m, cores, None);
         full_peak = full_peak.max(bench::fma_peak(cores));
         let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
         println!(
@@ -368,10 +368,23 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             }
             _ => println!("peak memory: not reported by this OS; {needed} needed"),
         }
+        // Fine-tuning the same shape with LoRA: the weight gradients and the moments of the
+        // frozen model go, the adapters' small products come.
+        let lora = bench::train_steps(&m, cores, Some(8));
+        println!(
+            "LoRA r=8 on every linear layer: median {:.1} ms/step against {:.1} for every weight ({:.2}x faster); \
+             needs {} against {} ({:.0}%)",
+            lora.step_spread[1] * 1e3,
+            r.step_spread[1] * 1e3,
+            r.step_spread[1] / lora.step_spread[1],
+            output::human_bytes(lora.needed_bytes),
+            needed,
+            100.0 * lora.needed_bytes as f64 / r.needed_bytes as f64
+        );
         if with_matmul && cores > 1 {
             // How the step scales, against the FMA loop, which touches no memory: the gap is
             // what the cores cost each other (shared cache and memory).
-            let one = bench::train_steps(&m, 1);
+            let one = bench::train_steps(&m, 1, None);
             let fma_scaling = peaks[peaks.len() - 1] / peaks[0]; // all threads against one
             println!(
                 "on 1 thread: median {:.1} ms/step; {cores} threads are {:.2}x faster (the FMA loop: {fma_scaling:.2}x)",

@@ -13,6 +13,7 @@ use std::time::Instant;
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
+use crate::nn::lora::{is_adapter, LoraConfig, LoraInit};
 use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::profile;
@@ -317,18 +318,32 @@ fn status_bytes(key: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Train `m` for `m.steps` steps on random tokens with `threads` threads.
-pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
+/// Train `m` for `m.steps` steps on random tokens with `threads` threads: every weight, or
+/// with `lora_rank`, LoRA adapters of that rank on every linear layer of a frozen model.
+pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> StepReport {
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
         let cfg = m.cfg;
         let t = cfg.block_size;
         let mut params = cfg.init(1);
-        let model = Model::new(cfg, &params);
-        let mut opt = AdamWState::new(&params);
-        let mut grads = params.zeros_like();
-        let mut acts = Activations::new(&cfg, m.batch, t);
+        let lora = lora_rank.map(|r| LoraConfig {
+            r,
+            alpha: 2.0 * r as f32,
+            rslora: false,
+            targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+            init: LoraInit::Kaiming,
+        });
+        if let Some(lora) = &lora {
+            lora.add(&cfg, &mut params, 2);
+        }
+        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale));
+        let mut grads = match lora {
+            Some(_) => params.zeros_like_trainable(is_adapter),
+            None => params.zeros_like(),
+        };
+        let mut opt = AdamWState::new(&grads);
+        let mut acts = Activations::for_training(&model, m.batch, t);
         let mut batches = [Batch::new(m.batch, t)];
         let opts = TensorOpt::defaults(&params);
         let mut rng = SplitMix64::new(2);
@@ -368,6 +383,7 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
         let known: f64 = breakdown.iter().map(|(_, s)| s).sum();
         breakdown.push(("other", (step_seconds - known).max(0.0)));
         let n_params = params.num_elements();
+        let trainable = grads.num_elements();
         let non_position = n_params - cfg.block_size * cfg.n_embd;
         let flops_per_token = 6.0 * non_position as f64 + 12.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * t) as f64;
         StepReport {
@@ -378,7 +394,7 @@ pub fn train_steps(m: &BenchModel, threads: usize) -> StepReport {
             breakdown,
             peak_bytes: status_bytes("VmHWM:"),
             baseline_bytes,
-            needed_bytes: (4 * 4 * n_params + acts.bytes()) as u64,
+            needed_bytes: (4 * (n_params + 3 * trainable) + acts.bytes()) as u64,
         }
     })
 }
@@ -420,7 +436,7 @@ mod tests {
     #[test]
     fn a_profiled_step_times_its_matmuls_and_counts_its_memory() {
         let m = BenchModel { name: "tiny", cfg: ModelConfig::gpt2(11, 8, 1, 2, 16, false), batch: 2, steps: 2 };
-        let r = train_steps(&m, 1);
+        let r = train_steps(&m, 1, None);
         assert!(r.breakdown.iter().any(|(name, s)| *name == "matmuls" && *s > 0.0));
         let [fastest, median, slowest] = r.step_spread;
         assert!(0.0 < fastest && fastest <= median && median <= slowest, "{:?}", r.step_spread);
@@ -429,5 +445,8 @@ mod tests {
         if let (Some(peak), Some(base)) = (r.peak_bytes, r.baseline_bytes) {
             assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
         }
+        // LoRA keeps the frozen weights but no gradients or moments for them.
+        let lora = train_steps(&m, 1, Some(2));
+        assert!(lora.needed_bytes < r.needed_bytes, "{} vs {}", lora.needed_bytes, r.needed_bytes);
     }
 }
