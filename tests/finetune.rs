@@ -56,6 +56,7 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
         rslora: false,
         targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
         init: LoraInit::Kaiming,
+        dora: false,
     };
     assert!(lora.merged(&cfg, &adapted) == merged, "merged = frozen base + scale * B A");
 
@@ -76,6 +77,34 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
 }
 
 #[test]
+fn dora_writes_its_magnitudes_and_merges_them() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("sft.toml", &["--set", "sft.use_dora=true"]);
+    let sft = artifact(&sb, &run, "sft");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(sft.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config["use_dora"], true);
+    let adapters = adapter_tensors(&sft);
+    // PEFT's name, without `.weight`, one magnitude per output.
+    assert_eq!(adapters.tensor("model.layers.0.mlp.up_proj.lora_magnitude_vector").shape(), [96]);
+    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
+    let (_, merged) = load_model(&sft).unwrap();
+    let mut adapted = base.clone();
+    for (name, t) in adapters.iter() {
+        adapted.insert(name, t.clone());
+    }
+    let lora = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        rslora: false,
+        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+        init: LoraInit::Kaiming,
+        dora: true,
+    };
+    assert!(lora.merged(&cfg, &adapted) == merged, "merged = m * (W + s B A) / |W + s B A|");
+}
+
+#[test]
 fn a_full_fine_tune_moves_every_weight() {
     let sb = Sandbox::new();
     let run = sb.run_json("sft.toml", &["--set", "sft.adapter=none", "--set", "sft.neftune_alpha=0"]);
@@ -93,12 +122,12 @@ fn a_full_fine_tune_moves_every_weight() {
 fn changing_an_adapter_or_neftune_parameter_reruns_sft_but_not_pretrain() {
     let sb = Sandbox::new();
     sb.run_json("sft.toml", &[]);
-    for set in ["sft.neftune_alpha=1", "sft.lora_r=2", "sft.use_rslora=true", "sft.lora_fa=true"] {
+    for set in ["sft.neftune_alpha=1", "sft.lora_r=2", "sft.use_rslora=true", "sft.lora_fa=true", "sft.use_dora=true"] {
         let run = sb.run_json("sft.toml", &["--set", set]);
-        assert_eq!(ran(&run), ["sft"], "{set}");
+        assert_eq!(ran(&run), ["sft", "evaluate"], "{set}");
     }
     let run = sb.run_json("sft.toml", &["--set", "instructions.val_fraction=0.25"]);
-    assert_eq!(ran(&run), ["instructions", "sft"]);
+    assert_eq!(ran(&run), ["instructions", "sft", "evaluate"]);
 }
 
 #[test]

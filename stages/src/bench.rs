@@ -333,6 +333,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> 
             rslora: false,
             targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
             init: LoraInit::Kaiming,
+            dora: false,
         });
         if let Some(lora) = &lora {
             lora.add(&cfg, &mut params, 2);

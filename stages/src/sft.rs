@@ -1,5 +1,5 @@
 //! `sft`: supervised fine-tuning of a model on instruction examples, in full or with LoRA
-//! adapters (rsLoRA, LoRA+, LoRA-FA), with NEFTune.
+//! adapters (rsLoRA, LoRA+, LoRA-FA, DoRA), with NEFTune.
 //!
 //! Examples are packed whole into rows of `seq_len` positions (first-fit decreasing; an
 //! example is never split across rows) with block-diagonal attention and positions restarting
@@ -38,7 +38,7 @@ pub struct Sft;
 /// PEFT's adapter directory inside the output.
 pub const ADAPTER_DIR: &str = "adapter";
 
-const OWN_PARAMS: [ParamSpec; 14] = [
+const OWN_PARAMS: [ParamSpec; 15] = [
     ParamSpec::int("seq_len", 256, 2, 1 << 20, "positions per row (at most the model's block size)"),
     ParamSpec::bool(
         "packing",
@@ -70,6 +70,7 @@ const OWN_PARAMS: [ParamSpec; 14] = [
     ParamSpec::bool("use_rslora", false, "rsLoRA: scale by alpha / sqrt(r)"),
     ParamSpec::float("lora_plus_ratio", 1.0, 1.0, 1e4, "LoRA+: lora_B learns at this times the learning rate"),
     ParamSpec::bool("lora_fa", false, "LoRA-FA: lora_A stays at its random initialisation"),
+    ParamSpec::bool("use_dora", false, "DoRA: a trained magnitude per output times the adapted weight's direction"),
     ParamSpec::choice(
         "lora_init",
         "kaiming",
@@ -79,7 +80,7 @@ const OWN_PARAMS: [ParamSpec; 14] = [
     ParamSpec::int("val_batch_size", 16, 1, 1 << 20, "rows per validation forward pass").not_hashed(),
 ];
 
-const PARAMS: &[ParamSpec] = &concat_params::<14, 18, 32>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<15, 18, 33>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -257,6 +258,7 @@ fn lora_config(p: &Params, cfg: &ModelConfig) -> Result<Option<LoraConfig>, Stag
         rslora: p.bool("use_rslora"),
         targets,
         init: if p.str("lora_init") == "gaussian" { LoraInit::Gaussian } else { LoraInit::Kaiming },
+        dora: p.bool("use_dora"),
     }))
 }
 
@@ -325,8 +327,10 @@ fn write_peft_adapter(
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating `{}`", dir.display()))(&e))?;
     let mut tensors = ParamMap::default();
     for m in lora.modules(cfg) {
-        for name in [lora::a_name(&m.path), lora::b_name(&m.path)] {
-            tensors.insert(format!("base_model.model.{name}"), params.tensor(&name).clone());
+        for name in [lora::a_name(&m.path), lora::b_name(&m.path), lora::magnitude_name(&m.path)] {
+            if params.contains(&name) {
+                tensors.insert(format!("base_model.model.{name}"), params.tensor(&name).clone());
+            }
         }
     }
     save_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
@@ -342,7 +346,7 @@ fn write_peft_adapter(
         "fan_in_fan_out": cfg.arch == Arch::Gpt2,
         "bias": "none",
         "use_rslora": lora.rslora,
-        "use_dora": false,
+        "use_dora": lora.dora,
         "init_lora_weights": if lora.init == LoraInit::Gaussian { json!("gaussian") } else { json!(true) },
         "modules_to_save": null,
     });

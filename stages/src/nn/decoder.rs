@@ -1,8 +1,8 @@
 //! One-token-at-a-time inference with a KV cache, for sampling.
 
-use crate::nn::config::LINEAR_SLOTS;
 use crate::nn::kernels::attention::QkvIn;
 use crate::nn::kernels::dot;
+use crate::nn::linear::AdapterActs;
 use crate::nn::model::{zeros_if, Arch, Model, ModelConfig, NormStats};
 use crate::nn::params::ParamMap;
 
@@ -26,8 +26,9 @@ pub struct Decoder {
     u: Vec<f32>,
     g: Vec<f32>,
     scores: Vec<f32>,
-    /// Per linear slot, its adapter's `x A^T` (r).
-    xa: Vec<Vec<f32>>,
+    /// Per linear slot, what its adapter keeps for one row.
+    xa: Vec<AdapterActs>,
+    no_adapter: AdapterActs,
     zeros_c: Vec<f32>,
     pub logits: Vec<f32>,
 }
@@ -56,7 +57,8 @@ impl Decoder {
             u: z(f),
             g: z(f),
             scores: z(cfg.block_size),
-            xa: (0..LINEAR_SLOTS).map(|_| z(model.lora_rank())).collect(),
+            xa: model.adapter_shapes().iter().map(|&(r, cout, dora)| AdapterActs::new(1, r, cout, dora)).collect(),
+            no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             logits: z(cfg.vocab_size),
         }
@@ -104,7 +106,7 @@ impl Decoder {
             self.x.iter_mut().zip(&self.x_mid).for_each(|(o, m)| *o += m);
         }
         model.norm_f.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-        model.head.forward(p, &self.n, &mut self.logits, 1, &mut []);
+        model.head.forward(p, &self.n, &mut self.logits, 1, &mut self.no_adapter);
         self.len += 1;
         &self.logits
     }

@@ -1,6 +1,7 @@
 //! LoRA adapters on linear layers (Hu et al. 2021) and the variants that change only their
 //! scale, initialisation or training: rsLoRA (scale alpha / sqrt(r)), LoRA+ (a larger learning
-//! rate for B), LoRA-FA (A frozen at its initialisation).
+//! rate for B), LoRA-FA (A frozen at its initialisation); and DoRA (a magnitude per output
+//! times the adapted weight's direction, see [`crate::nn::linear`]).
 //!
 //! An adapted layer computes `x W + scale * x A^T B^T` with `A` (r, in) and `B` (out, r), in
 //! PEFT's shapes whatever the base weight's layout. The adapters sit in the parameter map after
@@ -21,9 +22,14 @@ pub fn b_name(module: &str) -> String {
     format!("{module}.lora_B.weight")
 }
 
+/// DoRA's magnitude of a module (its outputs), as PEFT names it (no `.weight`).
+pub fn magnitude_name(module: &str) -> String {
+    format!("{module}.lora_magnitude_vector")
+}
+
 /// Whether a parameter name is an adapter's.
 pub fn is_adapter(name: &str) -> bool {
-    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight")
+    name.ends_with(".lora_A.weight") || name.ends_with(".lora_B.weight") || name.ends_with(".lora_magnitude_vector")
 }
 
 /// How `A` starts (`B` always starts at zero, so training starts from the base model).
@@ -45,6 +51,8 @@ pub struct LoraConfig {
     /// Module names (`c_attn`, `q_proj`, ...) as PEFT's `target_modules`.
     pub targets: Vec<String>,
     pub init: LoraInit,
+    /// DoRA: a magnitude per output, starting at the norms of the weight's rows.
+    pub dora: bool,
 }
 
 impl LoraConfig {
@@ -75,7 +83,30 @@ impl LoraConfig {
             };
             params.insert(a_name(&m.path), Tensor::from_vec(&[self.r, m.cin], a));
             params.insert(b_name(&m.path), Tensor::zeros(&[m.cout, self.r]));
+            if self.dora {
+                let norms = row_norms(&self.adapted(&m, params), m.cin);
+                params.insert(magnitude_name(&m.path), Tensor::from_vec(&[m.cout], norms));
+            }
         }
+    }
+
+    /// `W + scale * B A` of module `m`, as (out, in) whatever W's layout.
+    fn adapted(&self, m: &LinearModule, params: &ParamMap) -> Vec<f32> {
+        let (a, b) = (params.get(&a_name(&m.path)), params.get(&b_name(&m.path)));
+        let mut out = vec![0.0f32; m.cin * m.cout];
+        // (out, r) x (r, in) -> (out, in)
+        matmul(b, Layout::Normal, a, Layout::Normal, &mut out, Dims { m: m.cout, k: self.r, n: m.cin }, false);
+        let (scale, w) = (self.scale(), params.get(&format!("{}.weight", m.path)));
+        for o in 0..m.cout {
+            for i in 0..m.cin {
+                let wi = match m.layout {
+                    WeightLayout::OutIn => w[o * m.cin + i],
+                    WeightLayout::InOut => w[i * m.cout + o],
+                };
+                out[o * m.cin + i] = wi + scale * out[o * m.cin + i];
+            }
+        }
+        out
     }
 
     /// The model's own tensors with every adapter folded in, `W + scale * B A` (transposed
@@ -86,26 +117,32 @@ impl LoraConfig {
             out.insert(name, t.clone());
         }
         for m in self.modules(cfg) {
-            let (a, b) = (params.get(&a_name(&m.path)), params.get(&b_name(&m.path)));
-            let mut delta = vec![0.0f32; m.cin * m.cout];
-            match m.layout {
-                // (out, r) x (r, in) -> (out, in)
-                WeightLayout::OutIn => {
-                    let d = Dims { m: m.cout, k: self.r, n: m.cin };
-                    matmul(b, Layout::Normal, a, Layout::Normal, &mut delta, d, false);
-                }
-                // (in, r) x (r, out) -> (in, out)
-                WeightLayout::InOut => {
-                    let d = Dims { m: m.cin, k: self.r, n: m.cout };
-                    matmul(a, Layout::Transposed, b, Layout::Transposed, &mut delta, d, false);
+            let mut adapted = self.adapted(&m, params);
+            if self.dora {
+                let norms = row_norms(&adapted, m.cin);
+                let magnitude = params.get(&magnitude_name(&m.path));
+                for ((row, n), mag) in adapted.chunks_mut(m.cin).zip(&norms).zip(magnitude) {
+                    row.iter_mut().for_each(|w| *w *= mag / n);
                 }
             }
-            let scale = self.scale();
             let w = out.get_mut(&format!("{}.weight", m.path));
-            w.iter_mut().zip(&delta).for_each(|(w, d)| *w += scale * d);
+            for o in 0..m.cout {
+                for i in 0..m.cin {
+                    let at = match m.layout {
+                        WeightLayout::OutIn => o * m.cin + i,
+                        WeightLayout::InOut => i * m.cout + o,
+                    };
+                    w[at] = adapted[o * m.cin + i];
+                }
+            }
         }
         out
     }
+}
+
+/// The L2 norm of each row of `w` (rows of `cols`), summed in f64.
+fn row_norms(w: &[f32], cols: usize) -> Vec<f32> {
+    w.chunks(cols).map(|row| row.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt() as f32).collect()
 }
 
 #[cfg(test)]
@@ -114,7 +151,8 @@ mod tests {
 
     #[test]
     fn scales_follow_lora_and_rslora() {
-        let mut c = LoraConfig { r: 16, alpha: 32.0, rslora: false, targets: vec![], init: LoraInit::Kaiming };
+        let mut c =
+            LoraConfig { r: 16, alpha: 32.0, rslora: false, targets: vec![], init: LoraInit::Kaiming, dora: false };
         assert_eq!(c.scale(), 2.0);
         c.rslora = true;
         assert_eq!(c.scale(), 8.0);
@@ -130,6 +168,7 @@ mod tests {
             rslora: false,
             targets: vec!["c_attn".into(), "c_proj".into()],
             init: LoraInit::Kaiming,
+            dora: false,
         };
         lora.add(&cfg, &mut p, 7);
         assert_eq!(p.tensor("transformer.h.1.attn.c_attn.lora_A.weight").shape(), [4, 8]);
@@ -150,6 +189,7 @@ mod tests {
                 rslora: false,
                 targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
                 init: LoraInit::Gaussian,
+                dora: false,
             };
             let mut p = cfg.init(1);
             lora.add(&cfg, &mut p, 2);

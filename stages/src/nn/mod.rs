@@ -10,7 +10,8 @@
 //! - [`batch`]: token rows with targets and per-example positions (packing).
 //! - [`model`]: gpt2 and llama, forward and backward over [`params::ParamMap`]; [`decoder`]:
 //!   one token at a time against a KV cache.
-//! - [`lora`]: LoRA adapters and their variants.
+//! - [`linear`]: a linear layer with its LoRA or DoRA adapter; [`lora`]: adapters' names,
+//!   initialisation and merging.
 //! - [`loss`]: losses that write the logits' gradient.
 //! - [`optim`]: AdamW over the trainable tensors, clipping and learning-rate schedules;
 //!   [`step`]: one training step (micro-batches, accumulation, clipping, update).
@@ -21,6 +22,7 @@ pub mod batch;
 pub mod config;
 pub mod decoder;
 pub mod kernels;
+pub mod linear;
 pub mod lora;
 pub mod loss;
 pub mod model;

@@ -19,131 +19,13 @@ pub use crate::nn::config::{Arch, Gelu, Init, LinearModule, ModelConfig, ParamSp
 use crate::nn::kernels::activation::{bias_gelu_forward, gelu_backward, gelu_forward, swiglu_backward, swiglu_forward};
 use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
-use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
-use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
+use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, Linear};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
-
-/// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled.
-#[derive(Clone, Copy, Debug)]
-struct Adapter {
-    a: ParamId,
-    b: ParamId,
-    r: usize,
-    scale: f32,
-}
-
-/// A linear layer: `out = x W (+ b)` with W stored (in, out) (`Conv1D`), or `out = x W^T`
-/// with W stored (out, in) (`nn.Linear`), plus its adapter's `scale * x A^T B^T`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Linear {
-    w: ParamId,
-    b: Option<ParamId>,
-    cin: usize,
-    cout: usize,
-    layout: WeightLayout,
-    adapter: Option<Adapter>,
-    /// Where its adapter keeps `x A^T` among its block's buffers.
-    pub(crate) slot: usize,
-}
-
-impl Linear {
-    fn w_layout(&self) -> Layout {
-        match self.layout {
-            WeightLayout::OutIn => Layout::Transposed,
-            WeightLayout::InOut => Layout::Normal,
-        }
-    }
-
-    /// `out = x W + b` (+ the adapter's term, with `x A^T` saved into `xa`).
-    pub(crate) fn forward(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize, xa: &mut [f32]) {
-        self.product(p, x, out, rows, xa);
-        if let Some(b) = self.b {
-            add_bias(out, p.at(b));
-        }
-    }
-
-    /// `out = x W` (+ the adapter's term), the bias left to the caller.
-    fn product(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize, xa: &mut [f32]) {
-        let d = Dims { m: rows, k: self.cin, n: self.cout };
-        matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
-        if let Some(ad) = self.adapter {
-            // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
-            let xa = &mut xa[..rows * ad.r];
-            matmul(
-                x,
-                Layout::Normal,
-                p.at(ad.a),
-                Layout::Transposed,
-                xa,
-                Dims { m: rows, k: self.cin, n: ad.r },
-                false,
-            );
-            xa.iter_mut().for_each(|v| *v *= ad.scale);
-            let d = Dims { m: rows, k: ad.r, n: self.cout };
-            matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, d, true);
-        }
-    }
-
-    /// Writes (or with `add_dx`, adds into) `dx`; adds into the gradients of the weight, bias
-    /// and adapter that are not frozen. `xa` is what forward saved; `dxa` (rows, r) is scratch.
-    #[allow(clippy::too_many_arguments)]
-    fn backward(
-        &self,
-        p: &ParamMap,
-        g: &mut ParamMap,
-        dout: &[f32],
-        x: &[f32],
-        xa: &[f32],
-        dxa: &mut [f32],
-        dx: &mut [f32],
-        rows: usize,
-        add_dx: bool,
-    ) {
-        let (cin, cout) = (self.cin, self.cout);
-        let dx_layout = match self.layout {
-            WeightLayout::OutIn => Layout::Normal,
-            WeightLayout::InOut => Layout::Transposed,
-        };
-        matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, Dims { m: rows, k: cout, n: cin }, add_dx);
-        if !g.at(self.w).is_empty() {
-            match self.layout {
-                WeightLayout::OutIn => {
-                    let d = Dims { m: cout, k: rows, n: cin };
-                    matmul(dout, Layout::Transposed, x, Layout::Normal, g.at_mut(self.w), d, true);
-                }
-                WeightLayout::InOut => {
-                    let d = Dims { m: cin, k: rows, n: cout };
-                    matmul(x, Layout::Transposed, dout, Layout::Normal, g.at_mut(self.w), d, true);
-                }
-            }
-        }
-        if let Some(b) = self.b.filter(|b| !g.at(*b).is_empty()) {
-            bias_backward(dout, g.at_mut(b));
-        }
-        if let Some(ad) = self.adapter {
-            let (xa, dxa) = (&xa[..rows * ad.r], &mut dxa[..rows * ad.r]);
-            // dB += dout^T (scale x A^T): (out, rows) x (rows, r).
-            if !g.at(ad.b).is_empty() {
-                let d = Dims { m: cout, k: rows, n: ad.r };
-                matmul(dout, Layout::Transposed, xa, Layout::Normal, g.at_mut(ad.b), d, true);
-            }
-            // d(x A^T) = scale * dout B: (rows, out) x (out, r).
-            matmul(dout, Layout::Normal, p.at(ad.b), Layout::Normal, dxa, Dims { m: rows, k: cout, n: ad.r }, false);
-            dxa.iter_mut().for_each(|v| *v *= ad.scale);
-            // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in).
-            if !g.at(ad.a).is_empty() {
-                let d = Dims { m: ad.r, k: rows, n: cin };
-                matmul(dxa, Layout::Transposed, x, Layout::Normal, g.at_mut(ad.a), d, true);
-            }
-            matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, Dims { m: rows, k: ad.r, n: cin }, true);
-        }
-    }
-}
 
 /// LayerNorm (with an optional bias) or RMSNorm.
 #[derive(Clone, Copy, Debug)]
@@ -206,6 +88,8 @@ impl Norm {
     }
 }
 
+// One per block: the three-layer variant's size costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Copy, Debug)]
 enum Qkv {
     /// gpt2's `c_attn`: one (C, 3C) projection whose columns are q, k, v.
@@ -229,6 +113,22 @@ pub(crate) struct Block {
     mlp: Mlp,
 }
 
+impl Block {
+    /// The block's linear layers.
+    fn linears(&self) -> Vec<Linear> {
+        let mut out = match self.qkv {
+            Qkv::Fused(l) => vec![l],
+            Qkv::Split(q, k, v) => vec![q, k, v],
+        };
+        out.push(self.o);
+        match self.mlp {
+            Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
+            Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
+        }
+        out
+    }
+}
+
 /// A configuration with every parameter (and adapter) resolved to its place in the map.
 #[derive(Clone, Debug)]
 pub struct Model {
@@ -238,13 +138,12 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm_f: Norm,
     pub(crate) head: Linear,
-    /// The widest adapter rank: the width of the `x A^T` buffers.
-    lora_rank: usize,
 }
 
 impl Model {
     /// Resolve the names of `cfg` in `params`; a linear layer whose `lora_A` and `lora_B` are in
-    /// the map gets its adapter, scaled by `lora_scale`.
+    /// the map gets its adapter, scaled by `lora_scale` (and with its `lora_magnitude_vector`,
+    /// DoRA).
     ///
     /// # Panics
     /// If `params` lacks a parameter of `cfg`: load paths check names and shapes first.
@@ -256,15 +155,16 @@ impl Model {
     pub fn with_lora_scale(cfg: ModelConfig, params: &ParamMap, lora_scale: f32) -> Self {
         let id = |name: &str| params.id(name).unwrap_or_else(|| panic!("no parameter `{name}`"));
         let c = cfg.n_embd;
-        let mut lora_rank = 0;
         let mut linears: Vec<[Option<Linear>; LINEAR_SLOTS]> = vec![[None; LINEAR_SLOTS]; cfg.n_layer];
         for m in cfg.linear_modules() {
             let adapter = match (params.id(&lora::a_name(&m.path)), params.id(&lora::b_name(&m.path))) {
-                (Some(a), Some(b)) => {
-                    let r = params.at(a).len() / m.cin;
-                    lora_rank = lora_rank.max(r);
-                    Some(Adapter { a, b, r, scale: lora_scale })
-                }
+                (Some(a), Some(b)) => Some(Adapter {
+                    a,
+                    b,
+                    r: params.at(a).len() / m.cin,
+                    scale: lora_scale,
+                    magnitude: params.id(&lora::magnitude_name(&m.path)),
+                }),
                 _ => None,
             };
             linears[m.layer][m.slot] = Some(Linear {
@@ -328,16 +228,25 @@ impl Model {
             adapter: None,
             slot: 0,
         };
-        Model { cfg, wte, wpe, blocks, norm_f, head, lora_rank }
+        Model { cfg, wte, wpe, blocks, norm_f, head }
     }
 
     fn attn_dims(&self, b: usize, t: usize) -> AttnDims {
         AttnDims { b, t, h: self.cfg.n_head, h_kv: self.cfg.n_kv_head, d: self.cfg.head_dim() }
     }
 
-    /// The widest adapter rank (0 without adapters).
-    pub fn lora_rank(&self) -> usize {
-        self.lora_rank
+    /// Per linear slot of a block: its adapter's rank (0 without one), its outputs, and
+    /// whether it is DoRA. Every block has the same.
+    pub(crate) fn adapter_shapes(&self) -> [(usize, usize, bool); LINEAR_SLOTS] {
+        let mut shapes = [(0, 0, false); LINEAR_SLOTS];
+        if let Some(blk) = self.blocks.first() {
+            for lin in blk.linears() {
+                if let Some(ad) = lin.adapter {
+                    shapes[lin.slot] = (ad.r, lin.cout, ad.magnitude.is_some());
+                }
+            }
+        }
+        shapes
     }
 
     /// Token embeddings plus learned positions (gpt2), token `r` at position `pos[r]`.
@@ -367,7 +276,7 @@ impl Model {
         q: &'a mut [f32],
         k: &'a mut [f32],
         v: &'a mut [f32],
-        xa: &mut [Vec<f32>],
+        xa: &mut [AdapterActs],
     ) -> QkvIn<'a> {
         let rows = x.len() / self.cfg.n_embd;
         match blk.qkv {
@@ -398,7 +307,7 @@ impl Model {
         u: &mut [f32],
         g: &mut [f32],
         out: &mut [f32],
-        xa: &mut [Vec<f32>],
+        xa: &mut [AdapterActs],
     ) {
         let rows = x.len() / self.cfg.n_embd;
         match blk.mlp {
@@ -442,16 +351,17 @@ impl Model {
             let a = &mut acts.blocks[l.min(kept - 1)];
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            let qkv = self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.xa);
+            let qkv =
+                self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.adapters);
             attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
-            blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.xa[blk.o.slot]);
+            blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.adapters[blk.o.slot]);
             add_assign(&mut a.x_mid, x);
             blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
-            self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x, &mut a.xa);
+            self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x, &mut a.adapters);
             add_assign(x, &a.x_mid);
         }
         self.norm_f.forward(p, x, &mut acts.nf, &mut acts.sf, eps, &acts.zeros_c);
-        self.head.forward(p, &acts.nf, &mut acts.logits, rows, &mut []);
+        self.head.forward(p, &acts.nf, &mut acts.logits, rows, &mut acts.no_adapter);
     }
 
     /// Forward only: each token's negative log-probability of its target into
@@ -483,14 +393,34 @@ impl Model {
         let n = self.attn_dims(b, t);
         let pos = &batch.pos[..];
         let Activations {
-            blocks, x, nf, sf, dlogits, dx, dtmp, dn, dqkv, dq, dk, dv, dh, du, dg, dxa, scratch_c, ..
+            blocks,
+            x,
+            nf,
+            sf,
+            dlogits,
+            dx,
+            dtmp,
+            dn,
+            dqkv,
+            dq,
+            dk,
+            dv,
+            dh,
+            du,
+            dg,
+            dxa,
+            dz,
+            scratch_c,
+            no_adapter,
+            ..
         } = acts;
+        let dxa = &mut AdapterScratch { dxa, dz };
 
-        self.head.backward(p, grads, dlogits, nf, &[], dxa, dtmp, rows, false);
+        self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
         for (blk, a) in self.blocks.iter().zip(blocks.iter()).rev() {
             // dx holds d(block output) = d(x_mid + mlp(norm2(x_mid))).
-            let xa = &a.xa;
+            let xa = &a.adapters;
             match blk.mlp {
                 Mlp::Gelu { fc, proj } => {
                     proj.backward(p, grads, dx, &a.g, &xa[proj.slot], dxa, dg, rows, false);
@@ -582,8 +512,8 @@ struct BlockActs {
     /// SwiGLU's up projection; empty for gpt2.
     u: Vec<f32>,
     g: Vec<f32>,
-    /// Per linear slot, its adapter's scaled `x A^T` (B * T, r); empty without adapters.
-    xa: Vec<Vec<f32>>,
+    /// Per linear slot, what its adapter keeps (empty without one).
+    adapters: Vec<AdapterActs>,
 }
 
 /// Every buffer a forward (and for training, a backward) pass needs, allocated once for a
@@ -612,8 +542,12 @@ pub struct Activations {
     dh: Vec<f32>,
     du: Vec<f32>,
     dg: Vec<f32>,
-    /// An adapter's gradient of `x A^T` (B * T, r).
+    /// An adapter's gradient of `x A^T` (B * T, r) and DoRA's rescaled output gradient
+    /// (B * T, out).
     dxa: Vec<f32>,
+    dz: Vec<f32>,
+    /// The buffers of a layer without adapter (the head).
+    no_adapter: AdapterActs,
     zeros_c: Vec<f32>,
     scratch_c: Vec<f32>,
 }
@@ -621,21 +555,27 @@ pub struct Activations {
 impl Activations {
     /// Buffers for training a model without adapters.
     pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
-        Self::build(cfg, b, t, 0, true)
+        Self::build(cfg, b, t, [(0, 0, false); LINEAR_SLOTS], true)
     }
 
     /// Buffers for training `model` (its adapters included).
     pub fn for_training(model: &Model, b: usize, t: usize) -> Self {
-        Self::build(&model.cfg, b, t, model.lora_rank, true)
+        Self::build(&model.cfg, b, t, model.adapter_shapes(), true)
     }
 
     /// Buffers for forward passes of `model` only: one block's intermediates, which every
     /// layer overwrites, and no gradients.
     pub fn inference(model: &Model, b: usize, t: usize) -> Self {
-        Self::build(&model.cfg, b, t, model.lora_rank, false)
+        Self::build(&model.cfg, b, t, model.adapter_shapes(), false)
     }
 
-    fn build(cfg: &ModelConfig, b: usize, t: usize, lora_rank: usize, training: bool) -> Self {
+    fn build(
+        cfg: &ModelConfig,
+        b: usize,
+        t: usize,
+        adapters: [(usize, usize, bool); LINEAR_SLOTS],
+        training: bool,
+    ) -> Self {
         assert!(t <= cfg.block_size, "sequence of {t} is longer than the block size {}", cfg.block_size);
         let (rows, c, f, v) = (b * t, cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let ckv = cfg.n_kv_head * cfg.head_dim();
@@ -659,7 +599,7 @@ impl Activations {
             h: z(rows * f),
             u: zeros_if(swiglu, rows * f),
             g: z(rows * f),
-            xa: (0..LINEAR_SLOTS).map(|_| z(rows * lora_rank)).collect(),
+            adapters: adapters.iter().map(|&(r, cout, dora)| AdapterActs::new(rows, r, cout, dora)).collect(),
         };
         let kept = if training { cfg.n_layer } else { 1 };
         Activations {
@@ -683,7 +623,9 @@ impl Activations {
             dh: g(rows * f),
             du: zeros_if(training && swiglu, rows * f),
             dg: g(rows * f),
-            dxa: g(rows * lora_rank),
+            dxa: g(rows * adapters.iter().map(|a| a.0).max().unwrap_or(0)),
+            dz: g(rows * adapters.iter().filter(|a| a.2).map(|a| a.1).max().unwrap_or(0)),
+            no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             scratch_c: z(c),
         }
@@ -716,7 +658,7 @@ impl Activations {
                     .map(v)
                     .iter()
                     .sum::<usize>()
-                    + a.xa.iter().map(v).sum::<usize>()
+                    + a.adapters.iter().map(AdapterActs::floats).sum::<usize>()
                     + s(&a.s1)
                     + s(&a.s2)
             })
@@ -737,6 +679,7 @@ impl Activations {
             &self.du,
             &self.dg,
             &self.dxa,
+            &self.dz,
             &self.zeros_c,
             &self.scratch_c,
         ]
@@ -940,29 +883,34 @@ mod tests {
         assert!(some.iter().filter(|(n, _)| *n != only).all(|(_, g)| g.data().is_empty()));
     }
 
-    fn lora_on_everything(cfg: &ModelConfig, rslora: bool) -> LoraConfig {
+    fn lora_on_everything(cfg: &ModelConfig, rslora: bool, dora: bool) -> LoraConfig {
         LoraConfig {
             r: 2,
             alpha: 4.0,
             rslora,
             targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
             init: LoraInit::Gaussian,
+            dora,
         }
     }
 
-    /// A model of `cfg` with random base weights and adapters whose B is not zero.
+    /// A model of `cfg` with random base weights and adapters whose B is not zero (DoRA's
+    /// magnitudes around 1).
     fn adapted(cfg: &ModelConfig, lora: &LoraConfig) -> ParamMap {
         let mut params = random_params(cfg);
         lora.add(cfg, &mut params, 3);
         randomize(&mut params);
+        for (_, t) in params.iter_mut().filter(|(n, _)| n.ends_with("lora_magnitude_vector")) {
+            t.data_mut().iter_mut().for_each(|m| *m += 1.5);
+        }
         params
     }
 
     #[test]
     fn lora_forward_equals_the_merged_model() {
-        for (arch, variant) in VARIANTS {
+        for ((arch, variant), dora) in VARIANTS.into_iter().flat_map(|v| [(v, false), (v, true)]) {
             let cfg = tiny(arch, variant);
-            let lora = lora_on_everything(&cfg, variant == 1);
+            let lora = lora_on_everything(&cfg, variant == 1, dora);
             let params = adapted(&cfg, &lora);
             let model = Model::with_lora_scale(cfg, &params, lora.scale());
             let merged = lora.merged(&cfg, &params);
@@ -972,7 +920,7 @@ mod tests {
             model.forward(&params, &batch, &mut a1);
             plain.forward(&merged, &batch, &mut a2);
             for (x, y) in a1.logits.iter().zip(&a2.logits) {
-                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{} {variant}: {x} vs {y}", arch.name());
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{} {variant} dora {dora}: {x} vs {y}", arch.name());
             }
         }
     }
@@ -981,7 +929,7 @@ mod tests {
     fn lora_gradients_match_finite_differences_and_leave_the_base_frozen() {
         for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 1)] {
             let cfg = tiny(arch, variant);
-            let lora = lora_on_everything(&cfg, false);
+            let lora = lora_on_everything(&cfg, false, false);
             let params = adapted(&cfg, &lora);
             let model = Model::with_lora_scale(cfg, &params, lora.scale());
             let batch = packed_batch(&cfg);
@@ -1086,6 +1034,36 @@ mod tests {
                 acts.blocks[0].x_in[rows.clone()].iter().zip(&clean[rows]).map(|(a, b)| a - b).collect();
             assert!(moved.iter().all(|d| d.abs() <= bound * 1.0001), "within alpha / sqrt(L d)");
             assert!(moved.iter().any(|d| d.abs() > bound / 2.0), "and of that size");
+        }
+    }
+
+    /// DoRA's magnitudes against finite differences through the whole model (the norms do not
+    /// depend on them; `lora_A` and `lora_B`, whose gradients treat the norms as constants as
+    /// PEFT does, are checked layer by layer in `linear.rs`). A fresh DoRA model computes the
+    /// base model.
+    #[test]
+    fn dora_magnitudes_train_and_a_fresh_dora_model_is_the_base_model() {
+        for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 1)] {
+            let cfg = tiny(arch, variant);
+            let lora = lora_on_everything(&cfg, false, true);
+            let params = adapted(&cfg, &lora);
+            let model = Model::with_lora_scale(cfg, &params, lora.scale());
+            let batch = packed_batch(&cfg);
+            let mut acts = Activations::for_training(&model, 2, 8);
+            let mut grads = params.zeros_like_trainable(|n| n.ends_with("lora_magnitude_vector"));
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut grads);
+            check_gradients(&format!("dora {}", arch.name()), &model, &params, &batch, &grads);
+
+            let mut fresh = random_params(&cfg);
+            let base = fresh.clone();
+            lora.add(&cfg, &mut fresh, 4);
+            let adapted = Model::with_lora_scale(cfg, &fresh, lora.scale());
+            let (mut a1, mut a2) = (Activations::inference(&adapted, 2, 8), Activations::inference(&model, 2, 8));
+            adapted.forward(&fresh, &batch, &mut a1);
+            Model::new(cfg, &base).forward(&base, &batch, &mut a2);
+            for (x, y) in a1.logits.iter().zip(&a2.logits) {
+                assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{}: {x} vs {y}", arch.name());
+            }
         }
     }
 }
