@@ -122,7 +122,14 @@ fn a_full_fine_tune_moves_every_weight() {
 fn changing_an_adapter_or_neftune_parameter_reruns_sft_but_not_pretrain() {
     let sb = Sandbox::new();
     sb.run_json("sft.toml", &[]);
-    for set in ["sft.neftune_alpha=1", "sft.lora_r=2", "sft.use_rslora=true", "sft.lora_fa=true", "sft.use_dora=true"] {
+    for set in [
+        "sft.neftune_alpha=1",
+        "sft.lora_r=2",
+        "sft.use_rslora=true",
+        "sft.lora_fa=true",
+        "sft.use_dora=true",
+        "sft.lora_dropout=0.1",
+    ] {
         let run = sb.run_json("sft.toml", &["--set", set]);
         assert_eq!(ran(&run), ["sft", "evaluate"], "{set}");
     }

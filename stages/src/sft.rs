@@ -38,7 +38,7 @@ pub struct Sft;
 /// PEFT's adapter directory inside the output.
 pub const ADAPTER_DIR: &str = "adapter";
 
-const OWN_PARAMS: [ParamSpec; 15] = [
+const OWN_PARAMS: [ParamSpec; 16] = [
     ParamSpec::int("seq_len", 256, 2, 1 << 20, "positions per row (at most the model's block size)"),
     ParamSpec::bool(
         "packing",
@@ -62,6 +62,7 @@ const OWN_PARAMS: [ParamSpec; 15] = [
     ParamSpec::choice("adapter", "none", &["none", "lora"], "`none` trains every weight; `lora` trains adapters only"),
     ParamSpec::int("lora_r", 8, 1, 4096, "LoRA rank"),
     ParamSpec::float("lora_alpha", 16.0, 0.0, 1e6, "LoRA scale numerator: scale = alpha / r (or / sqrt(r))"),
+    ParamSpec::float("lora_dropout", 0.0, 0.0, 0.99, "dropout on the adapters' inputs in training"),
     ParamSpec::str_list(
         "lora_targets",
         &["all-linear"],
@@ -80,7 +81,7 @@ const OWN_PARAMS: [ParamSpec; 15] = [
     ParamSpec::int("val_batch_size", 16, 1, 1 << 20, "rows per validation forward pass").not_hashed(),
 ];
 
-const PARAMS: &[ParamSpec] = &concat_params::<15, 18, 33>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<16, 18, 34>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -181,7 +182,9 @@ impl Stage for Sft {
             lora.add(&cfg, &mut params, ctx.seed());
         }
         let (grads, opts) = trainable(p, &params, lora.is_some());
-        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale));
+        let dropout = if lora.is_some() { p.float("lora_dropout") as f32 } else { 0.0 };
+        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
+            .with_lora_dropout(dropout);
         let trainable_count: usize = grads.iter().map(|(_, g)| g.data().len()).sum();
         let spec = TrainSpec::from_params(p, seq_len, LossMean::PerToken);
         let alpha = p.float("neftune_alpha") as f32;
@@ -190,6 +193,7 @@ impl Stage for Sft {
             val: val_rows,
             order: EpochOrder::new(ctx.seed()),
             noise: (alpha > 0.0).then_some(EmbeddingNoise { alpha, seed: ctx.seed() }),
+            dropout_seed: (dropout > 0.0).then_some(ctx.seed() ^ 0x4452_4F50_4F55_5421),
             val_batch: p.usize("val_batch_size"),
         };
         let trainee = Trainee { model, fresh: params, grads, opts };
@@ -206,7 +210,7 @@ impl Stage for Sft {
         }
         TokenMeta { vocab_size: cfg.vocab_size as u32, eot_id: eot, seq_len: Some(seq_len) }.write(ctx.out_dir())?;
         if let Some(lora) = &lora {
-            write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, trained)?;
+            write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, dropout, trained)?;
         }
         std::fs::write(ctx.out(METRICS_FILE), metrics_lines(&outcome.state))
             .map_err(|e| fail("writing metrics.jsonl")(&e))?;
@@ -293,6 +297,8 @@ struct ExampleData {
     val: Rows,
     order: EpochOrder,
     noise: Option<EmbeddingNoise>,
+    /// Adapter dropout's seed, when there is dropout.
+    dropout_seed: Option<u64>,
     val_batch: usize,
 }
 
@@ -301,10 +307,10 @@ impl TrainData for ExampleData {
         DataPos { rng: 0, consumed: 0 }
     }
     fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
-        // Each micro-batch's noise comes from the seed and where the data stands.
-        batch.noise = self
-            .noise
-            .map(|n| EmbeddingNoise { seed: n.seed ^ (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25), ..n });
+        // Each micro-batch's noise and dropout come from the seed and where the data stands.
+        let at = (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        batch.noise = self.noise.map(|n| EmbeddingNoise { seed: n.seed ^ at, ..n });
+        batch.dropout_seed = self.dropout_seed.map(|s| s ^ at);
         for i in 0..batch.batch() {
             let r = self.order.row(pos.consumed, self.train.rows);
             self.train.copy_row(r, batch, i);
@@ -322,6 +328,7 @@ fn write_peft_adapter(
     dir: &std::path::Path,
     cfg: &ModelConfig,
     lora: &LoraConfig,
+    dropout: f32,
     params: &ParamMap,
 ) -> Result<(), StageError> {
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating `{}`", dir.display()))(&e))?;
@@ -341,7 +348,7 @@ fn write_peft_adapter(
         "inference_mode": true,
         "r": lora.r,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": dropout,
         "target_modules": lora.targets,
         "fan_in_fan_out": cfg.arch == Arch::Gpt2,
         "bias": "none",

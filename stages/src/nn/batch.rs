@@ -26,6 +26,8 @@ pub struct Batch {
     pub pos: Vec<u32>,
     /// NEFTune's noise on the input embeddings, when training asks for it.
     pub noise: Option<EmbeddingNoise>,
+    /// The seed of adapter dropout's masks for this batch, in training (none: no dropout).
+    pub dropout_seed: Option<u64>,
 }
 
 /// NEFTune: uniform noise in [-1, 1] scaled by `alpha / sqrt(L * C)` added to each token's input
@@ -48,6 +50,7 @@ impl Batch {
             targets: vec![IGNORE; b * t],
             pos: (0..b * t).map(|r| (r % t) as u32).collect(),
             noise: None,
+            dropout_seed: None,
         }
     }
     /// A batch of whole rows from ids and targets (B * T each).

@@ -57,7 +57,7 @@ impl Decoder {
             u: z(f),
             g: z(f),
             scores: z(cfg.block_size),
-            xa: model.adapter_shapes().iter().map(|&(r, cout, dora)| AdapterActs::new(1, r, cout, dora)).collect(),
+            xa: model.adapter_shapes().iter().map(|&shape| AdapterActs::new(1, shape)).collect(),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             logits: z(cfg.vocab_size),

@@ -2,6 +2,11 @@
 //! (`Conv1D`) or (out, in) (`nn.Linear`), plus a LoRA adapter's `scale * x A^T B^T`, or DoRA's
 //! rescaling of the adapted layer's output per output feature.
 //!
+//! LoRA dropout, as PEFT's `lora_dropout`, drops the adapter's input only (`B A dropout(x)`),
+//! in training (when the batch carries a dropout seed); the mask comes from the seed and each
+//! element's place, so it is the same whatever the thread count, and backward draws it again
+//! rather than keeping it.
+//!
 //! DoRA (Liu et al. 2024) as PEFT computes it: `out = m / |W + s B A| * (x W^T + s x A^T B^T)
 //! + b`, the norm taken over each output row of the adapted weight and treated as a constant
 //! in backward (PEFT detaches it). The norm is found without forming `W + s B A`:
@@ -21,6 +26,18 @@ pub(crate) struct Adapter {
     pub(crate) r: usize,
     pub(crate) scale: f32,
     pub(crate) magnitude: Option<ParamId>,
+    /// The probability that an input element of the adapter is dropped in training.
+    pub(crate) dropout: f32,
+}
+
+/// The buffers a block's layer needs for its adapter.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct AdapterShape {
+    pub(crate) r: usize,
+    pub(crate) cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) dora: bool,
+    pub(crate) dropout: bool,
 }
 
 /// What a linear layer's adapter keeps between forward and backward, sized for its shape.
@@ -35,12 +52,16 @@ pub(crate) struct AdapterActs {
     /// DoRA scratch: `W A^T` (out, r) and `A A^T` (r, r).
     wa: Vec<f32>,
     gram: Vec<f32>,
+    /// Dropout: the adapter's input after dropout (rows, in), and the seed of this pass's mask
+    /// (none: no dropout, as in evaluation).
+    x_drop: Vec<f32>,
+    pub(crate) dropout_seed: Option<u64>,
 }
 
 impl AdapterActs {
-    /// Buffers for `rows` rows through a layer of `cout` outputs with an adapter of rank `r`
-    /// (0: none), DoRA or not.
-    pub(crate) fn new(rows: usize, r: usize, cout: usize, dora: bool) -> Self {
+    /// Buffers for `rows` rows through a layer with an adapter of this shape (`r` 0: none).
+    pub(crate) fn new(rows: usize, shape: AdapterShape) -> Self {
+        let AdapterShape { r, cin, cout, dora, dropout } = shape;
         let z = |n: usize| vec![0.0f32; n];
         let d = |n: usize| if dora { z(n) } else { Vec::new() };
         AdapterActs {
@@ -49,18 +70,45 @@ impl AdapterActs {
             norm_and_factor: d(2 * cout),
             wa: d(cout * r),
             gram: d(r * r),
+            x_drop: if dropout { z(rows * cin) } else { Vec::new() },
+            dropout_seed: None,
         }
     }
     pub(crate) fn floats(&self) -> usize {
-        self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len()
+        self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len() + self.x_drop.len()
+    }
+
+    /// The adapter's input: `x`, or `x` after this pass's dropout (kept in `x_drop`).
+    fn adapter_input<'a>(&'a mut self, x: &'a [f32], ad: &Adapter, rows: usize, cin: usize) -> &'a [f32] {
+        match self.dropout_seed.filter(|_| ad.dropout > 0.0) {
+            None => x,
+            Some(seed) => {
+                let dropped = &mut self.x_drop[..rows * cin];
+                for (r, (out, x)) in dropped.chunks_mut(cin).zip(x.chunks(cin)).enumerate() {
+                    for ((o, x), f) in out.iter_mut().zip(x).zip(dropout_row(seed, r, cin, ad.dropout)) {
+                        *o = x * f;
+                    }
+                }
+                dropped
+            }
+        }
     }
 }
 
-/// Backward's scratch for adapters: `d(x A^T)` (rows, r) and DoRA's rescaled output gradient
-/// (rows, out), sized for the widest layer.
+/// Inverted dropout's factor for each element of row `row` (`cin` wide): 0 with probability
+/// `p`, else 1 / (1 - p). Each row draws from its own stream (seed, row).
+fn dropout_row(seed: u64, row: usize, cin: usize, p: f32) -> impl Iterator<Item = f32> {
+    let mut rng = crate::nn::rng::SplitMix64::new(seed ^ (row as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
+    let keep = 1.0 / (1.0 - p);
+    (0..cin).map(move |_| if (rng.unit() as f32) < p { 0.0 } else { keep })
+}
+
+/// Backward's scratch for adapters: `d(x A^T)` (rows, r), DoRA's rescaled output gradient
+/// (rows, out), and the gradient of the dropped input (rows, in), sized for the widest layer.
 pub(crate) struct AdapterScratch<'a> {
     pub(crate) dxa: &'a mut [f32],
     pub(crate) dz: &'a mut [f32],
+    pub(crate) dx_drop: &'a mut [f32],
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -97,8 +145,12 @@ impl Linear {
         matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
         let Some(ad) = self.adapter else { return };
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
+        let mut xa = std::mem::take(&mut acts.xa);
+        let input = acts.adapter_input(x, &ad, rows, self.cin);
+        let d = Dims { m: rows, k: self.cin, n: ad.r };
+        matmul(input, Layout::Normal, p.at(ad.a), Layout::Transposed, &mut xa[..rows * ad.r], d, false);
+        acts.xa = xa;
         let xa = &mut acts.xa[..rows * ad.r];
-        matmul(x, Layout::Normal, p.at(ad.a), Layout::Transposed, xa, Dims { m: rows, k: self.cin, n: ad.r }, false);
         xa.iter_mut().for_each(|v| *v *= ad.scale);
         matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: rows, k: ad.r, n: self.cout }, true);
         if let Some(m) = ad.magnitude {
@@ -209,12 +261,27 @@ impl Linear {
             // d(x A^T) = scale * dout B: (rows, out) x (out, r).
             matmul(dout, Layout::Normal, p.at(ad.b), Layout::Normal, dxa, Dims { m: rows, k: cout, n: ad.r }, false);
             dxa.iter_mut().for_each(|v| *v *= ad.scale);
-            // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in).
+            // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in),
+            // through the dropout's mask when there was one.
+            let seed = acts.dropout_seed.filter(|_| ad.dropout > 0.0);
+            let input = if seed.is_some() { &acts.x_drop[..rows * cin] } else { x };
             if !g.at(ad.a).is_empty() {
                 let d = Dims { m: ad.r, k: rows, n: cin };
-                matmul(dxa, Layout::Transposed, x, Layout::Normal, g.at_mut(ad.a), d, true);
+                matmul(dxa, Layout::Transposed, input, Layout::Normal, g.at_mut(ad.a), d, true);
             }
-            matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, Dims { m: rows, k: ad.r, n: cin }, true);
+            let d = Dims { m: rows, k: ad.r, n: cin };
+            match seed {
+                None => matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, d, true),
+                Some(seed) => {
+                    let dropped = &mut scratch.dx_drop[..rows * cin];
+                    matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dropped, d, false);
+                    for (r, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
+                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, r, cin, ad.dropout)) {
+                            *dx += dd * f;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -227,6 +294,10 @@ mod tests {
 
     /// A layer of 5 inputs and 4 outputs with a rank-2 adapter in `layout`, random values.
     fn layer(layout: WeightLayout, dora: bool) -> (Linear, ParamMap) {
+        layer_with(layout, dora, 0.0)
+    }
+
+    fn layer_with(layout: WeightLayout, dora: bool, dropout: f32) -> (Linear, ParamMap) {
         let (cin, cout, r) = (5, 4, 2);
         let mut p = ParamMap::default();
         let shape = if layout == WeightLayout::OutIn { [cout, cin] } else { [cin, cout] };
@@ -241,13 +312,23 @@ mod tests {
             r,
             scale: 1.5,
             magnitude: dora.then(|| p.id("m").unwrap()),
+            dropout,
         };
         let lin = Linear { w: p.id("w").unwrap(), b: p.id("b"), cin, cout, layout, adapter: Some(ad), slot: 0 };
         (lin, p)
     }
 
     fn forward(lin: &Linear, p: &ParamMap, x: &[f32], rows: usize) -> (Vec<f32>, AdapterActs) {
-        let mut acts = AdapterActs::new(rows, 2, lin.cout, lin.adapter.unwrap().magnitude.is_some());
+        let ad = lin.adapter.unwrap();
+        let shape = AdapterShape {
+            r: 2,
+            cin: lin.cin,
+            cout: lin.cout,
+            dora: ad.magnitude.is_some(),
+            dropout: ad.dropout > 0.0,
+        };
+        let mut acts = AdapterActs::new(rows, shape);
+        acts.dropout_seed = Some(17);
         let mut out = vec![0.0; rows * lin.cout];
         lin.forward(p, x, &mut out, rows, &mut acts);
         (out, acts)
@@ -294,15 +375,15 @@ mod tests {
     #[test]
     fn adapter_gradients_match_finite_differences() {
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
-            for dora in [false, true] {
-                let (lin, p) = layer(layout, dora);
+            for (dora, dropout) in [(false, 0.0), (true, 0.0), (false, 0.4), (true, 0.4)] {
+                let (lin, p) = layer_with(layout, dora, dropout);
                 let rows = 3;
                 let x = random(rows * 5, 7);
                 let probe = random(rows * 4, 8);
                 let (_, acts) = forward(&lin, &p, &x, rows);
                 let mut g = p.zeros_like_trainable(|n| n != "w");
-                let (mut dxa, mut dz) = (vec![0.0; rows * 2], vec![0.0; rows * 4]);
-                let mut scratch = AdapterScratch { dxa: &mut dxa, dz: &mut dz };
+                let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * 2], vec![0.0; rows * 4], vec![0.0; rows * 5]);
+                let mut scratch = AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop };
                 let mut dx = vec![0.0; rows * 5];
                 lin.backward(&p, &mut g, &probe, &x, &acts, &mut scratch, &mut dx, rows, false);
                 let factors: Vec<f32> = if dora { acts.norm_and_factor[4..].to_vec() } else { vec![1.0; 4] };
@@ -318,7 +399,7 @@ mod tests {
                     }
                     probe_loss(&out, &probe)
                 };
-                let label = |what: &str| format!("{what} ({layout:?}, dora {dora})");
+                let label = |what: &str| format!("{what} ({layout:?}, dora {dora}, dropout {dropout})");
                 check(&label("dx"), &x, &dx, |x| fixed(&p, x));
                 for name in ["a", "bb", "b"] {
                     check(&label(name), p.get(name), g.get(name), |v| {
@@ -336,5 +417,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn dropout_drops_the_adapters_input_only_in_training() {
+        let (lin, p) = layer_with(WeightLayout::OutIn, false, 0.5);
+        let (rows, x) = (4, random(4 * 5, 9));
+        let (dropped, acts) = forward(&lin, &p, &x, rows);
+        let zeros = acts.x_drop.iter().filter(|v| **v == 0.0).count();
+        assert!((4..=16).contains(&zeros), "about half of 20 inputs dropped: {zeros}");
+        assert!(acts.x_drop.iter().zip(&x).all(|(d, x)| *d == 0.0 || *d == 2.0 * x), "kept ones scaled by 1/(1-p)");
+        let shape = AdapterShape { r: 2, cin: 5, cout: 4, dora: false, dropout: true };
+        let mut eval = AdapterActs::new(rows, shape);
+        let mut out = vec![0.0; rows * 4];
+        lin.forward(&p, &x, &mut out, rows, &mut eval);
+        let plain = Linear { adapter: Some(Adapter { dropout: 0.0, ..lin.adapter.unwrap() }), ..lin };
+        assert_eq!(out, forward(&plain, &p, &x, rows).0, "without a seed (evaluation) nothing drops");
+        assert_ne!(out, dropped);
+        assert_eq!(forward(&lin, &p, &x, rows).0, dropped, "the mask is a function of the seed");
     }
 }

@@ -22,7 +22,7 @@ use crate::nn::kernels::attention::{attention_backward, attention_forward, rope,
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
-use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, Linear};
+use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
@@ -114,6 +114,18 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
+        match &mut self.qkv {
+            Qkv::Fused(l) => f(l),
+            Qkv::Split(q, k, v) => [q, k, v].into_iter().for_each(&mut f),
+        }
+        f(&mut self.o);
+        match &mut self.mlp {
+            Mlp::Gelu { fc, proj } => [fc, proj].into_iter().for_each(&mut f),
+            Mlp::SwiGlu { gate, up, down } => [gate, up, down].into_iter().for_each(&mut f),
+        }
+    }
+
     /// The block's linear layers.
     fn linears(&self) -> Vec<Linear> {
         let mut out = match self.qkv {
@@ -164,6 +176,7 @@ impl Model {
                     r: params.at(a).len() / m.cin,
                     scale: lora_scale,
                     magnitude: params.id(&lora::magnitude_name(&m.path)),
+                    dropout: 0.0,
                 }),
                 _ => None,
             };
@@ -235,14 +248,32 @@ impl Model {
         AttnDims { b, t, h: self.cfg.n_head, h_kv: self.cfg.n_kv_head, d: self.cfg.head_dim() }
     }
 
-    /// Per linear slot of a block: its adapter's rank (0 without one), its outputs, and
-    /// whether it is DoRA. Every block has the same.
-    pub(crate) fn adapter_shapes(&self) -> [(usize, usize, bool); LINEAR_SLOTS] {
-        let mut shapes = [(0, 0, false); LINEAR_SLOTS];
+    /// Adapter dropout of probability `p` on every adapter's input, in training.
+    pub fn with_lora_dropout(mut self, p: f32) -> Self {
+        for blk in &mut self.blocks {
+            blk.for_each_linear(|lin| {
+                if let Some(ad) = &mut lin.adapter {
+                    ad.dropout = p;
+                }
+            });
+        }
+        self
+    }
+
+    /// Per linear slot of a block, the shape of its adapter (rank 0 without one). Every block
+    /// has the same.
+    pub(crate) fn adapter_shapes(&self) -> [AdapterShape; LINEAR_SLOTS] {
+        let mut shapes = [AdapterShape::default(); LINEAR_SLOTS];
         if let Some(blk) = self.blocks.first() {
             for lin in blk.linears() {
                 if let Some(ad) = lin.adapter {
-                    shapes[lin.slot] = (ad.r, lin.cout, ad.magnitude.is_some());
+                    shapes[lin.slot] = AdapterShape {
+                        r: ad.r,
+                        cin: lin.cin,
+                        cout: lin.cout,
+                        dora: ad.magnitude.is_some(),
+                        dropout: ad.dropout > 0.0,
+                    };
                 }
             }
         }
@@ -349,6 +380,10 @@ impl Model {
         let kept = acts.blocks.len();
         for (l, blk) in self.blocks.iter().enumerate() {
             let a = &mut acts.blocks[l.min(kept - 1)];
+            for (slot, ad) in a.adapters.iter_mut().enumerate() {
+                let place = (l * LINEAR_SLOTS + slot) as u64 + 1;
+                ad.dropout_seed = batch.dropout_seed.map(|s| s ^ place.wrapping_mul(0x94D0_49BB_1331_11EB));
+            }
             a.x_in.copy_from_slice(x);
             blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
             let qkv =
@@ -410,11 +445,12 @@ impl Model {
             dg,
             dxa,
             dz,
+            dx_drop,
             scratch_c,
             no_adapter,
             ..
         } = acts;
-        let dxa = &mut AdapterScratch { dxa, dz };
+        let dxa = &mut AdapterScratch { dxa, dz, dx_drop };
 
         self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
@@ -546,6 +582,8 @@ pub struct Activations {
     /// (B * T, out).
     dxa: Vec<f32>,
     dz: Vec<f32>,
+    /// The gradient of a dropped adapter input (B * T, in).
+    dx_drop: Vec<f32>,
     /// The buffers of a layer without adapter (the head).
     no_adapter: AdapterActs,
     zeros_c: Vec<f32>,
@@ -555,7 +593,7 @@ pub struct Activations {
 impl Activations {
     /// Buffers for training a model without adapters.
     pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
-        Self::build(cfg, b, t, [(0, 0, false); LINEAR_SLOTS], true)
+        Self::build(cfg, b, t, [AdapterShape::default(); LINEAR_SLOTS], true)
     }
 
     /// Buffers for training `model` (its adapters included).
@@ -569,13 +607,7 @@ impl Activations {
         Self::build(&model.cfg, b, t, model.adapter_shapes(), false)
     }
 
-    fn build(
-        cfg: &ModelConfig,
-        b: usize,
-        t: usize,
-        adapters: [(usize, usize, bool); LINEAR_SLOTS],
-        training: bool,
-    ) -> Self {
+    fn build(cfg: &ModelConfig, b: usize, t: usize, adapters: [AdapterShape; LINEAR_SLOTS], training: bool) -> Self {
         assert!(t <= cfg.block_size, "sequence of {t} is longer than the block size {}", cfg.block_size);
         let (rows, c, f, v) = (b * t, cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let ckv = cfg.n_kv_head * cfg.head_dim();
@@ -599,7 +631,7 @@ impl Activations {
             h: z(rows * f),
             u: zeros_if(swiglu, rows * f),
             g: z(rows * f),
-            adapters: adapters.iter().map(|&(r, cout, dora)| AdapterActs::new(rows, r, cout, dora)).collect(),
+            adapters: adapters.iter().map(|&shape| AdapterActs::new(rows, shape)).collect(),
         };
         let kept = if training { cfg.n_layer } else { 1 };
         Activations {
@@ -623,8 +655,9 @@ impl Activations {
             dh: g(rows * f),
             du: zeros_if(training && swiglu, rows * f),
             dg: g(rows * f),
-            dxa: g(rows * adapters.iter().map(|a| a.0).max().unwrap_or(0)),
-            dz: g(rows * adapters.iter().filter(|a| a.2).map(|a| a.1).max().unwrap_or(0)),
+            dxa: g(rows * adapters.iter().map(|a| a.r).max().unwrap_or(0)),
+            dz: g(rows * adapters.iter().filter(|a| a.dora).map(|a| a.cout).max().unwrap_or(0)),
+            dx_drop: g(rows * adapters.iter().filter(|a| a.dropout).map(|a| a.cin).max().unwrap_or(0)),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             scratch_c: z(c),
@@ -680,6 +713,7 @@ impl Activations {
             &self.dg,
             &self.dxa,
             &self.dz,
+            &self.dx_drop,
             &self.zeros_c,
             &self.scratch_c,
         ]
