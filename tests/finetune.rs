@@ -105,6 +105,37 @@ fn dora_writes_its_magnitudes_and_merges_them() {
 }
 
 #[test]
+fn pissa_starts_from_the_singular_part_and_exports_a_lora_on_the_original_weights() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("sft.toml", &["--set", "sft.lora_init=pissa"]);
+    let sft = artifact(&sb, &run, "sft");
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(sft.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    // PEFT's conversion for saving: rank 2r, alpha raised to keep the scale.
+    assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
+    let adapters = adapter_tensors(&sft);
+    assert_eq!(adapters.tensor("model.layers.0.self_attn.q_proj.lora_A.weight").shape(), [8, 32]);
+    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
+    let (_, merged) = load_model(&sft).unwrap();
+    let mut adapted = base.clone();
+    for (name, t) in adapters.iter() {
+        adapted.insert(name, t.clone());
+    }
+    let lora = LoraConfig {
+        r: 8,
+        alpha: 16.0,
+        rslora: false,
+        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+        init: LoraInit::Kaiming,
+        dora: false,
+    };
+    let on_base = lora.merged(&cfg, &adapted);
+    for ((name, a), (_, b)) in on_base.iter().zip(merged.iter()) {
+        assert!(a.data().iter().zip(b.data()).all(|(x, y)| (x - y).abs() < 1e-5), "{name}: base + adapter = merged");
+    }
+}
+
+#[test]
 fn a_full_fine_tune_moves_every_weight() {
     let sb = Sandbox::new();
     let run = sb.run_json("sft.toml", &["--set", "sft.adapter=none", "--set", "sft.neftune_alpha=0"]);

@@ -87,7 +87,7 @@ fn transformers_loads_every_architecture_and_agrees_on_the_validation_loss() {
 }
 
 /// PEFT loads the base model plus `sft`'s `adapter/` (gpt2's Conv1D layout with
-/// `fan_in_fan_out`, llama's, and llama's with DoRA) and gives the logits of tinygpt's merged model. Needs a
+/// `fan_in_fan_out`, llama's, llama's with DoRA, and a PiSSA start converted for saving) and gives the logits of tinygpt's merged model. Needs a
 /// Python with torch, transformers and peft; without them it says it skips (PyTorch is a large
 /// download that `.ci/run` does not make).
 #[test]
@@ -99,9 +99,18 @@ fn peft_loads_the_adapter_and_gives_the_merged_models_logits() {
         return;
     }
     let sb = Sandbox::new();
-    for (arch, dora) in [("llama", false), ("gpt2", false), ("llama", true)] {
-        let sets = ["--set", &format!("pretrain.arch={arch}"), "--set", "sft.max_steps=30"];
-        let run = sb.run_json("sft.toml", &[&sets[..], &["--set", &format!("sft.use_dora={dora}")]].concat());
+    let variants = [
+        ("llama", "false", "kaiming"),
+        ("gpt2", "false", "kaiming"),
+        ("llama", "true", "kaiming"),
+        ("gpt2", "false", "pissa"),
+    ];
+    for (arch, dora, init) in variants {
+        let sets = ["pretrain.arch", arch, "sft.use_dora", dora, "sft.lora_init", init];
+        let sets: Vec<String> =
+            sets.chunks(2).flat_map(|kv| ["--set".to_string(), format!("{}={}", kv[0], kv[1])]).collect();
+        let sets: Vec<&str> = sets.iter().map(String::as_str).chain(["--set", "sft.max_steps=30"]).collect();
+        let run = sb.run_json("sft.toml", &sets);
         let (base, tuned) = (artifact(&sb, &run, "pretrain"), artifact(&sb, &run, "sft"));
         let ids: Vec<u32> = "Q: What is 2 plus 3?\nA: 5".bytes().map(u32::from).collect();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/crosscheck/peft_logits.py");
@@ -112,7 +121,11 @@ fn peft_loads_the_adapter_and_gives_the_merged_models_logits() {
             .args(ids.iter().map(u32::to_string))
             .output()
             .expect("python runs");
-        assert!(out.status.success(), "{arch} (DoRA {dora}): PEFT failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{arch} (DoRA {dora}, {init}): PEFT failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
         let (cfg, params) = stages::model_io::load_model(&tuned).unwrap();
         let model = stages::nn::model::Model::new(cfg, &params);
@@ -127,7 +140,7 @@ fn peft_loads_the_adapter_and_gives_the_merged_models_logits() {
             .collect();
         assert_eq!(theirs.len(), acts.logits.len());
         let worst = theirs.iter().zip(&acts.logits).map(|(a, b)| (a - *b as f64).abs()).fold(0.0, f64::max);
-        assert!(worst < 1e-4, "{arch} (DoRA {dora}): PEFT's logits differ from the merged model's by {worst}");
-        eprintln!("{arch} (DoRA {dora}): PEFT and the merged model agree to {worst:.2e}");
+        assert!(worst < 1e-4, "{arch} (DoRA {dora}, {init}): PEFT's logits differ from the merged model's by {worst}");
+        eprintln!("{arch} (DoRA {dora}, {init}): PEFT and the merged model agree to {worst:.2e}");
     }
 }

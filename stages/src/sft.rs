@@ -1,5 +1,5 @@
 //! `sft`: supervised fine-tuning of a model on instruction examples, in full or with LoRA
-//! adapters (rsLoRA, LoRA+, LoRA-FA, DoRA), with NEFTune.
+//! adapters (rsLoRA, LoRA+, LoRA-FA, DoRA, PiSSA's start), with NEFTune.
 //!
 //! Examples are packed whole into rows of `seq_len` positions (first-fit decreasing; an
 //! example is never split across rows) with block-diagonal attention and positions restarting
@@ -75,8 +75,8 @@ const OWN_PARAMS: [ParamSpec; 16] = [
     ParamSpec::choice(
         "lora_init",
         "kaiming",
-        &["kaiming", "gaussian"],
-        "lora_A's initialisation: PEFT's default Kaiming-uniform, or N(0, 1/r^2)",
+        &["kaiming", "gaussian", "pissa"],
+        "lora_A's initialisation: PEFT's default Kaiming-uniform, N(0, 1/r^2), or PiSSA (the weight's top-r singular part; the base keeps the residual)",
     ),
     ParamSpec::int("val_batch_size", 16, 1, 1 << 20, "rows per validation forward pass").not_hashed(),
 ];
@@ -130,6 +130,9 @@ impl Stage for Sft {
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         check_lrs(p)?;
+        if p.str("lora_init") == "pissa" && p.bool("use_dora") {
+            return Err(ParamProblem::new("lora_init", "PiSSA's start with DoRA is not supported: choose one"));
+        }
         for target in p.str_list("lora_targets") {
             if target != "all-linear" && !KNOWN_MODULES.contains(&target.as_str()) {
                 return Err(ParamProblem::new(
@@ -210,7 +213,15 @@ impl Stage for Sft {
         }
         TokenMeta { vocab_size: cfg.vocab_size as u32, eot_id: eot, seq_len: Some(seq_len) }.write(ctx.out_dir())?;
         if let Some(lora) = &lora {
-            write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, dropout, trained)?;
+            if lora.init == LoraInit::Pissa {
+                // PEFT's adapters apply to the original weights: convert, from the same start.
+                let (_, mut start, _) = load_model_with_eot(&model_dir.dir)?;
+                lora.add(&cfg, &mut start, ctx.seed());
+                let (plain, tensors) = lora.pissa_as_lora(&cfg, trained, &start);
+                write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, &plain, dropout, &tensors)?;
+            } else {
+                write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, dropout, trained)?;
+            }
         }
         std::fs::write(ctx.out(METRICS_FILE), metrics_lines(&outcome.state))
             .map_err(|e| fail("writing metrics.jsonl")(&e))?;
@@ -261,7 +272,11 @@ fn lora_config(p: &Params, cfg: &ModelConfig) -> Result<Option<LoraConfig>, Stag
         alpha: p.float("lora_alpha") as f32,
         rslora: p.bool("use_rslora"),
         targets,
-        init: if p.str("lora_init") == "gaussian" { LoraInit::Gaussian } else { LoraInit::Kaiming },
+        init: match p.str("lora_init") {
+            "gaussian" => LoraInit::Gaussian,
+            "pissa" => LoraInit::Pissa,
+            _ => LoraInit::Kaiming,
+        },
         dora: p.bool("use_dora"),
     }))
 }

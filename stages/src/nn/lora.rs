@@ -13,6 +13,7 @@ use crate::nn::config::{LinearModule, ModelConfig, WeightLayout};
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::params::{ParamMap, Tensor};
 use crate::nn::rng::SplitMix64;
+use crate::nn::svd::top_singular;
 
 pub fn a_name(module: &str) -> String {
     format!("{module}.lora_A.weight")
@@ -39,6 +40,10 @@ pub enum LoraInit {
     Kaiming,
     /// N(0, (1/r)^2), PEFT's `init_lora_weights = "gaussian"`.
     Gaussian,
+    /// PiSSA (Meng et al. 2024), PEFT's `"pissa"`: B A starts as the weight's top-r singular
+    /// part, `B = U_r sqrt(S_r / scale)`, `A = sqrt(S_r / scale) V_r^T`, and the frozen weight
+    /// keeps the residual `W - scale B A`, so the adapted model starts as the base model.
+    Pissa,
 }
 
 /// Which layers get adapters, and their shape and scale.
@@ -74,7 +79,12 @@ impl LoraConfig {
     pub fn add(&self, cfg: &ModelConfig, params: &mut ParamMap, seed: u64) {
         for (i, m) in self.modules(cfg).into_iter().enumerate() {
             let mut rng = SplitMix64::new(seed ^ (i as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
+            if self.init == LoraInit::Pissa {
+                self.add_pissa(&m, params, rng.next_u64());
+                continue;
+            }
             let a: Vec<f32> = match self.init {
+                LoraInit::Pissa => unreachable!("handled above"),
                 LoraInit::Kaiming => {
                     let bound = 1.0 / (m.cin as f64).sqrt();
                     (0..self.r * m.cin).map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32).collect()
@@ -90,22 +100,85 @@ impl LoraConfig {
         }
     }
 
+    /// PiSSA's start for module `m`: adapters from the weight's top singular triplets, the
+    /// weight replaced by its residual.
+    fn add_pissa(&self, m: &LinearModule, params: &mut ParamMap, seed: u64) {
+        let (r, scale) = (self.r, self.scale());
+        let w_name = format!("{}.weight", m.path);
+        // The weight as (out, in).
+        let w = params.get(&w_name);
+        let rows: Vec<f32> = match m.layout {
+            WeightLayout::OutIn => w.to_vec(),
+            WeightLayout::InOut => (0..m.cout).flat_map(|o| (0..m.cin).map(move |i| w[i * m.cout + o])).collect(),
+        };
+        let (u, s, vt) = top_singular(&rows, m.cout, m.cin, r, seed);
+        let root: Vec<f32> = s.iter().map(|s| (s / scale).max(0.0).sqrt()).collect();
+        let b: Vec<f32> = (0..m.cout * r).map(|at| u[at] * root[at % r]).collect();
+        let a: Vec<f32> = (0..r * m.cin).map(|at| root[at / m.cin] * vt[at]).collect();
+        params.insert(a_name(&m.path), Tensor::from_vec(&[r, m.cin], a));
+        params.insert(b_name(&m.path), Tensor::from_vec(&[m.cout, r], b));
+        // W - scale B A, written back in W's layout.
+        let top = self.scaled_ba(m, params);
+        let w = params.get_mut(&w_name);
+        for o in 0..m.cout {
+            for i in 0..m.cin {
+                let at = match m.layout {
+                    WeightLayout::OutIn => o * m.cin + i,
+                    WeightLayout::InOut => i * m.cout + o,
+                };
+                w[at] -= top[o * m.cin + i];
+            }
+        }
+    }
+
+    /// The adapters of a PiSSA fine-tune as a standard LoRA of rank 2r relative to the
+    /// original weight, as PEFT converts them for saving: `A' = [A; A0]`, `B' = [B, -B0]` (A0,
+    /// B0 the start), so `scale (B' A') = scale (B A - B0 A0)`; `alpha` is raised to keep the
+    /// scale at rank 2r. Returns the converted configuration and tensors (in-map names).
+    pub fn pissa_as_lora(&self, cfg: &ModelConfig, trained: &ParamMap, start: &ParamMap) -> (LoraConfig, ParamMap) {
+        let r2 = 2 * self.r;
+        let alpha = if self.rslora { self.alpha * 2f32.sqrt() } else { 2.0 * self.alpha };
+        let converted = LoraConfig { r: r2, alpha, init: LoraInit::Kaiming, ..self.clone() };
+        let mut out = ParamMap::default();
+        for m in self.modules(cfg) {
+            let (a, a0) = (trained.get(&a_name(&m.path)), start.get(&a_name(&m.path)));
+            out.insert(a_name(&m.path), Tensor::from_vec(&[r2, m.cin], [a, a0].concat()));
+            let (b, b0) = (trained.get(&b_name(&m.path)), start.get(&b_name(&m.path)));
+            let rows: Vec<f32> = (0..m.cout)
+                .flat_map(|o| {
+                    let (b, b0) = (&b[o * self.r..(o + 1) * self.r], &b0[o * self.r..(o + 1) * self.r]);
+                    b.iter().copied().chain(b0.iter().map(|x| -x)).collect::<Vec<f32>>()
+                })
+                .collect();
+            out.insert(b_name(&m.path), Tensor::from_vec(&[m.cout, r2], rows));
+        }
+        (converted, out)
+    }
+
     /// `W + scale * B A` of module `m`, as (out, in) whatever W's layout.
     fn adapted(&self, m: &LinearModule, params: &ParamMap) -> Vec<f32> {
-        let (a, b) = (params.get(&a_name(&m.path)), params.get(&b_name(&m.path)));
-        let mut out = vec![0.0f32; m.cin * m.cout];
-        // (out, r) x (r, in) -> (out, in)
-        matmul(b, Layout::Normal, a, Layout::Normal, &mut out, Dims { m: m.cout, k: self.r, n: m.cin }, false);
-        let (scale, w) = (self.scale(), params.get(&format!("{}.weight", m.path)));
+        let mut out = self.scaled_ba(m, params);
+        let w = params.get(&format!("{}.weight", m.path));
         for o in 0..m.cout {
             for i in 0..m.cin {
                 let wi = match m.layout {
                     WeightLayout::OutIn => w[o * m.cin + i],
                     WeightLayout::InOut => w[i * m.cout + o],
                 };
-                out[o * m.cin + i] = wi + scale * out[o * m.cin + i];
+                out[o * m.cin + i] += wi;
             }
         }
+        out
+    }
+
+    /// `scale * B A` of module `m`, (out, in).
+    fn scaled_ba(&self, m: &LinearModule, params: &ParamMap) -> Vec<f32> {
+        let (a, b) = (params.get(&a_name(&m.path)), params.get(&b_name(&m.path)));
+        let mut out = vec![0.0f32; m.cin * m.cout];
+        // (out, r) x (r, in) -> (out, in)
+        matmul(b, Layout::Normal, a, Layout::Normal, &mut out, Dims { m: m.cout, k: self.r, n: m.cin }, false);
+        let scale = self.scale();
+        out.iter_mut().for_each(|x| *x *= scale);
         out
     }
 
@@ -208,6 +281,58 @@ mod tests {
                         assert!((w[at] - (w0[at] + 1.5 * ba)).abs() < 1e-6, "{} [{o}, {i}]", m.path);
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn pissa_starts_as_the_base_model_with_the_top_singular_part_in_the_adapters() {
+        for cfg in [ModelConfig::gpt2(13, 6, 1, 2, 16, true), ModelConfig::llama(13, 6, 1, 4, 2, 16)] {
+            let lora = LoraConfig {
+                r: 3,
+                alpha: 6.0,
+                rslora: false,
+                targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+                init: LoraInit::Pissa,
+                dora: false,
+            };
+            let base = cfg.init(5);
+            let mut p = base.clone();
+            lora.add(&cfg, &mut p, 2);
+            let merged = lora.merged(&cfg, &p);
+            for ((name, a), (_, b)) in merged.iter().zip(base.iter()) {
+                assert!(a.data().iter().zip(b.data()).all(|(x, y)| (x - y).abs() < 1e-5), "{name}");
+            }
+            for m in lora.modules(&cfg) {
+                // The residual has no more of the top singular values: its largest is the base's
+                // (r + 1)-th.
+                let w = |p: &ParamMap| {
+                    let w = p.get(&format!("{}.weight", m.path));
+                    match m.layout {
+                        WeightLayout::OutIn => w.to_vec(),
+                        WeightLayout::InOut => {
+                            (0..m.cout).flat_map(|o| (0..m.cin).map(move |i| w[i * m.cout + o])).collect()
+                        }
+                    }
+                };
+                let (_, s_base, _) = top_singular(&w(&base), m.cout, m.cin, 4, 1);
+                let (_, s_res, _) = top_singular(&w(&p), m.cout, m.cin, 1, 1);
+                assert!((s_res[0] - s_base[3]).abs() < 1e-4 * s_base[0], "{}: {s_res:?} vs {s_base:?}", m.path);
+            }
+            // As PEFT saves it: a rank-2r LoRA on the original weights with the same scale.
+            let mut trained = p.clone();
+            for (_, t) in trained.iter_mut().filter(|(n, _)| is_adapter(n)) {
+                t.data_mut().iter_mut().for_each(|x| *x *= 1.1);
+            }
+            let (plain, tensors) = lora.pissa_as_lora(&cfg, &trained, &p);
+            assert_eq!((plain.r, plain.scale()), (6, lora.scale()));
+            let mut on_base = base.clone();
+            for (name, t) in tensors.iter() {
+                on_base.insert(name, t.clone());
+            }
+            let (a, b) = (plain.merged(&cfg, &on_base), lora.merged(&cfg, &trained));
+            for ((name, x), (_, y)) in a.iter().zip(b.iter()) {
+                assert!(x.data().iter().zip(y.data()).all(|(x, y)| (x - y).abs() < 1e-5), "{name}");
             }
         }
     }

@@ -32,6 +32,7 @@ pub mod profile;
 pub mod rng;
 pub mod sample;
 pub mod step;
+pub mod svd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
