@@ -20,6 +20,19 @@ fn adapter_tensors(dir: &std::path::Path) -> ParamMap {
     out
 }
 
+/// What the model of stage `sft` should be, from its base (stage `pretrain`) and its
+/// `adapter/` read back as a LoRA of rank `r` and `alpha` (DoRA with `dora`), and what it is.
+fn merged_from_adapter(sb: &Sandbox, run: &Value, r: usize, alpha: f32, dora: bool) -> (ParamMap, ParamMap) {
+    let sft = artifact(sb, run, "sft");
+    let (cfg, mut adapted) = load_model(&artifact(sb, run, "pretrain")).unwrap();
+    for (name, t) in adapter_tensors(&sft).iter() {
+        adapted.insert(name, t.clone());
+    }
+    let targets = cfg.module_names().iter().map(|s| s.to_string()).collect();
+    let lora = LoraConfig { r, alpha, rslora: false, targets, init: LoraInit::Kaiming, dora };
+    (lora.merged(&cfg, &adapted), load_model(&sft).unwrap().1)
+}
+
 #[test]
 fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
     let sb = Sandbox::new();
@@ -44,21 +57,8 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
     assert!(adapters.get("model.layers.0.mlp.down_proj.lora_B.weight").iter().any(|x| *x != 0.0), "B trained");
 
     // The merged model is the untouched base plus scale * B A, to the bit.
-    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
-    let (_, merged) = load_model(&sft).unwrap();
-    let mut adapted = base.clone();
-    for (name, t) in adapters.iter() {
-        adapted.insert(name, t.clone());
-    }
-    let lora = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        rslora: false,
-        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-        init: LoraInit::Kaiming,
-        dora: false,
-    };
-    assert!(lora.merged(&cfg, &adapted) == merged, "merged = frozen base + scale * B A");
+    let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, false);
+    assert!(expected == merged, "merged = frozen base + scale * B A");
 
     // evaluate scores the held-out responses as sft's validation did, and answers instructions.
     let eval: Value =
@@ -87,21 +87,8 @@ fn dora_writes_its_magnitudes_and_merges_them() {
     let adapters = adapter_tensors(&sft);
     // PEFT's name, without `.weight`, one magnitude per output.
     assert_eq!(adapters.tensor("model.layers.0.mlp.up_proj.lora_magnitude_vector").shape(), [96]);
-    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
-    let (_, merged) = load_model(&sft).unwrap();
-    let mut adapted = base.clone();
-    for (name, t) in adapters.iter() {
-        adapted.insert(name, t.clone());
-    }
-    let lora = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        rslora: false,
-        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-        init: LoraInit::Kaiming,
-        dora: true,
-    };
-    assert!(lora.merged(&cfg, &adapted) == merged, "merged = m * (W + s B A) / |W + s B A|");
+    let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, true);
+    assert!(expected == merged, "merged = m * (W + s B A) / |W + s B A|");
 }
 
 #[test]
@@ -115,21 +102,7 @@ fn pissa_starts_from_the_singular_part_and_exports_a_lora_on_the_original_weight
     assert_eq!((config["r"].as_u64(), config["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
     let adapters = adapter_tensors(&sft);
     assert_eq!(adapters.tensor("model.layers.0.self_attn.q_proj.lora_A.weight").shape(), [8, 32]);
-    let (cfg, base) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
-    let (_, merged) = load_model(&sft).unwrap();
-    let mut adapted = base.clone();
-    for (name, t) in adapters.iter() {
-        adapted.insert(name, t.clone());
-    }
-    let lora = LoraConfig {
-        r: 8,
-        alpha: 16.0,
-        rslora: false,
-        targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-        init: LoraInit::Kaiming,
-        dora: false,
-    };
-    let on_base = lora.merged(&cfg, &adapted);
+    let (on_base, merged) = merged_from_adapter(&sb, &run, 8, 16.0, false);
     for ((name, a), (_, b)) in on_base.iter().zip(merged.iter()) {
         assert!(a.data().iter().zip(b.data()).all(|(x, y)| (x - y).abs() < 1e-5), "{name}: base + adapter = merged");
     }

@@ -140,13 +140,7 @@ impl Stage for Evaluate {
             "samples": samples,
         });
         write_results(ctx, &results)?;
-        Ok(Metrics::from([
-            ("val_loss".into(), json!(round(val_loss, 4))),
-            ("perplexity".into(), json!(round(val_loss.exp(), 4))),
-            ("bits_per_byte".into(), json!(round(bits_per_byte, 4))),
-            ("val_tokens".into(), json!(tokens)),
-            ("samples".into(), json!(samples.len())),
-        ]))
+        Ok(loss_metrics(val_loss, bits_per_byte, tokens, samples.len()))
     }
 }
 
@@ -246,11 +240,16 @@ fn evaluate_examples(
             "samples": samples,
         }),
     )?;
-    Ok(Metrics::from([
+    Ok(loss_metrics(val_loss, bits_per_byte, tokens, samples.len()))
+}
+
+/// The metrics of an evaluation.
+fn loss_metrics(val_loss: f64, bits_per_byte: f64, tokens: usize, samples: usize) -> Metrics {
+    Metrics::from([
         ("val_loss".into(), json!(round(val_loss, 4))),
         ("perplexity".into(), json!(round(val_loss.exp(), 4))),
         ("bits_per_byte".into(), json!(round(bits_per_byte, 4))),
         ("val_tokens".into(), json!(tokens)),
-        ("samples".into(), json!(samples.len())),
-    ]))
+        ("samples".into(), json!(samples)),
+    ])
 }
