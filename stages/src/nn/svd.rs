@@ -16,58 +16,26 @@ use crate::nn::rng::SplitMix64;
 pub fn top_singular(m: &[f32], rows: usize, cols: usize, r: usize, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert!(r <= rows.min(cols) && m.len() == rows * cols, "rank {r} of a {rows} x {cols} matrix");
     let k = (r + 10).min(rows.min(cols));
-    let at = |i: usize, j: usize| m[i * cols + j] as f64;
     // Y = M Omega (rows x k), Omega gaussian (cols x k).
     let mut rng = SplitMix64::new(seed);
     let omega: Vec<f64> = (0..cols * k).map(|_| rng.normal()).collect();
-    let mut y = vec![0.0f64; rows * k];
-    for i in 0..rows {
-        for j in 0..cols {
-            let v = at(i, j);
-            for c in 0..k {
-                y[i * k + c] += v * omega[j * k + c];
-            }
-        }
-    }
+    let mut y = times(m, rows, cols, &omega, k);
     orthonormalize(&mut y, rows, k);
-    let mut z = vec![0.0f64; cols * k];
     for _ in 0..12 {
         // Z = M^T Y, orthonormal; Y = M Z, orthonormal.
-        z.fill(0.0);
-        for i in 0..rows {
-            for j in 0..cols {
-                let v = at(i, j);
-                for c in 0..k {
-                    z[j * k + c] += v * y[i * k + c];
-                }
-            }
-        }
+        let mut z = times_transposed(m, rows, cols, &y, k);
         orthonormalize(&mut z, cols, k);
-        y.fill(0.0);
-        for i in 0..rows {
-            for j in 0..cols {
-                let v = at(i, j);
-                for c in 0..k {
-                    y[i * k + c] += v * z[j * k + c];
-                }
-            }
-        }
+        y = times(m, rows, cols, &z, k);
         orthonormalize(&mut y, rows, k);
     }
-    // B = Y^T M (k x cols); its Gram B B^T (k x k) = W diag(s^2) W^T.
-    let mut b = vec![0.0f64; k * cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            let v = at(i, j);
-            for c in 0..k {
-                b[c * cols + j] += y[i * k + c] * v;
-            }
-        }
-    }
+    // B = Y^T M (k x cols), kept transposed as M^T Y (cols x k); its Gram B B^T (k x k) is
+    // W diag(s^2) W^T.
+    let bt = times_transposed(m, rows, cols, &y, k);
+    let b = |p: usize, j: usize| bt[j * k + p];
     let mut gram = vec![0.0f64; k * k];
     for p in 0..k {
         for q in 0..k {
-            gram[p * k + q] = (0..cols).map(|j| b[p * cols + j] * b[q * cols + j]).sum();
+            gram[p * k + q] = (0..cols).map(|j| b(p, j) * b(q, j)).sum();
         }
     }
     let (values, vectors) = symmetric_eigen(&mut gram, k);
@@ -81,11 +49,39 @@ pub fn top_singular(m: &[f32], rows: usize, cols: usize, r: usize, seed: u64) ->
             u[i * r + c] = (0..k).map(|p| y[i * k + p] * vectors[p * k + e]).sum::<f64>() as f32;
         }
         for j in 0..cols {
-            let w: f64 = (0..k).map(|p| vectors[p * k + e] * b[p * cols + j]).sum();
+            let w: f64 = (0..k).map(|p| vectors[p * k + e] * b(p, j)).sum();
             vt[c * cols + j] = if sigma > 0.0 { (w / sigma) as f32 } else { 0.0 };
         }
     }
     (u, s, vt)
+}
+
+/// `M x` (rows x k) for `m` (rows x cols) and `x` (cols x k).
+fn times(m: &[f32], rows: usize, cols: usize, x: &[f64], k: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; rows * k];
+    for i in 0..rows {
+        for j in 0..cols {
+            let v = m[i * cols + j] as f64;
+            for c in 0..k {
+                out[i * k + c] += v * x[j * k + c];
+            }
+        }
+    }
+    out
+}
+
+/// `M^T y` (cols x k) for `m` (rows x cols) and `y` (rows x k).
+fn times_transposed(m: &[f32], rows: usize, cols: usize, y: &[f64], k: usize) -> Vec<f64> {
+    let mut out = vec![0.0f64; cols * k];
+    for i in 0..rows {
+        for j in 0..cols {
+            let v = m[i * cols + j] as f64;
+            for c in 0..k {
+                out[j * k + c] += v * y[i * k + c];
+            }
+        }
+    }
+    out
 }
 
 /// Orthonormal columns in place (n x k, row-major), by modified Gram-Schmidt run twice.
