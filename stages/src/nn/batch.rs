@@ -93,15 +93,12 @@ impl Batch {
 
     /// The examples of the batch in order, as (first token index, length): a new one starts at
     /// every position 0.
-    pub fn examples(&self) -> Vec<(usize, usize)> {
-        let mut out: Vec<(usize, usize)> = Vec::new();
-        for (i, &p) in self.pos.iter().enumerate() {
-            match out.last_mut() {
-                Some((_, len)) if p != 0 => *len += 1,
-                _ => out.push((i, 1)),
-            }
-        }
-        out
+    pub fn examples(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let starts = self.pos.iter().enumerate().filter(|(_, p)| **p == 0).map(|(i, _)| i);
+        starts.map(|start| {
+            let len = 1 + self.pos[start + 1..].iter().take_while(|p| **p != 0).count();
+            (start, len)
+        })
     }
 }
 
@@ -112,10 +109,10 @@ mod tests {
     #[test]
     fn examples_start_at_every_position_zero() {
         let mut b = Batch::new(2, 4);
-        assert_eq!(b.examples(), [(0, 4), (4, 4)]);
+        assert_eq!(b.examples().collect::<Vec<_>>(), [(0, 4), (4, 4)]);
         b.row_mut(1).2.copy_from_slice(&[0, 0, 1, 2]);
         b.check();
-        assert_eq!(b.examples(), [(0, 4), (4, 1), (5, 3)]);
+        assert_eq!(b.examples().collect::<Vec<_>>(), [(0, 4), (4, 1), (5, 3)]);
         assert_eq!(b.predicted(), 0);
     }
 
