@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 use stages::model_io::{load_model, load_safetensors};
-use stages::nn::lora::{LoraConfig, LoraInit};
+use stages::nn::lora::LoraConfig;
 use stages::nn::params::ParamMap;
 
 use crate::util::{artifact, interrupt_run, key, ran, stage, Sandbox};
@@ -28,8 +28,7 @@ fn merged_from_adapter(sb: &Sandbox, run: &Value, r: usize, alpha: f32, dora: bo
     for (name, t) in adapter_tensors(&sft).iter() {
         adapted.insert(name, t.clone());
     }
-    let targets = cfg.module_names().iter().map(|s| s.to_string()).collect();
-    let lora = LoraConfig { r, alpha, rslora: false, targets, init: LoraInit::Kaiming, dora };
+    let lora = LoraConfig { dora, ..LoraConfig::on_every_linear(&cfg, r, alpha) };
     (lora.merged(&cfg, &adapted), load_model(&sft).unwrap().1)
 }
 

@@ -31,6 +31,10 @@ impl Artifact {
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.join(file)
     }
+    /// The digest the manifest records for `file`, if the artifact has it.
+    pub fn file_digest(&self, file: &str) -> Option<ContentHash> {
+        self.manifest.files.iter().find(|f| f.name == file).map(|f| f.digest)
+    }
 }
 
 /// An artifact being written. Holds the key's lock: while it lives, no other process writes

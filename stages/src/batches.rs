@@ -197,12 +197,39 @@ pub fn mean_loss(
     max_batches: Option<usize>,
     mut after_batch: impl FnMut(usize) -> Result<(), StageError>,
 ) -> Result<Scored, StageError> {
+    assert_eq!(blocks.width, acts.time() + 1, "blocks are rows of T + 1");
+    let last = blocks.rows_scored(acts.batch(), max_batches);
+    let fill = |r: usize, batch: &mut Batch, i: usize| {
+        let (ids, targets, _) = batch.row_mut(i);
+        blocks.fill_row(r, ids, targets);
+    };
+    let (mut total, mut tokens) = (0.0f64, 0usize);
+    let rows = score_rows(model, p, acts, last, fill, |sum, counted, rows| {
+        // Each batch's mean as the f32 a loss reports, weighed by its tokens.
+        total += (sum / counted.max(1) as f64) as f32 as f64 * counted as f64;
+        tokens += counted;
+        after_batch(rows)
+    })?;
+    Ok(Scored { mean: total / tokens.max(1) as f64, tokens, rows })
+}
+
+/// Forward passes over rows `0..last` in order, in batches of `acts.batch()` rows (inference
+/// activations will do): `fill(r, batch, i)` writes row `r` into row `i` of the batch, and
+/// `scored` gets each batch's summed target loss, its counted targets and the rows scored so
+/// far; an error from it (an interrupt) stops the scoring. A last partial batch gets its own,
+/// smaller activations. Returns the rows scored.
+pub fn score_rows(
+    model: &Model,
+    p: &ParamMap,
+    acts: &mut Activations,
+    last: usize,
+    mut fill: impl FnMut(usize, &mut Batch, usize),
+    mut scored: impl FnMut(f64, usize, usize) -> Result<(), StageError>,
+) -> Result<usize, StageError> {
     let (b, t) = (acts.batch(), acts.time());
-    assert_eq!(blocks.width, t + 1, "blocks are rows of T + 1");
     let mut batch = Batch::new(b, t);
-    let (mut total, mut tokens, mut rows) = (0.0f64, 0usize, 0usize);
     let mut small = None;
-    let last = blocks.rows_scored(b, max_batches);
+    let mut rows = 0;
     while rows < last {
         let chunk = b.min(last - rows);
         let (acts, batch) = if chunk == b {
@@ -212,16 +239,13 @@ pub fn mean_loss(
             (a, b)
         };
         for i in 0..chunk {
-            let (ids, targets, _) = batch.row_mut(i);
-            blocks.fill_row(rows + i, ids, targets);
+            fill(rows + i, batch, i);
         }
-        let counted = batch.predicted();
-        total += model.loss(p, batch, acts) as f64 * counted as f64;
-        tokens += counted;
+        let (sum, counted) = model.target_losses(p, batch, acts);
         rows += chunk;
-        after_batch(rows)?;
+        scored(sum, counted, rows)?;
     }
-    Ok(Scored { mean: total / tokens.max(1) as f64, tokens, rows })
+    Ok(rows)
 }
 
 #[cfg(test)]

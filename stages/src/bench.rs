@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
-use crate::nn::lora::{is_adapter, LoraConfig, LoraInit};
+use crate::nn::lora::{is_adapter, LoraConfig};
 use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::profile;
@@ -327,14 +327,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> 
         let cfg = m.cfg;
         let t = cfg.block_size;
         let mut params = cfg.init(1);
-        let lora = lora_rank.map(|r| LoraConfig {
-            r,
-            alpha: 2.0 * r as f32,
-            rslora: false,
-            targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-            init: LoraInit::Kaiming,
-            dora: false,
-        });
+        let lora = lora_rank.map(|r| LoraConfig::on_every_linear(&cfg, r, 2.0 * r as f32));
         if let Some(lora) = &lora {
             lora.add(&cfg, &mut params, 2);
         }

@@ -52,9 +52,16 @@ const M: &str = "adam_m.";
 const V: &str = "adam_v.";
 
 impl TrainState {
+    /// Write the state. A frozen parameter (its moments are empty) never changes, so it is
+    /// left out: [`TrainState::load`] takes it from the run's start.
     pub fn save(&self, dir: &Path) -> Result<(), StageError> {
         let mut all = ParamMap::default();
-        for (prefix, map) in [(PARAM, &self.params), (M, &self.opt.m), (V, &self.opt.v)] {
+        for ((name, t), (_, m)) in self.params.iter().zip(self.opt.m.iter()) {
+            if !m.data().is_empty() {
+                all.insert(format!("{PARAM}{name}"), t.clone());
+            }
+        }
+        for (prefix, map) in [(M, &self.opt.m), (V, &self.opt.v)] {
             for (name, t) in map.iter() {
                 all.insert(format!("{prefix}{name}"), t.clone());
             }
@@ -67,9 +74,10 @@ impl TrainState {
         std::fs::rename(&tmp, &path).map_err(|e| fail(format!("renaming `{}`", path.display()))(&e))
     }
 
-    /// The checkpoint in `dir`, if there is one. `params` and `moments` give the names, order
-    /// and shapes the run expects of the parameters and of the optimizer moments (empty for
-    /// frozen tensors); a checkpoint that does not match them is an error.
+    /// The checkpoint in `dir`, if there is one. `params` (the run's start) and `moments` give
+    /// the names, order and shapes the run expects of the parameters and of the optimizer
+    /// moments (empty for frozen tensors, whose values come from `params`); a checkpoint that
+    /// does not match them is an error.
     pub fn load(dir: &Path, params: &ParamMap, moments: &ParamMap) -> Result<Option<TrainState>, StageError> {
         let path = dir.join(FILE);
         if !path.exists() {
@@ -88,7 +96,11 @@ impl TrainState {
             .ok_or_else(|| bad("has no optimizer step".into()))?;
         let mut take = |prefix: &str, like: &ParamMap| -> Result<ParamMap, StageError> {
             let mut out = ParamMap::default();
-            for (name, t) in like.iter() {
+            for ((name, t), (_, m)) in like.iter().zip(moments.iter()) {
+                if prefix == PARAM && m.data().is_empty() {
+                    out.insert(name, t.clone());
+                    continue;
+                }
                 let key = format!("{prefix}{name}");
                 if !all.contains(&key) || all.tensor(&key).shape() != t.shape() {
                     return Err(bad(format!("does not match this model at `{key}`")));
@@ -133,5 +145,23 @@ mod tests {
         let other = ModelConfig::llama(13, 6, 2, 4, 2, 16).init(3);
         let err = TrainState::load(dir.path(), &other, &other).unwrap_err().to_string();
         assert!(err.contains("does not match this model at `param.model.layers.1"), "{err}");
+    }
+
+    #[test]
+    fn frozen_parameters_stay_out_of_the_checkpoint_and_come_back_from_the_start() {
+        let start = ModelConfig::llama(13, 6, 1, 4, 2, 16).init(3);
+        let trains = |name: &str| name == "model.norm.weight";
+        let mut state = TrainState {
+            opt: AdamWState::new(&start.zeros_like_trainable(trains)),
+            params: start.clone(),
+            progress: Progress { step: 2, data: DataPos::default(), elapsed: 0.0, log: vec![] },
+        };
+        state.params.get_mut("model.norm.weight")[0] = 7.0;
+        let dir = tempfile::tempdir().unwrap();
+        state.save(dir.path()).unwrap();
+        let (file, _) = load_safetensors_with(&dir.path().join(FILE)).unwrap();
+        assert!(file.contains("param.model.norm.weight") && !file.contains("param.lm_head.weight"));
+        let moments = start.zeros_like_trainable(trains);
+        assert_eq!(TrainState::load(dir.path(), &start, &moments).unwrap(), Some(state));
     }
 }

@@ -15,7 +15,7 @@ use crate::batches::{mean_loss, stream_of};
 use crate::example_rows::{rows_loss, Layout};
 use crate::generate::{generate, GenOptions, LoadedModel};
 use crate::instructions::VAL_FILE as EXAMPLES_VAL_FILE;
-use crate::model_io::TOKENIZER;
+use crate::model_io::require_same_tokenizer;
 use crate::nn::batch::IGNORE;
 use crate::nn::model::Activations;
 use crate::nn::sample::Sampling;
@@ -83,15 +83,18 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (Input::Artifact { artifact: model_dir, .. }, Input::Artifact { artifact: data, ty, .. }) =
-            (ctx.required_input("model"), ctx.required_input("data"))
+        let (
+            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
+            Input::Artifact { artifact: data, ty, stage: data_stage },
+        ) = (ctx.required_input("model"), ctx.required_input("data"))
         else {
             unreachable!("both slots accept only artifacts");
         };
         let p = ctx.params();
         let lm = LoadedModel::load(&model_dir.dir)?;
         if *ty == EXAMPLES {
-            return evaluate_examples(ctx, &lm, &model_dir.path(TOKENIZER), data);
+            require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+            return evaluate_examples(ctx, &lm, data);
         }
         let blocks = read_blocks(&data.path(VAL_FILE))?;
         let t = blocks.width - 1;
@@ -185,16 +188,9 @@ fn answer(
 fn evaluate_examples(
     ctx: &StageCtx<'_>,
     lm: &LoadedModel,
-    model_tokenizer: &std::path::Path,
     data: &engine::cache::Artifact,
 ) -> Result<Metrics, StageError> {
     let p = ctx.params();
-    let model_tokenizer = std::fs::read(model_tokenizer).ok();
-    if model_tokenizer != std::fs::read(data.path(TOKENIZER)).ok() {
-        return Err(StageError::msg(
-            "the examples were tokenized with another tokenizer than the model's: make them from the same model",
-        ));
-    }
     let examples = read_examples(&data.path(EXAMPLES_VAL_FILE))?;
     if examples.is_empty() {
         return Err(StageError::msg(
@@ -209,13 +205,13 @@ fn evaluate_examples(
     let max_batches = p.opt_usize("max_batches");
     let progress = ctx.progress();
     progress.set_message("validation loss (responses)");
-    progress.set_length(max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows)) as u64, "rows");
+    let scored_rows = rows.rows_scored(batch, max_batches);
+    progress.set_length(scored_rows as u64, "rows");
     let (val_loss, tokens) = rows_loss(&lm.model, &lm.params, &rows, batch, max_batches, |r| {
         progress.set_position(r as u64);
         ctx.check_cancelled()
     })?;
-    let scored = max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows)) * t;
-    let predicted: Vec<u32> = rows.targets[..scored].iter().copied().filter(|id| *id != IGNORE).collect();
+    let predicted: Vec<u32> = rows.targets[..scored_rows * t].iter().copied().filter(|id| *id != IGNORE).collect();
     let decode = |ids: &[u32]| lm.tokenizer.decode(ids, true).map_err(|e| fail("decoding")(&*e));
     let bytes = decode(&predicted)?.len();
     let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;

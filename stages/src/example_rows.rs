@@ -6,6 +6,7 @@
 use engine::StageError;
 
 use crate::arrow_io::Examples;
+use crate::batches::score_rows;
 use crate::nn::batch::{Batch, IGNORE};
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
@@ -29,6 +30,12 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// The first `max_batches` batches of `batch` rows, or all rows: how many rows
+    /// [`rows_loss`] scores.
+    pub fn rows_scored(&self, batch: usize, max_batches: Option<usize>) -> usize {
+        max_batches.map_or(self.rows, |m| (m * batch).min(self.rows))
+    }
+
     pub fn copy_row(&self, r: usize, batch: &mut Batch, i: usize) {
         let span = r * self.t..(r + 1) * self.t;
         let (ids, targets, pos) = batch.row_mut(i);
@@ -130,21 +137,16 @@ pub fn rows_loss(
     max_batches: Option<usize>,
     mut after_batch: impl FnMut(usize) -> Result<(), StageError>,
 ) -> Result<(f64, usize), StageError> {
-    let last = max_batches.map_or(rows.rows, |m| (m * batch).min(rows.rows));
-    let (mut total, mut tokens, mut r) = (0.0f64, 0usize, 0usize);
-    while r < last {
-        let b = batch.min(last - r);
-        let mut x = Batch::new(b, rows.t);
-        for i in 0..b {
-            rows.copy_row(r + i, &mut x, i);
-        }
-        let mut acts = Activations::inference(model, b, rows.t);
-        let (sum, n) = model.target_losses(params, &x, &mut acts);
+    let batch = batch.min(rows.rows).max(1);
+    let last = rows.rows_scored(batch, max_batches);
+    let mut acts = Activations::inference(model, batch, rows.t);
+    let (mut total, mut tokens) = (0.0f64, 0usize);
+    let fill = |r: usize, x: &mut Batch, i: usize| rows.copy_row(r, x, i);
+    score_rows(model, params, &mut acts, last, fill, |sum, counted, scored| {
         total += sum;
-        tokens += n;
-        r += b;
-        after_batch(r)?;
-    }
+        tokens += counted;
+        after_batch(scored)
+    })?;
     Ok((total / tokens.max(1) as f64, tokens))
 }
 

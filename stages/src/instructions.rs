@@ -13,7 +13,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use arrow::array::{Array, AsArray};
 use arrow::datatypes::DataType;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -24,6 +23,7 @@ use tokenizers::Tokenizer;
 use crate::arrow_io::{write_examples, Examples, TokenMeta};
 use crate::model_io::{load_config_with_eot, TOKENIZER};
 use crate::nn::rng::SplitMix64;
+use crate::text_source::{kind_of, read_utf8, strings};
 use crate::{fail, round, EXAMPLES, MODEL};
 
 pub struct Instructions;
@@ -356,15 +356,9 @@ fn read_rows(path: &Path, format: &str, fields: &Fields<'_>) -> Result<Vec<Row>,
     Ok(rows)
 }
 
+/// The file as UTF-8 text; unreadable or not UTF-8 is bad input.
 fn read_text(path: &Path) -> Result<String, StageError> {
-    let bytes = std::fs::read(path).map_err(|e| StageError::bad_input(format!("reading `{}`: {e}", path.display())))?;
-    String::from_utf8(bytes).map_err(|e| {
-        StageError::bad_input(format!(
-            "`{}`: not UTF-8 at byte offset {}",
-            path.display(),
-            e.utf8_error().valid_up_to()
-        ))
-    })
+    read_utf8(path).map_err(|e| StageError::bad_input(e.to_string()))
 }
 
 /// One JSON row as an example; `at` names the file and row for errors.
@@ -418,17 +412,6 @@ fn row_of(v: &Value, fields: &Fields<'_>, at: &str, chat: bool) -> Result<Row, S
     Ok(Row::Single { instruction, input, response })
 }
 
-fn kind_of(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// The rows of a Parquet file with string columns for the fields.
 fn read_parquet(path: &Path, fields: &Fields<'_>) -> Result<Vec<Row>, StageError> {
     let err =
@@ -464,26 +447,18 @@ fn read_parquet(path: &Path, fields: &Fields<'_>) -> Result<Vec<Row>, StageError
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.map_err(|e| err(&e))?;
-        let strings = |i: usize| -> Vec<Option<String>> {
-            let a = batch.column(i);
-            match a.data_type() {
-                DataType::Utf8 => a.as_string::<i32>().iter().map(|s| s.map(str::to_string)).collect(),
-                DataType::LargeUtf8 => a.as_string::<i64>().iter().map(|s| s.map(str::to_string)).collect(),
-                _ => a.as_string_view().iter().map(|s| s.map(str::to_string)).collect(),
-            }
-        };
-        let (ins, res) = (strings(ci), strings(cr));
-        let inp = cin.map(strings).unwrap_or_else(|| vec![None; batch.num_rows()]);
+        let values = |i: usize| strings(batch.column(i).as_ref());
+        let (ins, res) = (values(ci), values(cr));
+        let inp = cin.map(values).unwrap_or_else(|| vec![None; batch.num_rows()]);
         for ((instruction, response), input) in ins.into_iter().zip(res).zip(inp) {
             let at = format!("`{}` row {}", path.display(), rows.len() + 1);
             let Some(instruction) = instruction else {
                 return Err(StageError::bad_input(format!("{at}: field `{}` is null", fields.instruction)));
             };
-            let response_text = response.unwrap_or_default();
-            if response_text.trim().is_empty() {
+            let response = response.unwrap_or_default();
+            if response.trim().is_empty() {
                 return Err(StageError::bad_input(format!("{at}: field `{response_column}` is empty")));
             }
-            let response = response_text;
             rows.push(Row::Single { instruction, input: input.unwrap_or_default(), response });
         }
     }

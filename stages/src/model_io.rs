@@ -24,6 +24,23 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const CONFIG: &str = "config.json";
 pub const TOKENIZER: &str = "tokenizer.json";
 
+/// Refuse data made with another tokenizer than the model's: both artifacts carry a
+/// `tokenizer.json`, compared by the digests their manifests record. The stage names go into
+/// the message.
+pub fn require_same_tokenizer(
+    (model, model_stage): (&engine::cache::Artifact, &str),
+    (data, data_stage): (&engine::cache::Artifact, &str),
+) -> Result<(), StageError> {
+    let (ours, theirs) = (model.file_digest(TOKENIZER), data.file_digest(TOKENIZER));
+    if ours.is_none() || ours != theirs {
+        return Err(StageError::msg(format!(
+            "the data of stage `{data_stage}` was tokenized with another tokenizer than the model of stage \
+             `{model_stage}`: wire `{data_stage}.model` to the same model"
+        )));
+    }
+    Ok(())
+}
+
 /// `config.json` as `transformers` reads it; `eot_id` is the end-of-text token.
 pub fn hf_config(cfg: &ModelConfig, eot_id: u32) -> Value {
     match cfg.arch {

@@ -26,12 +26,12 @@ use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
 use crate::nn::step::LossMean;
 use crate::pack::{TRAIN_FILE, VAL_FILE};
-use crate::train::{self, check_lrs, metrics_lines, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
-use crate::{concat_params, fail, round, MODEL, PACKED};
+use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
+use crate::{concat_params, fail, MODEL, PACKED};
 
 pub struct Pretrain;
 
-pub const METRICS_FILE: &str = "metrics.jsonl";
+use crate::train::METRICS_FILE;
 
 const OWN_PARAMS: [ParamSpec; 12] = [
     ParamSpec::choice("arch", "gpt2", &["gpt2", "llama"], "`gpt2` (nanoGPT's model) or `llama`"),
@@ -170,21 +170,12 @@ impl Stage for Pretrain {
         save_model(ctx.out_dir(), &cfg, &outcome.state.params, meta.eot_id)?;
         std::fs::copy(artifact.path(TOKENIZER), ctx.out(TOKENIZER)).map_err(|e| fail("copying tokenizer.json")(&e))?;
         meta.write(ctx.out_dir())?;
-        let lines = metrics_lines(&outcome.state);
-        std::fs::write(ctx.out(METRICS_FILE), lines).map_err(|e| fail("writing metrics.jsonl")(&e))?;
+        outcome.write_log(ctx)?;
 
         let tokens = outcome.state.progress.step * (spec.batch * spec.accum * seq_len) as u64;
-        let mut metrics = Metrics::from([
-            ("steps".into(), json!(outcome.state.progress.step)),
-            ("train_loss".into(), json!(round(outcome.last_loss, 4))),
-            ("val_loss".into(), json!(round(outcome.val_loss, 4))),
-            ("parameters".into(), json!(outcome.state.params.num_elements())),
-            ("tokens".into(), json!(tokens)),
-            ("tokens_per_s".into(), json!(round(outcome.tokens_per_s, 0))),
-        ]);
-        if let Some(step) = outcome.resumed_from {
-            metrics.insert("resumed_from_step".into(), json!(step));
-        }
+        let mut metrics = outcome.metrics();
+        metrics.insert("parameters".into(), json!(outcome.state.params.num_elements()));
+        metrics.insert("tokens".into(), json!(tokens));
         Ok(metrics)
     }
 }

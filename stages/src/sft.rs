@@ -21,7 +21,7 @@ use crate::batches::EpochOrder;
 use crate::checkpoint::DataPos;
 use crate::example_rows::{rows_loss, Layout, Rows};
 use crate::instructions::{TEMPLATE_FILE, TRAIN_FILE, VAL_FILE};
-use crate::model_io::{load_model_with_eot, save_model, save_safetensors, TOKENIZER};
+use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_model, save_safetensors, TOKENIZER};
 use crate::nn::batch::{Batch, EmbeddingNoise};
 use crate::nn::config::{Arch, ModelConfig};
 use crate::nn::lora::{self, LoraConfig, LoraInit};
@@ -29,8 +29,7 @@ use crate::nn::model::Model;
 use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
 use crate::nn::step::LossMean;
-use crate::pretrain::METRICS_FILE;
-use crate::train::{self, check_lrs, metrics_lines, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
+use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, round, EXAMPLES, MODEL};
 
 pub struct Sft;
@@ -154,12 +153,7 @@ impl Stage for Sft {
         };
         let p = ctx.params();
         let (cfg, mut params, eot) = load_model_with_eot(&model_dir.dir)?;
-        let same_tokenizer = std::fs::read(model_dir.path(TOKENIZER)).ok() == std::fs::read(data.path(TOKENIZER)).ok();
-        if !same_tokenizer {
-            return Err(StageError::msg(format!(
-                "the examples of stage `{data_stage}` were tokenized with another tokenizer than the model of stage `{model_stage}`: wire `{data_stage}.model` to the same model"
-            )));
-        }
+        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
         let seq_len = p.usize("seq_len");
         if seq_len > cfg.block_size {
             return Err(StageError::msg(format!(
@@ -184,11 +178,17 @@ impl Stage for Sft {
         if let Some(lora) = &lora {
             lora.add(&cfg, &mut params, ctx.seed());
         }
+        // PEFT saves a PiSSA adapter relative to the weights before PiSSA: keep its start.
+        let pissa_start = lora.as_ref().filter(|l| l.init == LoraInit::Pissa).map(|_| {
+            let mut start = ParamMap::default();
+            params.iter().filter(|(n, _)| lora::is_adapter(n)).for_each(|(n, t)| start.insert(n, t.clone()));
+            start
+        });
         let (grads, opts) = trainable(p, &params, lora.is_some());
         let dropout = if lora.is_some() { p.float("lora_dropout") as f32 } else { 0.0 };
         let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
             .with_lora_dropout(dropout);
-        let trainable_count: usize = grads.iter().map(|(_, g)| g.data().len()).sum();
+        let trainable_count = grads.num_elements();
         let spec = TrainSpec::from_params(p, seq_len, LossMean::PerToken);
         let alpha = p.float("neftune_alpha") as f32;
         let mut data_source = ExampleData {
@@ -213,34 +213,25 @@ impl Stage for Sft {
         }
         TokenMeta { vocab_size: cfg.vocab_size as u32, eot_id: eot, seq_len: Some(seq_len) }.write(ctx.out_dir())?;
         if let Some(lora) = &lora {
-            if lora.init == LoraInit::Pissa {
-                // PEFT's adapters apply to the original weights: convert, from the same start.
-                let (_, mut start, _) = load_model_with_eot(&model_dir.dir)?;
-                lora.add(&cfg, &mut start, ctx.seed());
-                let (plain, tensors) = lora.pissa_as_lora(&cfg, trained, &start);
-                write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, &plain, dropout, &tensors)?;
-            } else {
-                write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, dropout, trained)?;
+            match &pissa_start {
+                Some(start) => {
+                    let (plain, tensors) = lora.pissa_as_lora(&cfg, trained, start);
+                    write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, &plain, dropout, &tensors)?;
+                }
+                None => write_peft_adapter(&ctx.out(ADAPTER_DIR), &cfg, lora, dropout, trained)?,
             }
         }
-        std::fs::write(ctx.out(METRICS_FILE), metrics_lines(&outcome.state))
-            .map_err(|e| fail("writing metrics.jsonl")(&e))?;
+        outcome.write_log(ctx)?;
 
-        let mut metrics = Metrics::from([
-            ("steps".into(), json!(outcome.state.progress.step)),
-            ("train_loss".into(), json!(round(outcome.last_loss, 4))),
-            ("val_loss".into(), json!(round(outcome.val_loss, 4))),
+        let mut metrics = outcome.metrics();
+        metrics.extend([
             ("trainable_parameters".into(), json!(trainable_count)),
             ("examples".into(), json!(stats.examples)),
             ("truncated".into(), json!(stats.truncated)),
             ("dropped".into(), json!(stats.dropped)),
             ("rows".into(), json!(stats.rows)),
             ("packing_efficiency".into(), json!(round(stats.efficiency(seq_len), 4))),
-            ("tokens_per_s".into(), json!(round(outcome.tokens_per_s, 0))),
         ]);
-        if let Some(step) = outcome.resumed_from {
-            metrics.insert("resumed_from_step".into(), json!(step));
-        }
         Ok(metrics)
     }
 }
@@ -290,18 +281,11 @@ fn trainable(p: &Params, params: &ParamMap, adapters: bool) -> (ParamMap, Vec<Te
     let lora_fa = p.bool("lora_fa");
     let trains = |name: &str| lora::is_adapter(name) && !(lora_fa && name.ends_with(".lora_A.weight"));
     let ratio = p.float("lora_plus_ratio") as f32;
+    let lora_b = |name: &str| name.ends_with(".lora_B.weight");
     let opts = TensorOpt::defaults(params)
         .into_iter()
         .zip(params.iter())
-        .map(
-            |(opt, (name, _))| {
-                if name.ends_with(".lora_B.weight") {
-                    TensorOpt { lr_scale: ratio, ..opt }
-                } else {
-                    opt
-                }
-            },
-        )
+        .map(|(opt, (name, _))| if lora_b(name) { TensorOpt { lr_scale: ratio, ..opt } } else { opt })
         .collect();
     (params.zeros_like_trainable(trains), opts)
 }

@@ -75,7 +75,7 @@ pub fn read_documents(input: &Input, opts: &SourceOptions<'_>) -> Result<Vec<Str
     Ok(docs)
 }
 
-fn read_utf8(file: &Path) -> Result<String, StageError> {
+pub(crate) fn read_utf8(file: &Path) -> Result<String, StageError> {
     let bytes = std::fs::read(file).map_err(|e| StageError::chain(format!("reading `{}`", file.display()), &e))?;
     String::from_utf8(bytes).map_err(|e| {
         let offset = e.utf8_error().valid_up_to();
@@ -123,7 +123,7 @@ fn read_jsonl(file: &Path, field: &str, docs: &mut Vec<String>) -> Result<(), St
     Ok(())
 }
 
-fn kind_of(v: &serde_json::Value) -> &'static str {
+pub(crate) fn kind_of(v: &serde_json::Value) -> &'static str {
     match v {
         serde_json::Value::Null => "null",
         serde_json::Value::Bool(_) => "a boolean",
@@ -159,15 +159,23 @@ fn read_parquet(file: &Path, column: &str, docs: &mut Vec<String>) -> Result<(),
     for batch in reader {
         let batch = batch.map_err(|e| err(&e))?;
         let array = batch.column(0);
-        let mut push = |v: Option<&str>| docs.push(v.unwrap_or_default().to_string());
-        match array.data_type() {
-            DataType::Utf8 => array.as_string::<i32>().iter().for_each(&mut push),
-            DataType::LargeUtf8 => array.as_string::<i64>().iter().for_each(&mut push),
-            DataType::Utf8View => array.as_string_view().iter().for_each(&mut push),
-            other => unreachable!("column type {other} was checked to be a string type"),
-        }
+        docs.extend(strings(array).into_iter().map(Option::unwrap_or_default));
     }
     Ok(())
+}
+
+/// The values of a string column (`string`, `large_string` or `string_view`), nulls as `None`.
+///
+/// # Panics
+/// If the column holds another type: callers check the schema first.
+pub(crate) fn strings(array: &dyn Array) -> Vec<Option<String>> {
+    let owned = |s: Option<&str>| s.map(str::to_string);
+    match array.data_type() {
+        DataType::Utf8 => array.as_string::<i32>().iter().map(owned).collect(),
+        DataType::LargeUtf8 => array.as_string::<i64>().iter().map(owned).collect(),
+        DataType::Utf8View => array.as_string_view().iter().map(owned).collect(),
+        other => unreachable!("column type {other} was checked to be a string type"),
+    }
 }
 
 #[cfg(test)]

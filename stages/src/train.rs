@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use engine::{ParamSpec, Params, StageCtx, StageError};
+use engine::{Metrics, ParamSpec, Params, StageCtx, StageError};
 use serde_json::json;
 
 use crate::checkpoint::{DataPos, Progress, TrainState};
@@ -19,6 +19,10 @@ use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
 use crate::nn::params::ParamMap;
 use crate::nn::step::{train_step, LossMean, StepConfig, Trainable};
 use crate::round;
+
+/// The log of a training stage's output: wall-clock figures and lines shaped by unhashed
+/// intervals, so a volatile output (see `Stage::volatile_outputs`).
+pub const METRICS_FILE: &str = "metrics.jsonl";
 
 /// Where a training stage's batches and validation loss come from.
 pub trait TrainData {
@@ -256,12 +260,29 @@ pub fn train(
     })
 }
 
-/// The lines of `metrics.jsonl`: one per logged step and per evaluation.
-pub fn metrics_lines(state: &TrainState) -> Vec<u8> {
-    let mut lines = Vec::new();
-    for line in &state.progress.log {
-        use std::io::Write;
-        writeln!(lines, "{line}").expect("writing to memory");
+impl Outcome {
+    /// Write [`METRICS_FILE`]: one line per logged step and per evaluation.
+    pub fn write_log(&self, ctx: &StageCtx<'_>) -> Result<(), StageError> {
+        let mut lines = Vec::new();
+        for line in &self.state.progress.log {
+            use std::io::Write;
+            writeln!(lines, "{line}").expect("writing to memory");
+        }
+        std::fs::write(ctx.out(METRICS_FILE), lines).map_err(|e| crate::fail("writing metrics.jsonl")(&e))
     }
-    lines
+
+    /// The metrics every training stage reports: steps, the last training and validation
+    /// losses, tokens per second, and the step a resumed run started from.
+    pub fn metrics(&self) -> Metrics {
+        let mut metrics = Metrics::from([
+            ("steps".into(), json!(self.state.progress.step)),
+            ("train_loss".into(), json!(round(self.last_loss, 4))),
+            ("val_loss".into(), json!(round(self.val_loss, 4))),
+            ("tokens_per_s".into(), json!(round(self.tokens_per_s, 0))),
+        ]);
+        if let Some(step) = self.resumed_from {
+            metrics.insert("resumed_from_step".into(), json!(step));
+        }
+        metrics
+    }
 }

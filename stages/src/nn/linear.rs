@@ -78,21 +78,23 @@ impl AdapterActs {
         self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len() + self.x_drop.len()
     }
 
-    /// The adapter's input: `x`, or `x` after this pass's dropout (kept in `x_drop`).
-    fn adapter_input<'a>(&'a mut self, x: &'a [f32], ad: &Adapter, rows: usize, cin: usize) -> &'a [f32] {
-        match self.dropout_seed.filter(|_| ad.dropout > 0.0) {
-            None => x,
-            Some(seed) => {
-                let dropped = &mut self.x_drop[..rows * cin];
-                for (r, (out, x)) in dropped.chunks_mut(cin).zip(x.chunks(cin)).enumerate() {
-                    for ((o, x), f) in out.iter_mut().zip(x).zip(dropout_row(seed, r, cin, ad.dropout)) {
-                        *o = x * f;
-                    }
-                }
-                dropped
-            }
+    /// The seed of this pass's dropout mask, when `ad` drops its input and the pass trains.
+    fn dropout_for(&self, ad: &Adapter) -> Option<u64> {
+        self.dropout_seed.filter(|_| ad.dropout > 0.0)
+    }
+}
+
+/// The adapter's input (rows of `cin`): `x`, or with a dropout seed, `x` after dropout,
+/// written into `x_drop`.
+fn adapter_input<'a>(x: &'a [f32], x_drop: &'a mut [f32], seed: Option<u64>, p: f32, cin: usize) -> &'a [f32] {
+    let Some(seed) = seed else { return x };
+    let dropped = &mut x_drop[..x.len()];
+    for (r, (out, x)) in dropped.chunks_mut(cin).zip(x.chunks(cin)).enumerate() {
+        for ((o, x), f) in out.iter_mut().zip(x).zip(dropout_row(seed, r, cin, p)) {
+            *o = x * f;
         }
     }
+    dropped
 }
 
 /// Inverted dropout's factor for each element of row `row` (`cin` wide): 0 with probability
@@ -145,12 +147,18 @@ impl Linear {
         matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
         let Some(ad) = self.adapter else { return };
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
-        let mut xa = std::mem::take(&mut acts.xa);
-        let input = acts.adapter_input(x, &ad, rows, self.cin);
-        let d = Dims { m: rows, k: self.cin, n: ad.r };
-        matmul(input, Layout::Normal, p.at(ad.a), Layout::Transposed, &mut xa[..rows * ad.r], d, false);
-        acts.xa = xa;
+        let seed = acts.dropout_for(&ad);
+        let input = adapter_input(x, &mut acts.x_drop, seed, ad.dropout, self.cin);
         let xa = &mut acts.xa[..rows * ad.r];
+        matmul(
+            input,
+            Layout::Normal,
+            p.at(ad.a),
+            Layout::Transposed,
+            xa,
+            Dims { m: rows, k: self.cin, n: ad.r },
+            false,
+        );
         xa.iter_mut().for_each(|v| *v *= ad.scale);
         matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: rows, k: ad.r, n: self.cout }, true);
         if let Some(m) = ad.magnitude {
@@ -263,7 +271,7 @@ impl Linear {
             dxa.iter_mut().for_each(|v| *v *= ad.scale);
             // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in),
             // through the dropout's mask when there was one.
-            let seed = acts.dropout_seed.filter(|_| ad.dropout > 0.0);
+            let seed = acts.dropout_for(&ad);
             let input = if seed.is_some() { &acts.x_drop[..rows * cin] } else { x };
             if !g.at(ad.a).is_empty() {
                 let d = Dims { m: ad.r, k: rows, n: cin };

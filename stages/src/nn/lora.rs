@@ -61,6 +61,19 @@ pub struct LoraConfig {
 }
 
 impl LoraConfig {
+    /// Rank-`r` adapters scaled by `alpha / r` on every linear layer of `cfg`, otherwise PEFT's
+    /// defaults: Kaiming-uniform A, no rsLoRA, no DoRA.
+    pub fn on_every_linear(cfg: &ModelConfig, r: usize, alpha: f32) -> Self {
+        LoraConfig {
+            r,
+            alpha,
+            rslora: false,
+            targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
+            init: LoraInit::Kaiming,
+            dora: false,
+        }
+    }
+
     pub fn scale(&self) -> f32 {
         if self.rslora {
             self.alpha / (self.r as f32).sqrt()
@@ -104,31 +117,15 @@ impl LoraConfig {
     /// weight replaced by its residual.
     fn add_pissa(&self, m: &LinearModule, params: &mut ParamMap, seed: u64) {
         let (r, scale) = (self.r, self.scale());
-        let w_name = format!("{}.weight", m.path);
-        // The weight as (out, in).
-        let w = params.get(&w_name);
-        let rows: Vec<f32> = match m.layout {
-            WeightLayout::OutIn => w.to_vec(),
-            WeightLayout::InOut => (0..m.cout).flat_map(|o| (0..m.cin).map(move |i| w[i * m.cout + o])).collect(),
-        };
-        let (u, s, vt) = top_singular(&rows, m.cout, m.cin, r, seed);
+        let w = weight_rows(m, params);
+        let (u, s, vt) = top_singular(&w, m.cout, m.cin, r, seed);
         let root: Vec<f32> = s.iter().map(|s| (s / scale).max(0.0).sqrt()).collect();
         let b: Vec<f32> = (0..m.cout * r).map(|at| u[at] * root[at % r]).collect();
         let a: Vec<f32> = (0..r * m.cin).map(|at| root[at / m.cin] * vt[at]).collect();
         params.insert(a_name(&m.path), Tensor::from_vec(&[r, m.cin], a));
         params.insert(b_name(&m.path), Tensor::from_vec(&[m.cout, r], b));
-        // W - scale B A, written back in W's layout.
-        let top = self.scaled_ba(m, params);
-        let w = params.get_mut(&w_name);
-        for o in 0..m.cout {
-            for i in 0..m.cin {
-                let at = match m.layout {
-                    WeightLayout::OutIn => o * m.cin + i,
-                    WeightLayout::InOut => i * m.cout + o,
-                };
-                w[at] -= top[o * m.cin + i];
-            }
-        }
+        let residual: Vec<f32> = w.iter().zip(self.scaled_ba(m, params)).map(|(w, top)| w - top).collect();
+        set_weight_rows(m, params, &residual);
     }
 
     /// The adapters of a PiSSA fine-tune as a standard LoRA of rank 2r relative to the
@@ -158,16 +155,7 @@ impl LoraConfig {
     /// `W + scale * B A` of module `m`, as (out, in) whatever W's layout.
     fn adapted(&self, m: &LinearModule, params: &ParamMap) -> Vec<f32> {
         let mut out = self.scaled_ba(m, params);
-        let w = params.get(&format!("{}.weight", m.path));
-        for o in 0..m.cout {
-            for i in 0..m.cin {
-                let wi = match m.layout {
-                    WeightLayout::OutIn => w[o * m.cin + i],
-                    WeightLayout::InOut => w[i * m.cout + o],
-                };
-                out[o * m.cin + i] += wi;
-            }
-        }
+        out.iter_mut().zip(weight_rows(m, params)).for_each(|(o, w)| *o += w);
         out
     }
 
@@ -198,18 +186,31 @@ impl LoraConfig {
                     row.iter_mut().for_each(|w| *w *= mag / n);
                 }
             }
-            let w = out.get_mut(&format!("{}.weight", m.path));
-            for o in 0..m.cout {
-                for i in 0..m.cin {
-                    let at = match m.layout {
-                        WeightLayout::OutIn => o * m.cin + i,
-                        WeightLayout::InOut => i * m.cout + o,
-                    };
-                    w[at] = adapted[o * m.cin + i];
-                }
-            }
+            set_weight_rows(&m, &mut out, &adapted);
         }
         out
+    }
+}
+
+/// Module `m`'s weight as (out, in), whatever its layout.
+fn weight_rows(m: &LinearModule, params: &ParamMap) -> Vec<f32> {
+    let w = params.get(&format!("{}.weight", m.path));
+    match m.layout {
+        WeightLayout::OutIn => w.to_vec(),
+        WeightLayout::InOut => (0..m.cout).flat_map(|o| (0..m.cin).map(move |i| w[i * m.cout + o])).collect(),
+    }
+}
+
+/// Set module `m`'s weight from `rows` (out, in), in the weight's own layout.
+fn set_weight_rows(m: &LinearModule, params: &mut ParamMap, rows: &[f32]) {
+    let w = params.get_mut(&format!("{}.weight", m.path));
+    match m.layout {
+        WeightLayout::OutIn => w.copy_from_slice(rows),
+        WeightLayout::InOut => {
+            for (o, row) in rows.chunks(m.cin).enumerate() {
+                row.iter().enumerate().for_each(|(i, v)| w[i * m.cout + o] = *v);
+            }
+        }
     }
 }
 
@@ -256,14 +257,7 @@ mod tests {
     #[test]
     fn merging_adds_scale_times_b_a_in_each_layout() {
         for cfg in [ModelConfig::gpt2(13, 6, 1, 2, 8, true), ModelConfig::llama(13, 6, 1, 4, 2, 16)] {
-            let lora = LoraConfig {
-                r: 2,
-                alpha: 3.0,
-                rslora: false,
-                targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-                init: LoraInit::Gaussian,
-                dora: false,
-            };
+            let lora = LoraConfig { init: LoraInit::Gaussian, ..LoraConfig::on_every_linear(&cfg, 2, 3.0) };
             let mut p = cfg.init(1);
             lora.add(&cfg, &mut p, 2);
             for (_, t) in p.iter_mut().filter(|(n, _)| n.ends_with("lora_B.weight")) {
@@ -288,14 +282,7 @@ mod tests {
     #[test]
     fn pissa_starts_as_the_base_model_with_the_top_singular_part_in_the_adapters() {
         for cfg in [ModelConfig::gpt2(13, 6, 1, 2, 16, true), ModelConfig::llama(13, 6, 1, 4, 2, 16)] {
-            let lora = LoraConfig {
-                r: 3,
-                alpha: 6.0,
-                rslora: false,
-                targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-                init: LoraInit::Pissa,
-                dora: false,
-            };
+            let lora = LoraConfig { init: LoraInit::Pissa, ..LoraConfig::on_every_linear(&cfg, 3, 6.0) };
             let base = cfg.init(5);
             let mut p = base.clone();
             lora.add(&cfg, &mut p, 2);
@@ -306,17 +293,8 @@ mod tests {
             for m in lora.modules(&cfg) {
                 // The residual has no more of the top singular values: its largest is the base's
                 // (r + 1)-th.
-                let w = |p: &ParamMap| {
-                    let w = p.get(&format!("{}.weight", m.path));
-                    match m.layout {
-                        WeightLayout::OutIn => w.to_vec(),
-                        WeightLayout::InOut => {
-                            (0..m.cout).flat_map(|o| (0..m.cin).map(move |i| w[i * m.cout + o])).collect()
-                        }
-                    }
-                };
-                let (_, s_base, _) = top_singular(&w(&base), m.cout, m.cin, 4, 1);
-                let (_, s_res, _) = top_singular(&w(&p), m.cout, m.cin, 1, 1);
+                let (_, s_base, _) = top_singular(&weight_rows(&m, &base), m.cout, m.cin, 4, 1);
+                let (_, s_res, _) = top_singular(&weight_rows(&m, &p), m.cout, m.cin, 1, 1);
                 assert!((s_res[0] - s_base[3]).abs() < 1e-4 * s_base[0], "{}: {s_res:?} vs {s_base:?}", m.path);
             }
             // As PEFT saves it: a rank-2r LoRA on the original weights with the same scale.

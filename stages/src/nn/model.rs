@@ -125,20 +125,6 @@ impl Block {
             Mlp::SwiGlu { gate, up, down } => [gate, up, down].into_iter().for_each(&mut f),
         }
     }
-
-    /// The block's linear layers.
-    fn linears(&self) -> Vec<Linear> {
-        let mut out = match self.qkv {
-            Qkv::Fused(l) => vec![l],
-            Qkv::Split(q, k, v) => vec![q, k, v],
-        };
-        out.push(self.o);
-        match self.mlp {
-            Mlp::Gelu { fc, proj } => out.extend([fc, proj]),
-            Mlp::SwiGlu { gate, up, down } => out.extend([gate, up, down]),
-        }
-        out
-    }
 }
 
 /// A configuration with every parameter (and adapter) resolved to its place in the map.
@@ -264,8 +250,8 @@ impl Model {
     /// has the same.
     pub(crate) fn adapter_shapes(&self) -> [AdapterShape; LINEAR_SLOTS] {
         let mut shapes = [AdapterShape::default(); LINEAR_SLOTS];
-        if let Some(blk) = self.blocks.first() {
-            for lin in blk.linears() {
+        if let Some(mut blk) = self.blocks.first().copied() {
+            blk.for_each_linear(|lin| {
                 if let Some(ad) = lin.adapter {
                     shapes[lin.slot] = AdapterShape {
                         r: ad.r,
@@ -275,7 +261,7 @@ impl Model {
                         dropout: ad.dropout > 0.0,
                     };
                 }
-            }
+            });
         }
         shapes
     }
@@ -918,14 +904,7 @@ mod tests {
     }
 
     fn lora_on_everything(cfg: &ModelConfig, rslora: bool, dora: bool) -> LoraConfig {
-        LoraConfig {
-            r: 2,
-            alpha: 4.0,
-            rslora,
-            targets: cfg.module_names().iter().map(|s| s.to_string()).collect(),
-            init: LoraInit::Gaussian,
-            dora,
-        }
+        LoraConfig { rslora, init: LoraInit::Gaussian, dora, ..LoraConfig::on_every_linear(cfg, 2, 4.0) }
     }
 
     /// A model of `cfg` with random base weights and adapters whose B is not zero (DoRA's
