@@ -73,6 +73,10 @@ impl ParamSpec {
     pub const fn opt_int(name: &'static str, min: i64, max: i64, doc: &'static str) -> Self {
         ParamSpec { name, ty: ParamType::Int { min, max }, default: Default::Absent, hashed: true, doc }
     }
+    /// An optional number with no default.
+    pub const fn opt_float(name: &'static str, min: f64, max: f64, doc: &'static str) -> Self {
+        ParamSpec { name, ty: ParamType::Float { min, max }, default: Default::Absent, hashed: true, doc }
+    }
     /// Mark a parameter as not part of the cache key.
     pub const fn not_hashed(mut self) -> Self {
         self.hashed = false;
@@ -224,6 +228,9 @@ impl Params {
             ParamValue::Float(v) => *v,
             other => panic!("parameter `{name}` is declared as {other:?}, not a number"),
         }
+    }
+    pub fn opt_float(&self, name: &str) -> Option<f64> {
+        self.values.contains_key(name).then(|| self.float(name))
     }
     pub fn bool(&self, name: &str) -> bool {
         match self.expect(name) {

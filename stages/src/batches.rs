@@ -138,15 +138,18 @@ impl Sampler {
     }
 
     /// Fill the ids and targets of `batch` (B rows of T) with the next B sequences and advance
-    /// `pos`. Each row is one sequence: its positions stay 0..T.
+    /// `pos`. Each row is one sequence: its positions stay 0..T. Drawn blocks are the rows'
+    /// sources.
     pub fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
         let t = self.t;
         assert_eq!(batch.time(), t, "the batch's rows are T long");
-        for (x, y) in batch.ids.chunks_mut(t).zip(batch.targets.chunks_mut(t)) {
+        let rows = batch.ids.chunks_mut(t).zip(batch.targets.chunks_mut(t)).zip(&mut batch.source);
+        for ((x, y), source) in rows {
             match &self.source {
                 Source::Blocks(blocks) => {
                     let row = self.order.row(pos.consumed, blocks.rows());
                     blocks.fill_row(row, x, y);
+                    *source = row;
                 }
                 Source::Stream(stream) => {
                     let mut rng = SplitMix64::new(pos.rng);
@@ -154,6 +157,7 @@ impl Sampler {
                     pos.rng = rng.state();
                     x.copy_from_slice(&stream[start..start + t]);
                     y.copy_from_slice(&stream[start + 1..start + t + 1]);
+                    *source = Batch::UNTRACKED;
                 }
             }
             pos.consumed += 1;

@@ -18,7 +18,7 @@ use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::profile;
 use crate::nn::rng::SplitMix64;
-use crate::nn::step::{train_step, LossMean, StepConfig, Trainable};
+use crate::nn::step::{train_step, CrossEntropy, LossMean, StepConfig, Trainable};
 
 /// One of the two models issue 4 measures, with its batch shape.
 #[derive(Clone, Copy, Debug)]
@@ -344,18 +344,18 @@ pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> 
         let step_cfg = StepConfig {
             adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
             grad_clip: 1.0,
-            z_loss: 0.0,
             mean: LossMean::PerMicroBatch,
         };
         let mut step = |params: &mut _, opt: &mut _, grads: &mut _, acts: &mut _| {
             let trainable = Trainable { params, grads, opt, opts: &opts };
-            train_step(&model, trainable, acts, &mut batches, step_cfg, |batch| {
+            for batch in &mut batches {
                 batch
                     .ids
                     .iter_mut()
                     .chain(batch.targets.iter_mut())
                     .for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
-            });
+            }
+            train_step(&model, trainable, acts, &batches, step_cfg, &mut CrossEntropy::default());
         };
         step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up
         profile::enable(true);

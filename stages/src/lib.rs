@@ -2,6 +2,7 @@
 //!
 //! A new kind is a new module plus one line in [`registry`].
 
+pub mod adapters;
 pub mod arrow_io;
 pub mod batches;
 pub mod bench;

@@ -24,16 +24,17 @@ use crate::nn::batch::Batch;
 use crate::nn::model::{Activations, Gelu, Model, ModelConfig};
 use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
-use crate::nn::step::LossMean;
+use crate::nn::step::{CrossEntropy, LossMean, Objective};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
-use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, TRAIN_PARAMS};
+use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, PACKED};
 
 pub struct Pretrain;
 
 use crate::train::METRICS_FILE;
 
-const OWN_PARAMS: [ParamSpec; 12] = [
+/// The shape of a model trained from scratch (`pretrain`, and `distill` without `init`).
+pub(crate) const MODEL_PARAMS: [ParamSpec; 11] = [
     ParamSpec::choice("arch", "gpt2", &["gpt2", "llama"], "`gpt2` (nanoGPT's model) or `llama`"),
     ParamSpec::int("n_layer", 4, 1, 1024, "transformer blocks"),
     ParamSpec::int("n_head", 4, 1, 1024, "attention heads"),
@@ -55,13 +56,17 @@ const OWN_PARAMS: [ParamSpec; 12] = [
     ),
     ParamSpec::bool("tie_embeddings", true, "llama: the output projection is the token embedding (gpt2 always ties)"),
     ParamSpec::float("rope_theta", 10_000.0, 1.0, 1e9, "llama: rotary embedding base"),
-    ParamSpec::choice(
+];
+
+const OWN_PARAMS: [ParamSpec; 12] = concat_params::<11, 1, 12>(
+    MODEL_PARAMS,
+    [ParamSpec::choice(
         "sampler",
         "blocks",
         &["blocks", "windows"],
         "`blocks`: packed blocks in a seeded shuffled order; `windows`: random windows of the token stream (nanoGPT)",
-    ),
-];
+    )],
+);
 
 const PARAMS: &[ParamSpec] = &concat_params::<12, 18, 30>(OWN_PARAMS, TRAIN_PARAMS);
 
@@ -69,7 +74,7 @@ const INPUTS: &[InputSpec] =
     &[InputSpec { name: "data", accepts: Accepts::Artifact(&[PACKED]), required: true, doc: "a `pack` stage" }];
 
 /// The model a recipe asks for; the data supplies the vocabulary and the default block size.
-fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
+pub(crate) fn model_config(p: &Params, vocab_size: usize, seq_len: usize) -> ModelConfig {
     let (layers, heads, embd) = (p.usize("n_layer"), p.usize("n_head"), p.usize("n_embd"));
     let block = p.opt_usize("block_size").unwrap_or(seq_len);
     let mut cfg = match p.str("arch") {
@@ -164,7 +169,12 @@ impl Stage for Pretrain {
             fresh,
         };
         let val_batch = spec.batch.min(val.rows()).max(1);
-        let mut data = BlockData { sampler: Sampler::new(kind, train, ctx.seed()), val, val_batch };
+        let mut data = BlockData {
+            sampler: Sampler::new(kind, train, ctx.seed()),
+            val,
+            val_batch,
+            objective: CrossEntropy { z_loss: spec.z_loss },
+        };
         let outcome = train::train(ctx, &spec, trainee, &mut data)?;
 
         save_model(ctx.out_dir(), &cfg, &outcome.state.params, meta.eot_id)?;
@@ -186,6 +196,7 @@ struct BlockData {
     sampler: Sampler,
     val: Blocks,
     val_batch: usize,
+    objective: CrossEntropy,
 }
 
 impl TrainData for BlockData {
@@ -195,9 +206,12 @@ impl TrainData for BlockData {
     fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
         self.sampler.fill(pos, batch);
     }
-    fn val_loss(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<f64, StageError> {
+    fn objective(&mut self) -> &mut dyn Objective {
+        &mut self.objective
+    }
+    fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError> {
         let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
-        Ok(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean)
+        Ok(Validation::loss(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean))
     }
 }
 

@@ -17,21 +17,38 @@ use crate::nn::kernels::adamw::AdamW;
 use crate::nn::model::{Activations, Model};
 use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
 use crate::nn::params::ParamMap;
-use crate::nn::step::{train_step, LossMean, StepConfig, Trainable};
+use crate::nn::step::{train_step, LossMean, Objective, StepConfig, Trainable};
 use crate::round;
 
 /// The log of a training stage's output: wall-clock figures and lines shaped by unhashed
 /// intervals, so a volatile output (see `Stage::volatile_outputs`).
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-/// Where a training stage's batches and validation loss come from.
+/// Where a training stage's batches, its loss and its validation come from.
 pub trait TrainData {
     /// The data position of a fresh run.
     fn start(&self) -> DataPos;
     /// Fill `batch` with the next rows and advance `pos`.
     fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch);
-    /// The validation loss of `params`, on at most `max_batches` batches.
-    fn val_loss(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<f64, StageError>;
+    /// What the steps minimise over the batches [`TrainData::fill`] made.
+    fn objective(&mut self) -> &mut dyn Objective;
+    /// The validation loss of `params` on at most `max_batches` batches, and any other
+    /// figures the stage reports at each evaluation.
+    fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError>;
+}
+
+/// What an evaluation during training found.
+#[derive(Clone, Debug, Default)]
+pub struct Validation {
+    pub loss: f64,
+    /// Further figures by name, in `metrics.jsonl` and the stage's metrics.
+    pub figures: Vec<(String, f64)>,
+}
+
+impl Validation {
+    pub fn loss(loss: f64) -> Self {
+        Validation { loss, figures: Vec::new() }
+    }
 }
 
 /// The optimisation and logging settings of a run, read from the parameters every training
@@ -45,6 +62,7 @@ pub struct TrainSpec {
     pub schedule: Schedule,
     pub adamw: AdamW,
     pub grad_clip: f64,
+    /// PaLM's z-loss weight, for the stages whose objective is cross-entropy.
     pub z_loss: f32,
     pub mean: LossMean,
     pub eval_interval: u64,
@@ -152,7 +170,8 @@ impl TrainSpec {
 pub struct Outcome {
     pub state: TrainState,
     pub last_loss: f64,
-    pub val_loss: f64,
+    /// The last evaluation.
+    pub val: Validation,
     pub tokens_per_s: f64,
     pub resumed_from: Option<u64>,
 }
@@ -190,7 +209,8 @@ pub fn train(
     progress.set_position(state.progress.step);
     let started = Instant::now();
     let elapsed_before = state.progress.elapsed;
-    let (mut last_loss, mut val_loss) = (f64::NAN, f64::NAN);
+    let mut last_loss = f64::NAN;
+    let mut val = Validation::loss(f64::NAN);
     let mut window = (Instant::now(), 0u64);
     let tokens_per_step = (spec.batch * spec.t * spec.accum) as u64;
 
@@ -202,15 +222,13 @@ pub fn train(
         }
         let step = state.progress.step;
         let lr = spec.schedule.lr(step);
-        let cfg = StepConfig {
-            adamw: AdamW { lr: lr as f32, ..spec.adamw },
-            grad_clip: spec.grad_clip,
-            z_loss: spec.z_loss,
-            mean: spec.mean,
-        };
-        let pos = &mut state.progress.data;
+        let cfg =
+            StepConfig { adamw: AdamW { lr: lr as f32, ..spec.adamw }, grad_clip: spec.grad_clip, mean: spec.mean };
+        for batch in &mut batches {
+            data.fill(&mut state.progress.data, batch);
+        }
         let trainable = Trainable { params: &mut state.params, grads: &mut grads, opt: &mut state.opt, opts: &opts };
-        let outcome = train_step(&model, trainable, &mut acts, &mut batches, cfg, |batch| data.fill(pos, batch));
+        let outcome = train_step(&model, trainable, &mut acts, &batches, cfg, data.objective());
         let (loss, norm) = (outcome.loss, outcome.grad_norm);
         if !outcome.finite() {
             return Err(StageError::msg(format!(
@@ -238,11 +256,15 @@ pub fn train(
         }
         let eval_now = step == spec.max_steps || (spec.eval_interval > 0 && step.is_multiple_of(spec.eval_interval));
         if eval_now {
-            val_loss = data.val_loss(&model, &state.params, spec.eval_batches)?;
-            state.progress.log.push(json!({ "step": step, "val_loss": round(val_loss, 5) }));
+            val = data.validate(&model, &state.params, spec.eval_batches)?;
+            let mut line = json!({ "step": step, "val_loss": round(val.loss, 5) });
+            for (name, value) in &val.figures {
+                line[name] = json!(round(*value, 5));
+            }
+            state.progress.log.push(line);
         }
         progress.set_position(step);
-        let val_note = if val_loss.is_nan() { String::new() } else { format!(" val {val_loss:.4}") };
+        let val_note = if val.loss.is_nan() { String::new() } else { format!(" val {:.4}", val.loss) };
         progress.set_message(&format!("loss {loss:.4}{val_note}"));
         if step.is_multiple_of(spec.checkpoint_interval) && step < spec.max_steps {
             state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
@@ -253,7 +275,7 @@ pub fn train(
     let trained = state.progress.step - resumed_from.unwrap_or(0);
     Ok(Outcome {
         last_loss,
-        val_loss,
+        val,
         tokens_per_s: (trained * tokens_per_step) as f64 / seconds.max(1e-9),
         resumed_from,
         state,
@@ -277,9 +299,12 @@ impl Outcome {
         let mut metrics = Metrics::from([
             ("steps".into(), json!(self.state.progress.step)),
             ("train_loss".into(), json!(round(self.last_loss, 4))),
-            ("val_loss".into(), json!(round(self.val_loss, 4))),
+            ("val_loss".into(), json!(round(self.val.loss, 4))),
             ("tokens_per_s".into(), json!(round(self.tokens_per_s, 0))),
         ]);
+        for (name, value) in &self.val.figures {
+            metrics.insert(name.clone(), json!(round(*value, 4)));
+        }
         if let Some(step) = self.resumed_from {
             metrics.insert("resumed_from_step".into(), json!(step));
         }

@@ -28,6 +28,9 @@ pub struct Batch {
     pub noise: Option<EmbeddingNoise>,
     /// The seed of adapter dropout's masks for this batch, in training (none: no dropout).
     pub dropout_seed: Option<u64>,
+    /// The data row each batch row was drawn from, where the loss needs more than the targets
+    /// (a teacher's logits, a reference's log-probabilities); [`Batch::UNTRACKED`] otherwise (B).
+    pub source: Vec<usize>,
 }
 
 /// NEFTune: uniform noise in [-1, 1] scaled by `alpha / sqrt(L * C)` added to each token's input
@@ -40,6 +43,9 @@ pub struct EmbeddingNoise {
 }
 
 impl Batch {
+    /// The source of a row that does not come from a numbered data row.
+    pub const UNTRACKED: usize = usize::MAX;
+
     /// B rows of one sequence each, ids 0 and nothing predicted.
     pub fn new(b: usize, t: usize) -> Self {
         assert!(b > 0 && t > 0, "a batch has rows and tokens");
@@ -51,6 +57,7 @@ impl Batch {
             pos: (0..b * t).map(|r| (r % t) as u32).collect(),
             noise: None,
             dropout_seed: None,
+            source: vec![Self::UNTRACKED; b],
         }
     }
     /// A batch of whole rows from ids and targets (B * T each).

@@ -1,5 +1,8 @@
 //! One optimizer step of training, shared by every training stage and `tinygpt bench`: zero
 //! the gradients, forward, loss and backward over `accum` micro-batches, clip, update.
+//!
+//! What the step minimises is an [`Objective`]: cross-entropy on the data for pretraining and
+//! fine-tuning, a distillation or preference loss for the stages that build on them.
 
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
@@ -8,15 +11,47 @@ use crate::nn::model::{Activations, Model};
 use crate::nn::optim::{clip_global_norm, global_norm, scale, AdamWState, TensorOpt};
 use crate::nn::params::ParamMap;
 
-/// How the token losses of a step's micro-batches become the loss it minimises.
+/// How the losses of a step's micro-batches become the loss it minimises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossMean {
-    /// Each micro-batch's mean over its own predicted tokens, then the mean over micro-batches
-    /// (nanoGPT's accumulation; every micro-batch weighs the same, whatever it predicts).
+    /// Each micro-batch's mean over its own units, then the mean over micro-batches (nanoGPT's
+    /// accumulation; every micro-batch weighs the same, whatever it predicts).
     PerMicroBatch,
-    /// The mean over every predicted token of the step: a token weighs the same whichever
-    /// micro-batch holds it (fine-tuning, where prompts and padding predict nothing).
-    PerToken,
+    /// The mean over every unit of the step: a unit weighs the same whichever micro-batch holds
+    /// it (fine-tuning, where prompts and padding predict nothing).
+    PerStep,
+}
+
+/// What a training step minimises, given a micro-batch that [`Model::forward`] has just run.
+pub trait Objective {
+    /// The units the loss of `batch` averages over: its predicted tokens for a token loss, its
+    /// pairs or examples for a sequence loss.
+    fn units(&self, batch: &Batch) -> usize {
+        batch.predicted()
+    }
+    /// Write the gradient of (the loss summed over the batch's units) / `mean_over` into the
+    /// logits' gradient ([`Activations::loss_buffers`]) and return the summed loss. It may run
+    /// forward passes of its own with other activations, never with `acts`.
+    fn loss(
+        &mut self,
+        model: &Model,
+        params: &ParamMap,
+        acts: &mut Activations,
+        batch: &Batch,
+        mean_over: usize,
+    ) -> f64;
+}
+
+/// Cross-entropy of the batch's targets, with PaLM's z-loss.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CrossEntropy {
+    pub z_loss: f32,
+}
+
+impl Objective for CrossEntropy {
+    fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+        cross_entropy(acts, batch, model.cfg.vocab_size, self.z_loss, mean_over)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -25,7 +60,6 @@ pub struct StepConfig {
     pub adamw: AdamW,
     /// Clip the global gradient norm to this; 0 does not clip.
     pub grad_clip: f64,
-    pub z_loss: f32,
     pub mean: LossMean,
 }
 
@@ -51,33 +85,31 @@ pub struct Trainable<'a> {
     pub opts: &'a [TensorOpt],
 }
 
-/// One step over the micro-batches `batches` (one per accumulation step), which `next_batch`
-/// fills in order first. When the loss or the gradient norm is not finite, the parameters and
-/// optimizer are left as they were.
+/// One step over the filled micro-batches `batches` (one per accumulation step). When the
+/// loss or the gradient norm is not finite, the parameters and optimizer are left as they were.
 pub fn train_step(
     model: &Model,
     t: Trainable<'_>,
     acts: &mut Activations,
-    batches: &mut [Batch],
+    batches: &[Batch],
     cfg: StepConfig,
-    mut next_batch: impl FnMut(&mut Batch),
+    objective: &mut dyn Objective,
 ) -> StepOutcome {
     t.grads.fill_zero();
-    batches.iter_mut().for_each(&mut next_batch);
     let accum = batches.len();
-    let step_tokens: usize = batches.iter().map(Batch::predicted).sum();
+    let step_units: usize = batches.iter().map(|b| objective.units(b)).sum();
     let mut loss = 0.0f64;
-    for batch in batches.iter() {
+    for batch in batches {
         model.forward(t.params, batch, acts);
-        let tokens = batch.predicted();
+        let units = objective.units(batch);
         let mean_over = match cfg.mean {
-            LossMean::PerMicroBatch => tokens,
-            LossMean::PerToken => step_tokens,
+            LossMean::PerMicroBatch => units,
+            LossMean::PerStep => step_units,
         };
-        let sum = cross_entropy(acts, batch, model.cfg.vocab_size, cfg.z_loss, mean_over);
+        let sum = objective.loss(model, t.params, acts, batch, mean_over);
         loss += match cfg.mean {
-            LossMean::PerMicroBatch => (sum / tokens.max(1) as f64) as f32 as f64,
-            LossMean::PerToken => sum,
+            LossMean::PerMicroBatch => (sum / units.max(1) as f64) as f32 as f64,
+            LossMean::PerStep => sum,
         };
         model.backward(t.params, batch, acts, t.grads);
     }
@@ -88,7 +120,7 @@ pub fn train_step(
                 scale(t.grads, 1.0 / accum as f32);
             }
         }
-        LossMean::PerToken => loss /= step_tokens.max(1) as f64,
+        LossMean::PerStep => loss /= step_units.max(1) as f64,
     }
     let grad_norm = if cfg.grad_clip > 0.0 { clip_global_norm(t.grads, cfg.grad_clip) } else { global_norm(t.grads) };
     let outcome = StepOutcome { loss, grad_norm };
