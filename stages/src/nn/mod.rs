@@ -28,6 +28,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod preference;
 pub mod profile;
 pub mod rng;
 pub mod sample;
