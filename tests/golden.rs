@@ -43,7 +43,7 @@ pub fn machine() -> String {
 
 /// Content digests of every stage kind's output on small fixtures, with the implementation
 /// version that produced them. Stages that train or run a model (their labels start with
-/// `pretrain`, `evaluate` or `sft`) are kept per machine: on a machine not yet recorded they are
+/// the kind's name: `pretrain`, `evaluate`, `sft`, `teacher`, `distill`, `reference`, `align`) are kept per machine: on a machine not yet recorded they are
 /// skipped, saying so, and `UPDATE_GOLDEN=1` records it.
 #[test]
 fn stage_outputs_match_their_golden_digests() {
@@ -62,7 +62,9 @@ fn stage_outputs_match_their_golden_digests() {
             "version": manifest["meta"]["preimage"]["version"],
             "content_digest": manifest["content_digest"],
         });
-        let uses_a_model = ["pretrain", "evaluate", "sft"].iter().any(|kind| label.starts_with(kind));
+        let uses_a_model = ["pretrain", "evaluate", "sft", "teacher", "distill", "reference", "align"]
+            .iter()
+            .any(|kind| label.starts_with(kind));
         let section = if uses_a_model { machine.clone() } else { ANY_MACHINE.to_string() };
         actual.entry(section).or_default().insert(label.to_string(), entry);
     };
@@ -93,6 +95,15 @@ fn stage_outputs_match_their_golden_digests() {
     record("sft-lora", &sft, "sft");
     let full = sb.run_json("sft.toml", &["--set", "sft.max_steps=4", "--set", "sft.adapter=none"]);
     record("sft-full", &full, "sft");
+    let distill = sb.run_json("distill.toml", &["--set", "teacher_model.max_steps=8", "--set", "student.max_steps=4"]);
+    record("teacher", &distill, "teacher");
+    record("distill", &distill, "student");
+    let align = sb.run_json("align.toml", &["--set", "dpo.max_steps=3", "--set", "simpo.max_steps=3"]);
+    record("preferences", &align, "pairs");
+    record("reference", &align, "reference");
+    record("align-dpo", &align, "dpo");
+    record("align-simpo-lora", &align, "simpo");
+    record("evaluate-preferences", &align, "eval_dpo");
 
     let path = golden_path("digests.json");
     let mut expected: BTreeMap<String, BTreeMap<String, Value>> = match std::fs::read(&path) {

@@ -1,6 +1,8 @@
 //! `evaluate`: a model's validation loss, perplexity and bits per byte on a packed split, and
 //! samples from given prompts; or, on instruction examples, the loss of the held-out responses
-//! and the model's answers to held-out instructions.
+//! and the model's answers to held-out instructions; or, on preference pairs, how often the
+//! model prefers the chosen response (by summed and by length-normalised log-probability) and,
+//! given a reference, how often its implicit reward (the log-ratio to the reference) does.
 //!
 //! Bits per byte divide the total loss (in bits) by the UTF-8 length of the text the predicted
 //! tokens decode to (special tokens count zero bytes), so models with different tokenizers
@@ -20,7 +22,9 @@ use crate::nn::batch::IGNORE;
 use crate::nn::model::Activations;
 use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
-use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED};
+use crate::preferences::VAL_FILE as PREFERENCES_VAL_FILE;
+use crate::reference::{load_reference, pair_rows, sequence_logps, SeqLogps};
+use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, REFERENCE};
 
 pub struct Evaluate;
 
@@ -53,9 +57,15 @@ const INPUTS: &[InputSpec] = &[
     InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "a `pretrain` stage" },
     InputSpec {
         name: "data",
-        accepts: Accepts::Artifact(&[PACKED, EXAMPLES]),
+        accepts: Accepts::Artifact(&[PACKED, EXAMPLES, PREFERENCES]),
         required: true,
-        doc: "a `pack` stage, or an `instructions` stage (responses only); its validation split is evaluated",
+        doc: "a `pack`, `instructions` (responses only) or `preferences` stage; its validation split is evaluated",
+    },
+    InputSpec {
+        name: "reference",
+        accepts: Accepts::Artifact(&[REFERENCE]),
+        required: false,
+        doc: "with preference data: a `reference` stage over it, for the implicit-reward accuracy",
     },
 ];
 
@@ -92,9 +102,24 @@ impl Stage for Evaluate {
         };
         let p = ctx.params();
         let lm = LoadedModel::load(&model_dir.dir)?;
+        if *ty != PREFERENCES && ctx.input("reference").is_some() {
+            return Err(StageError::msg(format!(
+                "a `reference` scores preference pairs, and stage `{data_stage}` holds other data: wire `data` to a `preferences` stage"
+            )));
+        }
         if *ty == EXAMPLES {
             require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
             return evaluate_examples(ctx, &lm, data);
+        }
+        if *ty == PREFERENCES {
+            require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+            let reference = match ctx.input("reference") {
+                Some(Input::Artifact { artifact, stage, .. }) => {
+                    Some(load_reference((artifact, stage), (data, data_stage))?.1)
+                }
+                _ => None,
+            };
+            return evaluate_preferences(ctx, &lm, data, reference.as_ref());
         }
         let blocks = read_blocks(&data.path(VAL_FILE))?;
         let t = blocks.width - 1;
@@ -237,6 +262,60 @@ fn evaluate_examples(
         }),
     )?;
     Ok(loss_metrics(val_loss, bits_per_byte, tokens, samples.len()))
+}
+
+/// Preference pairs: the share of validation pairs where the model's summed log-probability
+/// of the chosen response is higher than of the rejected one, the same per token, and with a
+/// reference the share where the chosen response's log-ratio to the reference is higher (DPO's
+/// implicit reward); and the loss of the chosen responses per token.
+fn evaluate_preferences(
+    ctx: &StageCtx<'_>,
+    lm: &LoadedModel,
+    data: &engine::cache::Artifact,
+    reference: Option<&SeqLogps>,
+) -> Result<Metrics, StageError> {
+    let rows = pair_rows(&data.dir, PREFERENCES_VAL_FILE, lm.eot, lm.cfg().block_size)?;
+    if rows.rows == 0 {
+        return Err(StageError::msg("the pairs have no validation split: give `preferences` a `val_fraction` above 0"));
+    }
+    let progress = ctx.progress();
+    progress.set_message("preference pairs");
+    progress.set_length(rows.rows as u64, "sequences");
+    let scored = sequence_logps(&lm.model, &lm.params, &rows, ctx.params().usize("batch_size"), |n| {
+        progress.set_position(n as u64);
+        ctx.check_cancelled()
+    })?;
+    let pairs = rows.rows / 2;
+    let share = |prefers: &dyn Fn(usize, usize) -> bool| {
+        (0..pairs).filter(|i| prefers(2 * i, 2 * i + 1)).count() as f64 / pairs as f64
+    };
+    let (lp, n) = (&scored.logps, &scored.tokens);
+    let accuracy = share(&|c, r| lp[c] > lp[r]);
+    let normalized = share(&|c, r| lp[c] / n[c].max(1) as f64 > lp[r] / n[r].max(1) as f64);
+    let chosen_tokens: u32 = (0..pairs).map(|i| n[2 * i]).sum();
+    let chosen_loss = -(0..pairs).map(|i| lp[2 * i]).sum::<f64>() / chosen_tokens.max(1) as f64;
+    let mut results = json!({
+        "pairs": pairs,
+        "preference_accuracy": accuracy,
+        "preference_accuracy_normalized": normalized,
+        "chosen_loss": chosen_loss,
+        "mean_logp_chosen": (0..pairs).map(|i| lp[2 * i]).sum::<f64>() / pairs as f64,
+        "mean_logp_rejected": (0..pairs).map(|i| lp[2 * i + 1]).sum::<f64>() / pairs as f64,
+    });
+    let mut metrics = Metrics::from([
+        ("pairs".into(), json!(pairs)),
+        ("preference_accuracy".into(), json!(round(accuracy, 4))),
+        ("preference_accuracy_normalized".into(), json!(round(normalized, 4))),
+        ("chosen_loss".into(), json!(round(chosen_loss, 4))),
+    ]);
+    if let Some(reference) = reference {
+        let rl = &reference.logps;
+        let reward = share(&|c, r| lp[c] - rl[c] > lp[r] - rl[r]);
+        results["reward_accuracy"] = json!(reward);
+        metrics.insert("reward_accuracy".into(), json!(round(reward, 4)));
+    }
+    write_results(ctx, &results)?;
+    Ok(metrics)
 }
 
 /// The metrics of an evaluation.

@@ -3,11 +3,13 @@
 //! A new kind is a new module plus one line in [`registry`].
 
 pub mod adapters;
+pub mod align;
 pub mod arrow_io;
 pub mod batches;
 pub mod bench;
 pub mod checkpoint;
 pub mod corpus;
+pub mod distill;
 pub mod evaluate;
 pub mod example_rows;
 pub mod generate;
@@ -15,8 +17,11 @@ pub mod instructions;
 pub mod model_io;
 pub mod nn;
 pub mod pack;
+pub mod preferences;
 pub mod pretrain;
+pub mod reference;
 pub mod sft;
+pub mod teacher;
 
 mod text_source;
 pub mod tokenize;
@@ -41,6 +46,18 @@ pub const MODEL: ArtifactType = ArtifactType("model");
 /// the model's tokenizer and the template (the `instructions` stage).
 pub const EXAMPLES: ArtifactType = ArtifactType("examples");
 
+/// A teacher's top-k log-probabilities at every position of packed blocks, with the blocks
+/// (the `teacher` stage).
+pub const TEACHER: ArtifactType = ArtifactType("teacher_logits");
+
+/// Preference pairs: a chosen and a rejected sequence per pair with loss masks on the
+/// responses, train and validation, with the policy's tokenizer (the `preferences` stage).
+pub const PREFERENCES: ArtifactType = ArtifactType("preferences");
+
+/// A reference model's summed log-probability of every response of a preference dataset (the
+/// `reference` stage).
+pub const REFERENCE: ArtifactType = ArtifactType("reference_logprobs");
+
 /// Evaluation results: `eval.json` with losses and samples (the `evaluate` stage).
 pub const EVAL: ArtifactType = ArtifactType("eval");
 
@@ -53,6 +70,11 @@ pub fn registry() -> Registry {
     r.register(Arc::new(pretrain::Pretrain));
     r.register(Arc::new(instructions::Instructions));
     r.register(Arc::new(sft::Sft));
+    r.register(Arc::new(teacher::Teacher));
+    r.register(Arc::new(distill::Distill));
+    r.register(Arc::new(preferences::Preferences));
+    r.register(Arc::new(reference::Reference));
+    r.register(Arc::new(align::Align));
     r.register(Arc::new(evaluate::Evaluate));
     r
 }

@@ -1,0 +1,235 @@
+//! `distill`: train a student on a teacher's cached top-k log-probabilities (a `teacher`
+//! stage) and the same packed data: alpha T^2 D(teacher_T || student_T) over the teacher's top
+//! k plus one tail bucket, plus (1 - alpha) cross-entropy on the data, with D the forward KL,
+//! the reverse KL or GKD's generalised Jensen-Shannon divergence.
+//!
+//! The student is either shaped like a `pretrain` model (its parameters) or starts from a
+//! model stage wired to `init`. Everything else is `pretrain`'s: schedules, checkpoints and
+//! bit-exact resume, metrics, progress; the validation loss is cross-entropy on the data, so
+//! students distilled or trained from scratch compare directly. Output: a model in the usual
+//! layout.
+
+use std::collections::BTreeSet;
+
+use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use serde_json::json;
+
+use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
+use crate::batches::{mean_loss, Sampler, SamplerKind};
+use crate::checkpoint::DataPos;
+use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_model, TOKENIZER};
+use crate::nn::batch::Batch;
+use crate::nn::kernels::distill::{distill_forward_backward, Distill as DistillLoss, Divergence, TopK};
+use crate::nn::model::{Activations, Model};
+use crate::nn::optim::TensorOpt;
+use crate::nn::params::ParamMap;
+use crate::nn::step::{LossMean, Objective};
+use crate::pack::{TRAIN_FILE, VAL_FILE};
+use crate::pretrain::{model_config, MODEL_PARAMS};
+use crate::teacher::{TeacherLogits, TRAIN_LOGITS};
+use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
+use crate::{concat_params, fail, MODEL, TEACHER};
+
+pub struct Distill;
+
+const KD_PARAMS: [ParamSpec; 4] = [
+    ParamSpec::float("temperature", 1.0, 0.05, 100.0, "softens both distributions; the divergence is scaled by T^2"),
+    ParamSpec::float("alpha", 0.5, 0.0, 1.0, "weight of the divergence; 1 - alpha weighs cross-entropy on the data"),
+    ParamSpec::choice(
+        "divergence",
+        "forward",
+        &["forward", "reverse", "jsd"],
+        "`forward` KL(teacher || student), `reverse` KL(student || teacher), or `jsd` (GKD's generalised Jensen-Shannon)",
+    ),
+    ParamSpec::float("jsd_beta", 0.5, 0.0, 1.0, "jsd: the teacher's weight in the mixture, strictly between 0 and 1"),
+];
+
+const OWN_PARAMS: [ParamSpec; 15] = concat_params::<4, 11, 15>(KD_PARAMS, MODEL_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<15, 18, 33>(OWN_PARAMS, TRAIN_PARAMS);
+
+const INPUTS: &[InputSpec] = &[
+    InputSpec {
+        name: "teacher",
+        accepts: Accepts::Artifact(&[TEACHER]),
+        required: true,
+        doc: "a `teacher` stage: the teacher's top-k log-probabilities and the packed data",
+    },
+    InputSpec {
+        name: "init",
+        accepts: Accepts::Artifact(&[MODEL]),
+        required: false,
+        doc: "a model to start the student from (default: a fresh model shaped by the parameters)",
+    },
+];
+
+impl Stage for Distill {
+    fn kind(&self) -> &'static str {
+        "distill"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "train a student on a teacher's cached top-k log-probabilities and the data (KD, reverse KL or GKD's JSD)"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        INPUTS
+    }
+    fn output(&self) -> engine::ArtifactType {
+        MODEL
+    }
+    fn uses_seed(&self) -> bool {
+        true
+    }
+    fn volatile_outputs(&self) -> &'static [&'static str] {
+        &[METRICS_FILE]
+    }
+
+    fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
+        let beta = p.float("jsd_beta");
+        if p.str("divergence") == "jsd" && !(beta > 0.0 && beta < 1.0) {
+            return Err(ParamProblem::new(
+                "jsd_beta",
+                format!("jsd_beta {beta} must be strictly between 0 and 1 (0 is divergence = \"forward\", 1 is \"reverse\")"),
+            ));
+        }
+        let cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));
+        if let Some((key, problem)) = cfg.problem() {
+            return Err(ParamProblem::new(key, problem));
+        }
+        check_lrs(p)
+    }
+
+    fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
+        let Input::Artifact { artifact: teacher, stage: teacher_stage, .. } = ctx.required_input("teacher") else {
+            unreachable!("`teacher` accepts only artifacts");
+        };
+        let p = ctx.params();
+        let meta = TokenMeta::read(&teacher.dir)?;
+        let t = meta.seq_len.ok_or_else(|| StageError::msg("the teacher's meta.json has no seq_len"))?;
+        let (cfg, fresh) = match ctx.input("init") {
+            Some(Input::Artifact { artifact: init, stage: init_stage, .. }) => {
+                require_same_tokenizer((init, init_stage), (teacher, teacher_stage))?;
+                let (cfg, params, _) = load_model_with_eot(&init.dir)?;
+                (cfg, params)
+            }
+            _ => {
+                let cfg = model_config(p, meta.vocab_size as usize, t);
+                (cfg, cfg.init(ctx.seed()))
+            }
+        };
+        if cfg.block_size < t {
+            return Err(StageError::msg(format!(
+                "the student's block size {} is shorter than the data's seq_len {t}",
+                cfg.block_size
+            )));
+        }
+        let logits = TeacherLogits::read(&teacher.path(TRAIN_LOGITS))?;
+        let train = read_blocks(&teacher.path(TRAIN_FILE))?;
+        let val = read_blocks(&teacher.path(VAL_FILE))?;
+        if logits.positions() != train.rows() * t {
+            return Err(StageError::msg(format!(
+                "the teacher of stage `{teacher_stage}` holds {} positions for {} blocks of {t}",
+                logits.positions(),
+                train.rows()
+            )));
+        }
+        let loss = DistillLoss {
+            temperature: p.float("temperature"),
+            alpha: p.float("alpha"),
+            divergence: match p.str("divergence") {
+                "reverse" => Divergence::Reverse,
+                "jsd" => Divergence::Jsd(p.float("jsd_beta")),
+                _ => Divergence::Forward,
+            },
+        };
+        let spec = TrainSpec::from_params(p, t, LossMean::PerMicroBatch);
+        let k = logits.k;
+        let objective = TopKObjective {
+            loss,
+            teacher: logits,
+            ids: vec![0; spec.batch * t * k],
+            logprobs: vec![0.0; spec.batch * t * k],
+        };
+        let val_batch = spec.batch.min(val.rows()).max(1);
+        let mut data =
+            TeacherData { sampler: Sampler::new(SamplerKind::Blocks, train, ctx.seed()), val, val_batch, objective };
+        let trainee = Trainee {
+            model: Model::new(cfg, &fresh),
+            grads: fresh.zeros_like(),
+            opts: TensorOpt::defaults(&fresh),
+            fresh,
+        };
+        let outcome = train::train(ctx, &spec, trainee, &mut data)?;
+
+        save_model(ctx.out_dir(), &cfg, &outcome.state.params, meta.eot_id)?;
+        std::fs::copy(teacher.path(TOKENIZER), ctx.out(TOKENIZER)).map_err(|e| fail("copying tokenizer.json")(&e))?;
+        meta.write(ctx.out_dir())?;
+        outcome.write_log(ctx)?;
+        let mut metrics = outcome.metrics();
+        metrics.insert("parameters".into(), json!(outcome.state.params.num_elements()));
+        metrics.insert("tokens".into(), json!(outcome.state.progress.step * (spec.batch * spec.accum * t) as u64));
+        Ok(metrics)
+    }
+}
+
+/// The distillation loss of a batch of blocks, with each block's teacher log-probabilities.
+struct TopKObjective {
+    loss: DistillLoss,
+    teacher: TeacherLogits,
+    /// The batch's teacher ids and log-probabilities, gathered by block (B * T * k).
+    ids: Vec<u32>,
+    logprobs: Vec<f32>,
+}
+
+impl Objective for TopKObjective {
+    fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+        let per_row = batch.time() * self.teacher.k;
+        for (r, &block) in batch.source.iter().enumerate() {
+            let span = r * per_row..(r + 1) * per_row;
+            self.teacher.block(block, &mut self.ids[span.clone()], &mut self.logprobs[span]);
+        }
+        let n = batch.rows() * self.teacher.k;
+        let top = TopK { k: self.teacher.k, ids: &self.ids[..n], logprobs: &self.logprobs[..n] };
+        let (logits, dlogits, row_loss) = acts.loss_buffers();
+        let v = model.cfg.vocab_size;
+        distill_forward_backward(
+            logits,
+            &batch.targets,
+            v,
+            top,
+            self.loss,
+            1.0 / mean_over.max(1) as f32,
+            dlogits,
+            row_loss,
+        )
+    }
+}
+
+/// Packed blocks in a seeded order with their teacher's log-probabilities; the validation loss
+/// is cross-entropy over the first validation blocks.
+struct TeacherData {
+    sampler: Sampler,
+    val: Blocks,
+    val_batch: usize,
+    objective: TopKObjective,
+}
+
+impl TrainData for TeacherData {
+    fn start(&self) -> DataPos {
+        self.sampler.start()
+    }
+    fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
+        self.sampler.fill(pos, batch);
+    }
+    fn objective(&mut self) -> &mut dyn Objective {
+        &mut self.objective
+    }
+    fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError> {
+        let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
+        Ok(Validation::loss(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean))
+    }
+}

@@ -1,0 +1,229 @@
+//! `reference`: a frozen reference model's summed log-probability of every response of a
+//! `preferences` stage (chosen and rejected, given the prompt), with its token count, the
+//! cached half of DPO and IPO. Changing beta or the loss reruns `align`, never this.
+//!
+//! Output: `train.safetensors` and `val.safetensors`, each with `logps` (F64, one per sequence:
+//! pair i's chosen at 2i, its rejected at 2i + 1) and `tokens` (U32), and `reference.json`
+//! naming the data it scored by the digests of its files.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::json;
+
+use crate::arrow_io::{read_examples, TokenMeta};
+use crate::example_rows::{Layout, Rows};
+use crate::model_io::{load_model_with_eot, require_same_tokenizer};
+use crate::nn::batch::Batch;
+use crate::nn::model::{Activations, Model};
+use crate::nn::params::ParamMap;
+use crate::preferences::{TRAIN_FILE, VAL_FILE};
+use crate::{fail, round, MODEL, PREFERENCES, REFERENCE};
+
+pub struct Reference;
+
+pub const TRAIN_LOGPS: &str = "train.safetensors";
+pub const VAL_LOGPS: &str = "val.safetensors";
+pub const REFERENCE_FILE: &str = "reference.json";
+
+const PARAMS: &[ParamSpec] = &[ParamSpec::int("batch_size", 16, 1, 1 << 20, "sequences per forward pass").not_hashed()];
+
+const INPUTS: &[InputSpec] = &[
+    InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "the reference model" },
+    InputSpec {
+        name: "data",
+        accepts: Accepts::Artifact(&[PREFERENCES]),
+        required: true,
+        doc: "a `preferences` stage made with the reference's tokenizer",
+    },
+];
+
+impl Stage for Reference {
+    fn kind(&self) -> &'static str {
+        "reference"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "a frozen reference model's log-probabilities of every chosen and rejected response, cached for DPO and IPO"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        INPUTS
+    }
+    fn output(&self) -> engine::ArtifactType {
+        REFERENCE
+    }
+    fn check(&self, _: &Params, _: &BTreeSet<&str>) -> Result<(), ParamProblem> {
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
+        let (
+            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
+            Input::Artifact { artifact: data, stage: data_stage, .. },
+        ) = (ctx.required_input("model"), ctx.required_input("data"))
+        else {
+            unreachable!("both slots accept only artifacts");
+        };
+        let (cfg, params, eot) = load_model_with_eot(&model_dir.dir)?;
+        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let model = Model::new(cfg, &params);
+        let batch = ctx.params().usize("batch_size");
+        let splits = [TRAIN_FILE, VAL_FILE].map(|f| pair_rows(&data.dir, f, eot, cfg.block_size));
+        let [train, val] = splits;
+        let (train, val) = (train?, val?);
+        ctx.progress().set_length((train.rows + val.rows) as u64, "sequences");
+        let mut scored = Vec::new();
+        let mut done = 0;
+        for (rows, file) in [(&train, TRAIN_LOGPS), (&val, VAL_LOGPS)] {
+            let logps = sequence_logps(&model, &params, rows, batch, |n| {
+                ctx.check_cancelled()?;
+                ctx.progress().set_position((done + n) as u64);
+                Ok(())
+            })?;
+            done += rows.rows;
+            logps.write(&ctx.out(file))?;
+            scored.push(logps);
+        }
+        let digest = |f: &str| data.file_digest(f).map(|d| d.to_string());
+        let about = json!({ "data": { TRAIN_FILE: digest(TRAIN_FILE), VAL_FILE: digest(VAL_FILE) } });
+        let text = serde_json::to_string_pretty(&about).expect("JSON values serialize") + "\n";
+        std::fs::write(ctx.out(REFERENCE_FILE), text).map_err(|e| fail("writing reference.json")(&e))?;
+        let train = &scored[0];
+        let mean = |parity: usize| {
+            let picked: Vec<f64> = train.logps.iter().skip(parity).step_by(2).copied().collect();
+            picked.iter().sum::<f64>() / picked.len().max(1) as f64
+        };
+        Ok(Metrics::from([
+            ("sequences".into(), json!(train.logps.len() + scored[1].logps.len())),
+            ("mean_logp_chosen".into(), json!(round(mean(0), 4))),
+            ("mean_logp_rejected".into(), json!(round(mean(1), 4))),
+        ]))
+    }
+}
+
+/// The train and validation log-probabilities of a reference artifact, refused unless it
+/// scored exactly the preference data `data` (by the digests of its files).
+pub fn load_reference(
+    (reference, reference_stage): (&engine::cache::Artifact, &str),
+    (data, data_stage): (&engine::cache::Artifact, &str),
+) -> Result<(SeqLogps, SeqLogps), StageError> {
+    let about: serde_json::Value = std::fs::read(reference.path(REFERENCE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for file in [TRAIN_FILE, VAL_FILE] {
+        if about["data"][file].as_str() != data.file_digest(file).map(|d| d.to_string()).as_deref() {
+            return Err(StageError::msg(format!(
+                "the reference of stage `{reference_stage}` scored other preference data than stage `{data_stage}`: \
+                 wire `{reference_stage}.data` to `{data_stage}`"
+            )));
+        }
+    }
+    Ok((SeqLogps::read(&reference.path(TRAIN_LOGPS))?, SeqLogps::read(&reference.path(VAL_LOGPS))?))
+}
+
+/// A `preferences` split as rows of one sequence each (row 2i pair i's chosen, 2i + 1 its
+/// rejected), targets on the responses only, T = the longest sequence's predictions.
+pub fn pair_rows(dir: &Path, file: &str, eot: u32, block_size: usize) -> Result<Rows, StageError> {
+    let examples = read_examples(&dir.join(file))?;
+    let t = TokenMeta::read(dir)?.seq_len.unwrap_or(block_size).min(block_size).max(1);
+    let layout = Layout { t, packing: false, drop_overlong: false, train_on_prompt: false, eot };
+    let (rows, stats) = layout.pack(&examples);
+    if rows.rows != examples.len() || stats.truncated > 0 {
+        return Err(StageError::msg(format!(
+            "`{}`: {} sequences make {} rows of {t} ({} cut): the preference data does not fit the model's block size {block_size}",
+            dir.join(file).display(),
+            examples.len(),
+            rows.rows,
+            stats.truncated
+        )));
+    }
+    Ok(rows)
+}
+
+/// Each sequence's summed log-probability of its targets and how many there are.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqLogps {
+    pub logps: Vec<f64>,
+    pub tokens: Vec<u32>,
+}
+
+impl SeqLogps {
+    fn write(&self, path: &Path) -> Result<(), StageError> {
+        let logps: Vec<u8> = self.logps.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let tokens: Vec<u8> = self.tokens.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let n = vec![self.logps.len()];
+        let views = [("logps", Dtype::F64, &logps), ("tokens", Dtype::U32, &tokens)]
+            .into_iter()
+            .map(|(name, dtype, data)| {
+                safetensors::tensor::TensorView::new(dtype, n.clone(), data)
+                    .map(|v| (name, v))
+                    .map_err(|e| fail(format!("tensor `{name}`"))(&e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = HashMap::from([("format".to_string(), "tinygpt-reference".to_string())]);
+        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| fail("serializing safetensors")(&e))?;
+        std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+    }
+
+    /// Read a split that [`Reference`] wrote.
+    pub fn read(path: &Path) -> Result<Self, StageError> {
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
+        let bad = |what: String| StageError::msg(format!("`{}`: {what}", path.display()));
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+        let tensor = |name: &str, dtype: Dtype| {
+            let t = file.tensor(name).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+            if t.dtype() != dtype {
+                return Err(bad(format!("tensor `{name}` is {:?}, expected {dtype:?}", t.dtype())));
+            }
+            Ok(t.data().to_vec())
+        };
+        let logps = tensor("logps", Dtype::F64)?;
+        let tokens = tensor("tokens", Dtype::U32)?;
+        Ok(SeqLogps {
+            logps: logps.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            tokens: tokens.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+        })
+    }
+}
+
+/// The summed log-probability of every row's targets under `model`, forward only, in batches
+/// of `batch` rows; `after_batch` gets the rows done (an error from it stops the work). Sums run
+/// in f64 in token order, so they do not depend on the thread count.
+pub fn sequence_logps(
+    model: &Model,
+    params: &ParamMap,
+    rows: &Rows,
+    batch: usize,
+    mut after_batch: impl FnMut(usize) -> Result<(), StageError>,
+) -> Result<SeqLogps, StageError> {
+    let t = rows.t;
+    let mut out = SeqLogps { logps: Vec::with_capacity(rows.rows), tokens: Vec::with_capacity(rows.rows) };
+    let mut done = 0;
+    let mut buffers: Option<(Activations, Batch)> = None;
+    while done < rows.rows {
+        let chunk = batch.min(rows.rows - done);
+        if buffers.as_ref().is_none_or(|(_, b)| b.batch() != chunk) {
+            buffers = Some((Activations::inference(model, chunk, t), Batch::new(chunk, t)));
+        }
+        let (acts, b) = buffers.as_mut().expect("made above");
+        for i in 0..chunk {
+            rows.copy_row(done + i, b, i);
+        }
+        model.target_losses(params, b, acts);
+        for (losses, targets) in acts.row_losses().chunks(t).zip(b.targets.chunks(t)).take(chunk) {
+            out.logps.push(-losses.iter().sum::<f64>());
+            out.tokens.push(targets.iter().filter(|x| **x != crate::nn::batch::IGNORE).count() as u32);
+        }
+        done += chunk;
+        after_batch(done)?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,242 @@
+//! Distillation and alignment end to end: the teacher's cached top-k log-probabilities, students
+//! distilled from them (and what reruns when only the student changes), exact resume, and
+//! vocabulary mismatches caught before anything runs.
+
+use serde_json::Value;
+use stages::arrow_io::read_examples;
+use stages::model_io::load_model;
+use stages::nn::batch::{Batch, IGNORE};
+use stages::nn::model::{Activations, Model};
+use stages::reference::{SeqLogps, TRAIN_LOGPS};
+use stages::teacher::{TeacherLogits, TRAIN_LOGITS, VAL_LOGITS};
+
+use crate::util::{artifact, interrupt_run, key, ran, stage, Sandbox};
+
+#[test]
+fn a_teacher_is_run_once_for_every_student() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("distill.toml", &[]);
+    let teacher = artifact(&sb, &run, "teacher");
+    let logits = TeacherLogits::read(&teacher.join(TRAIN_LOGITS)).unwrap();
+    let metrics = &stage(&run, "teacher")["metrics"];
+    let train_blocks = stage(&run, "pack")["metrics"]["train_blocks"].as_u64().unwrap() as usize;
+    assert_eq!((logits.k, logits.t, logits.positions()), (8, 16, train_blocks * 16));
+    assert!(TeacherLogits::read(&teacher.join(VAL_LOGITS)).unwrap().positions() > 0);
+    // Highest first, and the top k hold part of the mass: more than k uniform tokens would.
+    for (lp, ids) in logits.logprobs.chunks(8).zip(logits.ids.chunks(8)).take(100) {
+        assert!(lp.windows(2).all(|w| w[0] >= w[1]), "{lp:?}");
+        let mut sorted = ids.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 8, "distinct ids");
+    }
+    let mass = metrics["top_k_mass"].as_f64().unwrap();
+    assert!(mass > 8.0 / 56.0 && mass < 1.0, "{metrics}");
+    assert!(metrics["bytes"].as_u64().unwrap() > (train_blocks * 16 * 8 * 4) as u64);
+
+    // The student is a model like any other: evaluate takes it.
+    let (cfg, params) = load_model(&artifact(&sb, &run, "student")).unwrap();
+    assert_eq!((cfg.n_layer, cfg.n_embd, cfg.vocab_size), (1, 16, 56));
+    assert_eq!(stage(&run, "student")["metrics"]["parameters"].as_u64(), Some(params.num_elements() as u64));
+    assert!(stage(&run, "eval_student")["metrics"]["val_loss"].as_f64().unwrap().is_finite());
+
+    // A second student of another size, another temperature, another divergence: the teacher's
+    // log-probabilities come from the cache.
+    for set in ["student.n_embd=32", "student.temperature=1.0", "student.divergence=\"reverse\""] {
+        let again = sb.run_json("distill.toml", &["--set", set]);
+        assert_eq!(ran(&again), ["student", "eval_student"], "{set}");
+    }
+    let plan = sb.plan_json("distill.toml", &["--set", "student.divergence=\"jsd\""]);
+    assert_eq!(stage(&plan, "teacher")["action"], "cached");
+}
+
+#[test]
+fn a_student_can_start_from_another_model() {
+    let sb = Sandbox::new();
+    // From the scratch model with a zero learning rate, the student is the scratch model.
+    let frozen = ["student.init=\"scratch\"", "student.lr=0", "student.min_lr=0", "student.max_steps=2"];
+    let args: Vec<&str> = frozen.iter().flat_map(|s| ["--set", *s]).collect();
+    let run = sb.run_json("distill.toml", &args);
+    let (cfg, student) = load_model(&artifact(&sb, &run, "student")).unwrap();
+    let (_, scratch) = load_model(&artifact(&sb, &run, "scratch")).unwrap();
+    assert_eq!((cfg.n_layer, cfg.n_embd), (1, 16));
+    assert!(student == scratch, "the student starts from the init model's weights");
+    // With a learning rate it moves away from them.
+    let run = sb.run_json("distill.toml", &["--set", "student.init=\"scratch\"", "--set", "student.max_steps=2"]);
+    let (_, student) = load_model(&artifact(&sb, &run, "student")).unwrap();
+    assert!(student != scratch);
+}
+
+fn distill_resumes_bit_identically(sig: &str) {
+    let long = ["--set", "student.max_steps=3000", "--set", "student.eval_interval=0"];
+    let sb = Sandbox::new();
+    sb.run_json("distill.toml", &["--set", "student.max_steps=1"]);
+    let (student_key, _) = interrupt_run(&sb, "distill.toml", &long, sig);
+    let resumed = sb.run_json("distill.toml", &long);
+    assert_eq!(key(&resumed, "student"), student_key);
+    let from = stage(&resumed, "student")["metrics"]["resumed_from_step"].as_u64();
+    assert!(from.is_some_and(|s| s > 0 && s < 3000), "resumed from a checkpoint: {from:?}");
+    let fresh = Sandbox::new();
+    let uninterrupted = fresh.run_json("distill.toml", &long);
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, "student"))["content_digest"].clone();
+    assert_eq!(digest(&sb, &resumed), digest(&fresh, &uninterrupted), "same student bits");
+}
+
+#[test]
+fn a_killed_distillation_resumes_to_the_same_bits() {
+    distill_resumes_bit_identically("-KILL");
+}
+
+#[test]
+fn preference_pairs_are_split_counted_and_scored_by_the_reference() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("align.toml", &[]);
+    let pairs = &stage(&run, "pairs")["metrics"];
+    assert_eq!((pairs["pairs"].as_u64(), pairs["skipped_empty"].as_u64()), (Some(40), Some(1)), "{pairs}");
+    assert_eq!(pairs["skipped_identical"].as_u64(), Some(1));
+    assert_eq!(pairs["train_pairs"].as_u64().unwrap() + pairs["val_pairs"].as_u64().unwrap(), 40);
+    assert!(pairs["prompts_truncated"].as_u64().unwrap() > 0, "long prompts keep their end: {pairs}");
+
+    // Chosen and rejected share the prompt; the mask covers the response and end-of-text.
+    let data = artifact(&sb, &run, "pairs");
+    let train = read_examples(&data.join("train.arrow")).unwrap();
+    assert_eq!(train.len() as u64, 2 * pairs["train_pairs"].as_u64().unwrap());
+    let ((c, cm), (r, rm)) = (train.example(0), train.example(1));
+    let prompt = cm.iter().position(|m| *m == 1).unwrap();
+    assert_eq!(prompt, rm.iter().position(|m| *m == 1).unwrap());
+    assert_eq!(&c[..prompt], &r[..prompt]);
+    assert!(cm[prompt..].iter().all(|m| *m == 1) && c.last() == r.last(), "responses end with end-of-text");
+
+    // The reference's sums are a plain forward over each sequence alone.
+    let logps = SeqLogps::read(&artifact(&sb, &run, "reference").join(TRAIN_LOGPS)).unwrap();
+    assert_eq!(logps.logps.len(), train.len());
+    let (cfg, params) = load_model(&artifact(&sb, &run, "pretrain")).unwrap();
+    let model = Model::new(cfg, &params);
+    for i in [0, 1, 7] {
+        let (ids, mask) = train.example(i);
+        let targets: Vec<u32> = (1..ids.len()).map(|k| if mask[k] == 1 { ids[k] } else { IGNORE }).collect();
+        let batch = Batch::whole_rows(ids.len() - 1, &ids[..ids.len() - 1], &targets);
+        let mut acts = Activations::inference(&model, 1, ids.len() - 1);
+        let (sum, n) = model.target_losses(&params, &batch, &mut acts);
+        assert!((-sum - logps.logps[i]).abs() < 1e-3, "sequence {i}: {} vs {}", -sum, logps.logps[i]);
+        assert_eq!(n as u32, logps.tokens[i]);
+    }
+}
+
+#[test]
+fn dpo_learns_the_pairs_and_beta_reruns_only_align() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("align.toml", &[]);
+    let dpo = &stage(&run, "dpo")["metrics"];
+    assert!(dpo["reward_accuracy"].as_f64().unwrap() > 0.6, "{dpo}");
+    let base = &stage(&run, "eval_base")["metrics"];
+    let tuned = &stage(&run, "eval_dpo")["metrics"];
+    assert!(tuned["reward_accuracy"].as_f64().unwrap() > 0.6, "{tuned}");
+    assert!(
+        tuned["preference_accuracy"].as_f64().unwrap() >= base["preference_accuracy"].as_f64().unwrap(),
+        "{base} vs {tuned}"
+    );
+    let log = std::fs::read_to_string(artifact(&sb, &run, "dpo").join("metrics.jsonl")).unwrap();
+    let evals: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l.get("val_loss").is_some())
+        .collect();
+    assert_eq!(evals.len(), 2, "evaluations at steps 8 and 16");
+    for key in ["rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "kl_chosen", "logp_accuracy"]
+    {
+        assert!(evals[1][key].is_number(), "{key} in {}", evals[1]);
+    }
+    // SimPO trained LoRA adapters and wrote them in PEFT's layout.
+    let simpo = artifact(&sb, &run, "simpo");
+    assert!(simpo.join("adapter/adapter_model.safetensors").is_file());
+    assert!(stage(&run, "simpo")["metrics"].get("kl_chosen").is_none(), "no reference, no KL");
+
+    // Another beta or loss: the reference is cached, align and its evaluation rerun.
+    for set in ["dpo.beta=0.2", "dpo.loss=\"ipo\"", "dpo.label_smoothing=0.1"] {
+        let plan = sb.plan_json("align.toml", &["--set", set]);
+        assert_eq!(stage(&plan, "reference")["action"], "cached", "{set}");
+        assert_eq!(stage(&plan, "dpo")["action"], "run", "{set}");
+    }
+    let again = sb.run_json("align.toml", &["--set", "dpo.beta=0.2"]);
+    assert_eq!(ran(&again), ["dpo", "eval_dpo"]);
+}
+
+#[test]
+fn losses_with_a_reference_need_one_when_the_recipe_is_resolved() {
+    let sb = Sandbox::new();
+    let recipe = std::fs::read_to_string(sb.path("align.toml")).unwrap();
+    sb.write("bad.toml", recipe.replacen("reference = \"reference\"\n", "", 1));
+    let line = recipe.lines().position(|l| l == "loss = \"dpo\"").unwrap();
+    for command in ["plan", "run"] {
+        let out = sb.tinygpt(&[command, "bad.toml"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("wire `reference`") && err.contains(&format!("bad.toml:{line}:")), "{err}");
+    }
+    // SimPO and ORPO have none: the same recipe with them resolves.
+    let plan = sb.plan_json("bad.toml", &["--set", "dpo.loss=\"orpo\""]);
+    assert_eq!(stage(&plan, "dpo")["action"], "run");
+}
+
+#[test]
+fn bad_preference_rows_exit_2_naming_the_file_row_and_field() {
+    let sb = Sandbox::new();
+    let rows = [
+        ("{\"prompt\": \"a\", \"chosen\": \"b\"}\n", "line 1: missing field `rejected`"),
+        ("{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n{\"prompt\": \"a\", \"chosen\": [1], \"rejected\": \"c\"}\n", "line 2: field `chosen` is"),
+        ("{\"chosen\": \"Human: a\", \"rejected\": \"Human: b\"}\n", "line 1: no field `prompt`"),
+    ];
+    for (text, expected) in rows {
+        sb.write("bad.jsonl", text);
+        let out = sb.tinygpt(&["run", "align.toml", "--set", "pairs.input=bad.jsonl"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("bad.jsonl") && err.contains(expected), "{err}");
+    }
+}
+
+#[test]
+fn a_killed_alignment_resumes_to_the_same_bits() {
+    let long = [
+        "--set",
+        "dpo.max_steps=1000",
+        "--set",
+        "dpo.eval_interval=0",
+        "--set",
+        "dpo.lr=1e-5",
+        "--set",
+        "dpo.min_lr=0",
+    ];
+    let sb = Sandbox::new();
+    sb.run_json("align.toml", &["--set", "dpo.max_steps=1"]);
+    let (dpo_key, _) = interrupt_run(&sb, "align.toml", &long, "-KILL");
+    let resumed = sb.run_json("align.toml", &long);
+    assert_eq!(key(&resumed, "dpo"), dpo_key);
+    let from = stage(&resumed, "dpo")["metrics"]["resumed_from_step"].as_u64();
+    assert!(from.is_some_and(|s| s > 0 && s < 1000), "resumed from a checkpoint: {from:?}");
+    let fresh = Sandbox::new();
+    let uninterrupted = fresh.run_json("align.toml", &long);
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, "dpo"))["content_digest"].clone();
+    assert_eq!(digest(&sb, &resumed), digest(&fresh, &uninterrupted), "same policy bits");
+}
+
+#[test]
+fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
+    let digests = |threads: &str| {
+        let sb = Sandbox::new();
+        let mut out = Vec::new();
+        for (recipe, stages, sets) in [
+            ("distill.toml", &["teacher", "student"][..], &["--set", "student.max_steps=10"][..]),
+            ("align.toml", &["reference", "dpo", "simpo", "eval_dpo"][..], &["--set", "dpo.max_steps=6"][..]),
+        ] {
+            let cmd = sb.command().env("RAYON_NUM_THREADS", threads).args(["run", recipe, "--json"]).args(sets).output();
+            let run: Value = serde_json::from_slice(&cmd.unwrap().stdout).unwrap();
+            for name in stages {
+                out.push((name.to_string(), sb.manifest(&key(&run, name))["content_digest"].clone()));
+            }
+        }
+        out
+    };
+    assert_eq!(digests("1"), digests("2"));
+}
