@@ -230,7 +230,8 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
             ("distill.toml", &["teacher", "student"][..], &["--set", "student.max_steps=10"][..]),
             ("align.toml", &["reference", "dpo", "simpo", "eval_dpo"][..], &["--set", "dpo.max_steps=6"][..]),
         ] {
-            let cmd = sb.command().env("RAYON_NUM_THREADS", threads).args(["run", recipe, "--json"]).args(sets).output();
+            let cmd =
+                sb.command().env("RAYON_NUM_THREADS", threads).args(["run", recipe, "--json"]).args(sets).output();
             let run: Value = serde_json::from_slice(&cmd.unwrap().stdout).unwrap();
             for name in stages {
                 out.push((name.to_string(), sb.manifest(&key(&run, name))["content_digest"].clone()));
@@ -239,4 +240,33 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
         out
     };
     assert_eq!(digests("1"), digests("2"));
+}
+
+#[test]
+fn different_vocabularies_are_refused_before_anything_runs() {
+    let sb = Sandbox::new();
+    let recipe = std::fs::read_to_string(sb.path("distill.toml")).unwrap();
+    let other = "\n[stages.bytes]\nkind = \"tokenize\"\ninput = \"corpus\"\nalgorithm = \"byte\"\n\n\
+                 [stages.bytes_pack]\nkind = \"pack\"\ndata = \"bytes\"\nseq_len = 16\n\n\
+                 [stages.other]\nkind = \"pretrain\"\ndata = \"bytes_pack\"\nn_layer = 1\nn_head = 2\nn_embd = 16\n";
+    sb.write("bad.toml", format!("{recipe}{other}"));
+    for command in ["plan", "run"] {
+        let out = sb.tinygpt(&[command, "bad.toml", "--set", "student.init=\"other\""]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        for part in ["stage `student`", "stage `other`", "stage `teacher`", "tokenizer stages `bytes` and `tokenize`"] {
+            assert!(err.contains(part), "{part} in {err}");
+        }
+    }
+    assert!(
+        !sb.store().join("objects").exists() || std::fs::read_dir(sb.store().join("objects")).unwrap().count() == 0
+    );
+    // The same holds for a teacher scoring data from another tokenizer, and for evaluate.
+    let out = sb.tinygpt(&["plan", "bad.toml", "--set", "teacher.data=\"bytes_pack\""]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = sb.tinygpt(&["plan", "bad.toml", "--set", "eval_student.data=\"bytes_pack\""]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("input `data` (stage `bytes_pack`)"));
+    // One tokenizer throughout: fine.
+    sb.plan_json("bad.toml", &["--set", "student.init=\"scratch\""]);
 }

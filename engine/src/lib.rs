@@ -23,5 +23,5 @@ pub use params::{ParamSpec, ParamType, ParamValue, Params};
 pub use plan::{plan, Action, PlannedStage};
 pub use recipe::Recipe;
 pub use stage::{
-    Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError,
+    Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError, Vocabulary,
 };

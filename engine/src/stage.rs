@@ -47,6 +47,18 @@ pub struct InputSpec {
     pub doc: &'static str,
 }
 
+/// Where the token ids of a stage's output come from, so that stages fed ids from different
+/// tokenizers are refused when the recipe is resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vocabulary {
+    /// The output holds no token ids (text, evaluation results).
+    None,
+    /// The stage makes a tokenizer: its output's ids are its own.
+    Own,
+    /// The output's ids are those of the input wired to this slot.
+    From(&'static str),
+}
+
 /// A cross-parameter problem found by [`Stage::check`]; `key` is the recipe key to point at.
 #[derive(Debug, Clone)]
 pub struct ParamProblem {
@@ -121,6 +133,14 @@ pub trait Stage: Send + Sync {
     /// results keeps its dependents cached. Everything else a stage writes must depend only on
     /// its key.
     fn volatile_outputs(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Where the token ids of the output come from.
+    fn vocabulary(&self) -> Vocabulary {
+        Vocabulary::None
+    }
+    /// Input slots whose ids must come from one tokenizer (checked when the recipe is resolved).
+    fn same_vocabulary(&self) -> &'static [&'static str] {
         &[]
     }
     /// Checks across parameters, run when the recipe is resolved. `connected` holds the input

@@ -108,6 +108,12 @@ impl Stage for Align {
     fn output(&self) -> engine::ArtifactType {
         MODEL
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "data", "reference"]
+    }
     fn uses_seed(&self) -> bool {
         true
     }

@@ -81,6 +81,12 @@ impl Stage for Distill {
     fn output(&self) -> engine::ArtifactType {
         MODEL
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("teacher")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["teacher", "init"]
+    }
     fn uses_seed(&self) -> bool {
         true
     }

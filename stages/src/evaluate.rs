@@ -88,6 +88,9 @@ impl Stage for Evaluate {
     fn output(&self) -> engine::ArtifactType {
         EVAL
     }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "data", "reference"]
+    }
     fn uses_seed(&self) -> bool {
         true
     }

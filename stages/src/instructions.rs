@@ -174,6 +174,9 @@ impl Stage for Instructions {
     fn output(&self) -> engine::ArtifactType {
         EXAMPLES
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
     fn uses_seed(&self) -> bool {
         true
     }

@@ -68,6 +68,9 @@ impl Stage for Pack {
     fn output(&self) -> engine::ArtifactType {
         PACKED
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("data")
+    }
     fn uses_seed(&self) -> bool {
         true
     }

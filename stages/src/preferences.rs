@@ -106,6 +106,9 @@ impl Stage for Preferences {
     fn output(&self) -> engine::ArtifactType {
         PREFERENCES
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
     fn uses_seed(&self) -> bool {
         true
     }

@@ -120,6 +120,9 @@ impl Stage for Pretrain {
     fn output(&self) -> engine::ArtifactType {
         MODEL
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("data")
+    }
     fn uses_seed(&self) -> bool {
         true
     }

@@ -59,6 +59,12 @@ impl Stage for Reference {
     fn output(&self) -> engine::ArtifactType {
         REFERENCE
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "data"]
+    }
     fn check(&self, _: &Params, _: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         Ok(())
     }

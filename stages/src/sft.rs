@@ -95,6 +95,12 @@ impl Stage for Sft {
     fn output(&self) -> engine::ArtifactType {
         MODEL
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "data"]
+    }
     fn uses_seed(&self) -> bool {
         true
     }

@@ -67,6 +67,12 @@ impl Stage for Teacher {
     fn output(&self) -> engine::ArtifactType {
         TEACHER
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "data"]
+    }
     fn check(&self, _: &Params, _: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         Ok(())
     }

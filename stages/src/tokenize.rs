@@ -88,6 +88,9 @@ impl Stage for Tokenize {
     fn output(&self) -> engine::ArtifactType {
         TOKENS
     }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::Own
+    }
 
     fn check(&self, params: &Params, connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         let algorithm = params.str("algorithm");

@@ -15,7 +15,7 @@ use super::raw::{self, RawStage};
 use super::{InputSource, Recipe, ResolvedInput, ResolvedStage};
 use crate::error::{did_you_mean, Origin, RecipeError};
 use crate::params::{Default, Params};
-use crate::stage::{InputSpec, Registry, Stage};
+use crate::stage::{InputSpec, Registry, Stage, Vocabulary};
 
 /// Keys every stage accepts besides its kind's own.
 const COMMON_KEYS: [&str; 3] = ["kind", "seed", "threads"];
@@ -161,6 +161,7 @@ pub fn resolve(
     let order = topological_order(&names, &edges)?;
 
     // Third pass: wire inputs to stages or files, and check artifact types.
+    let mut wired: Vec<(usize, &'static str, usize, Place)> = Vec::new();
     for (i, slots) in wiring.into_iter().enumerate() {
         for (spec, text, at) in slots {
             let slot = spec.name;
@@ -179,6 +180,7 @@ pub fn resolve(
                             format!("a {} artifact", produced.0),
                         ));
                     }
+                    wired.push((i, slot, from, at.clone()));
                     InputSource::Stage(from)
                 }
                 _ if spec.accepts.raw() => {
@@ -206,6 +208,8 @@ pub fn resolve(
         }
     }
 
+    check_vocabularies(&stages, &order, &wired)?;
+
     // Renumber stage ids into topological order.
     let mut new_id = vec![0; order.len()];
     for (new, &old) in order.iter().enumerate() {
@@ -223,6 +227,52 @@ pub fn resolve(
         ordered.push(stage);
     }
     Ok(Recipe { name, path: path.to_path_buf(), seed, stages: ordered })
+}
+
+/// Refuse a stage whose inputs carry token ids from different tokenizers ([`Stage::same_vocabulary`]):
+/// each stage's ids trace back to the stage that made their tokenizer ([`Vocabulary`]), and two
+/// inputs that must agree must trace back to the same one. `wired` lists (stage, slot, upstream
+/// stage, where the slot is written).
+fn check_vocabularies(
+    stages: &[ResolvedStage],
+    order: &[usize],
+    wired: &[(usize, &'static str, usize, Place)],
+) -> Result<(), RecipeError> {
+    let input = |i: usize, slot: &str| wired.iter().find(|(s, name, _, _)| *s == i && *name == slot);
+    let mut origin: Vec<Option<usize>> = vec![None; stages.len()];
+    for &i in order {
+        origin[i] = match stages[i].kind.vocabulary() {
+            Vocabulary::None => None,
+            Vocabulary::Own => Some(i),
+            Vocabulary::From(slot) => input(i, slot).and_then(|(_, _, from, _)| origin[*from]),
+        };
+    }
+    for &i in order {
+        let mut first: Option<(&str, usize, usize)> = None;
+        for slot in stages[i].kind.same_vocabulary() {
+            let Some((_, _, from, at)) = input(i, slot) else { continue };
+            let Some(tokenizer) = origin[*from] else { continue };
+            match first {
+                None => first = Some((slot, *from, tokenizer)),
+                Some((other_slot, other, other_tokenizer)) if other_tokenizer != tokenizer => {
+                    let (a, b) = (&stages[*from].name, &stages[other].name);
+                    let (ta, tb) = (&stages[tokenizer].name, &stages[other_tokenizer].name);
+                    return Err(at
+                        .error(
+                            format!(
+                                "stage `{}`: input `{slot}` (stage `{a}`) and input `{other_slot}` (stage `{b}`) \
+                                 hold token ids of different vocabularies, from tokenizer stages `{ta}` and `{tb}`",
+                                stages[i].name
+                            ),
+                            format!("vocabulary of `{ta}`"),
+                        )
+                        .help(format!("wire `{slot}` and `{other_slot}` to stages made with one tokenizer")));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 fn non_negative(v: i64, at: &Place, what: &str) -> Result<u64, RecipeError> {
