@@ -270,3 +270,35 @@ fn different_vocabularies_are_refused_before_anything_runs() {
     // One tokenizer throughout: fine.
     sb.plan_json("bad.toml", &["--set", "student.init=\"scratch\""]);
 }
+
+#[test]
+fn kto_trains_on_unpaired_examples_and_on_pairs() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("kto.toml", &[]);
+    let examples = &stage(&run, "examples")["metrics"];
+    assert_eq!((examples["examples"].as_u64(), examples["skipped_empty"].as_u64()), (Some(36), Some(1)), "{examples}");
+    assert_eq!(examples["desirable"].as_u64(), Some(24));
+    let data = artifact(&sb, &run, "examples");
+    let labels: Value = serde_json::from_slice(&std::fs::read(data.join("labels.json")).unwrap()).unwrap();
+    assert_eq!(labels["paired"], false);
+    let reference = SeqLogps::read(&artifact(&sb, &run, "reference").join(TRAIN_LOGPS)).unwrap();
+    assert_eq!(reference.kl_logps.len(), reference.logps.len());
+    assert!(reference.kl_logps.iter().zip(&reference.logps).any(|(a, b)| a != b), "mismatched sequences differ");
+
+    let kto = &stage(&run, "kto")["metrics"];
+    for key in ["kl", "rewards_chosen", "rewards_rejected", "train_examples"] {
+        assert!(kto[key].is_number(), "{key} in {kto}");
+    }
+    assert!(kto["kl"].as_f64().unwrap() >= 0.0, "the KL point is clamped at 0");
+    assert!(kto["rewards_chosen"].as_f64().unwrap() > kto["rewards_rejected"].as_f64().unwrap(), "{kto}");
+    // Pair losses need pairs.
+    let out = sb.tinygpt(&["run", "kto.toml", "--set", "kto.loss=\"simpo\""]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds unpaired examples: use loss = \"kto\""));
+
+    // A pair is a desirable and an undesirable example.
+    let paired = sb.run_json("align.toml", &[]);
+    let kto = &stage(&paired, "kto")["metrics"];
+    assert!(kto["kl"].is_number() && kto["logp_accuracy"].is_number(), "{kto}");
+    assert_eq!(kto["train_pairs"], stage(&paired, "pairs")["metrics"]["train_pairs"]);
+}

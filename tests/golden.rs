@@ -98,11 +98,17 @@ fn stage_outputs_match_their_golden_digests() {
     let distill = sb.run_json("distill.toml", &["--set", "teacher_model.max_steps=8", "--set", "student.max_steps=4"]);
     record("teacher", &distill, "teacher");
     record("distill", &distill, "student");
-    let align = sb.run_json("align.toml", &["--set", "dpo.max_steps=3", "--set", "simpo.max_steps=3"]);
+    let align = sb.run_json(
+        "align.toml",
+        &["--set", "dpo.max_steps=3", "--set", "simpo.max_steps=3", "--set", "kto.max_steps=3"],
+    );
     record("preferences", &align, "pairs");
     record("reference", &align, "reference");
     record("align-dpo", &align, "dpo");
     record("align-simpo-lora", &align, "simpo");
+    let kto = sb.run_json("kto.toml", &["--set", "kto.max_steps=3"]);
+    record("preferences-unpaired", &kto, "examples");
+    record("align-kto", &kto, "kto");
     record("evaluate-preferences", &align, "eval_dpo");
 
     let path = golden_path("digests.json");

@@ -1,11 +1,15 @@
-//! `align`: preference tuning of a policy on pairs from a `preferences` stage, with DPO
-//! (cDPO's label smoothing), IPO, SimPO or ORPO, in full or through LoRA adapters.
+//! `align`: preference tuning of a policy on data from a `preferences` stage, with DPO
+//! (cDPO's label smoothing), IPO, SimPO, ORPO or KTO, in full or through LoRA adapters.
 //!
-//! DPO and IPO compare the policy with a frozen reference whose log-probabilities a
+//! DPO, IPO and KTO compare the policy with a frozen reference whose log-probabilities a
 //! `reference` stage computed once: wiring it is required for them (checked when the recipe is
 //! resolved) and optional for SimPO and ORPO, which then report the KL to it. A step's
-//! micro-batch holds whole pairs, chosen and rejected in neighbouring rows; the loss averages
-//! over the pairs of the step. At every evaluation the validation pairs give the loss, the
+//! micro-batch holds whole pairs, chosen and rejected in neighbouring rows, and the pair losses
+//! average over the pairs of the step. KTO takes pairs as a desirable and an undesirable
+//! example, or unpaired examples; it averages over examples, and its KL reference point is the
+//! micro-batch's mean log-ratio on mismatched prompt/response sequences (each example's prompt
+//! with another's response, scored by the reference once and by the policy at every step),
+//! detached and clamped at 0, as TRL computes it. At every evaluation the validation pairs give the loss, the
 //! mean rewards of chosen and rejected, reward accuracy and margin, the policy's log-prob
 //! preference accuracy, and with a reference the KL to it (the mean log-ratio on chosen).
 //!
@@ -28,25 +32,27 @@ use crate::nn::batch::{Batch, IGNORE};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
-use crate::nn::preference::{Pair, PairLoss, Seq};
+use crate::nn::preference::{Kto, Pair, PairLoss, Seq};
 use crate::nn::step::{LossMean, Objective};
 use crate::preferences::{TRAIN_FILE, VAL_FILE};
-use crate::reference::{load_reference, pair_rows, sequence_logps, SeqLogps};
+use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
 use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, PREFERENCES, REFERENCE};
 
 pub struct Align;
 
-const LOSSES: &[&str] = &["dpo", "ipo", "simpo", "orpo"];
+const LOSSES: &[&str] = &["dpo", "ipo", "kto", "simpo", "orpo"];
 
-const OWN_PARAMS: [ParamSpec; 6] = [
+const OWN_PARAMS: [ParamSpec; 8] = [
     ParamSpec::choice(
         "loss",
         "dpo",
         LOSSES,
-        "`dpo`, `ipo` (both need a reference), `simpo` (length-normalised, no reference) or `orpo` (odds ratio plus SFT on chosen, no reference)",
+        "`dpo`, `ipo`, `kto` (these need a reference), `simpo` (length-normalised, no reference) or `orpo` (odds ratio plus SFT on chosen, no reference)",
     ),
-    ParamSpec::opt_float("beta", 0.0, 1e4, "the loss's beta (default 0.1 for DPO and IPO, 2.0 for SimPO)"),
+    ParamSpec::opt_float("beta", 0.0, 1e4, "the loss's beta (default 0.1 for DPO, IPO and KTO, 2.0 for SimPO)"),
+    ParamSpec::float("desirable_weight", 1.0, 0.0, 1e4, "kto: weight of desirable examples' losses"),
+    ParamSpec::float("undesirable_weight", 1.0, 0.0, 1e4, "kto: weight of undesirable examples' losses"),
     ParamSpec::float("gamma", 1.0, -1e4, 1e4, "simpo: the target reward margin"),
     ParamSpec::float("label_smoothing", 0.0, 0.0, 0.5, "dpo, simpo: the assumed share of flipped labels (cDPO)"),
     ParamSpec::float("orpo_lambda", 0.1, 0.0, 1e4, "orpo: weight of the odds-ratio term beside SFT on chosen"),
@@ -54,7 +60,7 @@ const OWN_PARAMS: [ParamSpec; 6] = [
 ];
 
 const PARAMS: &[ParamSpec] =
-    &concat_params::<16, 18, 34>(concat_params::<6, 10, 16>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
+    &concat_params::<18, 18, 36>(concat_params::<8, 10, 18>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -73,20 +79,43 @@ const INPUTS: &[InputSpec] = &[
         name: "reference",
         accepts: Accepts::Artifact(&[REFERENCE]),
         required: false,
-        doc: "a `reference` stage over the same data: required by dpo and ipo",
+        doc: "a `reference` stage over the same data: required by dpo, ipo and kto",
     },
 ];
 
+/// A loss over pairs, or KTO's over examples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Loss {
+    Pair(PairLoss),
+    Kto(Kto),
+}
+
+impl Loss {
+    fn uses_reference(&self) -> bool {
+        match self {
+            Loss::Pair(l) => l.uses_reference(),
+            Loss::Kto(_) => true,
+        }
+    }
+}
+
 /// The loss the parameters ask for.
-fn pair_loss(p: &Params) -> PairLoss {
+fn loss_of(p: &Params) -> Loss {
     let beta = |default: f64| p.opt_float("beta").unwrap_or(default);
     let smoothing = p.float("label_smoothing");
-    match p.str("loss") {
+    Loss::Pair(match p.str("loss") {
         "ipo" => PairLoss::Ipo { beta: beta(0.1) },
         "simpo" => PairLoss::Simpo { beta: beta(2.0), gamma: p.float("gamma"), label_smoothing: smoothing },
         "orpo" => PairLoss::Orpo { lambda: p.float("orpo_lambda") },
+        "kto" => {
+            return Loss::Kto(Kto {
+                beta: beta(0.1),
+                desirable_weight: p.float("desirable_weight"),
+                undesirable_weight: p.float("undesirable_weight"),
+            })
+        }
         _ => PairLoss::Dpo { beta: beta(0.1), label_smoothing: smoothing },
-    }
+    })
 }
 
 impl Stage for Align {
@@ -124,7 +153,7 @@ impl Stage for Align {
     fn check(&self, p: &Params, connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         check_lrs(p)?;
         check_lora(p)?;
-        let loss = pair_loss(p);
+        let loss = loss_of(p);
         if loss.uses_reference() && !connected.contains("reference") {
             return Err(ParamProblem::new(
                 "loss",
@@ -134,7 +163,7 @@ impl Stage for Align {
                 ),
             ));
         }
-        if matches!(loss, PairLoss::Ipo { beta } if beta == 0.0) {
+        if matches!(loss, Loss::Pair(PairLoss::Ipo { beta }) if beta == 0.0) {
             return Err(ParamProblem::new("beta", "IPO's target margin is 1 / (2 beta): beta must be above 0"));
         }
         Ok(())
@@ -157,26 +186,45 @@ impl Stage for Align {
             }
             _ => None,
         };
-        let train_rows = pair_rows(&data.dir, TRAIN_FILE, eot, cfg.block_size)?;
-        let val_rows = pair_rows(&data.dir, VAL_FILE, eot, cfg.block_size)?;
-        let t = train_rows.t;
-        let loss = pair_loss(p);
+        let train = PrefSplit::read(&data.dir, TRAIN_FILE, eot, cfg.block_size)?;
+        let val = PrefSplit::read(&data.dir, VAL_FILE, eot, cfg.block_size)?;
+        let t = train.rows.t;
+        let loss = loss_of(p);
+        if matches!(loss, Loss::Pair(_)) && !train.paired {
+            return Err(StageError::msg(format!(
+                "loss \"{}\" compares pairs, and stage `{data_stage}` holds unpaired examples: use loss = \"kto\"",
+                p.str("loss")
+            )));
+        }
         let Setup { tune, model, grads, opts } = FineTune::setup(p, &cfg, &mut params, ctx.seed())?;
         let trainable_count = grads.num_elements();
         let mut spec = TrainSpec::from_params(p, t, LossMean::PerStep);
-        let pairs_per_batch = spec.batch;
-        spec.batch *= 2; // rows: a chosen and a rejected sequence per pair
+        let group = if train.paired { 2 } else { 1 };
+        let groups_per_batch = spec.batch;
+        spec.batch *= group; // rows: a pair's two sequences, or one example
         let (train_ref, val_ref) = reference.map_or((None, None), |(t, v)| (Some(t), Some(v)));
-        let mut source = PairData {
-            train: train_rows,
-            val: val_rows,
+        let objective: Box<dyn Objective> = match loss {
+            Loss::Pair(loss) => Box::new(PairObjective { loss, reference: train_ref }),
+            Loss::Kto(loss) => Box::new(KtoObjective {
+                loss,
+                reference: train_ref.expect("resolution requires a reference for KTO"),
+                kl: train.kl.clone(),
+                labels: train.labels.clone(),
+                kl_pass: None,
+            }),
+        };
+        let n_groups = train.rows.rows / group;
+        let mut source = PrefData {
+            train,
+            val,
+            group,
             order: EpochOrder::new(ctx.seed()),
             dropout_seed: (tune.dropout > 0.0).then_some(ctx.seed() ^ 0x4452_4F50_4F55_5421),
             val_batch: p.usize("val_batch_size"),
             val_ref,
-            objective: PairObjective { loss, reference: train_ref },
+            loss,
+            objective,
         };
-        let n_pairs = source.train.rows / 2;
         let trainee = Trainee { model, fresh: params, grads, opts };
         let outcome = train::train(ctx, &spec, trainee, &mut source)?;
 
@@ -193,8 +241,11 @@ impl Stage for Align {
         let mut metrics = outcome.metrics();
         metrics.extend([
             ("trainable_parameters".into(), json!(trainable_count)),
-            ("train_pairs".into(), json!(n_pairs)),
-            ("pairs_per_step".into(), json!(pairs_per_batch * spec.accum)),
+            (if group == 2 { "train_pairs" } else { "train_examples" }.into(), json!(n_groups)),
+            (
+                if group == 2 { "pairs_per_step" } else { "examples_per_step" }.into(),
+                json!(groups_per_batch * spec.accum),
+            ),
         ]);
         Ok(metrics)
     }
@@ -245,69 +296,176 @@ impl Objective for PairObjective {
     }
 }
 
-/// Training pairs in a seeded order; the validation pairs scored in order.
-struct PairData {
-    train: Rows,
-    val: Rows,
+/// KTO over micro-batches of examples (a pair's two sequences, or unpaired ones), with the
+/// KL reference point from the same examples' mismatched sequences.
+struct KtoObjective {
+    loss: Kto,
+    /// The reference's log-probabilities of the training sequences and of their mismatched
+    /// ones, by sequence.
+    reference: SeqLogps,
+    kl: Rows,
+    labels: Vec<u8>,
+    /// The forward pass of the mismatched sequences, allocated at the first step.
+    kl_pass: Option<(Activations, Batch)>,
+}
+
+impl KtoObjective {
+    /// Each row's summed log-probability and counted tokens after a forward pass.
+    fn row_logps(row_loss: &[f64], batch: &Batch) -> (Vec<f64>, Vec<usize>) {
+        let t = batch.time();
+        let logps = row_loss[..batch.rows()].chunks(t).map(|r| -r.iter().sum::<f64>()).collect();
+        let tokens = batch.targets.chunks(t).map(|r| r.iter().filter(|x| **x != IGNORE).count()).collect();
+        (logps, tokens)
+    }
+}
+
+/// KTO's KL reference point: the mean of the policy's minus the reference's log-probabilities of
+/// mismatched sequences, clamped at 0.
+fn kl_point(policy: &[f64], reference: impl Iterator<Item = f64>) -> f64 {
+    let sum: f64 = policy.iter().zip(reference).map(|(p, r)| p - r).sum();
+    (sum / policy.len().max(1) as f64).max(0.0)
+}
+
+impl Objective for KtoObjective {
+    fn units(&self, batch: &Batch) -> usize {
+        batch.batch()
+    }
+
+    fn loss(
+        &mut self,
+        model: &Model,
+        params: &ParamMap,
+        acts: &mut Activations,
+        batch: &Batch,
+        mean_over: usize,
+    ) -> f64 {
+        let (b, t, v) = (batch.batch(), batch.time(), model.cfg.vocab_size);
+        let (kl_acts, kl_batch) =
+            self.kl_pass.get_or_insert_with(|| (Activations::inference(model, b, t), Batch::new(b, t)));
+        for (i, &source) in batch.source.iter().enumerate() {
+            self.kl.copy_row(source, kl_batch, i);
+        }
+        model.target_losses(params, kl_batch, kl_acts);
+        let (kl_logps, _) = Self::row_logps(kl_acts.row_losses(), kl_batch);
+        let z0 = kl_point(&kl_logps, batch.source.iter().map(|&s| self.reference.kl_logps[s]));
+
+        let (logits, dlogits, row_loss) = acts.loss_buffers();
+        cross_entropy_forward_backward(logits, &batch.targets, v, 0.0, 1.0, dlogits, row_loss);
+        let (logps, tokens) = Self::row_logps(row_loss, batch);
+        let mut total = 0.0;
+        for (row, &source) in batch.source.iter().enumerate() {
+            let seq = Seq { logp: logps[row], ref_logp: self.reference.logps[source], tokens: tokens[row] };
+            let (l, g) = self.loss.loss(&seq, z0, self.labels[source] == 1);
+            total += l;
+            let scale = (-g / mean_over.max(1) as f64) as f32;
+            dlogits[row * t * v..(row + 1) * t * v].iter_mut().for_each(|d| *d *= scale);
+        }
+        total
+    }
+}
+
+/// Training groups (pairs, or single examples) in a seeded order; the validation split scored
+/// in order.
+struct PrefData {
+    train: PrefSplit,
+    val: PrefSplit,
+    /// Sequences per group: 2 for pairs, 1 for unpaired examples.
+    group: usize,
     order: EpochOrder,
     dropout_seed: Option<u64>,
     val_batch: usize,
     val_ref: Option<SeqLogps>,
-    objective: PairObjective,
+    loss: Loss,
+    objective: Box<dyn Objective>,
 }
 
-impl TrainData for PairData {
+impl TrainData for PrefData {
     fn start(&self) -> DataPos {
         DataPos { rng: 0, consumed: 0 }
     }
     fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
         let at = (pos.consumed + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25);
         batch.dropout_seed = self.dropout_seed.map(|s| s ^ at);
-        for i in 0..batch.batch() / 2 {
-            let pair = self.order.row(pos.consumed, self.train.rows / 2);
-            for side in 0..2 {
-                self.train.copy_row(2 * pair + side, batch, 2 * i + side);
-                batch.source[2 * i + side] = 2 * pair + side;
+        let g = self.group;
+        for i in 0..batch.batch() / g {
+            let first = g * self.order.row(pos.consumed, self.train.rows.rows / g);
+            for k in 0..g {
+                self.train.rows.copy_row(first + k, batch, g * i + k);
+                batch.source[g * i + k] = first + k;
             }
             pos.consumed += 1;
         }
     }
     fn objective(&mut self) -> &mut dyn Objective {
-        &mut self.objective
+        self.objective.as_mut()
     }
     fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError> {
-        let pairs = (self.val.rows / 2).min(max_batches * self.val_batch.div_ceil(2).max(1));
-        if pairs == 0 {
+        let g = self.group;
+        let groups = (self.val.rows.rows / g).min(max_batches * self.val_batch.div_ceil(g).max(1));
+        if groups == 0 {
             return Ok(Validation::loss(f64::NAN));
         }
-        let rows = Rows {
-            t: self.val.t,
-            rows: 2 * pairs,
-            ids: self.val.ids[..2 * pairs * self.val.t].to_vec(),
-            targets: self.val.targets[..2 * pairs * self.val.t].to_vec(),
-            pos: self.val.pos[..2 * pairs * self.val.t].to_vec(),
+        let first = |rows: &Rows, n: usize| Rows {
+            t: rows.t,
+            rows: n,
+            ids: rows.ids[..n * rows.t].to_vec(),
+            targets: rows.targets[..n * rows.t].to_vec(),
+            pos: rows.pos[..n * rows.t].to_vec(),
         };
-        let scored = sequence_logps(model, params, &rows, self.val_batch, |_| Ok(()))?;
+        let n = g * groups;
+        let scored = sequence_logps(model, params, &first(&self.val.rows, n), self.val_batch, |_| Ok(()))?;
         let tokens: Vec<usize> = scored.tokens.iter().map(|n| *n as usize).collect();
-        let sources: Vec<usize> = (0..2 * pairs).collect();
-        let loss = self.objective.loss;
+        let reference = self.val_ref.as_ref();
+        let seq = |r: usize| Seq {
+            logp: scored.logps[r],
+            ref_logp: reference.map_or(0.0, |s| s.logps[r]),
+            tokens: tokens[r],
+        };
+        let mut figures = Vec::new();
         let mut sum = PairStats::default();
-        for i in 0..pairs {
-            let pair = self.objective.pair(i, &scored.logps, &tokens, &sources, self.val_ref.as_ref());
-            sum.add(&loss, &pair);
+        let loss = match self.loss {
+            Loss::Kto(kto) => {
+                let kl = sequence_logps(model, params, &first(&self.val.kl, n), self.val_batch, |_| Ok(()))?;
+                let reference = reference.expect("KTO has a reference");
+                let z0 = kl_point(&kl.logps, reference.kl_logps[..n].iter().copied());
+                let mut total = 0.0;
+                let mut rewards = [(0.0, 0usize); 2];
+                for r in 0..n {
+                    let desirable = self.val.labels[r] == 1;
+                    total += kto.loss(&seq(r), z0, desirable).0;
+                    let slot = &mut rewards[usize::from(desirable)];
+                    *slot = (slot.0 + kto.beta * seq(r).delta(), slot.1 + 1);
+                }
+                let mean = |(s, k): (f64, usize)| if k == 0 { f64::NAN } else { s / k as f64 };
+                figures.push(("kl".to_string(), z0));
+                figures.push(("rewards_chosen".to_string(), mean(rewards[1])));
+                figures.push(("rewards_rejected".to_string(), mean(rewards[0])));
+                total / n as f64
+            }
+            Loss::Pair(pair_loss) => {
+                for i in 0..groups {
+                    let pair = Pair { chosen: seq(2 * i), rejected: seq(2 * i + 1) };
+                    sum.add(&pair_loss, &pair);
+                }
+                let k = groups as f64;
+                figures.extend([
+                    ("rewards_chosen".to_string(), sum.reward_chosen / k),
+                    ("rewards_rejected".to_string(), sum.reward_rejected / k),
+                    ("reward_accuracy".to_string(), sum.reward_correct / k),
+                    ("reward_margin".to_string(), (sum.reward_chosen - sum.reward_rejected) / k),
+                ]);
+                sum.loss / k
+            }
+        };
+        if g == 2 {
+            let correct = (0..groups).filter(|i| scored.logps[2 * i] > scored.logps[2 * i + 1]).count();
+            figures.push(("logp_accuracy".to_string(), correct as f64 / groups as f64));
+            if let Some(reference) = reference {
+                let kl: f64 = (0..groups).map(|i| scored.logps[2 * i] - reference.logps[2 * i]).sum();
+                figures.push(("kl_chosen".to_string(), kl / groups as f64));
+            }
         }
-        let n = pairs as f64;
-        let mut figures = vec![
-            ("rewards_chosen".to_string(), sum.reward_chosen / n),
-            ("rewards_rejected".to_string(), sum.reward_rejected / n),
-            ("reward_accuracy".to_string(), sum.reward_correct / n),
-            ("reward_margin".to_string(), (sum.reward_chosen - sum.reward_rejected) / n),
-            ("logp_accuracy".to_string(), sum.logp_correct / n),
-        ];
-        if self.val_ref.is_some() {
-            figures.push(("kl_chosen".to_string(), sum.kl / n));
-        }
-        Ok(Validation { loss: sum.loss / n, figures })
+        Ok(Validation { loss, figures })
     }
 }
 
@@ -318,8 +476,6 @@ struct PairStats {
     reward_chosen: f64,
     reward_rejected: f64,
     reward_correct: f64,
-    logp_correct: f64,
-    kl: f64,
 }
 
 impl PairStats {
@@ -329,8 +485,6 @@ impl PairStats {
         self.reward_chosen += rc;
         self.reward_rejected += rr;
         self.reward_correct += f64::from(u8::from(rc > rr));
-        self.logp_correct += f64::from(u8::from(pair.chosen.logp > pair.rejected.logp));
-        self.kl += pair.chosen.delta();
     }
 }
 
@@ -358,7 +512,12 @@ mod tests {
             }
             batch.source[r] = r;
         }
-        let reference = SeqLogps { logps: vec![-9.0, -11.0, -8.5, -7.0], tokens: vec![4, 4, 4, 3] };
+        let reference = SeqLogps {
+            logps: vec![-9.0, -11.0, -8.5, -7.0],
+            tokens: vec![4, 4, 4, 3],
+            kl_logps: vec![-20.0, -21.0, -19.0, -22.0],
+        };
+        let rows = Rows { t, rows: b, ids: batch.ids.clone(), targets: batch.targets.clone(), pos: batch.pos.clone() };
         for loss in [
             PairLoss::Ipo { beta: 0.5 },
             PairLoss::Simpo { beta: 2.0, gamma: 0.5, label_smoothing: 0.0 },
@@ -372,8 +531,6 @@ mod tests {
             let total = objective.loss(&model, &params, &mut acts, &batch, 2);
             model.backward(&params, &batch, &mut acts, &mut grads);
             let loss_of = |p: &ParamMap| {
-                let rows =
-                    Rows { t, rows: b, ids: batch.ids.clone(), targets: batch.targets.clone(), pos: batch.pos.clone() };
                 let s = sequence_logps(&model, p, &rows, b, |_| Ok(())).unwrap();
                 let tokens: Vec<usize> = s.tokens.iter().map(|n| *n as usize).collect();
                 let sources: Vec<usize> = (0..b).collect();
@@ -392,6 +549,74 @@ mod tests {
                     loss_of(&p)
                 });
             }
+        }
+    }
+
+    /// KTO's gradient through the model, its KL reference point held fixed (it is detached).
+    #[test]
+    fn kto_gradients_through_the_model_match_finite_differences() {
+        let cfg = ModelConfig::llama(11, 6, 1, 2, 2, 8);
+        let params = cfg.init(4);
+        let model = Model::new(cfg, &params);
+        let (b, t) = (4, 6);
+        let mut batch = Batch::new(b, t);
+        let mut kl = Batch::new(b, t);
+        for r in 0..b {
+            for (x, shift) in [(&mut batch, 0), (&mut kl, 5)] {
+                let (ids, targets, _) = x.row_mut(r);
+                for k in 0..t {
+                    ids[k] = ((r * 7 + k * 3 + shift) % 11) as u32;
+                    targets[k] = if k < 2 { IGNORE } else { ((r + k * 5 + shift) % 11) as u32 };
+                }
+            }
+            batch.source[r] = r;
+        }
+        let as_rows =
+            |x: &Batch| Rows { t, rows: b, ids: x.ids.clone(), targets: x.targets.clone(), pos: x.pos.clone() };
+        let (rows, kl_rows) = (as_rows(&batch), as_rows(&kl));
+        let reference = SeqLogps {
+            logps: vec![-9.0, -11.0, -8.5, -7.0],
+            tokens: vec![4; 4],
+            kl_logps: vec![-20.0, -21.0, -19.0, -22.0],
+        };
+        let kto = Kto { beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5 };
+        let labels = vec![1, 0, 1, 0];
+        let mut objective = KtoObjective {
+            loss: kto,
+            reference: reference.clone(),
+            kl: kl_rows.clone(),
+            labels: labels.clone(),
+            kl_pass: None,
+        };
+        let mut acts = Activations::for_training(&model, b, t);
+        let mut grads = params.zeros_like();
+        model.forward(&params, &batch, &mut acts);
+        let total = objective.loss(&model, &params, &mut acts, &batch, b);
+        model.backward(&params, &batch, &mut acts, &mut grads);
+        let z0 = kl_point(
+            &sequence_logps(&model, &params, &kl_rows, b, |_| Ok(())).unwrap().logps,
+            reference.kl_logps.iter().copied(),
+        );
+        assert!(z0 > 0.0, "the test's reference puts the KL point above the clamp");
+        let loss_of = |p: &ParamMap| {
+            let s = sequence_logps(&model, p, &rows, b, |_| Ok(())).unwrap();
+            (0..b)
+                .map(|r| {
+                    let seq = Seq { logp: s.logps[r], ref_logp: reference.logps[r], tokens: s.tokens[r] as usize };
+                    kto.loss(&seq, z0, labels[r] == 1).0
+                })
+                .sum::<f64>()
+                / b as f64
+        };
+        assert!((total / b as f64 - loss_of(&params)).abs() < 1e-5);
+        for name in
+            ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight"]
+        {
+            check_relative(name, params.get(name), grads.get(name), |x| {
+                let mut p = params.clone();
+                p.get_mut(name).copy_from_slice(x);
+                loss_of(&p)
+            });
         }
     }
 }

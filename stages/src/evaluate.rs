@@ -23,7 +23,7 @@ use crate::nn::model::Activations;
 use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
 use crate::preferences::VAL_FILE as PREFERENCES_VAL_FILE;
-use crate::reference::{load_reference, pair_rows, sequence_logps, SeqLogps};
+use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
 use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, REFERENCE};
 
 pub struct Evaluate;
@@ -277,7 +277,11 @@ fn evaluate_preferences(
     data: &engine::cache::Artifact,
     reference: Option<&SeqLogps>,
 ) -> Result<Metrics, StageError> {
-    let rows = pair_rows(&data.dir, PREFERENCES_VAL_FILE, lm.eot, lm.cfg().block_size)?;
+    let split = PrefSplit::read(&data.dir, PREFERENCES_VAL_FILE, lm.eot, lm.cfg().block_size)?;
+    if !split.paired {
+        return Err(StageError::msg("preference accuracy compares pairs, and the data holds unpaired examples"));
+    }
+    let rows = split.rows;
     if rows.rows == 0 {
         return Err(StageError::msg("the pairs have no validation split: give `preferences` a `val_fraction` above 0"));
     }

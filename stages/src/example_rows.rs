@@ -21,6 +21,7 @@ pub struct Layout {
 }
 
 /// Rows of `t` positions: ids, targets and positions, as a [`Batch`] holds them.
+#[derive(Clone, Debug)]
 pub struct Rows {
     pub t: usize,
     pub rows: usize,

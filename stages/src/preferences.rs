@@ -1,4 +1,5 @@
-//! `preferences`: read preference pairs (a prompt, a chosen and a rejected response) and
+//! `preferences`: read preference pairs (a prompt, a chosen and a rejected response), or
+//! unpaired examples for KTO (a prompt, a completion and a desirable/undesirable label), and
 //! tokenize them with the policy model's tokenizer, split into train and validation.
 //!
 //! Formats: HH-RLHF JSONL (`chosen` and `rejected` are whole transcripts; the prompt is the
@@ -8,7 +9,9 @@
 //! through it.
 //!
 //! Each pair becomes two sequences, chosen then rejected, in `instructions`' layout (token ids
-//! and a loss mask that is 1 on the response and its end-of-text token). A prompt longer than
+//! and a loss mask that is 1 on the response and its end-of-text token); an unpaired example
+//! becomes one. `labels.json` holds each sequence's label (a pair's chosen is desirable, its
+//! rejected undesirable), which KTO reads. A prompt longer than
 //! `max_prompt_length` tokens keeps its end; a response that does not fit `max_length` keeps
 //! its start; both are counted. Pairs with an empty or identical response are skipped and
 //! counted. Bad rows stop the stage with exit code 2, naming the file, the row and the field.
@@ -33,6 +36,8 @@ pub struct Preferences;
 
 pub const TRAIN_FILE: &str = "train.arrow";
 pub const VAL_FILE: &str = "val.arrow";
+/// Whether the data is pairs, and every sequence's label (1 desirable, 0 undesirable).
+pub const LABELS_FILE: &str = "labels.json";
 
 /// What marks the start of the assistant's turn in an HH-RLHF transcript.
 const ASSISTANT: &str = "\n\nAssistant:";
@@ -69,14 +74,67 @@ const INPUTS: &[InputSpec] = &[
     InputSpec { name: "input", accepts: Accepts::Raw, required: true, doc: "a JSON, JSONL or Parquet file" },
 ];
 
-/// One pair as read: the prompt's parts and the two responses.
+/// One row as read: the prompt's parts and a pair of responses, or one labelled completion.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PairRow {
     pub instruction: String,
     pub input: String,
-    pub chosen: String,
-    pub rejected: String,
+    pub responses: Responses,
 }
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Responses {
+    Pair {
+        chosen: String,
+        rejected: String,
+    },
+    /// KTO's unpaired example: a completion and whether it is desirable.
+    Single {
+        completion: String,
+        desirable: bool,
+    },
+}
+
+/// Every sequence's label, and whether the sequences come in pairs.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Labels {
+    pub paired: bool,
+    pub train: Vec<u8>,
+    pub val: Vec<u8>,
+}
+
+impl Labels {
+    pub fn read(dir: &Path) -> Result<Labels, StageError> {
+        let path = dir.join(LABELS_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
+        serde_json::from_slice(&bytes).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))
+    }
+}
+
+/// Each sequence's prompt followed by the response of another, for KTO's KL estimate: sequence
+/// i takes the response of sequence i + `shift` (wrapping), `shift` being 2 for pairs (the next
+/// pair's response on the same side) and 1 otherwise, cut to `max_len` tokens.
+pub fn mismatched(examples: &Examples, paired: bool, max_len: usize) -> Examples {
+    let n = examples.len();
+    let shift = if paired { 2 } else { 1 };
+    let mut out = Examples::default();
+    for i in 0..n {
+        let (ids, mask) = examples.example(i);
+        let prompt = mask.iter().position(|m| *m == 1).unwrap_or(ids.len());
+        let (other, other_mask) = examples.example((i + shift) % n);
+        let start = other_mask.iter().position(|m| *m == 1).unwrap_or(other.len());
+        let room = max_len.saturating_sub(prompt).max(1);
+        let response = &other[start..other.len().min(start + room)];
+        let keep = prompt.min(max_len - response.len());
+        let seq = [&ids[prompt - keep..prompt], response].concat();
+        let seq_mask = [vec![0; keep], vec![1; response.len()]].concat();
+        out.push(&seq, &seq_mask);
+    }
+    out
+}
+
+/// One encoded sequence: token ids, loss mask and label (1 desirable).
+type Sequence = (Vec<u32>, Vec<u32>, u8);
 
 /// What reading and encoding skipped or cut.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -92,7 +150,7 @@ impl Stage for Preferences {
         "preferences"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: labels.json, unpaired examples
     }
     fn about(&self) -> &'static str {
         "read preference pairs (HH-RLHF, JSON, JSONL, Parquet) and tokenize them with the policy's tokenizer"
@@ -149,30 +207,50 @@ impl Stage for Preferences {
             tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| fail("encoding")(&*e))
         };
         let mut counts = Counts::default();
-        let mut pairs: Vec<[(Vec<u32>, Vec<u32>); 2]> = Vec::new();
+        let paired = matches!(rows[0].responses, Responses::Pair { .. });
+        // Per usable row: its sequences with their labels.
+        let mut groups: Vec<Vec<Sequence>> = Vec::new();
         for (i, row) in rows.iter().enumerate() {
-            if row.chosen.trim().is_empty() || row.rejected.trim().is_empty() {
-                counts.empty += 1;
-                continue;
-            }
-            if row.chosen == row.rejected {
-                counts.identical += 1;
-                continue;
-            }
+            let responses: Vec<(&str, u8)> = match &row.responses {
+                Responses::Pair { chosen, rejected } if paired => {
+                    if chosen.trim().is_empty() || rejected.trim().is_empty() {
+                        counts.empty += 1;
+                        continue;
+                    }
+                    if chosen == rejected {
+                        counts.identical += 1;
+                        continue;
+                    }
+                    vec![(chosen, 1), (rejected, 0)]
+                }
+                Responses::Single { completion, desirable } if !paired => {
+                    if completion.trim().is_empty() {
+                        counts.empty += 1;
+                        continue;
+                    }
+                    vec![(completion, u8::from(*desirable))]
+                }
+                _ => {
+                    return Err(StageError::bad_input(format!(
+                    "`{}` row {}: pairs (`chosen`, `rejected`) and unpaired examples (`completion`, `label`) are mixed",
+                    path.display(),
+                    i + 1
+                )))
+                }
+            };
             let render = |response: &str| match &template {
                 Some(t) => t.render(&row.instruction, &row.input, response),
                 None if row.input.is_empty() => (row.instruction.clone(), response.to_string()),
                 None => (format!("{}\n\n{}", row.instruction, row.input), response.to_string()),
             };
-            let (prompt, chosen) = render(&row.chosen);
-            let (_, rejected) = render(&row.rejected);
-            let mut prompt_ids = encode(&prompt)?;
+            let mut prompt_ids = encode(&render("").0)?;
             if prompt_ids.len() > max_prompt {
                 prompt_ids.drain(..prompt_ids.len() - max_prompt);
                 counts.prompts_truncated += 1;
             }
-            let mut seq = |response: &str| -> Result<(Vec<u32>, Vec<u32>), StageError> {
-                let mut response = encode(response)?;
+            let mut group = Vec::new();
+            for (response, label) in responses {
+                let mut response = encode(&render(response).1)?;
                 response.push(eot);
                 let room = max_len - prompt_ids.len();
                 if response.len() > room {
@@ -181,38 +259,43 @@ impl Stage for Preferences {
                 }
                 if let Some(bad) = prompt_ids.iter().chain(&response).find(|id| **id as usize >= cfg.vocab_size) {
                     return Err(StageError::msg(format!(
-                        "pair {} encodes to token {bad}, outside the model's vocabulary of {}",
+                        "row {} encodes to token {bad}, outside the model's vocabulary of {}",
                         i + 1,
                         cfg.vocab_size
                     )));
                 }
                 let mask = [vec![0; prompt_ids.len()], vec![1; response.len()]].concat();
-                Ok(([prompt_ids.clone(), response].concat(), mask))
-            };
-            pairs.push([seq(&chosen)?, seq(&rejected)?]);
+                group.push(([prompt_ids.clone(), response].concat(), mask, label));
+            }
+            groups.push(group);
             if i % 256 == 0 {
                 ctx.check_cancelled()?;
                 ctx.progress().set_position(i as u64);
             }
         }
-        if pairs.len() < 2 {
+        if groups.len() < 2 {
             return Err(StageError::bad_input(format!(
-                "`{}` holds {} usable pairs: at least 2 are needed",
+                "`{}` holds {} usable rows: at least 2 are needed",
                 path.display(),
-                pairs.len()
+                groups.len()
             )));
         }
-        let n_val = ((pairs.len() as f64) * p.float("val_fraction")).round() as usize;
-        let mut order: Vec<u32> = (0..pairs.len() as u32).collect();
+        let n_val = ((groups.len() as f64) * p.float("val_fraction")).round() as usize;
+        let mut order: Vec<u32> = (0..groups.len() as u32).collect();
         SplitMix64::new(ctx.seed() ^ 0x5052_4546_5350_4C54).shuffle(&mut order);
-        let held: BTreeSet<u32> = order[..n_val.min(pairs.len() - 1)].iter().copied().collect();
+        let held: BTreeSet<u32> = order[..n_val.min(groups.len() - 1)].iter().copied().collect();
         let (mut train, mut val) = (Examples::default(), Examples::default());
-        for (i, pair) in pairs.iter().enumerate() {
-            let split = if held.contains(&(i as u32)) { &mut val } else { &mut train };
-            for (ids, mask) in pair {
+        let mut labels = Labels { paired, train: Vec::new(), val: Vec::new() };
+        for (i, group) in groups.iter().enumerate() {
+            let (split, split_labels) =
+                if held.contains(&(i as u32)) { (&mut val, &mut labels.val) } else { (&mut train, &mut labels.train) };
+            for (ids, mask, label) in group {
                 split.push(ids, mask);
+                split_labels.push(*label);
             }
         }
+        let text = serde_json::to_string(&labels).expect("labels serialize") + "\n";
+        std::fs::write(ctx.out(LABELS_FILE), text).map_err(|e| fail("writing labels.json")(&e))?;
         write_examples(&ctx.out(TRAIN_FILE), &train)?;
         write_examples(&ctx.out(VAL_FILE), &val)?;
         TokenMeta { vocab_size: cfg.vocab_size as u32, eot_id: eot, seq_len: Some(max_len - 1) }
@@ -222,11 +305,13 @@ impl Stage for Preferences {
             let text = serde_json::to_string_pretty(template).expect("template serializes") + "\n";
             std::fs::write(ctx.out(TEMPLATE_FILE), text).map_err(|e| fail("writing template.json")(&e))?;
         }
-        let longest = pairs.iter().flatten().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let longest = groups.iter().flatten().map(|(ids, _, _)| ids.len()).max().unwrap_or(0);
+        let (rows_name, per) = if paired { ("pairs", 2) } else { ("examples", 1) };
         Ok(Metrics::from([
-            ("pairs".into(), json!(pairs.len())),
-            ("train_pairs".into(), json!(train.len() / 2)),
-            ("val_pairs".into(), json!(val.len() / 2)),
+            (rows_name.into(), json!(groups.len())),
+            (format!("train_{rows_name}"), json!(train.len() / per)),
+            (format!("val_{rows_name}"), json!(val.len() / per)),
+            ("desirable".into(), json!(labels.train.iter().chain(&labels.val).filter(|l| **l == 1).count())),
             ("skipped_empty".into(), json!(counts.empty)),
             ("skipped_identical".into(), json!(counts.identical)),
             ("prompts_truncated".into(), json!(counts.prompts_truncated)),
@@ -281,8 +366,8 @@ pub fn read_pairs(path: &Path, format: &str) -> Result<Vec<PairRow>, StageError>
     Ok(rows)
 }
 
-/// One JSON row as a pair; `at` names the file and row for errors. A row without a prompt is
-/// an HH-RLHF pair of transcripts.
+/// One JSON row as a pair, or as an unpaired example when it has a `completion`; `at` names
+/// the file and row for errors. A pair without a prompt is an HH-RLHF pair of transcripts.
 fn pair_of(v: &Value, at: &str) -> Result<PairRow, StageError> {
     let Some(object) = v.as_object() else {
         return Err(StageError::bad_input(format!("{at}: expected a JSON object")));
@@ -298,9 +383,24 @@ fn pair_of(v: &Value, at: &str) -> Result<PairRow, StageError> {
     };
     let required =
         |name: &str| string(name)?.ok_or_else(|| StageError::bad_input(format!("{at}: missing field `{name}`")));
+    if object.contains_key("completion") {
+        let desirable = match object.get("label") {
+            Some(Value::Bool(b)) => *b,
+            None => return Err(StageError::bad_input(format!("{at}: missing field `label`"))),
+            Some(other) => {
+                return Err(StageError::bad_input(format!("{at}: field `label` is {}, not a boolean", kind_of(other))))
+            }
+        };
+        return Ok(PairRow {
+            instruction: required("prompt")?,
+            input: String::new(),
+            responses: Responses::Single { completion: required("completion")?, desirable },
+        });
+    }
     let (chosen, rejected) = (required("chosen")?, required("rejected")?);
     if let Some(prompt) = string("prompt")?.or(string("instruction")?) {
-        return Ok(PairRow { instruction: prompt, input: string("input")?.unwrap_or_default(), chosen, rejected });
+        let input = string("input")?.unwrap_or_default();
+        return Ok(PairRow { instruction: prompt, input, responses: Responses::Pair { chosen, rejected } });
     }
     split_transcripts(&chosen, &rejected)
         .ok_or_else(|| {
@@ -308,7 +408,11 @@ fn pair_of(v: &Value, at: &str) -> Result<PairRow, StageError> {
                 "{at}: no field `prompt`, and `chosen` and `rejected` share no \"\\n\\nAssistant:\" to split a transcript at"
             ))
         })
-        .map(|(prompt, c, r)| PairRow { instruction: prompt, input: String::new(), chosen: c, rejected: r })
+        .map(|(prompt, chosen, rejected)| PairRow {
+            instruction: prompt,
+            input: String::new(),
+            responses: Responses::Pair { chosen, rejected },
+        })
 }
 
 /// An HH-RLHF pair of transcripts as (prompt, chosen reply, rejected reply): the prompt runs to
@@ -358,12 +462,9 @@ fn read_parquet(path: &Path) -> Result<Vec<PairRow>, StageError> {
             let field = |v: Option<String>, name: &str| {
                 v.ok_or_else(|| StageError::bad_input(format!("{at}: field `{name}` is null")))
             };
-            rows.push(PairRow {
-                instruction: field(prompt, "prompt")?,
-                input: String::new(),
-                chosen: field(chosen, "chosen")?,
-                rejected: field(rejected, "rejected")?,
-            });
+            let responses =
+                Responses::Pair { chosen: field(chosen, "chosen")?, rejected: field(rejected, "rejected")? };
+            rows.push(PairRow { instruction: field(prompt, "prompt")?, input: String::new(), responses });
         }
     }
     Ok(rows)

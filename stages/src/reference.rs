@@ -3,8 +3,10 @@
 //! cached half of DPO and IPO. Changing beta or the loss reruns `align`, never this.
 //!
 //! Output: `train.safetensors` and `val.safetensors`, each with `logps` (F64, one per sequence:
-//! pair i's chosen at 2i, its rejected at 2i + 1) and `tokens` (U32), and `reference.json`
-//! naming the data it scored by the digests of its files.
+//! pair i's chosen at 2i, its rejected at 2i + 1), `tokens` (U32) and `kl_logps` (F64: each
+//! sequence's prompt with another's response, KTO's KL estimate; see
+//! [`crate::preferences::mismatched`]), and `reference.json` naming the data it scored by the
+//! digests of its files.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -13,13 +15,13 @@ use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
-use crate::arrow_io::{read_examples, TokenMeta};
+use crate::arrow_io::{read_examples, Examples, TokenMeta};
 use crate::example_rows::{Layout, Rows};
 use crate::model_io::{load_model_with_eot, require_same_tokenizer};
 use crate::nn::batch::Batch;
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
-use crate::preferences::{TRAIN_FILE, VAL_FILE};
+use crate::preferences::{mismatched, Labels, LABELS_FILE, TRAIN_FILE, VAL_FILE};
 use crate::{fail, round, MODEL, PREFERENCES, REFERENCE};
 
 pub struct Reference;
@@ -45,7 +47,7 @@ impl Stage for Reference {
         "reference"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: kl_logps
     }
     fn about(&self) -> &'static str {
         "a frozen reference model's log-probabilities of every chosen and rejected response, cached for DPO and IPO"
@@ -81,19 +83,26 @@ impl Stage for Reference {
         require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
         let model = Model::new(cfg, &params);
         let batch = ctx.params().usize("batch_size");
-        let splits = [TRAIN_FILE, VAL_FILE].map(|f| pair_rows(&data.dir, f, eot, cfg.block_size));
-        let [train, val] = splits;
-        let (train, val) = (train?, val?);
-        ctx.progress().set_length((train.rows + val.rows) as u64, "sequences");
+        let train = PrefSplit::read(&data.dir, TRAIN_FILE, eot, cfg.block_size)?;
+        let val = PrefSplit::read(&data.dir, VAL_FILE, eot, cfg.block_size)?;
+        ctx.progress().set_length(2 * (train.rows.rows + val.rows.rows) as u64, "sequences");
         let mut scored = Vec::new();
         let mut done = 0;
-        for (rows, file) in [(&train, TRAIN_LOGPS), (&val, VAL_LOGPS)] {
-            let logps = sequence_logps(&model, &params, rows, batch, |n| {
-                ctx.check_cancelled()?;
-                ctx.progress().set_position((done + n) as u64);
-                Ok(())
-            })?;
-            done += rows.rows;
+        for (split, file) in [(&train, TRAIN_LOGPS), (&val, VAL_LOGPS)] {
+            let mut logps = SeqLogps::default();
+            for (rows, kl) in [(&split.rows, false), (&split.kl, true)] {
+                let s = sequence_logps(&model, &params, rows, batch, |n| {
+                    ctx.check_cancelled()?;
+                    ctx.progress().set_position((done + n) as u64);
+                    Ok(())
+                })?;
+                done += rows.rows;
+                if kl {
+                    logps.kl_logps = s.logps;
+                } else {
+                    logps = SeqLogps { kl_logps: Vec::new(), ..s };
+                }
+            }
             logps.write(&ctx.out(file))?;
             scored.push(logps);
         }
@@ -101,15 +110,16 @@ impl Stage for Reference {
         let about = json!({ "data": { TRAIN_FILE: digest(TRAIN_FILE), VAL_FILE: digest(VAL_FILE) } });
         let text = serde_json::to_string_pretty(&about).expect("JSON values serialize") + "\n";
         std::fs::write(ctx.out(REFERENCE_FILE), text).map_err(|e| fail("writing reference.json")(&e))?;
-        let train = &scored[0];
-        let mean = |parity: usize| {
-            let picked: Vec<f64> = train.logps.iter().skip(parity).step_by(2).copied().collect();
+        // The mean log-probability of the desirable (chosen) and undesirable responses.
+        let mean = |label: u8| {
+            let picked: Vec<f64> =
+                scored[0].logps.iter().zip(&train.labels).filter(|(_, l)| **l == label).map(|(x, _)| *x).collect();
             picked.iter().sum::<f64>() / picked.len().max(1) as f64
         };
         Ok(Metrics::from([
-            ("sequences".into(), json!(train.logps.len() + scored[1].logps.len())),
-            ("mean_logp_chosen".into(), json!(round(mean(0), 4))),
-            ("mean_logp_rejected".into(), json!(round(mean(1), 4))),
+            ("sequences".into(), json!(scored[0].logps.len() + scored[1].logps.len())),
+            ("mean_logp_chosen".into(), json!(round(mean(1), 4))),
+            ("mean_logp_rejected".into(), json!(round(mean(0), 4))),
         ]))
     }
 }
@@ -135,17 +145,50 @@ pub fn load_reference(
     Ok((SeqLogps::read(&reference.path(TRAIN_LOGPS))?, SeqLogps::read(&reference.path(VAL_LOGPS))?))
 }
 
-/// A `preferences` split as rows of one sequence each (row 2i pair i's chosen, 2i + 1 its
-/// rejected), targets on the responses only, T = the longest sequence's predictions.
-pub fn pair_rows(dir: &Path, file: &str, eot: u32, block_size: usize) -> Result<Rows, StageError> {
-    let examples = read_examples(&dir.join(file))?;
-    let t = TokenMeta::read(dir)?.seq_len.unwrap_or(block_size).min(block_size).max(1);
+/// A `preferences` split as the model reads it.
+pub struct PrefSplit {
+    /// One sequence per row (for pairs: row 2i pair i's chosen, 2i + 1 its rejected), targets on
+    /// the responses only.
+    pub rows: Rows,
+    /// Row i: sequence i's prompt with another sequence's response ([`mismatched`]).
+    pub kl: Rows,
+    /// Each sequence's label: 1 desirable (a chosen response), 0 undesirable.
+    pub labels: Vec<u8>,
+    pub paired: bool,
+}
+
+impl PrefSplit {
+    pub fn read(dir: &Path, file: &str, eot: u32, block_size: usize) -> Result<PrefSplit, StageError> {
+        let examples = read_examples(&dir.join(file))?;
+        let t = TokenMeta::read(dir)?.seq_len.unwrap_or(block_size).min(block_size).max(1);
+        let labels = Labels::read(dir)?;
+        let split_labels = if file == VAL_FILE { labels.val } else { labels.train };
+        if split_labels.len() != examples.len() {
+            return Err(StageError::msg(format!(
+                "`{}`: {} labels for {} sequences",
+                dir.join(LABELS_FILE).display(),
+                split_labels.len(),
+                examples.len()
+            )));
+        }
+        let kl = mismatched(&examples, labels.paired, t + 1);
+        Ok(PrefSplit {
+            rows: one_per_row(&examples, t, eot, &dir.join(file))?,
+            kl: one_per_row(&kl, t, eot, &dir.join(file))?,
+            labels: split_labels,
+            paired: labels.paired,
+        })
+    }
+}
+
+/// Sequences as rows of `t` positions, one each.
+fn one_per_row(examples: &Examples, t: usize, eot: u32, file: &Path) -> Result<Rows, StageError> {
     let layout = Layout { t, packing: false, drop_overlong: false, train_on_prompt: false, eot };
-    let (rows, stats) = layout.pack(&examples);
+    let (rows, stats) = layout.pack(examples);
     if rows.rows != examples.len() || stats.truncated > 0 {
         return Err(StageError::msg(format!(
-            "`{}`: {} sequences make {} rows of {t} ({} cut): the preference data does not fit the model's block size {block_size}",
-            dir.join(file).display(),
+            "`{}`: {} sequences make {} rows of {t} ({} cut): the preference data does not fit the model's block size",
+            file.display(),
             examples.len(),
             rows.rows,
             stats.truncated
@@ -154,19 +197,22 @@ pub fn pair_rows(dir: &Path, file: &str, eot: u32, block_size: usize) -> Result<
     Ok(rows)
 }
 
-/// Each sequence's summed log-probability of its targets and how many there are.
-#[derive(Clone, Debug, PartialEq)]
+/// Each sequence's summed log-probability of its targets and how many there are; from a
+/// `reference` stage, also the log-probabilities of the mismatched sequences.
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct SeqLogps {
     pub logps: Vec<f64>,
     pub tokens: Vec<u32>,
+    pub kl_logps: Vec<f64>,
 }
 
 impl SeqLogps {
     fn write(&self, path: &Path) -> Result<(), StageError> {
         let logps: Vec<u8> = self.logps.iter().flat_map(|x| x.to_le_bytes()).collect();
         let tokens: Vec<u8> = self.tokens.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let kl: Vec<u8> = self.kl_logps.iter().flat_map(|x| x.to_le_bytes()).collect();
         let n = vec![self.logps.len()];
-        let views = [("logps", Dtype::F64, &logps), ("tokens", Dtype::U32, &tokens)]
+        let views = [("logps", Dtype::F64, &logps), ("tokens", Dtype::U32, &tokens), ("kl_logps", Dtype::F64, &kl)]
             .into_iter()
             .map(|(name, dtype, data)| {
                 safetensors::tensor::TensorView::new(dtype, n.clone(), data)
@@ -191,11 +237,14 @@ impl SeqLogps {
             }
             Ok(t.data().to_vec())
         };
-        let logps = tensor("logps", Dtype::F64)?;
+        let f64s = |bytes: Vec<u8>| -> Vec<f64> {
+            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect()
+        };
         let tokens = tensor("tokens", Dtype::U32)?;
         Ok(SeqLogps {
-            logps: logps.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            logps: f64s(tensor("logps", Dtype::F64)?),
             tokens: tokens.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect(),
+            kl_logps: f64s(tensor("kl_logps", Dtype::F64)?),
         })
     }
 }
@@ -211,7 +260,8 @@ pub fn sequence_logps(
     mut after_batch: impl FnMut(usize) -> Result<(), StageError>,
 ) -> Result<SeqLogps, StageError> {
     let t = rows.t;
-    let mut out = SeqLogps { logps: Vec::with_capacity(rows.rows), tokens: Vec::with_capacity(rows.rows) };
+    let mut out =
+        SeqLogps { logps: Vec::with_capacity(rows.rows), tokens: Vec::with_capacity(rows.rows), ..SeqLogps::default() };
     let mut done = 0;
     let mut buffers: Option<(Activations, Batch)> = None;
     while done < rows.rows {

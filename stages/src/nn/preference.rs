@@ -102,6 +102,30 @@ impl PairLoss {
     }
 }
 
+/// KTO on one example, given the batch's KL reference point z0 (detached, at least 0):
+/// desirable: w_d (1 - sigma(beta (Delta - z0))), undesirable: w_u (1 - sigma(beta (z0 - Delta))),
+/// Delta = pi - ref.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Kto {
+    pub beta: f64,
+    pub desirable_weight: f64,
+    pub undesirable_weight: f64,
+}
+
+impl Kto {
+    /// The loss of one example and its derivative with respect to pi.
+    pub fn loss(&self, seq: &Seq, z0: f64, desirable: bool) -> (f64, f64) {
+        let d = seq.delta() - z0;
+        let (h, w, sign) = if desirable {
+            (self.beta * d, self.desirable_weight, 1.0)
+        } else {
+            (-self.beta * d, self.undesirable_weight, -1.0)
+        };
+        let s = sigmoid(h);
+        (w * (1.0 - s), -w * s * (1.0 - s) * self.beta * sign)
+    }
+}
+
 /// -(1 - eps) log sigma(h) - eps log sigma(-h) and its derivative in h.
 fn smoothed_logistic(h: f64, eps: f64) -> (f64, f64) {
     let l = -(1.0 - eps) * log_sigmoid(h) - eps * log_sigmoid(-h);
@@ -194,6 +218,24 @@ mod tests {
                 let (nc, nr) = numeric(loss, p);
                 assert!((gc - nc).abs() < 1e-5 && (gr - nr).abs() < 1e-5, "{loss:?}: ({gc}, {gr}) vs ({nc}, {nr})");
             }
+        }
+    }
+
+    #[test]
+    fn kto_by_hand_and_numerically() {
+        // beta = 0.1, Delta = 2 - z0 with z0 = 1: desirable 1 - sigma(0.1) = 0.475021,
+        // undesirable (weight 2) 2 (1 - sigma(-0.1)) = 2 * 0.524979 = 1.049958.
+        let kto = Kto { beta: 0.1, desirable_weight: 1.0, undesirable_weight: 2.0 };
+        let seq = Seq { logp: -8.0, ref_logp: -10.0, tokens: 4 };
+        assert!((kto.loss(&seq, 1.0, true).0 - 0.475021).abs() < 1e-6);
+        assert!((kto.loss(&seq, 1.0, false).0 - 1.049958).abs() < 1e-6);
+        for desirable in [true, false] {
+            let (_, g) = kto.loss(&seq, 1.0, desirable);
+            let at = |dx: f64| kto.loss(&Seq { logp: seq.logp + dx, ..seq }, 1.0, desirable).0;
+            let numeric = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!((g - numeric).abs() < 1e-8, "{g} vs {numeric}");
+            // Raising a desirable response's log-prob lowers its loss, and the reverse.
+            assert_eq!(g < 0.0, desirable);
         }
     }
 
