@@ -14,9 +14,8 @@ use std::collections::BTreeSet;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
-use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
-use crate::batches::{mean_loss, Sampler, SamplerKind};
-use crate::checkpoint::DataPos;
+use crate::arrow_io::{read_blocks, TokenMeta};
+use crate::batches::{Sampler, SamplerKind};
 use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_model, TOKENIZER};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::distill::{distill_forward_backward, Distill as DistillLoss, Divergence, TopK};
@@ -25,9 +24,9 @@ use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
 use crate::nn::step::{LossMean, Objective};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
-use crate::pretrain::{model_config, MODEL_PARAMS};
+use crate::pretrain::{model_config, BlockData, MODEL_PARAMS};
 use crate::teacher::{TeacherLogits, TRAIN_LOGITS};
-use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
+use crate::train::{self, check_lrs, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, TEACHER};
 
 pub struct Distill;
@@ -162,7 +161,7 @@ impl Stage for Distill {
         };
         let val_batch = spec.batch.min(val.rows()).max(1);
         let mut data =
-            TeacherData { sampler: Sampler::new(SamplerKind::Blocks, train, ctx.seed()), val, val_batch, objective };
+            BlockData { sampler: Sampler::new(SamplerKind::Blocks, train, ctx.seed()), val, val_batch, objective };
         let trainee = Trainee {
             model: Model::new(cfg, &fresh),
             grads: fresh.zeros_like(),
@@ -212,30 +211,5 @@ impl Objective for TopKObjective {
             dlogits,
             row_loss,
         )
-    }
-}
-
-/// Packed blocks in a seeded order with their teacher's log-probabilities; the validation loss
-/// is cross-entropy over the first validation blocks.
-struct TeacherData {
-    sampler: Sampler,
-    val: Blocks,
-    val_batch: usize,
-    objective: TopKObjective,
-}
-
-impl TrainData for TeacherData {
-    fn start(&self) -> DataPos {
-        self.sampler.start()
-    }
-    fn fill(&mut self, pos: &mut DataPos, batch: &mut Batch) {
-        self.sampler.fill(pos, batch);
-    }
-    fn objective(&mut self) -> &mut dyn Objective {
-        &mut self.objective
-    }
-    fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError> {
-        let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
-        Ok(Validation::loss(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean))
     }
 }

@@ -13,9 +13,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use arrow::datatypes::DataType;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
@@ -23,7 +21,7 @@ use tokenizers::Tokenizer;
 use crate::arrow_io::{write_examples, Examples, TokenMeta};
 use crate::model_io::{load_config_with_eot, TOKENIZER};
 use crate::nn::rng::SplitMix64;
-use crate::text_source::{kind_of, read_utf8, strings};
+use crate::text_source::{kind_of, read_utf8, strings, StringTable};
 use crate::{fail, round, EXAMPLES, MODEL};
 
 pub struct Instructions;
@@ -417,39 +415,16 @@ fn row_of(v: &Value, fields: &Fields<'_>, at: &str, chat: bool) -> Result<Row, S
 
 /// The rows of a Parquet file with string columns for the fields.
 fn read_parquet(path: &Path, fields: &Fields<'_>) -> Result<Vec<Row>, StageError> {
-    let err =
-        |e: &dyn std::error::Error| StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display()));
-    let handle = std::fs::File::open(path).map_err(|e| err(&e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| err(&e))?;
-    let schema = builder.schema().clone();
-    let reader = builder.build().map_err(|e| err(&e))?;
-    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let table = StringTable::open(path)?;
     let response_column =
-        fields.response.unwrap_or(if names.iter().any(|n| n == "output") { "output" } else { "response" });
-    let column = |name: &str, required: bool| -> Result<Option<usize>, StageError> {
-        match schema.column_with_name(name) {
-            Some((i, f)) if matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => {
-                Ok(Some(i))
-            }
-            Some((_, f)) => Err(StageError::bad_input(format!(
-                "`{}`: column `{name}` holds {}, not strings",
-                path.display(),
-                f.data_type()
-            ))),
-            None if !required => Ok(None),
-            None => Err(StageError::bad_input(format!(
-                "`{}`: no column `{name}` (columns: {})",
-                path.display(),
-                names.join(", ")
-            ))),
-        }
-    };
+        fields.response.unwrap_or(if table.names.iter().any(|n| n == "output") { "output" } else { "response" });
+    let column = |name: &str, required: bool| table.column(name, required);
     let ci = column(fields.instruction, true)?.expect("a required column");
     let cr = column(response_column, true)?.expect("a required column");
     let cin = column(fields.input, false)?;
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| err(&e))?;
+    for batch in table.batches() {
+        let batch = batch?;
         let values = |i: usize| strings(batch.column(i).as_ref());
         let (ins, res) = (values(ci), values(cr));
         let inp = cin.map(values).unwrap_or_else(|| vec![None; batch.num_rows()]);

@@ -19,9 +19,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use arrow::datatypes::DataType;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
 
@@ -29,7 +27,7 @@ use crate::arrow_io::{write_examples, Examples, TokenMeta};
 use crate::instructions::{Template, TEMPLATE_FILE};
 use crate::model_io::{load_config_with_eot, TOKENIZER};
 use crate::nn::rng::SplitMix64;
-use crate::text_source::{kind_of, read_utf8, strings};
+use crate::text_source::{kind_of, read_utf8, strings, StringTable};
 use crate::{fail, MODEL, PREFERENCES};
 
 pub struct Preferences;
@@ -430,32 +428,12 @@ pub fn split_transcripts(chosen: &str, rejected: &str) -> Option<(String, String
 
 /// The pairs of a Parquet file with string columns `prompt`, `chosen` and `rejected`.
 fn read_parquet(path: &Path) -> Result<Vec<PairRow>, StageError> {
-    let err =
-        |e: &dyn std::error::Error| StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display()));
-    let handle = std::fs::File::open(path).map_err(|e| err(&e))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| err(&e))?;
-    let schema = builder.schema().clone();
-    let reader = builder.build().map_err(|e| err(&e))?;
-    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
-    let column = |name: &str| -> Result<usize, StageError> {
-        match schema.column_with_name(name) {
-            Some((i, f)) if matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => Ok(i),
-            Some((_, f)) => Err(StageError::bad_input(format!(
-                "`{}`: column `{name}` holds {}, not strings",
-                path.display(),
-                f.data_type()
-            ))),
-            None => Err(StageError::bad_input(format!(
-                "`{}`: no column `{name}` (columns: {})",
-                path.display(),
-                names.join(", ")
-            ))),
-        }
-    };
+    let table = StringTable::open(path)?;
+    let column = |name: &str| table.column(name, true).map(|c| c.expect("a required column"));
     let columns = [column("prompt")?, column("chosen")?, column("rejected")?];
     let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| err(&e))?;
+    for batch in table.batches() {
+        let batch = batch?;
         let [prompts, chosen, rejected] = columns.map(|i| strings(batch.column(i).as_ref()));
         for ((prompt, chosen), rejected) in prompts.into_iter().zip(chosen).zip(rejected) {
             let at = format!("`{}` row {}", path.display(), rows.len() + 1);

@@ -193,16 +193,17 @@ impl Stage for Pretrain {
     }
 }
 
-/// Packed blocks: training batches from a [`Sampler`], the validation loss over the first
-/// blocks of the validation split.
-struct BlockData {
-    sampler: Sampler,
-    val: Blocks,
-    val_batch: usize,
-    objective: CrossEntropy,
+/// Packed blocks: training batches from a [`Sampler`], the loss `objective` (cross-entropy for
+/// `pretrain`, the distillation loss for `distill`), and as validation the cross-entropy over the
+/// first blocks of the validation split.
+pub(crate) struct BlockData<O> {
+    pub sampler: Sampler,
+    pub val: Blocks,
+    pub val_batch: usize,
+    pub objective: O,
 }
 
-impl TrainData for BlockData {
+impl<O: Objective> TrainData for BlockData<O> {
     fn start(&self) -> DataPos {
         self.sampler.start()
     }

@@ -164,6 +164,58 @@ fn read_parquet(file: &Path, column: &str, docs: &mut Vec<String>) -> Result<(),
     Ok(())
 }
 
+/// A Parquet file of named string columns, as instruction and preference data come. Every
+/// problem is bad input naming the file.
+pub(crate) struct StringTable {
+    reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
+    /// The names of all its columns.
+    pub names: Vec<String>,
+    schema: arrow::datatypes::SchemaRef,
+    path: std::path::PathBuf,
+}
+
+impl StringTable {
+    pub fn open(path: &Path) -> Result<StringTable, StageError> {
+        let err = |e: &dyn std::error::Error| {
+            StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display()))
+        };
+        let handle = std::fs::File::open(path).map_err(|e| err(&e))?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(handle).map_err(|e| err(&e))?;
+        let schema = builder.schema().clone();
+        let reader = builder.build().map_err(|e| err(&e))?;
+        let names = schema.fields().iter().map(|f| f.name().clone()).collect();
+        Ok(StringTable { reader, names, schema, path: path.to_path_buf() })
+    }
+
+    /// The index of string column `name`; `None` when it is absent and not `required`.
+    pub fn column(&self, name: &str, required: bool) -> Result<Option<usize>, StageError> {
+        match self.schema.column_with_name(name) {
+            Some((i, f)) if matches!(f.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) => {
+                Ok(Some(i))
+            }
+            Some((_, f)) => Err(StageError::bad_input(format!(
+                "`{}`: column `{name}` holds {}, not strings",
+                self.path.display(),
+                f.data_type()
+            ))),
+            None if !required => Ok(None),
+            None => Err(StageError::bad_input(format!(
+                "`{}`: no column `{name}` (columns: {})",
+                self.path.display(),
+                self.names.join(", ")
+            ))),
+        }
+    }
+
+    /// The record batches, a failure to decode one being bad input naming the file.
+    pub fn batches(self) -> impl Iterator<Item = Result<arrow::array::RecordBatch, StageError>> {
+        let path = self.path;
+        self.reader.map(move |batch| {
+            batch.map_err(|e| StageError::bad_input(format!("reading Parquet file `{}`: {e}", path.display())))
+        })
+    }
+}
+
 /// The values of a string column (`string`, `large_string` or `string_view`), nulls as `None`.
 ///
 /// # Panics
