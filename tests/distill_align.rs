@@ -302,3 +302,33 @@ fn kto_trains_on_unpaired_examples_and_on_pairs() {
     assert!(kto["kl"].is_number() && kto["logp_accuracy"].is_number(), "{kto}");
     assert_eq!(kto["train_pairs"], stage(&paired, "pairs")["metrics"]["train_pairs"]);
 }
+
+/// The shared preference data, in each of its formats, reads as its README describes it.
+#[test]
+fn real_preference_data_reads_in_every_format() {
+    let Some(data) = crate::util::shared_data() else { return };
+    let sb = Sandbox::new();
+    // A one-step byte-level model: its tokenizer is all the stage needs.
+    let base = ["--set", "pretrain.max_steps=1", "--set", "pretrain.block_size=512", "--set", "pairs.max_length=400"];
+    let cases = [
+        ("hh_rlhf/helpful-base_test_first_half.jsonl", 1177, 2, 1),
+        ("hh_rlhf/helpful-base_test_first_half.parquet", 1177, 2, 1),
+        ("hh_rlhf/harmless-base_test_first_half.jsonl", 1156, 4, 0),
+        ("llms_from_scratch_preference/instruction-data-with-preference.json", 1100, 0, 6),
+        ("llms_from_scratch_preference/instruction-data-with-preference.parquet", 1100, 0, 6),
+    ];
+    let mut prompts = Vec::new();
+    for (file, rows, empty, identical) in cases {
+        let input = format!("pairs.input={}", data.join(file).display());
+        let run = sb.run_json("align.toml", &[&base[..], &["--set", &input, "--set", "dpo.max_steps=1"]].concat());
+        let m = &stage(&run, "pairs")["metrics"];
+        assert_eq!(m["skipped_empty"].as_u64(), Some(empty), "{file}: {m}");
+        assert_eq!(m["skipped_identical"].as_u64(), Some(identical), "{file}: {m}");
+        assert_eq!(m["pairs"].as_u64(), Some(rows - empty - identical), "{file}: {m}");
+        let train = read_examples(&artifact(&sb, &run, "pairs").join("train.arrow")).unwrap();
+        let (ids, mask) = train.example(0);
+        prompts.push((file, ids[..mask.iter().position(|m| *m == 1).unwrap()].to_vec()));
+    }
+    // HH-RLHF's transcripts split where its Parquet copy was split: the same prompts.
+    assert_eq!(prompts[0].1, prompts[1].1, "JSONL transcripts and Parquet prompts agree");
+}
