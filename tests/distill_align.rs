@@ -332,3 +332,37 @@ fn real_preference_data_reads_in_every_format() {
     // HH-RLHF's transcripts split where its Parquet copy was split: the same prompts.
     assert_eq!(prompts[0].1, prompts[1].1, "JSONL transcripts and Parquet prompts agree");
 }
+
+#[test]
+fn unpaired_parquet_reads_as_its_jsonl() {
+    use std::sync::Arc;
+
+    use arrow::array::{ArrayRef, BooleanArray, StringArray};
+    let sb = Sandbox::new();
+    let rows: Vec<Value> = std::fs::read_to_string(sb.path("kto.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let strings = |key: &str| -> ArrayRef {
+        Arc::new(StringArray::from(rows.iter().map(|r| r[key].as_str().unwrap().to_string()).collect::<Vec<_>>()))
+    };
+    let labels: Vec<Option<bool>> = rows.iter().map(|r| r["label"].as_bool()).collect();
+    let columns = |labels: Vec<Option<bool>>| {
+        vec![
+            ("prompt", strings("prompt")),
+            ("completion", strings("completion")),
+            ("label", Arc::new(BooleanArray::from(labels)) as ArrayRef),
+        ]
+    };
+    crate::formats::write_parquet(&sb.path("kto.parquet"), columns(labels.clone()));
+    let jsonl = sb.run_json("kto.toml", &["--set", "kto.max_steps=1"]);
+    let parquet = sb.run_json("kto.toml", &["--set", "kto.max_steps=1", "--set", "examples.input=kto.parquet"]);
+    assert_eq!(key(&jsonl, "reference"), key(&parquet, "reference"), "the same examples, so the same reference key");
+    let mut nulls = labels;
+    nulls[3] = None;
+    crate::formats::write_parquet(&sb.path("bad.parquet"), columns(nulls));
+    let out = sb.tinygpt(&["run", "kto.toml", "--set", "examples.input=bad.parquet"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.parquet` row 4: field `label` is null"));
+}

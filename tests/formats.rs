@@ -11,7 +11,7 @@ use parquet::arrow::ArrowWriter;
 
 use crate::util::{assert_success, key, shared_data, stage, Sandbox};
 
-fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
+pub(crate) fn write_parquet(path: &Path, columns: Vec<(&str, ArrayRef)>) {
     let batch = RecordBatch::try_from_iter(columns).unwrap();
     let mut writer = ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();

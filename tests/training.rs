@@ -216,24 +216,6 @@ fn a_nan_loss_stops_the_stage_naming_the_step_and_publishes_nothing() {
     assert!(!sb.store().join("objects").join(&pretrain_key).exists(), "no artifact for a diverged run");
 }
 
-/// Every recipe under `recipes/` resolves and plans; those that read `../shared/data` are
-/// checked only when it is present.
-#[test]
-fn shipped_recipes_plan() {
-    let sb = Sandbox::new();
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("recipes");
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let path = entry.unwrap().path();
-        let text = std::fs::read_to_string(&path).unwrap();
-        if text.contains("shared/data") && shared_data().is_none() {
-            eprintln!("SKIPPED: planning {}, which reads ../shared/data", path.display());
-            continue;
-        }
-        let out = sb.tinygpt(&["plan", path.to_str().unwrap()]);
-        assert_success(&out);
-    }
-}
-
 /// Two micro-batches of 4 accumulate to the gradient of one batch of 8 (the same blocks, in
 /// the same order), so training follows the same path up to rounding.
 #[test]

@@ -5,7 +5,8 @@
 //! Formats: HH-RLHF JSONL (`chosen` and `rejected` are whole transcripts; the prompt is the
 //! text up to the last "\n\nAssistant:" the two share), JSONL or a JSON array with `prompt`
 //! (or `instruction` and an optional `input`), `chosen` and `rejected`, and Parquet with string
-//! columns of those names. With a `template` (as `instructions` takes), the prompt is rendered
+//! columns of those names; unpaired examples as JSON, JSONL or Parquet rows with `prompt`,
+//! `completion` and a boolean `label`. With a `template` (as `instructions` takes), the prompt is rendered
 //! through it.
 //!
 //! Each pair becomes two sequences, chosen then rejected, in `instructions`' layout (token ids
@@ -19,6 +20,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use arrow::array::AsArray;
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::{json, Value};
 use tokenizers::Tokenizer;
@@ -426,22 +428,37 @@ pub fn split_transcripts(chosen: &str, rejected: &str) -> Option<(String, String
     Some((chosen[..end].to_string(), chosen[end..].to_string(), rejected[end..].to_string()))
 }
 
-/// The pairs of a Parquet file with string columns `prompt`, `chosen` and `rejected`.
+/// The rows of a Parquet file with string columns `prompt`, `chosen` and `rejected`, or
+/// unpaired: `prompt` and `completion` with a boolean `label`.
 fn read_parquet(path: &Path) -> Result<Vec<PairRow>, StageError> {
     let table = StringTable::open(path)?;
+    let unpaired = table.names.iter().any(|n| n == "completion");
     let column = |name: &str| table.column(name, true).map(|c| c.expect("a required column"));
-    let columns = [column("prompt")?, column("chosen")?, column("rejected")?];
+    let columns = if unpaired {
+        [column("prompt")?, column("completion")?, table.bool_column("label")?]
+    } else {
+        [column("prompt")?, column("chosen")?, column("rejected")?]
+    };
     let mut rows = Vec::new();
     for batch in table.batches() {
         let batch = batch?;
-        let [prompts, chosen, rejected] = columns.map(|i| strings(batch.column(i).as_ref()));
-        for ((prompt, chosen), rejected) in prompts.into_iter().zip(chosen).zip(rejected) {
+        let [prompts, seconds] = [columns[0], columns[1]].map(|i| strings(batch.column(i).as_ref()));
+        // The third column: the rejected responses, or the labels.
+        let (rejected, labels): (Vec<Option<String>>, Vec<Option<bool>>) = if unpaired {
+            (vec![None; batch.num_rows()], batch.column(columns[2]).as_boolean().iter().collect())
+        } else {
+            (strings(batch.column(columns[2]).as_ref()), vec![None; batch.num_rows()])
+        };
+        for (((prompt, second), rejected), label) in prompts.into_iter().zip(seconds).zip(rejected).zip(labels) {
             let at = format!("`{}` row {}", path.display(), rows.len() + 1);
-            let field = |v: Option<String>, name: &str| {
-                v.ok_or_else(|| StageError::bad_input(format!("{at}: field `{name}` is null")))
+            let null = |name: &str| StageError::bad_input(format!("{at}: field `{name}` is null"));
+            let field = |v: Option<String>, name: &str| v.ok_or_else(|| null(name));
+            let responses = if unpaired {
+                let desirable = label.ok_or_else(|| null("label"))?;
+                Responses::Single { completion: field(second, "completion")?, desirable }
+            } else {
+                Responses::Pair { chosen: field(second, "chosen")?, rejected: field(rejected, "rejected")? }
             };
-            let responses =
-                Responses::Pair { chosen: field(chosen, "chosen")?, rejected: field(rejected, "rejected")? };
             rows.push(PairRow { instruction: field(prompt, "prompt")?, input: String::new(), responses });
         }
     }

@@ -207,6 +207,23 @@ impl StringTable {
         }
     }
 
+    /// The index of boolean column `name`, which must be there.
+    pub fn bool_column(&self, name: &str) -> Result<usize, StageError> {
+        match self.schema.column_with_name(name) {
+            Some((i, f)) if *f.data_type() == DataType::Boolean => Ok(i),
+            Some((_, f)) => Err(StageError::bad_input(format!(
+                "`{}`: column `{name}` holds {}, not booleans",
+                self.path.display(),
+                f.data_type()
+            ))),
+            None => Err(StageError::bad_input(format!(
+                "`{}`: no column `{name}` (columns: {})",
+                self.path.display(),
+                self.names.join(", ")
+            ))),
+        }
+    }
+
     /// The record batches, a failure to decode one being bad input naming the file.
     pub fn batches(self) -> impl Iterator<Item = Result<arrow::array::RecordBatch, StageError>> {
         let path = self.path;
