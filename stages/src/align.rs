@@ -280,8 +280,7 @@ impl Objective for PairObjective {
         let (logits, dlogits, row_loss) = acts.loss_buffers();
         // softmax - onehot on every target, which is -d log p(target) / d logits.
         cross_entropy_forward_backward(logits, &batch.targets, v, 0.0, 1.0, dlogits, row_loss);
-        let logps: Vec<f64> = row_loss[..b * t].chunks(t).map(|r| -r.iter().sum::<f64>()).collect();
-        let tokens: Vec<usize> = batch.targets.chunks(t).map(|r| r.iter().filter(|x| **x != IGNORE).count()).collect();
+        let (logps, tokens) = row_logps(row_loss, batch);
         let mut total = 0.0;
         for i in 0..b / 2 {
             let pair = self.pair(i, &logps, &tokens, &batch.source, self.reference.as_ref());
@@ -309,14 +308,13 @@ struct KtoObjective {
     kl_pass: Option<(Activations, Batch)>,
 }
 
-impl KtoObjective {
-    /// Each row's summed log-probability and counted tokens after a forward pass.
-    fn row_logps(row_loss: &[f64], batch: &Batch) -> (Vec<f64>, Vec<usize>) {
-        let t = batch.time();
-        let logps = row_loss[..batch.rows()].chunks(t).map(|r| -r.iter().sum::<f64>()).collect();
-        let tokens = batch.targets.chunks(t).map(|r| r.iter().filter(|x| **x != IGNORE).count()).collect();
-        (logps, tokens)
-    }
+/// Each row's summed log-probability of its targets and their count, from the per-token losses
+/// a forward pass left.
+fn row_logps(row_loss: &[f64], batch: &Batch) -> (Vec<f64>, Vec<usize>) {
+    let t = batch.time();
+    let logps = row_loss[..batch.rows()].chunks(t).map(|r| -r.iter().sum::<f64>()).collect();
+    let tokens = batch.targets.chunks(t).map(|r| r.iter().filter(|x| **x != IGNORE).count()).collect();
+    (logps, tokens)
 }
 
 /// KTO's KL reference point: the mean of the policy's minus the reference's log-probabilities of
@@ -346,12 +344,12 @@ impl Objective for KtoObjective {
             self.kl.copy_row(source, kl_batch, i);
         }
         model.target_losses(params, kl_batch, kl_acts);
-        let (kl_logps, _) = Self::row_logps(kl_acts.row_losses(), kl_batch);
+        let (kl_logps, _) = row_logps(kl_acts.row_losses(), kl_batch);
         let z0 = kl_point(&kl_logps, batch.source.iter().map(|&s| self.reference.kl_logps[s]));
 
         let (logits, dlogits, row_loss) = acts.loss_buffers();
         cross_entropy_forward_backward(logits, &batch.targets, v, 0.0, 1.0, dlogits, row_loss);
-        let (logps, tokens) = Self::row_logps(row_loss, batch);
+        let (logps, tokens) = row_logps(row_loss, batch);
         let mut total = 0.0;
         for (row, &source) in batch.source.iter().enumerate() {
             let seq = Seq { logp: logps[row], ref_logp: self.reference.logps[source], tokens: tokens[row] };

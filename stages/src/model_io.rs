@@ -233,6 +233,26 @@ pub fn save_safetensors_with(path: &Path, params: &ParamMap, metadata: &[(&str, 
     std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
 }
 
+/// Write tensors of any type, given as (name, type, shape, little-endian bytes), with
+/// `format` as the file's `format` metadata (the cached arrays of `teacher` and `reference`).
+pub fn save_raw_tensors(
+    path: &Path,
+    format: &str,
+    tensors: &[(&str, Dtype, Vec<usize>, &[u8])],
+) -> Result<(), StageError> {
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, data)| {
+            TensorView::new(*dtype, shape.clone(), data)
+                .map(|v| (*name, v))
+                .map_err(|e| fail(format!("tensor `{name}`"))(&e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = HashMap::from([("format".to_string(), format.to_string())]);
+    let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| fail("serializing safetensors")(&e))?;
+    std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+}
+
 /// Read every f32 tensor of a safetensors file.
 pub fn load_safetensors(path: &Path) -> Result<ParamMap, StageError> {
     load_safetensors_with(path).map(|(params, _)| params)

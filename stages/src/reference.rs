@@ -8,7 +8,7 @@
 //! [`crate::preferences::mismatched`]), and `reference.json` naming the data it scored by the
 //! digests of its files.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
@@ -17,7 +17,7 @@ use serde_json::json;
 
 use crate::arrow_io::{read_examples, Examples, TokenMeta};
 use crate::example_rows::{Layout, Rows};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer};
+use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_raw_tensors};
 use crate::nn::batch::Batch;
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
@@ -212,17 +212,12 @@ impl SeqLogps {
         let tokens: Vec<u8> = self.tokens.iter().flat_map(|x| x.to_le_bytes()).collect();
         let kl: Vec<u8> = self.kl_logps.iter().flat_map(|x| x.to_le_bytes()).collect();
         let n = vec![self.logps.len()];
-        let views = [("logps", Dtype::F64, &logps), ("tokens", Dtype::U32, &tokens), ("kl_logps", Dtype::F64, &kl)]
-            .into_iter()
-            .map(|(name, dtype, data)| {
-                safetensors::tensor::TensorView::new(dtype, n.clone(), data)
-                    .map(|v| (name, v))
-                    .map_err(|e| fail(format!("tensor `{name}`"))(&e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let meta = HashMap::from([("format".to_string(), "tinygpt-reference".to_string())]);
-        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| fail("serializing safetensors")(&e))?;
-        std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+        let tensors = [
+            ("logps", Dtype::F64, n.clone(), &logps[..]),
+            ("tokens", Dtype::U32, n.clone(), &tokens[..]),
+            ("kl_logps", Dtype::F64, n, &kl[..]),
+        ];
+        save_raw_tensors(path, "tinygpt-reference", &tensors)
     }
 
     /// Read a split that [`Reference`] wrote.

@@ -10,7 +10,7 @@
 //! `val.arrow`), the tokenizer and `meta.json`, so a student needs no other input, and
 //! `teacher.json` (top_k, vocabulary, the teacher's shape).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
@@ -20,7 +20,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
 use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, TOKENIZER};
+use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_raw_tensors, TOKENIZER};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::distill::top_k;
 use crate::nn::model::{Activations, Model};
@@ -191,21 +191,12 @@ impl TeacherLogits {
         let logprobs: Vec<u8> = self.logprobs.iter().flat_map(|x| x.to_le_bytes()).collect();
         let lse: Vec<u8> = self.lse.iter().flat_map(|x| x.to_le_bytes()).collect();
         let shape = vec![rows, self.t, self.k];
-        let views = [
-            ("ids", id_type, shape.clone(), &ids),
-            ("logprobs", Dtype::F16, shape, &logprobs),
-            ("lse", Dtype::F32, vec![rows, self.t], &lse),
-        ]
-        .into_iter()
-        .map(|(name, dtype, shape, data)| {
-            safetensors::tensor::TensorView::new(dtype, shape, data)
-                .map(|v| (name, v))
-                .map_err(|e| fail(format!("tensor `{name}`"))(&e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-        let meta = HashMap::from([("format".to_string(), "tinygpt-teacher".to_string())]);
-        let out = safetensors::tensor::serialize(views, Some(meta)).map_err(|e| fail("serializing safetensors")(&e))?;
-        std::fs::write(path, out).map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+        let tensors = [
+            ("ids", id_type, shape.clone(), &ids[..]),
+            ("logprobs", Dtype::F16, shape, &logprobs[..]),
+            ("lse", Dtype::F32, vec![rows, self.t], &lse[..]),
+        ];
+        save_raw_tensors(path, "tinygpt-teacher", &tensors)
     }
 
     /// Read a split that [`Teacher`] wrote.
