@@ -202,7 +202,9 @@ fn model_dir(args: &SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> 
     let recipe = load(&recipe_args, registry)?;
     let store = open_store(root)?;
     let plan = engine::plan(&recipe, &store)?;
-    let is_model = |kind: &str| registry.get(kind).is_some_and(|k| k.output() == stages::MODEL);
+    let is_model = |kind: &str| {
+        registry.get(kind).is_some_and(|k| k.output() == stages::MODEL || k.output() == stages::QUANTIZED_MODEL)
+    };
     let stage = match &args.stage {
         Some(name) => plan.iter().find(|s| &s.name == name).ok_or_else(|| {
             let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();

@@ -8,6 +8,7 @@ mod finetune; // instructions and sft: LoRA adapters in PEFT layout, merged mode
 mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data when present
 mod golden; // golden digests of every stage's output, golden diagnostics
 mod hf_crosscheck; // models load in Hugging Face transformers and score the same loss
+mod quantize; // calibrate and quantize: int8/int4 models evaluated and sampled, reports, determinism
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod tidy; // every source file opens with a module doc
 mod training; // pretrain, evaluate, sample; exact resume; threads; divergence; shakespeare_char on real data

@@ -24,7 +24,7 @@ use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
 use crate::preferences::VAL_FILE as PREFERENCES_VAL_FILE;
 use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
-use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, REFERENCE};
+use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, QUANTIZED_MODEL, REFERENCE};
 
 pub struct Evaluate;
 
@@ -54,7 +54,12 @@ const PARAMS: &[ParamSpec] = &[
 ];
 
 const INPUTS: &[InputSpec] = &[
-    InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "a `pretrain` stage" },
+    InputSpec {
+        name: "model",
+        accepts: Accepts::Artifact(&[MODEL, QUANTIZED_MODEL]),
+        required: true,
+        doc: "a model stage (`pretrain`, `sft`, ..., or `quantize`)",
+    },
     InputSpec {
         name: "data",
         accepts: Accepts::Artifact(&[PACKED, EXAMPLES, PREFERENCES]),

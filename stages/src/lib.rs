@@ -7,6 +7,7 @@ pub mod align;
 pub mod arrow_io;
 pub mod batches;
 pub mod bench;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod corpus;
 pub mod distill;
@@ -19,6 +20,7 @@ pub mod nn;
 pub mod pack;
 pub mod preferences;
 pub mod pretrain;
+pub mod quantize;
 pub mod reference;
 pub mod sft;
 pub mod teacher;
@@ -58,6 +60,13 @@ pub const PREFERENCES: ArtifactType = ArtifactType("preferences");
 /// `reference` stage).
 pub const REFERENCE: ArtifactType = ArtifactType("reference_logprobs");
 
+/// A model whose matrices are held as int8 or int4 codes (the `quantize` stage): a model
+/// directory for inference only.
+pub const QUANTIZED_MODEL: ArtifactType = ArtifactType("quantized_model");
+
+/// Every linear layer's input statistics on calibration data (the `calibrate` stage).
+pub const CALIBRATION: ArtifactType = ArtifactType("calibration");
+
 /// Evaluation results: `eval.json` with losses and samples (the `evaluate` stage).
 pub const EVAL: ArtifactType = ArtifactType("eval");
 
@@ -75,6 +84,8 @@ pub fn registry() -> Registry {
     r.register(Arc::new(preferences::Preferences));
     r.register(Arc::new(reference::Reference));
     r.register(Arc::new(align::Align));
+    r.register(Arc::new(calibrate::Calibrate));
+    r.register(Arc::new(quantize::Quantize));
     r.register(Arc::new(evaluate::Evaluate));
     r
 }

@@ -17,8 +17,10 @@ use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{json, Value};
 
 use crate::fail;
+use crate::nn::config::WeightLayout;
 use crate::nn::model::{Arch, Gelu, ModelConfig};
 use crate::nn::params::{ParamMap, Tensor};
+use crate::nn::quant::QMatrix;
 
 pub const WEIGHTS: &str = "model.safetensors";
 pub const CONFIG: &str = "config.json";
@@ -175,8 +177,13 @@ pub fn load_config_with_eot(dir: &Path) -> Result<(ModelConfig, u32), StageError
 }
 
 /// [`load_model`] plus the end-of-text token `config.json` names (`eos_token_id`, else 0).
+/// A quantized model (written by [`save_quantized_model`]) loads with its quantized matrices
+/// held as such: for inference only.
 pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), StageError> {
     let (cfg, eot) = load_config_with_eot(dir)?;
+    if quantization(dir)?.is_some() {
+        return load_quantized(dir, &cfg).map(|params| (cfg, params, eot));
+    }
     let weights = dir.join(WEIGHTS);
     let mut file = load_safetensors(&weights)?;
     let mut params = ParamMap::default();
@@ -204,6 +211,135 @@ pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), S
         }
     }
     Ok((cfg, params, eot))
+}
+
+/// The `quantization_config` of a model directory's `config.json`, if it is quantized.
+pub fn quantization(dir: &Path) -> Result<Option<Value>, StageError> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
+    Ok(value.get(QUANTIZATION_KEY).cloned())
+}
+
+/// The key of `config.json` that describes a quantized model.
+pub const QUANTIZATION_KEY: &str = "quantization_config";
+
+/// Whether a parameter's tensor is stored (in, out) (gpt2's `Conv1D` weights): a quantized
+/// matrix is always (out, in).
+fn stored_in_out(cfg: &ModelConfig, name: &str) -> bool {
+    cfg.linear_modules().iter().any(|m| m.layout == WeightLayout::InOut && name == format!("{}.weight", m.path))
+}
+
+/// Write a model some of whose matrices are quantized: `model.safetensors` holds the f32
+/// tensors as [`save_model`] does and, for each quantized weight `W`, `W.qweight` (U8, one row
+/// of packed codes per output), `W.scales` and `W.zeros` (F32, (out, groups)); `config.json`
+/// gets `quantization` as its `quantization_config`.
+pub fn save_quantized_model(
+    dir: &Path,
+    cfg: &ModelConfig,
+    params: &ParamMap,
+    eot_id: u32,
+    quantization: Value,
+) -> Result<(), StageError> {
+    let all = export(cfg, params);
+    let le = |x: &[f32]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in all.iter() {
+        match all.quantized(all.id(name).expect("a name of the map")) {
+            Some(q) => {
+                let g = q.groups();
+                owned.push((format!("{name}.qweight"), Dtype::U8, vec![q.rows, q.row_bytes()], q.codes.clone()));
+                owned.push((format!("{name}.scales"), Dtype::F32, vec![q.rows, g], le(&q.scales)));
+                owned.push((format!("{name}.zeros"), Dtype::F32, vec![q.rows, g], le(&q.zeros)));
+            }
+            None => owned.push((name.to_string(), Dtype::F32, t.shape().to_vec(), le(t.data()))),
+        }
+    }
+    let tensors: Vec<(&str, Dtype, Vec<usize>, &[u8])> =
+        owned.iter().map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.as_slice())).collect();
+    save_raw_tensors(&dir.join(WEIGHTS), "pt", &tensors)?;
+    let mut config = hf_config(cfg, eot_id);
+    config[QUANTIZATION_KEY] = quantization;
+    let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
+    let path = dir.join(CONFIG);
+    std::fs::write(&path, text + "\n").map_err(|e| fail(format!("writing `{}`", path.display()))(&e))
+}
+
+/// The parameters of a quantized model directory, every name and shape checked.
+fn load_quantized(dir: &Path, cfg: &ModelConfig) -> Result<ParamMap, StageError> {
+    let weights = dir.join(WEIGHTS);
+    let bad = |msg: String| StageError::msg(format!("`{}`: {msg}", weights.display()));
+    let quant = quantization(dir)?.unwrap_or_default();
+    let bits = quant["bits"].as_u64().filter(|b| *b == 4 || *b == 8).ok_or_else(|| {
+        StageError::msg(format!("`{}`: quantization_config has no `bits` of 4 or 8", dir.join(CONFIG).display()))
+    })? as u32;
+    let bytes = std::fs::read(&weights).map_err(|e| fail(format!("reading `{}`", weights.display()))(&e))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("not a safetensors file: {e}")))?;
+    type Found<'a> = Option<(Vec<usize>, &'a [u8])>;
+    let tensor = |name: &str, dtype: Dtype| -> Result<Found<'_>, StageError> {
+        match file.tensor(name) {
+            Ok(view) if view.dtype() == dtype => Ok(Some((view.shape().to_vec(), view.data()))),
+            Ok(view) => Err(bad(format!("tensor `{name}` is {:?}, expected {dtype:?}", view.dtype()))),
+            Err(_) => Ok(None),
+        }
+    };
+    let floats = |b: &[u8]| b.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut params = ParamMap::default();
+    let mut seen = 0;
+    for spec in cfg.params() {
+        let name = &spec.name;
+        if let Some((shape, data)) = tensor(&format!("{name}.qweight"), Dtype::U8)? {
+            let (rows, cols) =
+                if stored_in_out(cfg, name) { (spec.shape[1], spec.shape[0]) } else { (spec.shape[0], spec.shape[1]) };
+            let scales = tensor(&format!("{name}.scales"), Dtype::F32)?;
+            let zeros = tensor(&format!("{name}.zeros"), Dtype::F32)?;
+            let (Some((s_shape, scales)), Some((z_shape, zeros))) = (scales, zeros) else {
+                return Err(bad(format!("`{name}.qweight` without its `.scales` and `.zeros`")));
+            };
+            let groups = s_shape.get(1).copied().unwrap_or(0);
+            let fits = shape == [rows, cols * bits as usize / 8]
+                && s_shape == z_shape
+                && s_shape.first() == Some(&rows)
+                && groups > 0
+                && cols % groups == 0
+                && (cols / groups) % 32 == 0;
+            if !fits {
+                return Err(bad(format!(
+                    "quantized `{name}` has codes {shape:?} and scales {s_shape:?}, which do not fit ({rows}, {cols}) at {bits} bits"
+                )));
+            }
+            let q = QMatrix {
+                rows,
+                cols,
+                bits,
+                group_size: cols / groups,
+                codes: data.to_vec(),
+                scales: floats(scales),
+                zeros: floats(zeros),
+            };
+            params.insert_quantized(name.clone(), q);
+            seen += 3;
+            continue;
+        }
+        let Some((shape, data)) = tensor(name, Dtype::F32)? else {
+            return Err(bad(format!("no tensor `{name}` (a {} model needs it)", cfg.arch.name())));
+        };
+        if shape != spec.shape {
+            return Err(bad(format!("tensor `{name}` has shape {shape:?}, the config says {:?}", spec.shape)));
+        }
+        params.insert(name.clone(), Tensor::from_vec(&shape, floats(data)));
+        seen += 1;
+    }
+    let dropped_biases = file
+        .names()
+        .iter()
+        .filter(|n| cfg.arch == Arch::Gpt2 && !cfg.bias && n.ends_with(".bias") && !params.contains(n))
+        .count();
+    if seen + dropped_biases != file.len() {
+        return Err(bad("holds tensors this config does not use".into()));
+    }
+    Ok(params)
 }
 
 /// Write every tensor of the map as little-endian f32.

@@ -15,6 +15,7 @@
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
+use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::params::{ParamId, ParamMap};
 
 /// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled, and for
@@ -143,6 +144,10 @@ impl Linear {
 
     /// `out = x W` with the adapter's term (and DoRA's rescaling), the bias left to the caller.
     pub(crate) fn product(&self, p: &ParamMap, x: &[f32], out: &mut [f32], rows: usize, acts: &mut AdapterActs) {
+        if let Some(q) = p.quantized(self.w) {
+            assert!(self.adapter.is_none(), "an adapter on a quantized layer");
+            return qmatmul(x, rows, q, out);
+        }
         let d = Dims { m: rows, k: self.cin, n: self.cout };
         matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
         let Some(ad) = self.adapter else { return };

@@ -30,6 +30,7 @@ pub mod optim;
 pub mod params;
 pub mod preference;
 pub mod profile;
+pub mod quant;
 pub mod rng;
 pub mod sample;
 pub mod step;

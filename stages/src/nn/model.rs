@@ -269,7 +269,15 @@ impl Model {
     /// Token embeddings plus learned positions (gpt2), token `r` at position `pos[r]`.
     pub(crate) fn embed(&self, p: &ParamMap, ids: &[u32], pos: &[u32], x: &mut [f32]) {
         let c = self.cfg.n_embd;
-        embedding_forward(ids, p.at(self.wte), x, c);
+        match p.quantized(self.wte) {
+            Some(q) => {
+                for (row, &id) in x.chunks_mut(c).zip(ids) {
+                    assert!((id as usize) < q.rows, "token id {id} is outside the vocabulary of {}", q.rows);
+                    q.dequantize_row(id as usize, row);
+                }
+            }
+            None => embedding_forward(ids, p.at(self.wte), x, c),
+        }
         if let Some(wpe) = self.wpe {
             let wpe = p.at(wpe);
             for (row, &pos) in x.chunks_mut(c).zip(pos) {
@@ -652,6 +660,22 @@ impl Activations {
 
     pub fn batch(&self) -> usize {
         self.b
+    }
+    /// After [`Model::forward`] with training activations: what linear slot `slot` of block
+    /// `layer` read, (B * T, in); the head's input for `None`.
+    ///
+    /// # Panics
+    /// If these are inference activations and `layer` is given.
+    pub fn linear_input(&self, layer: usize, slot: Option<usize>) -> &[f32] {
+        let Some(slot) = slot else { return &self.nf };
+        assert!(self.training, "inference activations keep no block's inputs");
+        let a = &self.blocks[layer];
+        match slot {
+            0..=2 => &a.n1,
+            3 => &a.y,
+            4 | 5 => &a.n2,
+            _ => &a.g,
+        }
     }
     pub fn time(&self) -> usize {
         self.t

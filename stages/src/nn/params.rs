@@ -6,6 +6,9 @@
 //! mutably at once (a norm's weight and bias gradients).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::nn::quant::QMatrix;
 
 /// A dense f32 tensor, row-major.
 ///
@@ -43,10 +46,15 @@ impl Tensor {
 pub struct ParamId(usize);
 
 /// Parameters (or their gradients, or optimizer moments) by Hugging Face name.
+///
+/// A weight matrix may be held quantized instead ([`ParamMap::insert_quantized`]): its f32
+/// tensor is then empty, and the layers that read it (linear layers, the embedding) use the
+/// [`QMatrix`], stored (out, in) whatever the layer's layout. Such a map is for inference only.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParamMap {
     names: Vec<String>,
     tensors: Vec<Tensor>,
+    quantized: Vec<Option<Arc<QMatrix>>>,
     index: BTreeMap<String, usize>,
 }
 
@@ -55,13 +63,32 @@ impl ParamMap {
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
         let name = name.into();
         match self.index.get(&name) {
-            Some(&i) => self.tensors[i] = tensor,
+            Some(&i) => {
+                self.tensors[i] = tensor;
+                self.quantized[i] = None;
+            }
             None => {
                 self.index.insert(name.clone(), self.tensors.len());
                 self.names.push(name);
                 self.tensors.push(tensor);
+                self.quantized.push(None);
             }
         }
+    }
+    /// Add a quantized weight matrix (or replace the tensor of this name with it).
+    pub fn insert_quantized(&mut self, name: impl Into<String>, q: QMatrix) {
+        let name = name.into();
+        self.insert(name.clone(), Tensor::zeros(&[0]));
+        let i = self.index[&name];
+        self.quantized[i] = Some(Arc::new(q));
+    }
+    /// The quantized form of a parameter, if it is held so.
+    pub fn quantized(&self, id: ParamId) -> Option<&QMatrix> {
+        self.quantized[id.0].as_deref()
+    }
+    /// Whether any parameter is held quantized.
+    pub fn has_quantized(&self) -> bool {
+        self.quantized.iter().any(Option::is_some)
     }
     pub fn id(&self, name: &str) -> Option<ParamId> {
         self.index.get(name).map(|&i| ParamId(i))
@@ -124,6 +151,7 @@ impl ParamMap {
         ParamMap {
             names: self.names.clone(),
             tensors: self.tensors.iter().map(|t| Tensor::zeros(t.shape())).collect(),
+            quantized: vec![None; self.names.len()],
             index: self.index.clone(),
         }
     }
@@ -136,6 +164,7 @@ impl ParamMap {
                 .iter()
                 .map(|(name, t)| Tensor::zeros(if trainable(name) { t.shape() } else { &[0] }))
                 .collect(),
+            quantized: vec![None; self.names.len()],
             index: self.index.clone(),
         }
     }

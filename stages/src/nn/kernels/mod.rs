@@ -14,6 +14,7 @@ pub mod distill;
 pub mod embedding;
 pub mod matmul;
 pub mod norm;
+pub mod qmatmul;
 
 use std::cell::RefCell;
 use std::sync::OnceLock;

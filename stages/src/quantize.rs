@@ -1,0 +1,305 @@
+//! `quantize`: a model's linear layers (and, if asked, its embedding and head) as 8- or 4-bit
+//! codes with a scale and zero point per group, by RTN, HQQ or GPTQ (see [`crate::nn::quant`]).
+//!
+//! Output: a model directory that `evaluate` and `sample` take like any model (config.json
+//! with a `quantization_config`, model.safetensors with `W.qweight`, `W.scales` and `W.zeros`
+//! for each quantized `W`, the tokenizer and what else the model's directory held for
+//! inference), and `report.json`: per matrix its weight MSE, its output MSE on the
+//! calibration data when a `calibrate` stage is wired (`mean((W - Q) x)^2` over calibration
+//! tokens and outputs, from the statistics `E[x x^T]`), and its bytes; the file's size against
+//! the f32 model's.
+//!
+//! A matrix whose input width is not a multiple of `group_size` is an error naming it, or,
+//! with `indivisible = "keep"`, stays f32 (listed in the report).
+
+use std::collections::BTreeSet;
+
+use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use rayon::prelude::*;
+use serde_json::json;
+
+use crate::calibrate::{load_hessians, site};
+use crate::model_io::{load_model_with_eot, save_quantized_model, TOKENIZER, WEIGHTS};
+use crate::nn::config::WeightLayout;
+use crate::nn::model::{Arch, ModelConfig};
+use crate::nn::params::ParamMap;
+use crate::nn::quant::{gptq, hqq, rtn, QMatrix, Scheme};
+use crate::{fail, round, CALIBRATION, MODEL, QUANTIZED_MODEL};
+
+pub struct Quantize;
+
+pub const REPORT_FILE: &str = "report.json";
+
+/// Files of a model directory besides its weights and config that inference reads, copied
+/// when present.
+const CARRIED: &[&str] = &[TOKENIZER, crate::arrow_io::TokenMeta::FILE, crate::instructions::TEMPLATE_FILE];
+
+const PARAMS: &[ParamSpec] = &[
+    ParamSpec::choice("method", "rtn", &["rtn", "hqq", "gptq"], "round to nearest, HQQ's fitted zero points, or GPTQ"),
+    ParamSpec::int("bits", 8, 4, 8, "bits per weight: 8 or 4"),
+    ParamSpec::int("group_size", 64, 32, 1 << 16, "inputs per scale and zero point: a multiple of 32"),
+    ParamSpec::bool("symmetric", false, "zero point fixed at the middle code (rtn and gptq)"),
+    ParamSpec::bool("embeddings", false, "also quantize the token embedding and the output head"),
+    ParamSpec::choice(
+        "indivisible",
+        "error",
+        &["error", "keep"],
+        "a matrix whose input width is not a multiple of group_size: an error, or kept in f32",
+    ),
+    ParamSpec::float("damp", 0.01, 0.0, 1.0, "gptq: added to the Hessian's diagonal, times its mean diagonal"),
+];
+
+const INPUTS: &[InputSpec] = &[
+    InputSpec { name: "model", accepts: Accepts::Artifact(&[MODEL]), required: true, doc: "the model to quantize" },
+    InputSpec {
+        name: "calibration",
+        accepts: Accepts::Artifact(&[CALIBRATION]),
+        required: false,
+        doc: "a `calibrate` stage of the same model: needed by gptq, and gives the report its output errors",
+    },
+];
+
+impl Stage for Quantize {
+    fn kind(&self) -> &'static str {
+        "quantize"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn about(&self) -> &'static str {
+        "a model's weights as int8 or int4 codes by RTN, HQQ or GPTQ, with a per-layer error report"
+    }
+    fn params(&self) -> &'static [ParamSpec] {
+        PARAMS
+    }
+    fn inputs(&self) -> &'static [InputSpec] {
+        INPUTS
+    }
+    fn output(&self) -> engine::ArtifactType {
+        QUANTIZED_MODEL
+    }
+    fn vocabulary(&self) -> engine::Vocabulary {
+        engine::Vocabulary::From("model")
+    }
+    fn same_vocabulary(&self) -> &'static [&'static str] {
+        &["model", "calibration"]
+    }
+    fn check(&self, p: &Params, connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
+        if !matches!(p.int("bits"), 4 | 8) {
+            return Err(ParamProblem::new("bits", format!("{} bits: use 8 or 4", p.int("bits"))));
+        }
+        if p.int("group_size") % 32 != 0 {
+            return Err(ParamProblem::new(
+                "group_size",
+                format!("{} is not a multiple of 32 (try 32, 64 or 128)", p.int("group_size")),
+            ));
+        }
+        if p.str("method") == "gptq" && !connected.contains("calibration") {
+            return Err(ParamProblem::new(
+                "method",
+                "gptq needs the inputs' statistics: wire `calibration` to a `calibrate` stage of the same model",
+            ));
+        }
+        if p.str("method") == "hqq" && p.bool("symmetric") {
+            return Err(ParamProblem::new("symmetric", "hqq fits a zero point per group: it is never symmetric"));
+        }
+        Ok(())
+    }
+
+    fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
+        let Input::Artifact { artifact: model_dir, .. } = ctx.required_input("model") else {
+            unreachable!("the slot accepts only artifacts");
+        };
+        let p = ctx.params();
+        let (cfg, params, eot) = load_model_with_eot(&model_dir.dir)?;
+        let hessians = match ctx.input("calibration") {
+            Some(Input::Artifact { artifact, stage, .. }) => {
+                Some(load_hessians(artifact, stage, model_dir.file_digest(WEIGHTS).map(|d| d.to_string()))?)
+            }
+            _ => None,
+        };
+        let scheme =
+            Scheme { bits: p.int("bits") as u32, group_size: p.usize("group_size"), symmetric: p.bool("symmetric") };
+        let method = p.str("method");
+        let (mut todo, mut kept) = (Vec::new(), Vec::new());
+        for t in targets(&cfg, p.bool("embeddings")) {
+            if t.cols % scheme.group_size == 0 {
+                todo.push(t);
+            } else if p.str("indivisible") == "keep" {
+                kept.push(t.name);
+            } else {
+                return Err(StageError::msg(format!(
+                    "`{}` has {} inputs, not a multiple of group_size {}: choose a group_size that divides it, or set indivisible = \"keep\" to leave such matrices in f32",
+                    t.name, t.cols, scheme.group_size
+                )));
+            }
+        }
+        if let Some(h) = &hessians {
+            for t in &todo {
+                if let Some(site) = &t.site {
+                    if h.get(site).map(Vec::len) != Some(t.cols * t.cols) {
+                        return Err(StageError::msg(format!(
+                            "the calibration has no statistics of width {} for `{}`",
+                            t.cols, t.name
+                        )));
+                    }
+                }
+            }
+        }
+        ctx.progress().set_length(todo.len() as u64, "matrices");
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let results: Vec<(QMatrix, f64, Option<f64>)> = todo
+            .par_iter()
+            .map(|t| {
+                let w = t.matrix(&params);
+                let h = t.site.as_ref().and_then(|s| hessians.as_ref().and_then(|h| h.get(s)));
+                let q = match method {
+                    "rtn" => rtn(&w, t.rows, t.cols, scheme),
+                    "hqq" => hqq(&w, t.rows, t.cols, scheme),
+                    // The embedding of an untied llama has no input statistics: rounded.
+                    _ => match h {
+                        Some(h) => gptq(&w, t.rows, t.cols, h, scheme, p.float("damp")),
+                        None => rtn(&w, t.rows, t.cols, scheme),
+                    },
+                };
+                let err: Vec<f64> = q.dequantize().iter().zip(&w).map(|(a, b)| (*a - *b) as f64).collect();
+                let weight_mse = err.iter().map(|e| e * e).sum::<f64>() / err.len() as f64;
+                let output_mse = h.map(|h| quadratic_mean(&err, t.rows, t.cols, h));
+                let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                ctx.progress().set_position(n);
+                (q, weight_mse, output_mse)
+            })
+            .collect();
+        ctx.check_cancelled()?;
+
+        let mut out = params.clone();
+        let mut layers = Vec::new();
+        for (t, (q, weight_mse, output_mse)) in todo.iter().zip(results) {
+            layers.push(json!({
+                "name": t.name,
+                "shape": [t.rows, t.cols],
+                "weight_mse": weight_mse,
+                "output_mse": output_mse,
+                "bytes": q.bytes(),
+                "f32_bytes": 4 * t.rows * t.cols,
+            }));
+            out.insert_quantized(t.name.clone(), q);
+        }
+        let quantization = json!({
+            "quant_method": "tinygpt",
+            "method": method,
+            "bits": scheme.bits,
+            "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric,
+            "modules": todo.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+            "kept_f32": &kept,
+            "layout": "per quantized W: W.qweight (out, in * bits / 8) codes, even input in the low nibble; W.scales and W.zeros (out, in / group_size); w = scale * (code - zero)",
+        });
+        save_quantized_model(ctx.out_dir(), &cfg, &out, eot, quantization)?;
+        for file in CARRIED {
+            if model_dir.path(file).is_file() {
+                std::fs::copy(model_dir.path(file), ctx.out(file)).map_err(|e| fail(format!("copying {file}"))(&e))?;
+            }
+        }
+        let size = |path: std::path::PathBuf| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let (bytes, f32_bytes) = (size(ctx.out(WEIGHTS)), size(model_dir.path(WEIGHTS)));
+        let ratio = bytes as f64 / f32_bytes.max(1) as f64;
+        let mean = |key: &str| {
+            let v: Vec<f64> = layers.iter().filter_map(|l| l[key].as_f64()).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        let report = json!({
+            "method": method,
+            "bits": scheme.bits,
+            "group_size": scheme.group_size,
+            "symmetric": scheme.symmetric,
+            "bytes": bytes,
+            "f32_bytes": f32_bytes,
+            "size_ratio": round(ratio, 4),
+            "mean_weight_mse": mean("weight_mse"),
+            "mean_output_mse": mean("output_mse"),
+            "layers": layers,
+            "kept_f32": kept,
+        });
+        let text = serde_json::to_string_pretty(&report).expect("JSON values serialize") + "\n";
+        std::fs::write(ctx.out(REPORT_FILE), text).map_err(|e| fail("writing report.json")(&e))?;
+        let mut metrics = Metrics::from([
+            ("matrices".into(), json!(todo.len())),
+            ("bytes".into(), json!(bytes)),
+            ("size_ratio".into(), json!(round(ratio, 4))),
+        ]);
+        if let Some(m) = mean("weight_mse") {
+            metrics.insert("mean_weight_mse".into(), json!(m));
+        }
+        if let Some(m) = mean("output_mse") {
+            metrics.insert("mean_output_mse".into(), json!(m));
+        }
+        Ok(metrics)
+    }
+}
+
+/// `mean over outputs o of e_o^T H e_o`: the mean squared output error of an error matrix
+/// `e` (rows, cols) on inputs whose second moments are `h` (cols, cols).
+fn quadratic_mean(e: &[f64], rows: usize, cols: usize, h: &[f64]) -> f64 {
+    let total: f64 = e
+        .chunks(cols)
+        .map(|eo| (0..cols).map(|i| eo[i] * (0..cols).map(|j| h[i * cols + j] * eo[j]).sum::<f64>()).sum::<f64>())
+        .sum();
+    total / rows as f64
+}
+
+/// A matrix to quantize: its parameter's name, its shape as (out, in), and where its inputs'
+/// statistics are.
+struct Target {
+    name: String,
+    rows: usize,
+    cols: usize,
+    in_out: bool,
+    site: Option<String>,
+}
+
+impl Target {
+    /// The weight as (out, in), row-major.
+    fn matrix(&self, p: &ParamMap) -> Vec<f32> {
+        let w = p.get(&self.name);
+        if !self.in_out {
+            return w.to_vec();
+        }
+        let mut t = vec![0.0f32; w.len()];
+        for i in 0..self.cols {
+            for o in 0..self.rows {
+                t[o * self.cols + i] = w[i * self.rows + o];
+            }
+        }
+        t
+    }
+}
+
+/// Every block's linear layers, then (with `embeddings`) the embedding and the head.
+fn targets(cfg: &ModelConfig, embeddings: bool) -> Vec<Target> {
+    let mut out: Vec<Target> = cfg
+        .linear_modules()
+        .into_iter()
+        .map(|m| Target {
+            name: format!("{}.weight", m.path),
+            rows: m.cout,
+            cols: m.cin,
+            in_out: m.layout == WeightLayout::InOut,
+            site: Some(site(m.layer, Some(m.slot))),
+        })
+        .collect();
+    if embeddings {
+        let (v, c) = (cfg.vocab_size, cfg.n_embd);
+        let table =
+            |name: &str, site: Option<String>| Target { name: name.into(), rows: v, cols: c, in_out: false, site };
+        match cfg.arch {
+            Arch::Gpt2 => out.push(table("transformer.wte.weight", Some(site(0, None)))),
+            Arch::Llama if cfg.tie_embeddings => out.push(table("model.embed_tokens.weight", Some(site(0, None)))),
+            Arch::Llama => {
+                out.push(table("model.embed_tokens.weight", None));
+                out.push(table("lm_head.weight", Some(site(0, None))));
+            }
+        }
+    }
+    out
+}
