@@ -43,7 +43,8 @@ pub fn machine() -> String {
 
 /// Content digests of every stage kind's output on small fixtures, with the implementation
 /// version that produced them. Stages that train or run a model (their labels start with
-/// the kind's name: `pretrain`, `evaluate`, `sft`, `teacher`, `distill`, `reference`, `align`) are kept per machine: on a machine not yet recorded they are
+/// the kind's name: `pretrain`, `evaluate`, `sft`, `teacher`, `distill`, `reference`, `align`,
+/// `calibrate`, `quantize`, `export`) are kept per machine: on a machine not yet recorded they are
 /// skipped, saying so, and `UPDATE_GOLDEN=1` records it.
 #[test]
 fn stage_outputs_match_their_golden_digests() {
@@ -62,9 +63,20 @@ fn stage_outputs_match_their_golden_digests() {
             "version": manifest["meta"]["preimage"]["version"],
             "content_digest": manifest["content_digest"],
         });
-        let uses_a_model = ["pretrain", "evaluate", "sft", "teacher", "distill", "reference", "align"]
-            .iter()
-            .any(|kind| label.starts_with(kind));
+        let uses_a_model = [
+            "pretrain",
+            "evaluate",
+            "sft",
+            "teacher",
+            "distill",
+            "reference",
+            "align",
+            "calibrate",
+            "quantize",
+            "export",
+        ]
+        .iter()
+        .any(|kind| label.starts_with(kind));
         let section = if uses_a_model { machine.clone() } else { ANY_MACHINE.to_string() };
         actual.entry(section).or_default().insert(label.to_string(), entry);
     };
@@ -110,6 +122,16 @@ fn stage_outputs_match_their_golden_digests() {
     record("preferences-unpaired", &kto, "examples");
     record("align-kto", &kto, "kto");
     record("evaluate-preferences", &align, "eval_dpo");
+    let quantize = sb.run_json("quantize.toml", &["--set", "pretrain.max_steps=12"]);
+    record("calibrate", &quantize, "calibrate");
+    record("quantize-rtn8", &quantize, "int8");
+    record("quantize-hqq4", &quantize, "hqq4");
+    record("quantize-gptq4", &quantize, "gptq4");
+    record("evaluate-quantized", &quantize, "eval_gptq4");
+    let export = sb.run_json("export.toml", &["--set", "gpt2.max_steps=4", "--set", "llama.max_steps=4"]);
+    for name in ["gpt2_f16", "gpt2_q4_0", "llama_q8_0", "llama_q4_0", "llama_hf"] {
+        record(&format!("export-{name}"), &export, name);
+    }
 
     let path = golden_path("digests.json");
     let mut expected: BTreeMap<String, BTreeMap<String, Value>> = match std::fs::read(&path) {

@@ -13,7 +13,9 @@ pub mod corpus;
 pub mod distill;
 pub mod evaluate;
 pub mod example_rows;
+pub mod export;
 pub mod generate;
+pub mod gguf;
 pub mod instructions;
 pub mod model_io;
 pub mod nn;
@@ -67,6 +69,10 @@ pub const QUANTIZED_MODEL: ArtifactType = ArtifactType("quantized_model");
 /// Every linear layer's input statistics on calibration data (the `calibrate` stage).
 pub const CALIBRATION: ArtifactType = ArtifactType("calibration");
 
+/// A model made ready to take elsewhere: a GGUF file or a Hugging Face folder (the `export`
+/// stage).
+pub const EXPORT: ArtifactType = ArtifactType("export");
+
 /// Evaluation results: `eval.json` with losses and samples (the `evaluate` stage).
 pub const EVAL: ArtifactType = ArtifactType("eval");
 
@@ -87,6 +93,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(calibrate::Calibrate));
     r.register(Arc::new(quantize::Quantize));
     r.register(Arc::new(evaluate::Evaluate));
+    r.register(Arc::new(export::Export));
     r
 }
 

@@ -186,7 +186,7 @@ fn specials(p: &Params) -> Vec<AddedToken> {
 
 /// GPT-2's byte-to-character table: printable bytes map to themselves, the rest to 256 + n.
 /// Byte-level tokenizers store byte `b` as this character.
-fn byte_char(b: u8) -> char {
+pub(crate) fn byte_char(b: u8) -> char {
     let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     if printable(b) {
         return b as char;
