@@ -139,4 +139,11 @@ pub struct SampleArgs {
     /// Samples to draw, each with the next seed
     #[arg(long, short = 'n', default_value_t = 1)]
     pub num_samples: usize,
+    /// Decode speculatively with this smaller model (a stage of the recipe, or a model
+    /// directory) proposing tokens: the same text at temperature 0, faster
+    #[arg(long, value_name = "STAGE|DIR")]
+    pub draft: Option<String>,
+    /// Tokens the draft proposes per verification
+    #[arg(long, default_value_t = 4, value_name = "K", requires = "draft")]
+    pub draft_tokens: usize,
 }

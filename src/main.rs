@@ -10,7 +10,7 @@ mod output;
 mod progress;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -194,7 +194,12 @@ fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Regis
 
 /// The model directory a `sample` command names: a directory as given, or the artifact of a
 /// recipe's stage, which must already be built.
-fn model_dir(args: &SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Result<PathBuf, Fail> {
+fn model_dir(
+    args: &SampleArgs,
+    stage: Option<&String>,
+    root: &Option<PathBuf>,
+    registry: &Registry,
+) -> Result<PathBuf, Fail> {
     if args.source.is_dir() {
         return Ok(args.source.clone());
     }
@@ -205,7 +210,7 @@ fn model_dir(args: &SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> 
     let is_model = |kind: &str| {
         registry.get(kind).is_some_and(|k| k.output() == stages::MODEL || k.output() == stages::QUANTIZED_MODEL)
     };
-    let stage = match &args.stage {
+    let stage = match stage {
         Some(name) => plan.iter().find(|s| &s.name == name).ok_or_else(|| {
             let names: Vec<&str> = plan.iter().map(|s| s.name.as_str()).collect();
             Fail::Other(format!("the recipe has no stage `{name}` (stages: {})", names.join(", ")))
@@ -234,8 +239,30 @@ fn model_dir(args: &SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> 
 
 fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Result<ExitCode, Fail> {
     use std::io::Write;
-    let dir = model_dir(&args, root, registry)?;
+    let dir = model_dir(&args, args.stage.as_ref(), root, registry)?;
     let lm = stages::generate::LoadedModel::load(&dir).map_err(|e| Fail::Other(e.to_string()))?;
+    let draft_lm = match &args.draft {
+        None => None,
+        Some(d) => {
+            let draft_dir = match (Path::new(d).is_dir(), args.source.is_dir()) {
+                (true, _) => PathBuf::from(d),
+                (false, false) => model_dir(&args, Some(d), root, registry)?,
+                (false, true) => {
+                    return Err(Fail::Other(format!(
+                        "`{d}` is not a model directory (with a model directory, --draft takes one too)"
+                    )))
+                }
+            };
+            let same = |f: &Path| std::fs::read(f.join(stages::model_io::TOKENIZER)).ok();
+            if same(&dir) != same(&draft_dir) {
+                return Err(Fail::Other(format!(
+                    "the draft `{d}` has another tokenizer than the model: a draft must share the model's vocabulary"
+                )));
+            }
+            Some(stages::generate::LoadedModel::load(&draft_dir).map_err(|e| Fail::Other(e.to_string()))?)
+        }
+    };
+    let draft = draft_lm.as_ref().map(|lm| stages::generate::Draft { lm, tokens: args.draft_tokens });
     let prompt = match &args.instruction {
         None => args.prompt.clone(),
         Some(instruction) => {
@@ -262,12 +289,21 @@ fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Resu
             seed: args.seed.wrapping_add(i as u64),
             stop_at_eot: true,
         };
-        stages::generate::generate(&lm, &prompt, opts, |piece| {
+        let started = std::time::Instant::now();
+        let (_, stats) = stages::generate::generate_with_draft(&lm, draft, &prompt, opts, |piece| {
             write!(out, "{piece}").ok();
             out.flush().ok();
         })
         .map_err(|e| Fail::Other(e.to_string()))?;
         writeln!(out).ok();
+        if draft.is_some() {
+            eprintln!(
+                "speculative: {:.0}% of {} proposals kept, {:.0} tokens/s",
+                100.0 * stats.acceptance(),
+                stats.proposed,
+                stats.tokens as f64 / started.elapsed().as_secs_f64()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -383,6 +419,21 @@ fn bench(with_matmul: bool, steps: Option<usize>) {
             needed,
             100.0 * lora.needed_bytes as f64 / r.needed_bytes as f64
         );
+        let decode = bench::decode_speeds(&m.cfg, 128, cores);
+        let f32_rate = decode[0].1;
+        let rows: Vec<Vec<String>> = decode
+            .iter()
+            .map(|(label, rate, bytes)| {
+                vec![
+                    label.to_string(),
+                    format!("{rate:.0}"),
+                    format!("{:.2}x", rate / f32_rate),
+                    output::human_bytes(*bytes as u64),
+                ]
+            })
+            .collect();
+        println!("decoding at batch 1, greedy, median of 3 x 128 tokens (int8, int4: RTN, groups of 32):");
+        print!("{}", output::table(&["weights", "tokens/s", "vs f32", "weight bytes"], &rows));
         if with_matmul && cores > 1 {
             // How the step scales, against the FMA loop, which touches no memory: the gap is
             // what the cores cost each other (shared cache and memory).

@@ -1,6 +1,7 @@
 //! Quantization end to end: calibration statistics cached once for every bit width, int8 and
 //! int4 models that `evaluate` and `sample` run without dequantizing them whole, their reports,
-//! and the same bits whatever the thread count or instruction set.
+//! and the same bits whatever the thread count or instruction set; and speculative decoding
+//! with a draft model, whose greedy text is plain decoding's.
 
 use serde_json::Value;
 use stages::model_io::{load_model, load_model_with_eot};
@@ -123,4 +124,64 @@ fn bad_quantization_settings_are_refused_with_their_place() {
     let layers: Vec<&str> = kept["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();
     assert_eq!(layers, ["transformer.h.0.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.weight"], "256 inputs");
     assert_eq!(kept["kept_f32"].as_array().unwrap().len(), 6);
+}
+
+fn eval_json(sb: &Sandbox, run: &Value, name: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(artifact(sb, run, name).join("eval.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn speculative_greedy_text_is_plain_greedy_text() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("quantize.toml", &[]);
+    let spec = eval_json(&sb, &run, "eval_speculative");
+    let plain = eval_json(&sb, &run, "eval_f32");
+    assert_eq!(spec["samples"], plain["samples"], "the same prompt, seed and greedy decoding");
+    assert_eq!(spec["speculative"]["same_text_as_plain"], true);
+    let acceptance = spec["speculative"]["acceptance"].as_f64().unwrap();
+    assert!(acceptance > 0.0 && acceptance <= 1.0, "{spec}");
+    assert!(spec["speculative"]["proposed"].as_u64().unwrap() >= 3);
+    let metrics = &stage(&run, "eval_speculative")["metrics"];
+    assert!(metrics["speculative_speedup"].as_f64().unwrap() > 0.0);
+
+    // Longer than the block (32): the caches restart at the same tokens as plain decoding's.
+    let long = ["--set", "eval_speculative.max_new_tokens=100", "--set", "eval_f32.max_new_tokens=100"];
+    let run = sb.run_json("quantize.toml", &long);
+    let (spec, plain) = (eval_json(&sb, &run, "eval_speculative"), eval_json(&sb, &run, "eval_f32"));
+    assert_eq!(spec["samples"], plain["samples"]);
+    assert!(spec["samples"][0]["text"].as_str().unwrap().len() > 40, "{spec}");
+
+    // Sampling: the draft's proposals are verified against the model's distribution.
+    let sampled = sb.run_json("quantize.toml", &["--set", "eval_speculative.temperature=0.9"]);
+    let text = eval_json(&sb, &sampled, "eval_speculative")["samples"][0]["text"].as_str().unwrap().to_string();
+    assert!(!text.is_empty());
+
+    // `sample --draft`: the same greedy text as without.
+    let args =
+        ["sample", "quantize.toml", "pretrain", "--prompt", "The", "--temperature", "0", "--max-new-tokens", "50"];
+    let without = sb.tinygpt(&args);
+    let with = sb.tinygpt(&[&args[..], &["--draft", "draft", "--draft-tokens", "4"]].concat());
+    assert_success(&without);
+    assert_success(&with);
+    assert_eq!(with.stdout, without.stdout);
+    assert!(String::from_utf8_lossy(&with.stderr).contains("proposals kept"));
+}
+
+#[test]
+fn a_draft_with_another_vocabulary_is_refused_before_anything_runs() {
+    let sb = Sandbox::new();
+    let recipe = std::fs::read_to_string(sb.path("quantize.toml")).unwrap();
+    let other = "\n[stages.bytes]\nkind = \"tokenize\"\ninput = \"corpus\"\nalgorithm = \"byte\"\n\n\
+                 [stages.pack_bytes]\nkind = \"pack\"\ndata = \"bytes\"\nseq_len = 32\n";
+    sb.write(
+        "bad.toml",
+        recipe.replace(
+            "[stages.draft]\nkind = \"pretrain\"\ndata = \"pack\"",
+            "[stages.draft]\nkind = \"pretrain\"\ndata = \"pack_bytes\"",
+        ) + other,
+    );
+    let out = sb.tinygpt(&["plan", "bad.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("eval_speculative") && err.contains("draft") && err.contains("tokeniz"), "{err}");
 }

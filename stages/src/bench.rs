@@ -318,6 +318,50 @@ fn status_bytes(key: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Decoding at batch 1: greedy tokens/s of one model's weights in f32, int8 and int4 (RTN,
+/// groups of 32, every linear layer of the blocks), each the median of three runs of
+/// `tokens` tokens after a warm-up, with the bytes of its weights.
+pub fn decode_speeds(cfg: &ModelConfig, tokens: usize, threads: usize) -> Vec<(&'static str, f64, usize)> {
+    use crate::nn::decoder::Decoder;
+    use crate::nn::quant::{rtn_linears, Scheme};
+    pool(threads).install(|| {
+        let f32_params = cfg.init(1);
+        let variants = [
+            ("f32", f32_params.clone()),
+            ("int8", rtn_linears(cfg, &f32_params, Scheme { bits: 8, group_size: 32, symmetric: true })),
+            ("int4", rtn_linears(cfg, &f32_params, Scheme { bits: 4, group_size: 32, symmetric: false })),
+        ];
+        variants
+            .into_iter()
+            .map(|(label, p)| {
+                let model = Model::new(*cfg, &p);
+                let mut dec = Decoder::new(&model);
+                let mut run = || {
+                    dec.clear();
+                    let start = Instant::now();
+                    let mut token = 0u32;
+                    for _ in 0..tokens.min(cfg.block_size) {
+                        let logits = dec.step(&model, &p, token);
+                        token = crate::nn::sample::argmax(logits) as u32;
+                    }
+                    tokens.min(cfg.block_size) as f64 / start.elapsed().as_secs_f64()
+                };
+                run();
+                let mut rates = [run(), run(), run()];
+                rates.sort_by(f64::total_cmp);
+                let bytes = p
+                    .iter()
+                    .map(|(name, t)| {
+                        let q = p.quantized(p.id(name).expect("a name of the map"));
+                        q.map_or(4 * t.data().len(), |q| q.bytes())
+                    })
+                    .sum();
+                (label, rates[1], bytes)
+            })
+            .collect()
+    })
+}
+
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads: every weight, or
 /// with `lora_rank`, LoRA adapters of that rank on every linear layer of a frozen model.
 pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> StepReport {

@@ -15,7 +15,7 @@ use crate::arrow_io::read_blocks;
 use crate::arrow_io::read_examples;
 use crate::batches::{mean_loss, stream_of};
 use crate::example_rows::{rows_loss, Layout};
-use crate::generate::{generate, GenOptions, LoadedModel};
+use crate::generate::{generate_with_draft, Draft, GenOptions, LoadedModel, SpecStats};
 use crate::instructions::VAL_FILE as EXAMPLES_VAL_FILE;
 use crate::model_io::require_same_tokenizer;
 use crate::nn::batch::IGNORE;
@@ -44,6 +44,7 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::int("top_k", 200, 0, 1 << 30, "sample among the k most likely tokens (0: all)"),
     ParamSpec::float("top_p", 1.0, 0.0, 1.0, "sample among the most likely tokens whose probability reaches top_p"),
     ParamSpec::bool("stop_at_eot", true, "end a sample at the end-of-text token"),
+    ParamSpec::int("draft_tokens", 4, 1, 64, "with a `draft`: tokens it proposes per verification"),
     ParamSpec::int(
         "instruction_samples",
         3,
@@ -65,6 +66,12 @@ const INPUTS: &[InputSpec] = &[
         accepts: Accepts::Artifact(&[PACKED, EXAMPLES, PREFERENCES]),
         required: true,
         doc: "a `pack`, `instructions` (responses only) or `preferences` stage; its validation split is evaluated",
+    },
+    InputSpec {
+        name: "draft",
+        accepts: Accepts::Artifact(&[MODEL, QUANTIZED_MODEL]),
+        required: false,
+        doc: "a smaller model with the same tokenizer: samples are decoded speculatively (same text at greedy)",
     },
     InputSpec {
         name: "reference",
@@ -94,7 +101,7 @@ impl Stage for Evaluate {
         EVAL
     }
     fn same_vocabulary(&self) -> &'static [&'static str] {
-        &["model", "data", "reference"]
+        &["model", "data", "reference", "draft"]
     }
     fn uses_seed(&self) -> bool {
         true
@@ -166,8 +173,8 @@ impl Stage for Evaluate {
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
 
         let prompts: Vec<(String, Option<String>)> = p.str_list("prompts").iter().map(|s| (s.clone(), None)).collect();
-        let samples = answer(ctx, &lm, &prompts)?;
-        let results = json!({
+        let (samples, speculative) = answer(ctx, &lm, &prompts)?;
+        let mut results = json!({
             "val_loss": val_loss,
             "perplexity": val_loss.exp(),
             "bits_per_byte": bits_per_byte,
@@ -175,8 +182,10 @@ impl Stage for Evaluate {
             "val_bytes": bytes,
             "samples": samples,
         });
+        let mut metrics = loss_metrics(val_loss, bits_per_byte, tokens, samples.len());
+        add_speculative(&mut results, &mut metrics, speculative);
         write_results(ctx, &results)?;
-        Ok(loss_metrics(val_loss, bits_per_byte, tokens, samples.len()))
+        Ok(metrics)
     }
 }
 
@@ -185,13 +194,48 @@ fn write_results(ctx: &StageCtx<'_>, results: &serde_json::Value) -> Result<(), 
     std::fs::write(ctx.out(RESULTS_FILE), pretty).map_err(|e| fail("writing eval.json")(&e))
 }
 
-/// A sample per prompt (each with the next seed), with its reference answer when there is one.
+/// What speculative decoding did over the samples, and their time with and without the draft.
+#[derive(Default)]
+struct Speculation {
+    stats: SpecStats,
+    seconds: f64,
+    plain_seconds: f64,
+    /// Whether every sample's text is the one decoding without the draft gives (always, greedy).
+    same_text: bool,
+}
+
+/// With a draft, what speculative decoding did: in the results (counts, and whether the text
+/// is the one plain decoding gives) and the metrics (with the speed-up, a timing).
+fn add_speculative(results: &mut serde_json::Value, metrics: &mut Metrics, spec: Option<Speculation>) {
+    if let Some(Speculation { stats: s, seconds, plain_seconds, same_text }) = spec {
+        let acceptance = round(s.acceptance(), 4);
+        results["speculative"] = json!({
+            "proposed": s.proposed,
+            "accepted": s.accepted,
+            "rounds": s.rounds,
+            "acceptance": acceptance,
+            "same_text_as_plain": same_text,
+        });
+        metrics.insert("draft_acceptance".into(), json!(acceptance));
+        metrics.insert("speculative_speedup".into(), json!(round(plain_seconds / seconds.max(1e-9), 3)));
+        metrics.insert("speculative_tokens_per_s".into(), json!(round(s.tokens as f64 / seconds.max(1e-9), 1)));
+    }
+}
+
+/// A sample per prompt (each with the next seed), with its reference answer when there is one;
+/// decoded speculatively when a `draft` is wired (then with what the draft did).
 fn answer(
     ctx: &StageCtx<'_>,
     lm: &LoadedModel,
     prompts: &[(String, Option<String>)],
-) -> Result<Vec<serde_json::Value>, StageError> {
+) -> Result<(Vec<serde_json::Value>, Option<Speculation>), StageError> {
     let p = ctx.params();
+    let draft_lm = match ctx.input("draft") {
+        Some(Input::Artifact { artifact, .. }) => Some(LoadedModel::load(&artifact.dir)?),
+        _ => None,
+    };
+    let draft = draft_lm.as_ref().map(|lm| Draft { lm, tokens: p.usize("draft_tokens") });
+    let mut spec = draft.map(|_| Speculation { same_text: true, ..Default::default() });
     let opts = GenOptions {
         sampling: Sampling {
             temperature: p.float("temperature") as f32,
@@ -207,13 +251,26 @@ fn answer(
         ctx.check_cancelled()?;
         ctx.progress().set_message(&format!("sample {}", i + 1));
         let seeded = GenOptions { seed: opts.seed.wrapping_add(i as u64), ..opts };
-        let text = generate(lm, prompt, seeded, |_| {})?;
+        let started = std::time::Instant::now();
+        let (text, s) = generate_with_draft(lm, draft, prompt, seeded, |_| {})?;
+        if let Some(total) = &mut spec {
+            total.seconds += started.elapsed().as_secs_f64();
+            total.stats.tokens += s.tokens;
+            total.stats.proposed += s.proposed;
+            total.stats.accepted += s.accepted;
+            total.stats.rounds += s.rounds;
+            // The same sample without the draft, for the speed-up (and, greedy, the same text).
+            let started = std::time::Instant::now();
+            let plain = generate_with_draft(lm, None, prompt, seeded, |_| {})?.0;
+            total.plain_seconds += started.elapsed().as_secs_f64();
+            total.same_text &= plain == text;
+        }
         samples.push(match reference {
             Some(reference) => json!({ "prompt": prompt, "reference": reference, "text": text }),
             None => json!({ "prompt": prompt, "text": text }),
         });
     }
-    Ok(samples)
+    Ok((samples, spec))
 }
 
 /// Instruction examples: the loss of the held-out responses (prompts are not scored, as in
@@ -256,20 +313,20 @@ fn evaluate_examples(
         let response: Vec<u32> = ids[prompt_len..].iter().copied().filter(|id| *id != lm.eot).collect();
         prompts.push((decode(&ids[..prompt_len])?, Some(decode(&response)?)));
     }
-    let samples = answer(ctx, lm, &prompts)?;
-    write_results(
-        ctx,
-        &json!({
-            "val_loss": val_loss,
-            "perplexity": val_loss.exp(),
-            "bits_per_byte": bits_per_byte,
-            "val_tokens": tokens,
-            "val_bytes": bytes,
-            "val_examples": examples.len(),
-            "samples": samples,
-        }),
-    )?;
-    Ok(loss_metrics(val_loss, bits_per_byte, tokens, samples.len()))
+    let (samples, speculative) = answer(ctx, lm, &prompts)?;
+    let mut results = json!({
+        "val_loss": val_loss,
+        "perplexity": val_loss.exp(),
+        "bits_per_byte": bits_per_byte,
+        "val_tokens": tokens,
+        "val_bytes": bytes,
+        "val_examples": examples.len(),
+        "samples": samples,
+    });
+    let mut metrics = loss_metrics(val_loss, bits_per_byte, tokens, samples.len());
+    add_speculative(&mut results, &mut metrics, speculative);
+    write_results(ctx, &results)?;
+    Ok(metrics)
 }
 
 /// Preference pairs: the share of validation pairs where the model's summed log-probability

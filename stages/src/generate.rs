@@ -12,7 +12,7 @@ use crate::nn::decoder::Decoder;
 use crate::nn::model::{Model, ModelConfig};
 use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
-use crate::nn::sample::{pick, Sampling};
+use crate::nn::sample::{distribution, draw, pick, verify, Sampling};
 
 /// A model ready to run: configuration, weights and tokenizer.
 pub struct LoadedModel {
@@ -48,6 +48,31 @@ pub struct GenOptions {
     pub stop_at_eot: bool,
 }
 
+/// What speculative decoding did: tokens the draft proposed and the target kept, and the
+/// target's passes (one per round, plus one per token when the context restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SpecStats {
+    /// Tokens generated.
+    pub tokens: usize,
+    pub proposed: usize,
+    pub accepted: usize,
+    pub rounds: usize,
+}
+
+impl SpecStats {
+    /// The share of proposals kept.
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.proposed.max(1) as f64
+    }
+}
+
+/// A draft model for speculative decoding and how many tokens it proposes per round.
+#[derive(Clone, Copy)]
+pub struct Draft<'a> {
+    pub lm: &'a LoadedModel,
+    pub tokens: usize,
+}
+
 /// Generate a continuation of `prompt`; `on_text` receives the text as it decodes. Returns the
 /// whole continuation (without the prompt).
 ///
@@ -57,8 +82,21 @@ pub fn generate(
     lm: &LoadedModel,
     prompt: &str,
     opts: GenOptions,
-    mut on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str),
 ) -> Result<String, StageError> {
+    generate_with_draft(lm, None, prompt, opts, on_text).map(|(text, _)| text)
+}
+
+/// [`generate`], with a draft model proposing tokens that the model verifies several at a time
+/// (speculative sampling: the text follows the model's own distribution, and greedy text is
+/// the text [`generate`] gives, token for token).
+pub fn generate_with_draft(
+    lm: &LoadedModel,
+    draft: Option<Draft<'_>>,
+    prompt: &str,
+    opts: GenOptions,
+    on_text: impl FnMut(&str),
+) -> Result<(String, SpecStats), StageError> {
     let encoding =
         lm.tokenizer.encode_fast(prompt, false).map_err(|e| StageError::msg(format!("encoding the prompt: {e}")))?;
     let mut context: Vec<u32> = encoding.get_ids().to_vec();
@@ -68,35 +106,235 @@ pub fn generate(
     if let Some(bad) = context.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
         return Err(StageError::msg(format!("the prompt has token {bad}, outside the model's vocabulary")));
     }
-    let block = lm.cfg().block_size;
-    let mut decoder = Decoder::new(&lm.model);
-    let keep = (block / 2).max(1);
-    let start = context.len().saturating_sub(block.saturating_sub(1).max(1));
-    for &id in &context[start..] {
-        decoder.step(&lm.model, &lm.params, id);
-    }
+    let mut out = Output {
+        stream: lm.tokenizer.decode_stream(true),
+        text: String::new(),
+        on_text,
+        stats: SpecStats::default(),
+        opts,
+        eot: lm.eot,
+    };
     let mut rng = SplitMix64::new(opts.seed);
+    match draft {
+        None => plain(lm, &mut context, &mut out, &mut rng)?,
+        Some(d) => {
+            if d.lm.cfg().vocab_size != lm.cfg().vocab_size {
+                return Err(StageError::msg(format!(
+                    "the draft's vocabulary of {} is not the model's {}",
+                    d.lm.cfg().vocab_size,
+                    lm.cfg().vocab_size
+                )));
+            }
+            speculative(lm, d, &mut context, &mut out, &mut rng)?
+        }
+    }
+    Ok((out.text, out.stats))
+}
+
+/// The incremental decoder of a [`Tokenizer`].
+type TextStream<'s> = tokenizers::DecodeStream<
+    's,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// Where generated tokens go: decoded to text as they come, counted, and stopped at the end of
+/// text or the token budget.
+struct Output<'s, F> {
+    stream: TextStream<'s>,
+    text: String,
+    on_text: F,
+    stats: SpecStats,
+    opts: GenOptions,
+    eot: u32,
+}
+
+impl<F: FnMut(&str)> Output<'_, F> {
+    /// Emit `token` (appended to `context`); false once generation is over (the end-of-text
+    /// token, which is not emitted, or the budget reached).
+    fn emit(&mut self, token: u32, context: &mut Vec<u32>) -> Result<bool, StageError> {
+        if self.opts.stop_at_eot && token == self.eot {
+            return Ok(false);
+        }
+        context.push(token);
+        self.stats.tokens += 1;
+        let piece = self.stream.step(token).map_err(|e| StageError::msg(format!("decoding token {token}: {e}")))?;
+        if let Some(piece) = piece {
+            (self.on_text)(&piece);
+            self.text.push_str(&piece);
+        }
+        Ok(self.stats.tokens < self.opts.max_new_tokens)
+    }
+    fn remaining(&self) -> usize {
+        self.opts.max_new_tokens - self.stats.tokens
+    }
+}
+
+/// One token per pass of the model.
+fn plain<F: FnMut(&str)>(
+    lm: &LoadedModel,
+    context: &mut Vec<u32>,
+    out: &mut Output<'_, F>,
+    rng: &mut SplitMix64,
+) -> Result<(), StageError> {
+    let mut target = Cached { lm, dec: Decoder::new(&lm.model) };
+    target.restart(context);
     let mut scratch = Vec::new();
-    let mut stream = lm.tokenizer.decode_stream(true);
-    let mut text = String::new();
-    for _ in 0..opts.max_new_tokens {
-        let next = pick(&decoder.logits, opts.sampling, &mut rng, &mut scratch);
-        if opts.stop_at_eot && next == lm.eot {
+    while out.remaining() > 0 {
+        let next = pick(&target.dec.logits, out.opts.sampling, rng, &mut scratch);
+        if !out.emit(next, context)? {
             break;
         }
-        context.push(next);
-        if let Some(piece) = stream.step(next).map_err(|e| StageError::msg(format!("decoding token {next}: {e}")))? {
-            on_text(&piece);
-            text.push_str(&piece);
-        }
-        if decoder.len() == block {
-            decoder.clear();
-            for &id in &context[context.len() - keep..] {
-                decoder.step(&lm.model, &lm.params, id);
+        target.feed(context);
+    }
+    Ok(())
+}
+
+/// Rounds of speculation: the draft proposes up to `k` tokens, and one pass of the model over
+/// the last token and the proposals verifies them ([`verify`]). Each token enters the model's
+/// cache at the place and in the state plain decoding gives it (a restart when the cache is
+/// full happens at the same token), and a pass of several tokens gives each the bits it gets
+/// alone, so the model's distributions are plain decoding's.
+fn speculative<F: FnMut(&str)>(
+    lm: &LoadedModel,
+    d: Draft<'_>,
+    context: &mut Vec<u32>,
+    out: &mut Output<'_, F>,
+    rng: &mut SplitMix64,
+) -> Result<(), StageError> {
+    let k = d.tokens.max(1);
+    let (block, v) = (lm.cfg().block_size, lm.cfg().vocab_size);
+    let mut target = Cached { lm, dec: Decoder::with_rows(&lm.model, k + 1) };
+    let mut draft = Cached { lm: d.lm, dec: Decoder::new(&d.lm.model) };
+    target.restart(context);
+    draft.restart(context);
+    let (mut qs, mut ps, mut residual, mut proposals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    grow(&mut qs, k);
+    grow(&mut ps, k + 1);
+    let mut scratch = Vec::new();
+    // The last emitted token, which neither cache holds yet.
+    let mut pending = false;
+    while out.remaining() > 0 {
+        let mut feed = Vec::with_capacity(k + 1);
+        if pending {
+            if target.dec.len() == block {
+                target.restart_from_half(context);
+            } else {
+                feed.push(*context.last().expect("a pending token is in the context"));
             }
-        } else {
-            decoder.step(&lm.model, &lm.params, next);
+        }
+        let round = k.min(block - target.dec.len() - feed.len()).min(out.remaining());
+        if round == 0 {
+            // No room for a proposal before the cache restarts: one plain step.
+            if !feed.is_empty() {
+                target.dec.extend(&lm.model, &lm.params, &feed);
+            }
+            if pending {
+                draft.feed(context);
+            }
+            let next = pick(&target.dec.logits, out.opts.sampling, rng, &mut scratch);
+            pending = true;
+            if !out.emit(next, context)? {
+                break;
+            }
+            continue;
+        }
+        if draft.dec.len() + usize::from(pending) + round > d.lm.cfg().block_size {
+            draft.restart_with_room(context, round);
+        } else if pending {
+            draft.dec.step(&d.lm.model, &d.lm.params, *context.last().expect("pending"));
+        }
+        let base = (target.dec.len() + feed.len(), draft.dec.len());
+        proposals.clear();
+        for (i, q) in qs[..round].iter_mut().enumerate() {
+            distribution(&draft.dec.logits, out.opts.sampling, q, &mut scratch);
+            let x = draw(q, rng);
+            proposals.push(x);
+            if i + 1 < round {
+                draft.dec.step(&d.lm.model, &d.lm.params, x);
+            }
+        }
+        if feed.is_empty() {
+            distribution(&target.dec.logits, out.opts.sampling, &mut ps[0], &mut scratch);
+        }
+        let first = usize::from(feed.is_empty());
+        feed.extend_from_slice(&proposals);
+        let rows = target.dec.extend(&lm.model, &lm.params, &feed);
+        for (i, row) in rows.chunks(v).enumerate() {
+            distribution(row, out.opts.sampling, &mut ps[first + i], &mut scratch);
+        }
+        let (kept, next) = verify(&proposals, &qs[..round], &ps[..round + 1], rng, &mut residual);
+        out.stats.proposed += round;
+        out.stats.accepted += kept;
+        out.stats.rounds += 1;
+        target.dec.truncate(base.0 + kept);
+        if kept == round {
+            draft.dec.step(&d.lm.model, &d.lm.params, proposals[round - 1]);
+        }
+        draft.dec.truncate(base.1 + kept);
+        pending = true;
+        let mut going = true;
+        for &x in proposals[..kept].iter().chain([&next]) {
+            going = out.emit(x, context)?;
+            if !going {
+                break;
+            }
+        }
+        if !going {
+            break;
         }
     }
-    Ok(text)
+    Ok(())
+}
+
+/// A model and its KV cache.
+struct Cached<'a> {
+    lm: &'a LoadedModel,
+    dec: Decoder,
+}
+
+impl Cached<'_> {
+    /// Feed the context's last token, or when the cache is full, restart from the last half
+    /// of the context (so long generations cost about twice the cached work rather than a
+    /// full pass per token).
+    fn feed(&mut self, context: &[u32]) {
+        if self.dec.len() == self.lm.cfg().block_size {
+            self.restart_from_half(context);
+        } else {
+            let last = *context.last().expect("a context has a token");
+            self.dec.step(&self.lm.model, &self.lm.params, last);
+        }
+    }
+
+    /// Empty the cache and feed the last half block of `context`.
+    fn restart_from_half(&mut self, context: &[u32]) {
+        let keep = (self.lm.cfg().block_size / 2).max(1);
+        self.restart(&context[context.len() - keep..]);
+    }
+
+    /// Empty the cache and feed the end of `context`: all of it when it fits, else the last
+    /// `block_size - 1` tokens (so the next one fits too).
+    fn restart(&mut self, context: &[u32]) {
+        self.restart_with_room(context, 1);
+    }
+
+    /// [`Self::restart`], leaving room for `room` more tokens.
+    fn restart_with_room(&mut self, context: &[u32], room: usize) {
+        let block = self.lm.cfg().block_size;
+        let start = context.len().saturating_sub(block.saturating_sub(room).max(1));
+        self.dec.clear();
+        for &id in &context[start..] {
+            self.dec.step(&self.lm.model, &self.lm.params, id);
+        }
+    }
+}
+
+/// Make `v` hold at least `n` vectors.
+fn grow(v: &mut Vec<Vec<f64>>, n: usize) {
+    while v.len() < n {
+        v.push(Vec::new());
+    }
 }

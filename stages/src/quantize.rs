@@ -23,7 +23,7 @@ use crate::model_io::{load_model_with_eot, save_quantized_model, TOKENIZER, WEIG
 use crate::nn::config::WeightLayout;
 use crate::nn::model::{Arch, ModelConfig};
 use crate::nn::params::ParamMap;
-use crate::nn::quant::{gptq, hqq, rtn, QMatrix, Scheme};
+use crate::nn::quant::{gptq, hqq, out_in, rtn, QMatrix, Scheme};
 use crate::{fail, round, CALIBRATION, MODEL, QUANTIZED_MODEL};
 
 pub struct Quantize;
@@ -261,17 +261,8 @@ struct Target {
 impl Target {
     /// The weight as (out, in), row-major.
     fn matrix(&self, p: &ParamMap) -> Vec<f32> {
-        let w = p.get(&self.name);
-        if !self.in_out {
-            return w.to_vec();
-        }
-        let mut t = vec![0.0f32; w.len()];
-        for i in 0..self.cols {
-            for o in 0..self.rows {
-                t[o * self.cols + i] = w[i * self.rows + o];
-            }
-        }
-        t
+        let layout = if self.in_out { WeightLayout::InOut } else { WeightLayout::OutIn };
+        out_in(p.get(&self.name), layout, self.cols, self.rows)
     }
 }
 

@@ -1,4 +1,4 @@
-//! One-token-at-a-time inference with a KV cache, for sampling.
+//! Inference with a KV cache, a token (or a few) at a time: sampling and speculative decoding.
 
 use crate::nn::kernels::attention::QkvIn;
 use crate::nn::kernels::dot;
@@ -6,13 +6,18 @@ use crate::nn::linear::AdapterActs;
 use crate::nn::model::{zeros_if, Arch, Model, ModelConfig, NormStats};
 use crate::nn::params::ParamMap;
 
-/// One-token-at-a-time inference with a KV cache: each step costs one row through every
-/// layer plus attention over the cached positions.
+/// Inference with a KV cache: each step feeds one token (or, for speculative decoding's
+/// verification, a few) through every layer and attends over the cached positions.
+///
+/// Feeding several tokens in one pass gives each the bits it gets fed alone: every kernel of the
+/// pass computes rows independently (and the weights are read once for all of them).
 pub struct Decoder {
     /// Per layer, keys and values of every cached position: (block_size, n_kv_head, D).
     k: Vec<Vec<f32>>,
     v: Vec<Vec<f32>>,
     len: usize,
+    /// The most tokens one pass takes.
+    max_rows: usize,
     x: Vec<f32>,
     n: Vec<f32>,
     stats: NormStats,
@@ -26,17 +31,26 @@ pub struct Decoder {
     u: Vec<f32>,
     g: Vec<f32>,
     scores: Vec<f32>,
-    /// Per linear slot, what its adapter keeps for one row.
+    /// Per linear slot, what its adapter keeps for the rows.
     xa: Vec<AdapterActs>,
     no_adapter: AdapterActs,
     zeros_c: Vec<f32>,
+    /// The logits of the last pass's rows, (rows, V).
+    all_logits: Vec<f32>,
+    /// The last token's logits: what predicts the next one.
     pub logits: Vec<f32>,
 }
 
 impl Decoder {
+    /// A decoder that feeds one token per pass.
     pub fn new(model: &Model) -> Self {
+        Self::with_rows(model, 1)
+    }
+
+    /// A decoder that feeds up to `max_rows` tokens per pass.
+    pub fn with_rows(model: &Model, max_rows: usize) -> Self {
         let cfg = &model.cfg;
-        let (c, f) = (cfg.n_embd, cfg.ffn_hidden);
+        let (c, f, r) = (cfg.n_embd, cfg.ffn_hidden, max_rows.max(1));
         let ckv = cfg.n_kv_head * cfg.head_dim();
         let fused = cfg.arch == Arch::Gpt2;
         let z = |n: usize| vec![0.0f32; n];
@@ -44,22 +58,24 @@ impl Decoder {
             k: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
             v: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
             len: 0,
-            x: z(c),
-            n: z(c),
-            stats: NormStats::new(1),
-            qkv: zeros_if(fused, 3 * c),
-            q: zeros_if(!fused, c),
-            k_new: zeros_if(!fused, ckv),
-            v_new: zeros_if(!fused, ckv),
-            y: z(c),
-            x_mid: z(c),
-            h: z(f),
-            u: z(f),
-            g: z(f),
+            max_rows: r,
+            x: z(r * c),
+            n: z(r * c),
+            stats: NormStats::new(r),
+            qkv: zeros_if(fused, r * 3 * c),
+            q: zeros_if(!fused, r * c),
+            k_new: zeros_if(!fused, r * ckv),
+            v_new: zeros_if(!fused, r * ckv),
+            y: z(r * c),
+            x_mid: z(r * c),
+            h: z(r * f),
+            u: z(r * f),
+            g: z(r * f),
             scores: z(cfg.block_size),
-            xa: model.adapter_shapes().iter().map(|&shape| AdapterActs::new(1, shape)).collect(),
+            xa: model.adapter_shapes().iter().map(|&shape| AdapterActs::new(r, shape)).collect(),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
+            all_logits: z(r * cfg.vocab_size),
             logits: z(cfg.vocab_size),
         }
     }
@@ -75,6 +91,11 @@ impl Decoder {
     pub fn clear(&mut self) {
         self.len = 0;
     }
+    /// Forget the cached positions from `len` on (the rejected tokens of a speculation). The
+    /// logits are stale until the next pass.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
 
     /// Feed one token at the next position; `self.logits` then predicts the one after it.
     ///
@@ -82,33 +103,67 @@ impl Decoder {
     /// If the cache already holds `block_size` positions (call [`Decoder::clear`] and feed a
     /// shorter context again).
     pub fn step(&mut self, model: &Model, p: &ParamMap, token: u32) -> &[f32] {
+        self.extend(model, p, &[token]);
+        &self.logits
+    }
+
+    /// Feed `tokens` at the next positions in one pass; returns each one's logits (predicting
+    /// the token after it), (tokens, V), and leaves the last row in `self.logits`.
+    ///
+    /// # Panics
+    /// If there are more tokens than the decoder takes per pass, or than the cache has room for.
+    pub fn extend(&mut self, model: &Model, p: &ParamMap, tokens: &[u32]) -> &[f32] {
         let cfg = &model.cfg;
+        let (rows, c, f, v) = (tokens.len(), cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let (d, eps, pos) = (cfg.head_dim(), cfg.norm_eps, self.len);
         let ckv = cfg.n_kv_head * d;
-        assert!(pos < cfg.block_size, "the KV cache is full ({pos} positions)");
-        let at = [pos as u32];
-        model.embed(p, &[token], &at, &mut self.x);
+        assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
+        assert!(pos + rows <= cfg.block_size, "the KV cache is full ({pos} positions)");
+        let at: Vec<u32> = (pos..pos + rows).map(|i| i as u32).collect();
+        let (x, n, y, x_mid) =
+            (&mut self.x[..rows * c], &mut self.n[..rows * c], &mut self.y[..rows * c], &mut self.x_mid[..rows * c]);
+        let (h, u, g) = (&mut self.h[..rows * f], &mut self.u[..rows * f], &mut self.g[..rows * f]);
+        model.embed(p, tokens, &at, x);
         for (l, blk) in model.blocks.iter().enumerate() {
-            blk.norm1.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-            let (qkv, q, k_new, v_new) = (&mut self.qkv, &mut self.q, &mut self.k_new, &mut self.v_new);
-            let (q, k_new, v_new) = match model.project_qkv(blk, p, &self.n, &at, qkv, q, k_new, v_new, &mut self.xa) {
-                // One row: q, k and v side by side (H = Hkv).
-                QkvIn::Fused(row) => (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..]),
-                QkvIn::Split { q, k, v } => (q, k, v),
+            blk.norm1.forward(p, x, n, &mut self.stats, eps, &self.zeros_c);
+            let fused = cfg.arch == Arch::Gpt2;
+            let qkv = if fused { &mut self.qkv[..rows * 3 * c] } else { &mut self.qkv[..] };
+            let q = if fused { &mut self.q[..] } else { &mut self.q[..rows * c] };
+            let (k_new, v_new) = if fused {
+                (&mut self.k_new[..], &mut self.v_new[..])
+            } else {
+                (&mut self.k_new[..rows * ckv], &mut self.v_new[..rows * ckv])
             };
-            self.k[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(k_new);
-            self.v[l][pos * ckv..(pos + 1) * ckv].copy_from_slice(v_new);
-            attend_cached(q, &self.k[l], &self.v[l], pos + 1, cfg, &mut self.scores, &mut self.y);
-            blk.o.forward(p, &self.y, &mut self.x_mid, 1, &mut self.xa[blk.o.slot]);
-            self.x_mid.iter_mut().zip(&self.x).for_each(|(m, r)| *m += r);
-            blk.norm2.forward(p, &self.x_mid, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-            model.mlp_forward(blk, p, &self.n, &mut self.h, &mut self.u, &mut self.g, &mut self.x, &mut self.xa);
-            self.x.iter_mut().zip(&self.x_mid).for_each(|(o, m)| *o += m);
+            let qkv = model.project_qkv(blk, p, n, &at, qkv, q, k_new, v_new, &mut self.xa);
+            for r in 0..rows {
+                // Row r's q, k and v (gpt2: side by side, H = Hkv).
+                let (qr, kr, vr) = match &qkv {
+                    QkvIn::Fused(all) => {
+                        let row = &all[r * 3 * c..(r + 1) * 3 * c];
+                        (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..])
+                    }
+                    QkvIn::Split { q, k, v } => {
+                        (&q[r * c..(r + 1) * c], &k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv])
+                    }
+                };
+                let at = pos + r;
+                self.k[l][at * ckv..(at + 1) * ckv].copy_from_slice(kr);
+                self.v[l][at * ckv..(at + 1) * ckv].copy_from_slice(vr);
+                let yr = &mut y[r * c..(r + 1) * c];
+                attend_cached(qr, &self.k[l], &self.v[l], at + 1, cfg, &mut self.scores, yr);
+            }
+            blk.o.forward(p, y, x_mid, rows, &mut self.xa[blk.o.slot]);
+            x_mid.iter_mut().zip(x.iter()).for_each(|(m, r)| *m += r);
+            blk.norm2.forward(p, x_mid, n, &mut self.stats, eps, &self.zeros_c);
+            model.mlp_forward(blk, p, n, h, u, g, x, &mut self.xa);
+            x.iter_mut().zip(x_mid.iter()).for_each(|(o, m)| *o += m);
         }
-        model.norm_f.forward(p, &self.x, &mut self.n, &mut self.stats, eps, &self.zeros_c);
-        model.head.forward(p, &self.n, &mut self.logits, 1, &mut self.no_adapter);
-        self.len += 1;
-        &self.logits
+        model.norm_f.forward(p, x, n, &mut self.stats, eps, &self.zeros_c);
+        let logits = &mut self.all_logits[..rows * v];
+        model.head.forward(p, n, logits, rows, &mut self.no_adapter);
+        self.logits.copy_from_slice(&logits[(rows - 1) * v..]);
+        self.len += rows;
+        &self.all_logits[..rows * v]
     }
 }
 

@@ -1038,6 +1038,39 @@ mod tests {
         }
     }
 
+    /// Several tokens in one pass get the bits each gets fed alone, with f32 weights and with
+    /// int4 ones; a truncated cache continues as if the cut tokens were never fed. (Widths of
+    /// 64 and more, so that matrices quantize in groups of 32.)
+    #[test]
+    fn a_pass_of_several_tokens_gives_the_bits_of_single_steps() {
+        use crate::nn::quant::{rtn_linears, Scheme};
+        let mut llama = ModelConfig::llama(11, 8, 2, 4, 2, 64);
+        llama.ffn_hidden = 320;
+        for (variant, cfg) in [ModelConfig::gpt2(11, 8, 2, 2, 64, true), llama].into_iter().enumerate() {
+            let arch = cfg.arch;
+            let params = random_params(&cfg);
+            let quantized = rtn_linears(&cfg, &params, Scheme { bits: 4, group_size: 32, symmetric: false });
+            assert!(quantized.has_quantized());
+            for p in [&params, &quantized] {
+                let model = Model::new(cfg, p);
+                let ids = [3u32, 1, 4, 1, 5, 9, 2];
+                let mut single = Decoder::new(&model);
+                let steps: Vec<Vec<f32>> = ids.iter().map(|&id| single.step(&model, p, id).to_vec()).collect();
+                let mut multi = Decoder::with_rows(&model, 4);
+                multi.step(&model, p, ids[0]);
+                let rows = multi.extend(&model, p, &ids[1..5]).to_vec();
+                for (r, want) in rows.chunks(cfg.vocab_size).zip(&steps[1..5]) {
+                    assert!(r.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{} {variant}", arch.name());
+                }
+                // Drop the last two, feed the rest again.
+                multi.truncate(3);
+                multi.extend(&model, p, &ids[3..7]);
+                assert_eq!(multi.len(), 7);
+                assert!(multi.logits.iter().zip(&steps[6]).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    }
+
     #[test]
     fn z_loss_adds_a_gradient_toward_small_logits() {
         let cfg = tiny(Arch::Llama, 0);

@@ -19,7 +19,9 @@
 //! Codes are stored row by row; 4-bit codes two to a byte, the even column in the low nibble.
 //! Rounding is to nearest, ties to even (PyTorch's `round`).
 
+use crate::nn::config::{ModelConfig, WeightLayout};
 use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
+use crate::nn::params::ParamMap;
 
 /// Bits, group size and symmetry of a quantization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -310,6 +312,34 @@ fn cholesky(a: &[f64], n: usize) -> Vec<f64> {
         }
     }
     l
+}
+
+/// A linear layer's weight as (out, in), row-major, whatever its stored layout.
+pub fn out_in(w: &[f32], layout: WeightLayout, cin: usize, cout: usize) -> Vec<f32> {
+    match layout {
+        WeightLayout::OutIn => w.to_vec(),
+        WeightLayout::InOut => {
+            let mut t = vec![0.0f32; w.len()];
+            for i in 0..cin {
+                for o in 0..cout {
+                    t[o * cin + i] = w[i * cout + o];
+                }
+            }
+            t
+        }
+    }
+}
+
+/// `params` with every linear layer of the blocks whose input width `scheme`'s groups divide
+/// held quantized by RTN (the others stay f32).
+pub fn rtn_linears(cfg: &ModelConfig, params: &ParamMap, scheme: Scheme) -> ParamMap {
+    let mut out = params.clone();
+    for m in cfg.linear_modules().iter().filter(|m| m.cin % scheme.group_size == 0) {
+        let name = format!("{}.weight", m.path);
+        let w = out_in(params.get(&name), m.layout, m.cin, m.cout);
+        out.insert_quantized(name, rtn(&w, m.cout, m.cin, scheme));
+    }
+    out
 }
 
 /// `sum over rows of |x W^T - x Q^T|^2 / (rows * cols_out)`: the mean squared error of a
