@@ -186,7 +186,7 @@ def main():
     print(f"gguf-py: {len(names)} tensors of {path.name} ({dtype}) match")
 
     if len(sys.argv) > 4:
-        run_llama_cpp(path, dtype, json.loads(Path(sys.argv[4]).read_text()))
+        run_llama_cpp(path, model_dir, dtype, json.loads(Path(sys.argv[4]).read_text()))
 
 
 def nll(logits, ids):
@@ -195,14 +195,23 @@ def nll(logits, ids):
     return float(np.mean(lse[:-1] - logits[np.arange(len(ids) - 1), ids[1:]]))
 
 
-def run_llama_cpp(path, dtype, ours):
+def run_llama_cpp(path, model_dir, dtype, ours):
     try:
         from llama_cpp import Llama
     except ImportError:
         print("SKIPPED: llama.cpp comparison (no llama_cpp module; see the README to build llama-cpp-python)")
         return
     ids = ours["ids"]
-    llm = Llama(model_path=str(path), logits_all=True, n_ctx=len(ids), verbose=False, n_threads=2)
+    llm = Llama(model_path=str(path), logits_all=True, n_ctx=max(len(ids), 64), verbose=False, n_threads=2)
+    # The tokenizer: llama.cpp splits text into the ids Hugging Face's tokenizer gives.
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    text = hf.decode(ids) + " Once upon a time,  there was a girl.\n"
+    want = hf.encode(text).ids[:60]
+    got = llm.tokenize(hf.decode(want).encode(), add_bos=False, special=False)
+    if got != hf.encode(hf.decode(want)).ids:
+        fail(f"llama.cpp tokenizes {hf.decode(want)!r} as {got}, Hugging Face as {hf.encode(hf.decode(want)).ids}")
+    print(f"llama.cpp: tokenizes {len(got)} tokens of text as tokenizer.json does")
     llm.eval(ids)
     theirs = np.array(llm.scores[: len(ids)], dtype=np.float64)
     mine = np.array(ours["logits"], dtype=np.float64)
