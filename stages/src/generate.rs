@@ -242,8 +242,10 @@ fn speculative<F: FnMut(&str)>(
             }
             continue;
         }
-        if draft.dec.len() + usize::from(pending) + round > d.lm.cfg().block_size {
-            draft.restart_with_room(context, round);
+        let draft_block = d.lm.cfg().block_size;
+        if draft.dec.len() + usize::from(pending) + round > draft_block {
+            // From the last half block, as plain decoding restarts: room for many rounds.
+            draft.restart_with_room(context, round.max(draft_block / 2));
         } else if pending {
             draft.dec.step(&d.lm.model, &d.lm.params, *context.last().expect("pending"));
         }

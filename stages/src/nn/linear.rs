@@ -14,6 +14,7 @@
 
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
+use crate::nn::kernels::gemv;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::params::{ParamId, ParamMap};
@@ -148,8 +149,14 @@ impl Linear {
             assert!(self.adapter.is_none(), "an adapter on a quantized layer");
             return qmatmul(x, rows, q, out);
         }
-        let d = Dims { m: rows, k: self.cin, n: self.cout };
-        matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
+        match self.layout {
+            _ if rows > gemv::MAX_ROWS => {
+                let d = Dims { m: rows, k: self.cin, n: self.cout };
+                matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
+            }
+            WeightLayout::OutIn => gemv::rows_times_out_in(x, rows, p.at(self.w), out),
+            WeightLayout::InOut => gemv::rows_times_in_out(x, rows, p.at(self.w), out),
+        }
         let Some(ad) = self.adapter else { return };
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
         let seed = acts.dropout_for(&ad);

@@ -12,6 +12,7 @@ pub mod bias;
 pub mod cross_entropy;
 pub mod distill;
 pub mod embedding;
+pub mod gemv;
 pub mod matmul;
 pub mod norm;
 pub mod qmatmul;

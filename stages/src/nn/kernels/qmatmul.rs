@@ -14,6 +14,7 @@
 
 use rayon::prelude::*;
 
+use crate::nn::kernels::gemv::for_chunks;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::simd_fn;
 use crate::nn::quant::{unpack, QMatrix};
@@ -58,12 +59,13 @@ fn by_rows(x: &[f32], rows: usize, w: &QMatrix, out: &mut [f32]) {
             output(&w.codes[o * rb..(o + 1) * rb], w.bits, &w.scales[sg.clone()], &w.zeros[sg], gs, x, xsum, dst);
         }
     };
+    let weights = n * k;
     if rows == 1 {
-        out.par_chunks_mut(OUT_CHUNK).enumerate().for_each(|(c, part)| work(c * OUT_CHUNK, part));
+        for_chunks(out, OUT_CHUNK, weights, |c, part| work(c * OUT_CHUNK, part));
     } else {
         // Output-major, then transposed into `out`.
         let mut t = vec![0.0f32; n * rows];
-        t.par_chunks_mut(OUT_CHUNK * rows).enumerate().for_each(|(c, part)| work(c * OUT_CHUNK, part));
+        for_chunks(&mut t, OUT_CHUNK * rows, weights, |c, part| work(c * OUT_CHUNK, part));
         for (o, col) in t.chunks(rows).enumerate() {
             for (r, v) in col.iter().enumerate() {
                 out[r * n + o] = *v;

@@ -1,0 +1,142 @@
+//! Products of a few rows with an f32 weight matrix (decoding, a draft's verification):
+//! `out (rows, n) = x (rows, k) W`, with `W` stored (out, in) or (in, out).
+//!
+//! A general matrix product packs the weights into panels on every call, a full extra pass
+//! over them that a handful of rows cannot amortise; here each weight is read once, where it
+//! lies. Outputs are split over threads in fixed chunks, each computed whole by one thread,
+//! so neither the thread count nor the instruction set changes the bits.
+//! - (out, in): each output is an eight-lane dot product of a weight row with the input row.
+//! - (in, out): each chunk of outputs accumulates `x[i] * W[i, chunk]` over `i` in order.
+
+use rayon::prelude::*;
+
+use crate::nn::kernels::{axpy, dot, simd_fn};
+
+/// At most this many rows take these kernels (more amortise [`super::matmul::matmul`]'s packing).
+pub const MAX_ROWS: usize = 8;
+/// Outputs per work item.
+const CHUNK: usize = 64;
+/// Below this many weights a product runs on the calling thread: handing out work would cost
+/// more than the work (the chunks, and so the bits, are the same).
+pub const SERIAL_WEIGHTS: usize = 1 << 17;
+
+/// `f(i, chunk)` for every `size`-long chunk of `out`, on the pool or, for small products, here.
+pub(crate) fn for_chunks(out: &mut [f32], size: usize, weights: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    if weights < SERIAL_WEIGHTS {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
+
+/// `out = x W^T` for `W` (n, k): rows of outputs.
+///
+/// # Panics
+/// If the lengths do not match.
+pub fn rows_times_out_in(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
+    let k = x.len() / rows.max(1);
+    let n = w.len() / k.max(1);
+    assert!(x.len() == rows * k && w.len() == n * k && out.len() == rows * n && rows <= MAX_ROWS, "shapes");
+    if rows == 1 {
+        for_chunks(out, CHUNK, w.len(), |c, o| dots(x, &w[c * CHUNK * k..], k, 1, o));
+        return;
+    }
+    // Output-major per chunk, then written into the rows.
+    let mut by_output = vec![0.0f32; n * rows];
+    for_chunks(&mut by_output, CHUNK * rows, w.len(), |c, o| dots(x, &w[c * CHUNK * k..], k, rows, o));
+    for (o, col) in by_output.chunks(rows).enumerate() {
+        for (r, v) in col.iter().enumerate() {
+            out[r * n + o] = *v;
+        }
+    }
+}
+
+simd_fn! {
+    /// For each output `o` of the chunk (`out.len() / rows` of them, output-major), its dot
+    /// product with each row of `x`.
+    fn dots(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32]) {
+        for (o, dst) in out.chunks_mut(rows).enumerate() {
+            let wo = &w[o * k..(o + 1) * k];
+            for (r, d) in dst.iter_mut().enumerate() {
+                *d = dot(&x[r * k..(r + 1) * k], wo);
+            }
+        }
+    }
+}
+
+/// `out = x W` for `W` (k, n).
+///
+/// # Panics
+/// If the lengths do not match.
+pub fn rows_times_in_out(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
+    let k = x.len() / rows.max(1);
+    let n = w.len() / k.max(1);
+    assert!(x.len() == rows * k && w.len() == n * k && out.len() == rows * n && rows <= MAX_ROWS, "shapes");
+    let chunks = n.div_ceil(CHUNK);
+    let mut by_chunk = vec![0.0f32; chunks * rows * CHUNK];
+    for_chunks(&mut by_chunk, rows * CHUNK, w.len(), |c, acc| {
+        let cols = c * CHUNK..((c + 1) * CHUNK).min(n);
+        accumulate(x, w, k, n, cols.start, cols.len(), rows, acc);
+    });
+    for r in 0..rows {
+        for c in 0..chunks {
+            let width = CHUNK.min(n - c * CHUNK);
+            let from = &by_chunk[(c * rows + r) * CHUNK..(c * rows + r) * CHUNK + width];
+            out[r * n + c * CHUNK..r * n + c * CHUNK + width].copy_from_slice(from);
+        }
+    }
+}
+
+simd_fn! {
+    /// Columns `start..start + width` of `x W` for each row, row by row into `acc` (rows of
+    /// `CHUNK`): `sum over i of x[r, i] * W[i, cols]`, in order of `i`.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate(x: &[f32], w: &[f32], k: usize, n: usize, start: usize, width: usize, rows: usize, acc: &mut [f32]) {
+        for r in 0..rows {
+            let a = &mut acc[r * CHUNK..r * CHUNK + width];
+            a.fill(0.0);
+            for i in 0..k {
+                axpy(x[r * k + i], &w[i * n + start..i * n + start + width], a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::random;
+    use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
+
+    #[test]
+    fn few_rows_match_the_reference_in_both_layouts_whatever_the_threads() {
+        for (rows, k, n) in [(1, 16, 5), (3, 64, 130), (8, 96, 64), (2, 40, 200)] {
+            let (x, w) = (random(rows * k, 1), random(k * n, 2));
+            let d = Dims { m: rows, k, n };
+            for (layout, f) in [
+                (Layout::Transposed, rows_times_out_in as fn(&[f32], usize, &[f32], &mut [f32])),
+                (Layout::Normal, rows_times_in_out),
+            ] {
+                let mut want = vec![0.0f32; rows * n];
+                matmul_naive(&x, Layout::Normal, &w, layout, &mut want, d, false);
+                let run = |threads: usize| {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    let mut out = vec![f32::NAN; rows * n];
+                    pool.install(|| f(&x, rows, &w, &mut out));
+                    out
+                };
+                let (one, two) = (run(1), run(2));
+                for (a, b) in one.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{rows}x{k}x{n} {layout:?}: {a} vs {b}");
+                }
+                assert!(one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()));
+                // One row alone gets the bits it gets among others.
+                let mut first = vec![0.0f32; n];
+                f(&x[..k], 1, &w, &mut first);
+                assert!(first.iter().zip(&one[..n]).all(|(a, b)| a.to_bits() == b.to_bits()), "{layout:?}");
+            }
+        }
+    }
+}
