@@ -67,6 +67,18 @@ pub struct TokenMeta {
 }
 
 impl TokenMeta {
+    /// The packed data's block length (`seq_len`) in `dir`, refused when longer than a model's
+    /// `block_size` (`whose` names the model in the message).
+    pub fn seq_len_within(dir: &Path, block_size: usize, whose: &str) -> Result<usize, StageError> {
+        let t = Self::read(dir)?.seq_len.ok_or_else(|| StageError::msg("the data's meta.json has no seq_len"))?;
+        if t > block_size {
+            return Err(StageError::msg(format!(
+                "the data's blocks of {t} tokens are longer than {whose} block size {block_size}"
+            )));
+        }
+        Ok(t)
+    }
+
     pub const FILE: &'static str = "meta.json";
 
     pub fn write(&self, dir: &Path) -> Result<(), StageError> {

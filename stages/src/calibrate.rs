@@ -101,14 +101,7 @@ impl Stage for Calibrate {
         };
         require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
         let (cfg, params, _) = load_model_with_eot(&model_dir.dir)?;
-        let meta = TokenMeta::read(&data.dir)?;
-        let t = meta.seq_len.ok_or_else(|| StageError::msg("the data's meta.json has no seq_len"))?;
-        if t > cfg.block_size {
-            return Err(StageError::msg(format!(
-                "the data's blocks of {t} tokens are longer than the model's block size {}",
-                cfg.block_size
-            )));
-        }
+        let t = TokenMeta::seq_len_within(&data.dir, cfg.block_size, "the model's")?;
         let blocks = read_blocks(&data.path(TRAIN_FILE))?;
         let n = ctx.params().usize("blocks").min(blocks.rows());
         let batch = ctx.params().usize("batch_size");

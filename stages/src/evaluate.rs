@@ -173,19 +173,7 @@ impl Stage for Evaluate {
         let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
 
         let prompts: Vec<(String, Option<String>)> = p.str_list("prompts").iter().map(|s| (s.clone(), None)).collect();
-        let (samples, speculative) = answer(ctx, &lm, &prompts)?;
-        let mut results = json!({
-            "val_loss": val_loss,
-            "perplexity": val_loss.exp(),
-            "bits_per_byte": bits_per_byte,
-            "val_tokens": tokens,
-            "val_bytes": bytes,
-            "samples": samples,
-        });
-        let mut metrics = loss_metrics(val_loss, bits_per_byte, tokens, samples.len());
-        add_speculative(&mut results, &mut metrics, speculative);
-        write_results(ctx, &results)?;
-        Ok(metrics)
+        scored_with_samples(ctx, &lm, &prompts, (val_loss, bits_per_byte, tokens, bytes), None)
     }
 }
 
@@ -313,16 +301,31 @@ fn evaluate_examples(
         let response: Vec<u32> = ids[prompt_len..].iter().copied().filter(|id| *id != lm.eot).collect();
         prompts.push((decode(&ids[..prompt_len])?, Some(decode(&response)?)));
     }
-    let (samples, speculative) = answer(ctx, lm, &prompts)?;
+    let extra = ("val_examples", json!(examples.len()));
+    scored_with_samples(ctx, lm, &prompts, (val_loss, bits_per_byte, tokens, bytes), Some(extra))
+}
+
+/// Write `eval.json` for a validation loss (mean, bits per byte, tokens and bytes scored), an
+/// extra figure, and samples of the prompts; return the stage's metrics.
+fn scored_with_samples(
+    ctx: &StageCtx<'_>,
+    lm: &LoadedModel,
+    prompts: &[(String, Option<String>)],
+    (val_loss, bits_per_byte, tokens, bytes): (f64, f64, usize, usize),
+    extra: Option<(&str, serde_json::Value)>,
+) -> Result<Metrics, StageError> {
+    let (samples, speculative) = answer(ctx, lm, prompts)?;
     let mut results = json!({
         "val_loss": val_loss,
         "perplexity": val_loss.exp(),
         "bits_per_byte": bits_per_byte,
         "val_tokens": tokens,
         "val_bytes": bytes,
-        "val_examples": examples.len(),
         "samples": samples,
     });
+    if let Some((key, value)) = extra {
+        results[key] = value;
+    }
     let mut metrics = loss_metrics(val_loss, bits_per_byte, tokens, samples.len());
     add_speculative(&mut results, &mut metrics, speculative);
     write_results(ctx, &results)?;

@@ -87,14 +87,7 @@ impl Stage for Teacher {
         };
         let (cfg, params, _) = load_model_with_eot(&model_dir.dir)?;
         require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
-        let meta = TokenMeta::read(&data.dir)?;
-        let t = meta.seq_len.ok_or_else(|| StageError::msg("the data's meta.json has no seq_len"))?;
-        if t > cfg.block_size {
-            return Err(StageError::msg(format!(
-                "the data's blocks of {t} tokens are longer than the teacher's block size {}",
-                cfg.block_size
-            )));
-        }
+        let t = TokenMeta::seq_len_within(&data.dir, cfg.block_size, "the teacher's")?;
         let k = ctx.params().usize("top_k");
         if k > cfg.vocab_size {
             return Err(StageError::msg(format!(
