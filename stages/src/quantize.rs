@@ -64,7 +64,7 @@ impl Stage for Quantize {
         "quantize"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: GPTQ rounds the token embedding (tied or not) as RTN does
     }
     fn about(&self) -> &'static str {
         "a model's weights as int8 or int4 codes by RTN, HQQ or GPTQ, with a per-layer error report"
@@ -156,8 +156,9 @@ impl Stage for Quantize {
                 let q = match method {
                     "rtn" => rtn(&w, t.rows, t.cols, scheme),
                     "hqq" => hqq(&w, t.rows, t.cols, scheme),
-                    // The embedding of an untied llama has no input statistics: rounded.
-                    _ => match h {
+                    // A table that is also (or only) the embedding is rounded: GPTQ would fit it to
+                    // the head's inputs alone, at the expense of the rows the embedding reads.
+                    _ => match h.filter(|_| !t.embedding) {
                         Some(h) => gptq(&w, t.rows, t.cols, h, scheme, p.float("damp")),
                         None => rtn(&w, t.rows, t.cols, scheme),
                     },
@@ -256,6 +257,8 @@ struct Target {
     cols: usize,
     in_out: bool,
     site: Option<String>,
+    /// The token embedding (tied to the head or not).
+    embedding: bool,
 }
 
 impl Target {
@@ -277,18 +280,28 @@ fn targets(cfg: &ModelConfig, embeddings: bool) -> Vec<Target> {
             cols: m.cin,
             in_out: m.layout == WeightLayout::InOut,
             site: Some(site(m.layer, Some(m.slot))),
+            embedding: false,
         })
         .collect();
     if embeddings {
         let (v, c) = (cfg.vocab_size, cfg.n_embd);
-        let table =
-            |name: &str, site: Option<String>| Target { name: name.into(), rows: v, cols: c, in_out: false, site };
+        // The head's input statistics belong to the tied table too, for its report.
+        let tied = cfg.tie_embeddings || cfg.arch == Arch::Gpt2;
+        let table = |name: &str, embedding: bool| Target {
+            name: name.into(),
+            rows: v,
+            cols: c,
+            in_out: false,
+            site: (!embedding || tied).then(|| site(0, None)),
+            embedding,
+        };
         match cfg.arch {
-            Arch::Gpt2 => out.push(table("transformer.wte.weight", Some(site(0, None)))),
-            Arch::Llama if cfg.tie_embeddings => out.push(table("model.embed_tokens.weight", Some(site(0, None)))),
+            Arch::Gpt2 => out.push(table("transformer.wte.weight", true)),
             Arch::Llama => {
-                out.push(table("model.embed_tokens.weight", None));
-                out.push(table("lm_head.weight", Some(site(0, None))));
+                out.push(table("model.embed_tokens.weight", true));
+                if !tied {
+                    out.push(table("lm_head.weight", false));
+                }
             }
         }
     }
