@@ -109,6 +109,7 @@ impl Stage for Calibrate {
         let sites = sites(&cfg);
         let mut sums: Vec<Vec<f64>> = sites.iter().map(|s| vec![0.0; s.3 * s.3]).collect();
         let mut gram = Vec::new();
+        let mut acts: Option<Activations> = None;
         ctx.progress().set_length(n as u64, "blocks");
         let mut done = 0;
         while done < n {
@@ -118,8 +119,11 @@ impl Stage for Calibrate {
             for row in blocks.tokens[done * (t + 1)..(done + chunk) * (t + 1)].chunks(t + 1) {
                 ids.extend_from_slice(&row[..t]);
             }
-            let mut acts = Activations::new(&cfg, chunk, t);
-            model.forward(&params, &Batch::whole_rows(t, &ids, &vec![0; ids.len()]), &mut acts);
+            if acts.as_ref().is_none_or(|a| a.batch() != chunk) {
+                acts = Some(Activations::new(&cfg, chunk, t));
+            }
+            let acts = acts.as_mut().expect("just made");
+            model.forward(&params, &Batch::whole_rows(t, &ids, &vec![0; ids.len()]), acts);
             for ((_, layer, slot, k), sum) in sites.iter().zip(&mut sums) {
                 let x = acts.linear_input(*layer, *slot);
                 gram.resize(k * k, 0.0f32);

@@ -243,10 +243,7 @@ fn answer(
         let (text, s) = generate_with_draft(lm, draft, prompt, seeded, |_| {})?;
         if let Some(total) = &mut spec {
             total.seconds += started.elapsed().as_secs_f64();
-            total.stats.tokens += s.tokens;
-            total.stats.proposed += s.proposed;
-            total.stats.accepted += s.accepted;
-            total.stats.rounds += s.rounds;
+            total.stats.add(&s);
             // The same sample without the draft, for the speed-up (and, greedy, the same text).
             let started = std::time::Instant::now();
             let plain = generate_with_draft(lm, None, prompt, seeded, |_| {})?.0;

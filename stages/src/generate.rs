@@ -48,8 +48,8 @@ pub struct GenOptions {
     pub stop_at_eot: bool,
 }
 
-/// What speculative decoding did: tokens the draft proposed and the target kept, and the
-/// target's passes (one per round, plus one per token when the context restarts).
+/// What generation did: tokens generated and, with a draft, the tokens it proposed, those the
+/// model kept, and the rounds of verification.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct SpecStats {
     /// Tokens generated.
@@ -60,6 +60,14 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
+    /// Add another generation's counts.
+    pub fn add(&mut self, other: &SpecStats) {
+        self.tokens += other.tokens;
+        self.proposed += other.proposed;
+        self.accepted += other.accepted;
+        self.rounds += other.rounds;
+    }
+
     /// The share of proposals kept.
     pub fn acceptance(&self) -> f64 {
         self.accepted as f64 / self.proposed.max(1) as f64
@@ -211,14 +219,13 @@ fn speculative<F: FnMut(&str)>(
     let mut draft = Cached { lm: d.lm, dec: Decoder::new(&d.lm.model) };
     target.restart(context);
     draft.restart(context);
-    let (mut qs, mut ps, mut residual, mut proposals) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    grow(&mut qs, k);
-    grow(&mut ps, k + 1);
+    let (mut qs, mut ps) = (vec![Vec::new(); k], vec![Vec::new(); k + 1]);
+    let (mut residual, mut proposals, mut feed) = (Vec::new(), Vec::new(), Vec::with_capacity(k + 1));
     let mut scratch = Vec::new();
     // The last emitted token, which neither cache holds yet.
     let mut pending = false;
     while out.remaining() > 0 {
-        let mut feed = Vec::with_capacity(k + 1);
+        feed.clear();
         if pending {
             if target.dec.len() == block {
                 target.restart_from_half(context);
@@ -331,12 +338,5 @@ impl Cached<'_> {
         for &id in &context[start..] {
             self.dec.step(&self.lm.model, &self.lm.params, id);
         }
-    }
-}
-
-/// Make `v` hold at least `n` vectors.
-fn grow(v: &mut Vec<Vec<f64>>, n: usize) {
-    while v.len() < n {
-        v.push(Vec::new());
     }
 }

@@ -168,21 +168,26 @@ pub fn load_model(dir: &Path) -> Result<(ModelConfig, ParamMap), StageError> {
 /// A model directory's configuration and the end-of-text token `config.json` names
 /// (`eos_token_id`, else 0), without reading the weights.
 pub fn load_config_with_eot(dir: &Path) -> Result<(ModelConfig, u32), StageError> {
+    read_config(dir).map(|(cfg, eot, _)| (cfg, eot))
+}
+
+/// `config.json`: the configuration, the end-of-text token and the `quantization_config`.
+fn read_config(dir: &Path) -> Result<(ModelConfig, u32, Option<Value>), StageError> {
     let path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
     let value: Value =
         serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
     let cfg = parse_hf_config(&value).map_err(|e| StageError::msg(format!("`{}`: {e}", path.display())))?;
-    Ok((cfg, value["eos_token_id"].as_u64().map_or(0, |x| x as u32)))
+    Ok((cfg, value["eos_token_id"].as_u64().map_or(0, |x| x as u32), value.get(QUANTIZATION_KEY).cloned()))
 }
 
 /// [`load_model`] plus the end-of-text token `config.json` names (`eos_token_id`, else 0).
 /// A quantized model (written by [`save_quantized_model`]) loads with its quantized matrices
 /// held as such: for inference only.
 pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), StageError> {
-    let (cfg, eot) = load_config_with_eot(dir)?;
-    if quantization(dir)?.is_some() {
-        return load_quantized(dir, &cfg).map(|params| (cfg, params, eot));
+    let (cfg, eot, quantization) = read_config(dir)?;
+    if let Some(quantization) = quantization {
+        return load_quantized(dir, &cfg, &quantization).map(|params| (cfg, params, eot));
     }
     let weights = dir.join(WEIGHTS);
     let mut file = load_safetensors(&weights)?;
@@ -211,15 +216,6 @@ pub fn load_model_with_eot(dir: &Path) -> Result<(ModelConfig, ParamMap, u32), S
         }
     }
     Ok((cfg, params, eot))
-}
-
-/// The `quantization_config` of a model directory's `config.json`, if it is quantized.
-pub fn quantization(dir: &Path) -> Result<Option<Value>, StageError> {
-    let path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&path).map_err(|e| fail(format!("reading `{}`", path.display()))(&e))?;
-    let value: Value =
-        serde_json::from_str(&text).map_err(|e| fail(format!("`{}` is not JSON", path.display()))(&e))?;
-    Ok(value.get(QUANTIZATION_KEY).cloned())
 }
 
 /// The key of `config.json` that describes a quantized model.
@@ -267,10 +263,9 @@ pub fn save_quantized_model(
 }
 
 /// The parameters of a quantized model directory, every name and shape checked.
-fn load_quantized(dir: &Path, cfg: &ModelConfig) -> Result<ParamMap, StageError> {
+fn load_quantized(dir: &Path, cfg: &ModelConfig, quant: &Value) -> Result<ParamMap, StageError> {
     let weights = dir.join(WEIGHTS);
     let bad = |msg: String| StageError::msg(format!("`{}`: {msg}", weights.display()));
-    let quant = quantization(dir)?.unwrap_or_default();
     let bits = quant["bits"].as_u64().filter(|b| *b == 4 || *b == 8).ok_or_else(|| {
         StageError::msg(format!("`{}`: quantization_config has no `bits` of 4 or 8", dir.join(CONFIG).display()))
     })? as u32;

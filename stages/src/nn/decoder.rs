@@ -18,6 +18,8 @@ pub struct Decoder {
     len: usize,
     /// The most tokens one pass takes.
     max_rows: usize,
+    /// The positions of a pass's tokens.
+    positions: Vec<u32>,
     x: Vec<f32>,
     n: Vec<f32>,
     stats: NormStats,
@@ -59,6 +61,7 @@ impl Decoder {
             v: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
             len: 0,
             max_rows: r,
+            positions: vec![0; r],
             x: z(r * c),
             n: z(r * c),
             stats: NormStats::new(r),
@@ -119,11 +122,13 @@ impl Decoder {
         let ckv = cfg.n_kv_head * d;
         assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
         assert!(pos + rows <= cfg.block_size, "the KV cache is full ({pos} positions)");
-        let at: Vec<u32> = (pos..pos + rows).map(|i| i as u32).collect();
+        let at = &mut self.positions[..rows];
+        at.iter_mut().enumerate().for_each(|(r, a)| *a = (pos + r) as u32);
+        let at = &*at;
         let (x, n, y, x_mid) =
             (&mut self.x[..rows * c], &mut self.n[..rows * c], &mut self.y[..rows * c], &mut self.x_mid[..rows * c]);
         let (h, u, g) = (&mut self.h[..rows * f], &mut self.u[..rows * f], &mut self.g[..rows * f]);
-        model.embed(p, tokens, &at, x);
+        model.embed(p, tokens, at, x);
         for (l, blk) in model.blocks.iter().enumerate() {
             blk.norm1.forward(p, x, n, &mut self.stats, eps, &self.zeros_c);
             let fused = cfg.arch == Arch::Gpt2;
@@ -134,7 +139,7 @@ impl Decoder {
             } else {
                 (&mut self.k_new[..rows * ckv], &mut self.v_new[..rows * ckv])
             };
-            let qkv = model.project_qkv(blk, p, n, &at, qkv, q, k_new, v_new, &mut self.xa);
+            let qkv = model.project_qkv(blk, p, n, at, qkv, q, k_new, v_new, &mut self.xa);
             for r in 0..rows {
                 // Row r's q, k and v (gpt2: side by side, H = Hkv).
                 let (qr, kr, vr) = match &qkv {

@@ -20,7 +20,6 @@
 //! Rounding is to nearest, ties to even (PyTorch's `round`).
 
 use crate::nn::config::{ModelConfig, WeightLayout};
-use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
 use crate::nn::params::ParamMap;
 
 /// Bits, group size and symmetry of a quantization.
@@ -342,20 +341,21 @@ pub fn rtn_linears(cfg: &ModelConfig, params: &ParamMap, scheme: Scheme) -> Para
     out
 }
 
-/// `sum over rows of |x W^T - x Q^T|^2 / (rows * cols_out)`: the mean squared error of a
-/// quantized layer's output on inputs `x` (rows, cols).
-pub fn output_mse(x: &[f32], rows: usize, w: &[f32], q: &QMatrix) -> f64 {
-    let d = Dims { m: rows, k: q.cols, n: q.rows };
-    let (mut a, mut b) = (vec![0.0f32; rows * q.rows], vec![0.0f32; rows * q.rows]);
-    matmul_naive(x, Layout::Normal, w, Layout::Transposed, &mut a, d, false);
-    matmul_naive(x, Layout::Normal, &q.dequantize(), Layout::Transposed, &mut b, d, false);
-    a.iter().zip(&b).map(|(u, v)| ((u - v) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::nn::gradcheck::random;
+    use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
+
+    /// `sum over rows of |x W^T - x Q^T|^2 / (rows * cols_out)`: the mean squared error of a
+    /// quantized layer's output on inputs `x` (rows, cols).
+    pub fn output_mse(x: &[f32], rows: usize, w: &[f32], q: &QMatrix) -> f64 {
+        let d = Dims { m: rows, k: q.cols, n: q.rows };
+        let (mut a, mut b) = (vec![0.0f32; rows * q.rows], vec![0.0f32; rows * q.rows]);
+        matmul_naive(x, Layout::Normal, w, Layout::Transposed, &mut a, d, false);
+        matmul_naive(x, Layout::Normal, &q.dequantize(), Layout::Transposed, &mut b, d, false);
+        a.iter().zip(&b).map(|(u, v)| ((u - v) as f64).powi(2)).sum::<f64>() / a.len().max(1) as f64
+    }
 
     const INT4: Scheme = Scheme { bits: 4, group_size: 32, symmetric: false };
 

@@ -43,14 +43,13 @@ pub fn qmatmul(x: &[f32], rows: usize, w: &QMatrix, out: &mut [f32]) {
 
 fn by_rows(x: &[f32], rows: usize, w: &QMatrix, out: &mut [f32]) {
     let (k, n, gs, g) = (w.cols, w.rows, w.group_size, w.groups());
-    let mut xsum = [0.0f32; 8 * 512];
-    let xsum = if rows * g <= xsum.len() { &mut xsum[..rows * g] } else { &mut vec![0.0; rows * g][..] };
+    let mut xsum = vec![0.0f32; rows * g];
     for (r, sums) in xsum.chunks_mut(g).enumerate() {
         for (s, xg) in sums.iter_mut().zip(x[r * k..(r + 1) * k].chunks(gs)) {
             *s = lane_sum(xg);
         }
     }
-    let xsum = &*xsum;
+    let xsum = &xsum[..];
     let rb = w.row_bytes();
     let work = |o0: usize, part: &mut [f32]| {
         for (i, dst) in part.chunks_mut(rows).enumerate() {
