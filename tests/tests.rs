@@ -11,6 +11,7 @@ mod golden; // golden digests of every stage's output, golden diagnostics
 mod hf_crosscheck; // models load in Hugging Face transformers and score the same loss
 mod quantize; // calibrate and quantize: int8/int4 models evaluated and sampled, reports, determinism
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
+mod sweeps; // sweeps expand into members sharing upstream artifacts; recipes that extend others
 mod tidy; // every source file opens with a module doc
 mod training; // pretrain, evaluate, sample; exact resume; threads; divergence; shakespeare_char on real data
 mod util;

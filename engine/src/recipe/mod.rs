@@ -4,6 +4,8 @@
 pub mod overrides;
 pub mod raw;
 mod resolve;
+mod sweep;
+mod tables;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -31,7 +33,12 @@ pub struct Recipe {
 }
 
 pub struct ResolvedStage {
+    /// `align`, or for a member of a sweep `align[beta=0.1]`.
     pub name: String,
+    /// The stage as the recipe writes it: `align` for every member of its sweep.
+    pub template: String,
+    /// The grid point of a sweep member, (key, value) as its name shows them; empty otherwise.
+    pub point: Vec<(String, String)>,
     pub kind: Arc<dyn Stage>,
     pub params: Params,
     /// The recipe seed unless the stage sets its own.

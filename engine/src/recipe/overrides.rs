@@ -23,14 +23,31 @@ pub struct Override {
 pub fn parse(arg: &str) -> Result<Override, RecipeError> {
     let origin = Arc::new(Origin { name: "--set".into(), text: arg.to_string() });
     let whole = 0..arg.len();
-    let Some((lhs, raw_value)) = arg.split_once('=') else {
+    // A sweep member's name holds `=` and `.` inside its brackets: `align[beta=0.1].lr=3e-4`.
+    let bracket_end = match (arg.find('['), arg.find('=')) {
+        (Some(open), Some(eq)) if open < eq => match arg[open..].find(']') {
+            Some(close) => open + close + 1,
+            None => {
+                return Err(RecipeError::new(format!("`--set {arg}` opens a `[` it does not close")).at(
+                    &origin,
+                    open..arg.len(),
+                    "missing `]`",
+                ));
+            }
+        },
+        _ => 0,
+    };
+    let Some(eq) = arg[bracket_end..].find('=').map(|i| bracket_end + i) else {
         return Err(RecipeError::new(format!("`--set {arg}` is not of the form STAGE.KEY=VALUE")).at(
             &origin,
             whole,
             "missing `=`",
         ));
     };
-    let Some((stage, key)) = lhs.split_once('.') else {
+    let (lhs, raw_value) = (&arg[..eq], &arg[eq + 1..]);
+    let Some((stage, key)) =
+        lhs[bracket_end..].find('.').map(|i| (&lhs[..bracket_end + i], &lhs[bracket_end + i + 1..]))
+    else {
         return Err(RecipeError::new(format!("`--set {arg}` does not name a stage and a key"))
             .at(&origin, 0..lhs.len(), "expected STAGE.KEY")
             .help("for example `--set pack.seq_len=128`"));
@@ -80,6 +97,14 @@ mod tests {
             (&o.origin.text[o.stage_span.clone()], &o.origin.text[o.key_span.clone()]),
             ("tokenize", "vocab_size")
         );
+    }
+
+    #[test]
+    fn a_sweep_member_is_named_with_its_brackets() {
+        let o = parse("align[beta=0.1,lr=3e-4].max_steps=5").unwrap();
+        assert_eq!((o.stage.as_str(), o.key.as_str()), ("align[beta=0.1,lr=3e-4]", "max_steps"));
+        assert_eq!(o.value, toml::Value::Integer(5));
+        assert!(parse("align[beta=0.1.max_steps=5").is_err());
     }
 
     #[test]

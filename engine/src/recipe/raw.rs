@@ -22,6 +22,9 @@ pub struct RawHeader {
     pub seed: Option<Spanned<i64>>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Another recipe whose stages this one takes, relative to this file's folder.
+    #[serde(default)]
+    pub extends: Option<Spanned<String>>,
 }
 
 /// One `[stages.NAME]` table: `kind` and the kind's keys, each with its span.

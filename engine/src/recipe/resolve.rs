@@ -4,44 +4,24 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use petgraph::graph::{DiGraph, NodeIndex};
-use toml::Spanned;
 
 use super::overrides::{self, Override};
-use super::raw::{self, RawStage};
+use super::sweep;
+use super::tables::{self, Given, Place, Table};
 use super::{InputSource, Recipe, ResolvedInput, ResolvedStage};
 use crate::error::{did_you_mean, Origin, RecipeError};
 use crate::params::{Default, Params};
 use crate::stage::{InputSpec, Registry, Stage, Vocabulary};
 
 /// Keys every stage accepts besides its kind's own.
-const COMMON_KEYS: [&str; 3] = ["kind", "seed", "threads"];
+const COMMON_KEYS: [&str; 4] = ["kind", "seed", "threads", "sweep"];
 
-/// Where a value came from: its text, its span, and the folder relative paths start from.
-#[derive(Clone)]
-struct Place {
-    origin: Arc<Origin>,
-    span: Range<usize>,
-    base: PathBuf,
-}
-
-impl Place {
-    fn error(&self, message: impl Into<String>, label: impl Into<String>) -> RecipeError {
-        RecipeError::new(message).at(&self.origin, self.span.clone(), label)
-    }
-}
-
-struct Given {
-    value: toml::Value,
-    key_at: Place,
-    value_at: Place,
-}
-
-/// Read, parse and resolve the recipe at `path`, applying `--set` overrides (whose relative
-/// paths start from `cwd`).
+/// Read, parse and resolve the recipe at `path` (and the recipes it extends), applying `--set`
+/// overrides (whose relative paths start from `cwd`).
 pub fn load(path: &Path, sets: &[String], registry: &Registry, cwd: &Path) -> Result<Recipe, RecipeError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| RecipeError::new(format!("cannot read recipe `{}`: {e}", path.display())))?;
@@ -61,92 +41,109 @@ pub fn resolve(
     cwd: &Path,
     path: &Path,
 ) -> Result<Recipe, RecipeError> {
-    let raw = raw::parse(&origin.text).map_err(|e| {
-        let span = e.span().unwrap_or(0..0);
-        RecipeError::new(format!("invalid recipe: {}", e.message())).at(&origin, span, "here")
-    })?;
-    let here = |span: Range<usize>| Place { origin: origin.clone(), span, base: base.to_path_buf() };
-
-    let header = raw.recipe.get_ref();
+    let (header, mut tables) = tables::read(origin.clone(), base, path)?;
     let mut seed = match &header.seed {
-        Some(s) => non_negative(*s.get_ref(), &here(s.span()), "seed")?,
+        Some((s, at)) => non_negative(*s, at, "seed")?,
         None => 0,
     };
-    let name = header.name.get_ref().clone();
+    let name = header.name.clone();
     if name.trim().is_empty() {
-        return Err(here(header.name.span()).error("the recipe name is empty", "give the recipe a name"));
+        return Err(header.name_at.error("the recipe name is empty", "give the recipe a name"));
     }
-
-    // Stages in the order they are written.
-    let mut tables: Vec<(&Spanned<String>, &Spanned<RawStage>)> = raw.stages.iter().collect();
-    tables.sort_by_key(|(n, _)| n.span().start);
-    let names: Vec<&str> = tables.iter().map(|(n, _)| n.get_ref().as_str()).collect();
-    for (n, _) in &tables {
-        let valid = n.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if n.get_ref().is_empty() || !valid {
-            return Err(here(n.span()).error(
-                format!("stage name `{}` may hold only letters, digits, `_` and `-`", n.get_ref()),
+    for t in &tables {
+        let valid = t.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if t.name.is_empty() || !valid {
+            return Err(t.name_at.error(
+                format!("stage name `{}` may hold only letters, digits, `_` and `-`", t.name),
                 "rename this stage",
             ));
         }
     }
     if tables.is_empty() {
-        return Err(here(raw.recipe.span()).error("the recipe has no stages", "add a [stages.NAME] table"));
+        return Err(header.at.error("the recipe has no stages", "add a [stages.NAME] table"));
     }
 
+    // Overrides of the recipe seed and of whole stages apply before sweeps expand (so that
+    // `--set align.sweep=...` changes the grid); overrides of one member apply after.
+    let mut member_sets = Vec::new();
     for o in sets {
-        let at = Place { origin: o.origin.clone(), span: o.stage_span.clone(), base: cwd.to_path_buf() };
+        let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
         if o.stage == "recipe" {
             if o.key != "seed" {
-                return Err(Place { span: o.key_span.clone(), ..at }
+                return Err(at(&o.key_span)
                     .error(format!("`recipe.{}` cannot be overridden", o.key), "only `recipe.seed` can be set"));
             }
-            let value_at = Place { span: o.value_span.clone(), ..at };
             let Some(v) = o.value.as_integer() else {
-                return Err(value_at.error("the seed must be a non-negative integer", "not an integer"));
+                return Err(at(&o.value_span).error("the seed must be a non-negative integer", "not an integer"));
             };
-            seed = non_negative(v, &value_at, "seed")?;
-        } else if !names.contains(&o.stage.as_str()) {
-            let mut err = at.error(format!("no stage named `{}` in `{}`", o.stage, origin.name), "unknown stage");
-            err.help = did_you_mean(&o.stage, names.iter().copied());
-            return Err(err);
-        }
-    }
-
-    // First pass: kinds, parameters, and the raw text of each input slot.
-    let mut stages = Vec::with_capacity(tables.len());
-    let mut wiring: Vec<Slots> = Vec::with_capacity(tables.len());
-    for (stage_name, table) in &tables {
-        let name_at = here(stage_name.span());
-        let stage_name = stage_name.get_ref().as_str();
-        let kind = resolve_kind(stage_name, table, &name_at, &here, registry)?;
-        let mut given: BTreeMap<String, Given> = BTreeMap::new();
-        for (k, v) in table.get_ref() {
-            if k.get_ref() != "kind" {
-                let g = Given { value: v.get_ref().clone(), key_at: here(k.span()), value_at: here(v.span()) };
-                given.insert(k.get_ref().clone(), g);
+            seed = non_negative(v, &at(&o.value_span), "seed")?;
+        } else if let Some(t) = tables.iter_mut().find(|t| t.name == o.stage) {
+            check_override(o, t, &at(&o.key_span))?;
+            if o.key == "sweep" {
+                tables::drop_swept(&mut t.given, &o.value);
             }
-        }
-        for o in sets.iter().filter(|o| o.stage == stage_name) {
-            let at =
-                |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
-            if o.key == "kind" {
-                return Err(
-                    at(&o.key_span).error("the kind of a stage cannot be overridden", "edit the recipe instead")
-                );
-            }
-            given.insert(
+            t.given.insert(
                 o.key.clone(),
                 Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) },
             );
+        } else {
+            member_sets.push(o);
         }
-        let (resolved, slots) = resolve_stage(stage_name, kind, given, seed, &name_at)?;
+    }
+
+    let kinds: Vec<Arc<dyn Stage>> =
+        tables.iter().map(|t| resolve_kind(t, registry).cloned()).collect::<Result<_, _>>()?;
+    // The graph between tables: checked acyclic before anything else, so a cycle is reported
+    // as a cycle and not as some other mismatch, and walked to expand sweeps.
+    let table_names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+    let mut edges: Vec<(usize, usize, Place)> = Vec::new();
+    let mut upstream: Vec<Vec<usize>> = vec![Vec::new(); tables.len()];
+    for (t, table) in tables.iter().enumerate() {
+        for spec in kinds[t].inputs().iter().filter(|s| !s.accepts.types().is_empty()) {
+            let Some(g) = table.given.get(spec.name) else { continue };
+            let Some(u) = g.value.as_str().and_then(|text| table_names.iter().position(|n| *n == text)) else {
+                continue;
+            };
+            edges.push((u, t, g.value_at.clone()));
+            if !upstream[t].contains(&u) {
+                upstream[t].push(u);
+            }
+        }
+    }
+    let table_order = topological_order(&table_names, &edges)?;
+    let mut members = sweep::expand(&tables, &kinds, &table_order, &upstream)?;
+
+    for o in member_sets {
+        let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
+        let Some(m) = members.iter_mut().find(|m| m.name == o.stage) else {
+            let candidates: Vec<&str> =
+                table_names.iter().copied().chain(members.iter().map(|m| m.name.as_str())).collect();
+            let mut err =
+                at(&o.stage_span).error(format!("no stage named `{}` in `{}`", o.stage, origin.name), "unknown stage");
+            err.help = did_you_mean(&o.stage, candidates.iter().copied());
+            return Err(err);
+        };
+        check_override(o, &tables[m.table], &at(&o.key_span))?;
+        m.given.insert(
+            o.key.clone(),
+            Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) },
+        );
+    }
+
+    // First pass: parameters, and the raw text of each input slot.
+    let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
+    let mut stages = Vec::with_capacity(members.len());
+    let mut wiring: Vec<Slots> = Vec::with_capacity(members.len());
+    for m in &members {
+        let table = &tables[m.table];
+        let (mut resolved, slots) = resolve_stage(&m.name, &kinds[m.table], m.given.clone(), seed, &table.name_at)?;
+        resolved.template = table.name.clone();
+        resolved.point = m.point.clone();
         stages.push(resolved);
         wiring.push(slots);
     }
 
-    // Second pass: find the stage each input names and check the graph is acyclic before
-    // anything else, so a cycle is reported as a cycle and not as some other mismatch.
+    // Second pass: find the stage each input names.
     let index: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
     // The stage a slot takes its input from, if it names one and the slot takes stage outputs.
     let upstream = |spec: &InputSpec, text: &str| index.get(text).copied().filter(|_| !spec.accepts.types().is_empty());
@@ -279,31 +276,41 @@ fn non_negative(v: i64, at: &Place, what: &str) -> Result<u64, RecipeError> {
     u64::try_from(v).map_err(|_| at.error(format!("`{what}` must be a non-negative integer, found {v}"), "negative"))
 }
 
-fn resolve_kind<'r>(
-    stage_name: &str,
-    table: &Spanned<RawStage>,
-    name_at: &Place,
-    here: &dyn Fn(Range<usize>) -> Place,
-    registry: &'r Registry,
-) -> Result<&'r Arc<dyn Stage>, RecipeError> {
+fn resolve_kind<'r>(table: &Table, registry: &'r Registry) -> Result<&'r Arc<dyn Stage>, RecipeError> {
+    let stage_name = &table.name;
     let known = registry.names().join(", ");
-    let Some((_, kind)) = table.get_ref().iter().find(|(k, _)| k.get_ref() == "kind") else {
-        return Err(name_at
+    let Some(kind) = &table.kind else {
+        return Err(table
+            .name_at
             .error(format!("stage `{stage_name}` has no `kind`"), "add `kind = \"...\"` to this table")
             .help(format!("kinds: {known}")));
     };
-    let Some(kind_name) = kind.get_ref().as_str() else {
-        return Err(here(kind.span()).error(format!("`kind` of stage `{stage_name}` must be a string"), "not a string"));
+    let Some(kind_name) = kind.value.as_str() else {
+        return Err(kind.value_at.error(format!("`kind` of stage `{stage_name}` must be a string"), "not a string"));
     };
     registry.get(kind_name).ok_or_else(|| {
-        let mut err = here(kind.span())
-            .error(format!("unknown stage kind `{kind_name}` for stage `{stage_name}`"), "unknown kind");
+        let mut err =
+            kind.value_at.error(format!("unknown stage kind `{kind_name}` for stage `{stage_name}`"), "unknown kind");
         err.help = Some(match did_you_mean(kind_name, registry.names()) {
             Some(hint) => format!("{hint} (kinds: {known})"),
             None => format!("kinds: {known}"),
         });
         err
     })
+}
+
+/// Refuse a `--set` of a stage's kind, or of a key its sweep varies.
+fn check_override(o: &Override, table: &Table, key_at: &Place) -> Result<(), RecipeError> {
+    if o.key == "kind" {
+        return Err(key_at.error("the kind of a stage cannot be overridden", "edit the recipe instead"));
+    }
+    let swept = table.given.get("sweep").and_then(|g| g.value.as_table()).is_some_and(|t| t.contains_key(&o.key));
+    if swept {
+        return Err(key_at.error(format!("`{}` is swept in stage `{}`", o.key, table.name), "a swept key").help(
+            format!("change the grid instead, for example --set '{}.sweep={{ {} = [...] }}'", table.name, o.key),
+        ));
+    }
+    Ok(())
 }
 
 /// The input slots a stage wires, with the text written for each and where it was written.
@@ -408,8 +415,16 @@ fn resolve_stage(
         let at = key_places.get(&p.key).unwrap_or(name_at);
         at.error(format!("stage `{stage_name}`: {}", p.message), format!("`{}`", p.key))
     })?;
-    let stage =
-        ResolvedStage { name: stage_name.to_string(), kind: kind.clone(), params, seed, threads, inputs: Vec::new() };
+    let stage = ResolvedStage {
+        name: stage_name.to_string(),
+        template: stage_name.to_string(),
+        point: Vec::new(),
+        kind: kind.clone(),
+        params,
+        seed,
+        threads,
+        inputs: Vec::new(),
+    };
     Ok((stage, slots))
 }
 
