@@ -57,6 +57,27 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = DagFormat::Dot)]
         format: DagFormat,
     },
+    /// Every model of a recipe side by side: its evaluations' metrics, size, quantization and
+    /// speeds, from the artifacts already built
+    Compare {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Print the table as JSON on stdout
+        #[arg(long, conflicts_with = "csv")]
+        json: bool,
+        /// Print the table as CSV on stdout
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Past runs, newest first: when, which recipe, stages run, cached and failed, seconds
+    Runs {
+        /// How many to show
+        #[arg(long, short = 'n', default_value_t = 20, value_name = "N")]
+        limit: usize,
+        /// Print them as JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and maintain the artifact store
     Cache {
         #[command(subcommand)]
@@ -91,11 +112,12 @@ pub enum CacheCommand {
     /// Rehash every artifact; any that no longer matches its manifest is moved aside and will
     /// be rebuilt by the next run. Exits 1 if any was damaged
     Verify,
-    /// Remove artifacts that neither the named recipes nor the last runs use
+    /// Remove artifacts that neither the named recipes nor the last runs use, and the records
+    /// of older runs
     Gc {
         /// Recipes whose current artifacts to keep
         recipes: Vec<PathBuf>,
-        /// Also keep everything the last N runs produced or used
+        /// Also keep everything the last N runs produced or used, and their records
         #[arg(long, default_value_t = 3, value_name = "N")]
         keep_runs: usize,
     },

@@ -5,6 +5,7 @@
 //! 130 interrupted.
 
 mod cli;
+mod compare;
 mod diagnostic;
 mod output;
 mod progress;
@@ -128,6 +129,33 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache { command } => cache_command(command, &cli.cache, &registry),
+        Command::Compare { recipe, json, csv } => {
+            let recipe = load(&recipe, &registry)?;
+            let store = open_store(&cli.cache)?;
+            let plan = engine::plan(&recipe, &store)?;
+            let table = compare::compare(&recipe, &plan);
+            if json {
+                print_json(&table.json());
+            } else if csv {
+                print!("{}", table.csv());
+                for note in table.notes() {
+                    eprintln!("{note}");
+                }
+            } else {
+                print!("{}", table.table());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { limit, json } => {
+            let store = open_store(&cli.cache)?;
+            let records = store.recent_runs(limit)?;
+            if json {
+                print_json(&output::runs_json(&records));
+            } else {
+                print!("{}", output::runs_table(&records));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sample(args) => sample(args, &cli.cache, &registry),
         Command::Bench { no_matmul, steps } => {
             bench(!no_matmul, steps);
@@ -181,8 +209,9 @@ fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Regis
                 keep.extend(record.keys);
             }
             let report = store.gc(&keep)?;
+            let pruned = store.prune_runs(keep_runs)?;
             println!(
-                "removed {} artifacts, kept {}, freed {}",
+                "removed {} artifacts and {pruned} run records, kept {} artifacts, freed {}",
                 report.removed,
                 report.kept,
                 output::human_bytes(report.freed_bytes)

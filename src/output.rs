@@ -1,5 +1,6 @@
 //! What `run`, `plan` and `cache ls` print: aligned tables for people, JSON for programs.
 
+use engine::cache::RunRecord;
 use engine::{PlannedStage, RunReport};
 use serde_json::{json, Value};
 
@@ -15,7 +16,7 @@ fn metrics_text(metrics: &Value) -> String {
         .join(" ")
 }
 
-fn format_float(x: f64) -> String {
+pub fn format_float(x: f64) -> String {
     if x.abs() >= 100.0 || x == x.trunc() {
         format!("{x:.1}")
     } else {
@@ -146,6 +147,46 @@ pub fn human_bytes(n: u64) -> String {
     } else {
         format!("{x:.1} {}", UNITS[unit])
     }
+}
+
+/// A Unix time as `2026-12-02 17:42:03` (UTC).
+fn utc(seconds: u64) -> String {
+    chrono::DateTime::from_timestamp(seconds as i64, 0)
+        .map_or_else(|| "?".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+}
+
+/// `tinygpt runs`: one line per run, newest first.
+pub fn runs_table(records: &[RunRecord]) -> String {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|r| match &r.summary {
+            Some(s) => {
+                let mut failed = s.failed.to_string();
+                if s.interrupted {
+                    failed = format!("{failed} (interrupted)");
+                } else if s.not_run > 0 {
+                    failed = format!("{failed} ({} not run)", s.not_run);
+                }
+                vec![
+                    utc(s.started),
+                    r.label.clone(),
+                    s.recipe.clone(),
+                    s.ran.to_string(),
+                    s.cached.to_string(),
+                    failed,
+                    format!("{:.2}", s.seconds),
+                ]
+            }
+            None => vec!["?".into(), r.label.clone(), "?".into(), "?".into(), "?".into(), "?".into(), "?".into()],
+        })
+        .collect();
+    table(&["started (UTC)", "recipe", "file", "ran", "cached", "failed", "seconds"], &rows)
+}
+
+pub fn runs_json(records: &[RunRecord]) -> Value {
+    let runs: Vec<Value> =
+        records.iter().map(|r| json!({ "recipe": r.label, "keys": r.keys.len(), "summary": r.summary })).collect();
+    json!({ "runs": runs })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 mod bad_recipes; // every kind of bad recipe or command line: exit 2, file:line:col, nothing run
 mod caching; // reruns do only the work whose inputs changed; plan says why
 mod cli; // help, dag, summary table, docs generated from the code
+mod compare; // compare: a row per evaluated model, as a table, JSON and CSV; the run history
 mod distill_align; // teacher logits, distill, preference data, reference log-probs, align; caching and resume
 mod export; // GGUF files checked by gguf-py and llama.cpp, the Hugging Face folder
 mod finetune; // instructions and sft: LoRA adapters in PEFT layout, merged models, reruns, exact resume

@@ -19,6 +19,6 @@ pub use digest::{hash_file, ContentHash};
 pub use error::{CacheError, Result};
 pub use lock::KeyLock;
 pub use manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
-pub use runs::RunRecord;
+pub use runs::{RunRecord, RunSummary};
 pub use statcache::{list_files, StatCache};
 pub use store::{Artifact, GcReport, Staging, Store, VerifyProblem};

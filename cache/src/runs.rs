@@ -16,6 +16,25 @@ pub struct RunRecord {
     /// Every key the run produced or reused.
     pub keys: Vec<ContentHash>,
     pub detail: serde_json::Value,
+    /// What the run did, for `tinygpt runs`; absent in records written before it existed.
+    #[serde(default)]
+    pub summary: Option<RunSummary>,
+}
+
+/// When a run started, how long it took, and what became of its stages.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Seconds since the Unix epoch.
+    pub started: u64,
+    pub seconds: f64,
+    /// The recipe path as given on the command line.
+    pub recipe: String,
+    pub ran: usize,
+    pub cached: usize,
+    pub failed: usize,
+    /// Stages never started because of a failure or an interruption.
+    pub not_run: usize,
+    pub interrupted: bool,
 }
 
 impl RunRecord {

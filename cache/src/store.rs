@@ -368,6 +368,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Remove the run records older than the `keep` most recent, returning how many went. The
+    /// latest record of each recipe stays, whatever its age: `plan` reads it.
+    pub fn prune_runs(&self, keep: usize) -> Result<usize> {
+        let runs = self.root.join("runs");
+        let _lock = KeyLock::acquire(&runs.join(".lock"))?;
+        let numbers = self.run_numbers()?;
+        let old = numbers.len().saturating_sub(keep);
+        for number in &numbers[..old] {
+            let path = runs.join(format!("{number:08}.json"));
+            std::fs::remove_file(&path).ctx("removing", &path)?;
+        }
+        Ok(old)
+    }
+
     fn run_numbers(&self) -> Result<Vec<u64>> {
         let runs = self.root.join("runs");
         let mut numbers = Vec::new();
@@ -538,12 +552,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for (label, k) in [("a", 1), ("b", 2), ("a", 3)] {
-            let record = RunRecord { label: label.into(), keys: vec![key(k)], detail: json!(null) };
+            let record = RunRecord { label: label.into(), keys: vec![key(k)], detail: json!(null), summary: None };
             store.record_run(&record).unwrap();
         }
         let recent = store.recent_runs(2).unwrap();
         assert_eq!(recent.iter().map(|r| r.keys[0]).collect::<Vec<_>>(), vec![key(3), key(2)]);
         assert_eq!(store.latest_run("a").unwrap().unwrap().keys, vec![key(3)]);
         assert!(store.latest_run("c").unwrap().is_none());
+        assert_eq!(store.prune_runs(1).unwrap(), 2);
+        assert_eq!(store.recent_runs(5).unwrap().len(), 1);
+        assert_eq!(store.latest_run("a").unwrap().unwrap().keys, vec![key(3)], "the latest per label stays");
     }
 }

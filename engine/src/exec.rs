@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use cache::{Artifact, ContentHash, RunRecord, Store};
+use cache::{Artifact, ContentHash, RunRecord, RunSummary, Store};
 use serde_json::json;
 
 use crate::error::EngineError;
@@ -69,6 +69,7 @@ enum Done {
 /// Run every stage of the recipe that is not cached.
 pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunReport, EngineError> {
     let jobs = opts.jobs.max(1);
+    let started = (std::time::SystemTime::now(), Instant::now());
     let (raw, previous) = prepare(recipe, store)?;
 
     let n = recipe.stages.len();
@@ -174,7 +175,7 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
             None => report.not_run.push(recipe.stages[id].name.clone()),
         }
     }
-    record_run(store, recipe, &report, previous, preimages)?;
+    record_run(store, recipe, &report, previous, preimages, started)?;
     Ok(report)
 }
 
@@ -310,6 +311,7 @@ fn record_run(
     report: &RunReport,
     mut previous: BTreeMap<String, Preimage>,
     built: BTreeMap<String, Preimage>,
+    (started, clock): (std::time::SystemTime, Instant),
 ) -> Result<(), EngineError> {
     let finished: std::collections::HashSet<&str> = report.outcomes.iter().map(|o| o.name.as_str()).collect();
     for (name, preimage) in built {
@@ -322,6 +324,16 @@ fn record_run(
         label: recipe.name.clone(),
         keys: report.outcomes.iter().map(|o| o.key).collect(),
         detail: json!({ "recipe": recipe.path.display().to_string(), "stages": previous }),
+        summary: Some(RunSummary {
+            started: started.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            seconds: clock.elapsed().as_secs_f64(),
+            recipe: recipe.path.display().to_string(),
+            ran: report.outcomes.iter().filter(|o| o.action == Action::Run).count(),
+            cached: report.outcomes.iter().filter(|o| o.action == Action::Cached).count(),
+            failed: usize::from(report.failure.is_some()),
+            not_run: report.not_run.len() - usize::from(report.failure.is_some()),
+            interrupted: report.interrupted,
+        }),
     };
     store.record_run(&record)?;
     Ok(())

@@ -210,13 +210,18 @@ fn add_speculative(results: &mut serde_json::Value, metrics: &mut Metrics, spec:
     }
 }
 
+/// What [`answer`] gives back.
+struct Answers {
+    samples: Vec<serde_json::Value>,
+    speculative: Option<Speculation>,
+    /// Tokens decoded without the draft, and their seconds.
+    plain_decoding: (usize, f64),
+}
+
 /// A sample per prompt (each with the next seed), with its reference answer when there is one;
-/// decoded speculatively when a `draft` is wired (then with what the draft did).
-fn answer(
-    ctx: &StageCtx<'_>,
-    lm: &LoadedModel,
-    prompts: &[(String, Option<String>)],
-) -> Result<(Vec<serde_json::Value>, Option<Speculation>), StageError> {
+/// decoded speculatively when a `draft` is wired (then with what the draft did). Also the
+/// tokens decoded without the draft and their seconds, for the decoding speed.
+fn answer(ctx: &StageCtx<'_>, lm: &LoadedModel, prompts: &[(String, Option<String>)]) -> Result<Answers, StageError> {
     let p = ctx.params();
     let draft_lm = match ctx.input("draft") {
         Some(Input::Artifact { artifact, .. }) => Some(LoadedModel::load(&artifact.dir)?),
@@ -235,27 +240,34 @@ fn answer(
         stop_at_eot: p.bool("stop_at_eot"),
     };
     let mut samples = Vec::new();
+    let mut plain_decoding = (0, 0.0);
     for (i, (prompt, reference)) in prompts.iter().enumerate() {
         ctx.check_cancelled()?;
         ctx.progress().set_message(&format!("sample {}", i + 1));
         let seeded = GenOptions { seed: opts.seed.wrapping_add(i as u64), ..opts };
         let started = std::time::Instant::now();
         let (text, s) = generate_with_draft(lm, draft, prompt, seeded, |_| {})?;
-        if let Some(total) = &mut spec {
-            total.seconds += started.elapsed().as_secs_f64();
-            total.stats.add(&s);
-            // The same sample without the draft, for the speed-up (and, greedy, the same text).
-            let started = std::time::Instant::now();
-            let plain = generate_with_draft(lm, None, prompt, seeded, |_| {})?.0;
-            total.plain_seconds += started.elapsed().as_secs_f64();
-            total.same_text &= plain == text;
+        let seconds = started.elapsed().as_secs_f64();
+        match &mut spec {
+            None => plain_decoding = (plain_decoding.0 + s.tokens, plain_decoding.1 + seconds),
+            Some(total) => {
+                total.seconds += seconds;
+                total.stats.add(&s);
+                // The same sample without the draft, for the speed-up (and, greedy, the same text).
+                let started = std::time::Instant::now();
+                let (plain, plain_stats) = generate_with_draft(lm, None, prompt, seeded, |_| {})?;
+                let seconds = started.elapsed().as_secs_f64();
+                total.plain_seconds += seconds;
+                total.same_text &= plain == text;
+                plain_decoding = (plain_decoding.0 + plain_stats.tokens, plain_decoding.1 + seconds);
+            }
         }
         samples.push(match reference {
             Some(reference) => json!({ "prompt": prompt, "reference": reference, "text": text }),
             None => json!({ "prompt": prompt, "text": text }),
         });
     }
-    Ok((samples, spec))
+    Ok(Answers { samples, speculative: spec, plain_decoding })
 }
 
 /// Instruction examples: the loss of the held-out responses (prompts are not scored, as in
@@ -311,7 +323,7 @@ fn scored_with_samples(
     (val_loss, bits_per_byte, tokens, bytes): (f64, f64, usize, usize),
     extra: Option<(&str, serde_json::Value)>,
 ) -> Result<Metrics, StageError> {
-    let (samples, speculative) = answer(ctx, lm, prompts)?;
+    let Answers { samples, speculative, plain_decoding: (decoded, seconds) } = answer(ctx, lm, prompts)?;
     let mut results = json!({
         "val_loss": val_loss,
         "perplexity": val_loss.exp(),
@@ -324,6 +336,9 @@ fn scored_with_samples(
         results[key] = value;
     }
     let mut metrics = loss_metrics(val_loss, bits_per_byte, tokens, samples.len());
+    if decoded > 0 {
+        metrics.insert("decode_tokens_per_s".into(), json!(round(decoded as f64 / seconds.max(1e-9), 1)));
+    }
     add_speculative(&mut results, &mut metrics, speculative);
     write_results(ctx, &results)?;
     Ok(metrics)
