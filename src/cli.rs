@@ -69,6 +69,15 @@ pub enum Command {
         #[arg(long)]
         csv: bool,
     },
+    /// Write one self-contained HTML file about a recipe's built artifacts: the DAG, loss
+    /// curves, the compare table, samples, and each stage's time and throughput
+    Report {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// Where to write it [default: the recipe's name with `.html`, in the current directory]
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Past runs, newest first: when, which recipe, stages run, cached and failed, seconds
     Runs {
         /// How many to show

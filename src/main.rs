@@ -9,6 +9,7 @@ mod compare;
 mod diagnostic;
 mod output;
 mod progress;
+mod report;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -144,6 +145,21 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             } else {
                 print!("{}", table.table());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { recipe, output } => {
+            let recipe = load(&recipe, &registry)?;
+            let store = open_store(&cli.cache)?;
+            let plan = engine::plan(&recipe, &store)?;
+            let table = compare::compare(&recipe, &plan);
+            let html =
+                report::render(&recipe, &plan, &table).map_err(|e| Fail::Other(format!("drawing the report: {e}")))?;
+            let path = output.unwrap_or_else(|| PathBuf::from(format!("{}.html", recipe.name)));
+            let tmp = path.with_extension("html.tmp");
+            std::fs::write(&tmp, html)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .map_err(|e| Fail::Other(format!("writing `{}`: {e}", path.display())))?;
+            println!("wrote {}", path.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Runs { limit, json } => {

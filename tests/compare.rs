@@ -4,7 +4,7 @@
 use crate::util::{assert_success, Sandbox};
 
 /// train.toml with pretrain swept over two learning rates and a model nothing evaluates.
-const SWEPT: &str = r#"[recipe]
+pub const SWEPT: &str = r#"[recipe]
 name = "lrs"
 extends = "train.toml"
 
@@ -22,7 +22,7 @@ batch_size = 2
 max_steps = 2
 "#;
 
-fn stdout(sb: &Sandbox, args: &[&str]) -> String {
+pub fn stdout(sb: &Sandbox, args: &[&str]) -> String {
     let out = sb.tinygpt(args);
     assert_success(&out);
     String::from_utf8(out.stdout).unwrap()
