@@ -36,8 +36,11 @@ td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}\
 .curves{display:flex;flex-wrap:wrap;gap:1em}.dag,.wide{overflow-x:auto}\
 pre{white-space:pre-wrap;background:#f7f7f7;padding:.6em;border-radius:4px}.note{color:#666}";
 
-/// A stage's training log: (step, train loss) and (step, validation loss) points.
-fn curves(artifact: &engine::cache::Artifact) -> Option<(Vec<(f64, f64)>, Vec<(f64, f64)>)> {
+/// (step, loss) points of one line of a chart.
+type Line = Vec<(f64, f64)>;
+
+/// A stage's training log: the train loss and the validation loss against step.
+fn curves(artifact: &engine::cache::Artifact) -> Option<(Line, Line)> {
     let text = std::fs::read_to_string(artifact.path(stages::train::METRICS_FILE)).ok()?;
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {
