@@ -272,3 +272,45 @@ fn real_data_shakespeare_char_reaches_the_validation_loss_of_nanogpt() {
         eprintln!("not checking the 1.90 bar: this machine trains other bits than {SHAKESPEARE_MEASURED_ON}");
     }
 }
+
+/// Issue 16, item 3: raising `max_steps` of a warmup-stable-decay run continues from the
+/// shorter run's state at the end of its stable phase, bit-identical to a run from scratch.
+#[test]
+fn a_longer_wsd_run_continues_from_the_shorter_one_bit_for_bit() {
+    let wsd = |sb: &Sandbox| {
+        let text = std::fs::read_to_string(sb.path("train.toml")).unwrap();
+        assert!(text.contains("max_steps = 60\n"));
+        sb.write("wsd.toml", text.replace("max_steps = 60\n", "max_steps = 50\nschedule = \"wsd\"\n"));
+    };
+    let sb = Sandbox::new();
+    wsd(&sb);
+    let short = sb.run_json("wsd.toml", &["--set", "pretrain.max_steps=30"]);
+    assert!(stage(&short, "pretrain")["metrics"]["reused_steps"].is_null());
+    // 30 steps, the last 30 / 5 decaying: the state after step 24 is shared.
+    let family = sb.store().join("families");
+    let shared: Vec<_> =
+        std::fs::read_dir(&family).unwrap().flat_map(|f| std::fs::read_dir(f.unwrap().path()).unwrap()).collect();
+    assert_eq!(shared.len(), 1);
+    assert_eq!(shared[0].as_ref().unwrap().file_name(), "step-000000000024");
+
+    let table = sb.tinygpt(&["run", "wsd.toml"]);
+    assert_success(&table);
+    let text = String::from_utf8_lossy(&table.stdout);
+    let line = text.lines().find(|l| l.starts_with("pretrain")).unwrap();
+    assert!(line.contains("reused_steps=24") && line.contains("steps=50"), "{text}");
+    let longer = sb.run_json("wsd.toml", &[]);
+
+    let scratch = Sandbox::new();
+    wsd(&scratch);
+    let fresh = scratch.run_json("wsd.toml", &[]);
+    assert!(stage(&fresh, "pretrain")["metrics"]["reused_steps"].is_null());
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, "pretrain"))["content_digest"].clone();
+    assert_eq!(digest(&sb, &longer), digest(&scratch, &fresh), "the continued run's bytes are a fresh run's");
+    assert_eq!(key(&longer, "evaluate"), key(&fresh, "evaluate"));
+
+    // gc keeps a family directory while an artifact of the family is kept.
+    assert_success(&sb.tinygpt(&["cache", "gc", "wsd.toml", "--keep-runs", "0"]));
+    assert_eq!(std::fs::read_dir(&family).unwrap().count(), 1, "kept: the recipe's pretrain names it");
+    assert_success(&sb.tinygpt(&["cache", "gc", "--keep-runs", "0"]));
+    assert_eq!(std::fs::read_dir(&family).unwrap().count(), 0, "no kept artifact names it");
+}

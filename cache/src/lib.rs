@@ -21,4 +21,4 @@ pub use lock::KeyLock;
 pub use manifest::{FileEntry, Manifest, MANIFEST_FORMAT};
 pub use runs::{RunRecord, RunSummary};
 pub use statcache::{list_files, StatCache};
-pub use store::{Artifact, GcReport, Staging, Store, VerifyProblem};
+pub use store::{Artifact, GcReport, Staging, Store, VerifyProblem, FAMILY_META};

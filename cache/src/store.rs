@@ -4,6 +4,8 @@
 //! - `objects/<key>/`: published artifacts, each with `manifest.json`;
 //! - `tmp/<key>/`: an artifact being written; only the holder of the key's lock touches it;
 //! - `work/<key>/`: a stage's checkpoints, kept across interrupted runs, removed on publish;
+//! - `families/<family key>/`: what runs of a stage that differ only in their length share
+//!   (checkpoints a longer run continues from), kept while an artifact naming it is kept;
 //! - `locks/<key>.lock`: per-key lock files;
 //! - `corrupt/`: artifacts that failed verification, moved aside rather than deleted;
 //! - `runs/`: run records; `statcache.json`: digests of raw inputs.
@@ -80,7 +82,10 @@ pub struct Store {
     root: PathBuf,
 }
 
-const DIRS: [&str; 6] = ["objects", "tmp", "work", "locks", "corrupt", "runs/latest"];
+/// The manifest `meta` key naming the family directory ([`Store::family_dir`]) of an artifact.
+pub const FAMILY_META: &str = "family";
+
+const DIRS: [&str; 7] = ["objects", "tmp", "work", "families", "locks", "corrupt", "runs/latest"];
 
 impl Store {
     /// Open (creating if needed) the store at `root`.
@@ -298,13 +303,27 @@ impl Store {
         Ok(None)
     }
 
-    /// Remove every artifact whose key is not in `keep`, everything in `corrupt/`, and staging
-    /// and work directories that no running process holds.
+    /// The directory runs of one family share (checkpoints a longer run continues from),
+    /// created if needed. The family key goes into the manifests of the artifacts the family
+    /// built, under [`FAMILY_META`], so that `gc` keeps it as long as one of them is kept.
+    pub fn family_dir(&self, family: &ContentHash) -> Result<PathBuf> {
+        let dir = self.root.join("families").join(family.to_hex());
+        std::fs::create_dir_all(&dir).ctx("creating", &dir)?;
+        Ok(dir)
+    }
+
+    /// Remove every artifact whose key is not in `keep`, every family directory no kept
+    /// artifact names, everything in `corrupt/`, and staging and work directories that no
+    /// running process holds.
     pub fn gc(&self, keep: &HashSet<ContentHash>) -> Result<GcReport> {
         let mut report = GcReport::default();
+        let mut families = HashSet::new();
         for key in self.object_keys()? {
             if keep.contains(&key) {
                 report.kept += 1;
+                if let Ok(m) = Manifest::read(&self.object_dir(&key)) {
+                    families.extend(m.meta[FAMILY_META].as_str().map(str::to_string));
+                }
                 continue;
             }
             let Some(_lock) = KeyLock::try_acquire(&self.lock_path(&key))? else { continue };
@@ -312,6 +331,15 @@ impl Store {
             report.freed_bytes += dir_size(&dir);
             remove_dir_if_exists(&dir)?;
             report.removed += 1;
+        }
+        let family_root = self.root.join("families");
+        for entry in std::fs::read_dir(&family_root).ctx("listing", &family_root)? {
+            let path = entry.ctx("listing", &family_root)?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if !families.contains(&name) {
+                report.freed_bytes += dir_size(&path);
+                remove_dir_if_exists(&path)?;
+            }
         }
         let corrupt = self.root.join("corrupt");
         report.freed_bytes += dir_size(&corrupt);

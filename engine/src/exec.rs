@@ -128,16 +128,20 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 let inputs = stage_inputs(recipe, id, &artifacts);
                 preimages.insert(stage.name.clone(), preimage.clone());
                 let tx = tx.clone();
-                let meta = json!({
+                let family = preimage.family_key(stage.kind.run_length_params());
+                let mut meta = json!({
                     "recipe": recipe.name,
                     "stage": stage.name,
                     "kind": stage.kind.kind(),
                     "params": stage.params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
                     "preimage": preimage,
                 });
+                if let Some(family) = family {
+                    meta[cache::FAMILY_META] = json!(family.to_hex());
+                }
                 running += 1;
                 scope.spawn(move || {
-                    let done = try_execute(stage, key, meta, &inputs, store, opts)
+                    let done = try_execute(stage, key, family, meta, &inputs, store, opts)
                         .unwrap_or_else(|e| Done::Failed { message: e.to_string(), bad_input: false });
                     let _ = tx.send((id, done));
                 });
@@ -232,6 +236,7 @@ fn stage_inputs(recipe: &Recipe, id: StageId, artifacts: &[Option<Artifact>]) ->
 fn try_execute(
     stage: &ResolvedStage,
     key: ContentHash,
+    family: Option<ContentHash>,
     meta: serde_json::Value,
     inputs: &BTreeMap<&'static str, Input>,
     store: &Store,
@@ -249,6 +254,7 @@ fn try_execute(
         store.abandon(staging)?;
         return Ok(Done::Finished(Box::new(cached_outcome(stage, key, artifact, 0.0))));
     }
+    let family_dir = family.map(|f| store.family_dir(&f)).transpose()?;
     let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
     let start = Instant::now();
     let ctx = StageCtx {
@@ -260,6 +266,7 @@ fn try_execute(
         inputs,
         progress: progress.as_ref(),
         cancel: opts.cancel,
+        family_dir: family_dir.as_deref(),
     };
     let run = || std::panic::catch_unwind(AssertUnwindSafe(|| stage.kind.run(&ctx)));
     let result = match stage.threads {

@@ -56,6 +56,18 @@ impl Preimage {
         }
     }
 
+    /// The key of this preimage without the named parameters: shared by runs that differ only
+    /// in them ([`crate::Stage::run_length_params`]). `None` when there are none to leave out.
+    pub fn family_key(&self, without: &[&str]) -> Option<ContentHash> {
+        if without.is_empty() {
+            return None;
+        }
+        let mut family = self.clone();
+        family.format = format!("{KEY_FORMAT}/family");
+        family.params.retain(|name, _| !without.contains(&name.as_str()));
+        Some(family.key())
+    }
+
     /// blake3 over a length-prefixed encoding of every field but the inputs' `from`.
     pub fn key(&self) -> ContentHash {
         let mut h = blake3::Hasher::new();
@@ -218,5 +230,18 @@ mod tests {
         assert_eq!(diff(&base, &i)[0].to_string(), "input `data` changed (stage `tokenize`)");
 
         assert_eq!(diff(&base, &base), vec![DirtyReason::ArtifactMissing]);
+    }
+
+    #[test]
+    fn runs_that_differ_only_in_their_length_share_a_family() {
+        let base = preimage();
+        let mut longer = base.clone();
+        longer.params.insert("seq_len".into(), "512".into());
+        assert_eq!(base.family_key(&["seq_len"]), longer.family_key(&["seq_len"]));
+        assert_ne!(base.family_key(&["seq_len"]), Some(base.key()), "a family key is not an artifact key");
+        let mut other = longer.clone();
+        other.seed = Some(9);
+        assert_ne!(base.family_key(&["seq_len"]), other.family_key(&["seq_len"]));
+        assert_eq!(base.family_key(&[]), None);
     }
 }

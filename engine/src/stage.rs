@@ -135,6 +135,13 @@ pub trait Stage: Send + Sync {
     fn volatile_outputs(&self) -> &'static [&'static str] {
         &[]
     }
+    /// Parameters that only say how long the stage runs (a training stage's `max_steps`): runs
+    /// that differ only in them share [`StageCtx::family_dir`], where a shorter run leaves what
+    /// a longer one may continue from. The stage must guarantee the continued result equals a
+    /// run from scratch bit for bit.
+    fn run_length_params(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Where the token ids of the output come from.
     fn vocabulary(&self) -> Vocabulary {
         Vocabulary::None
@@ -182,6 +189,7 @@ pub struct StageCtx<'a> {
     pub(crate) inputs: &'a BTreeMap<&'static str, Input>,
     pub(crate) progress: &'a dyn StageProgress,
     pub(crate) cancel: &'a AtomicBool,
+    pub(crate) family_dir: Option<&'a Path>,
 }
 
 impl<'a> StageCtx<'a> {
@@ -197,7 +205,11 @@ impl<'a> StageCtx<'a> {
         progress: &'a dyn StageProgress,
         cancel: &'a AtomicBool,
     ) -> Self {
-        StageCtx { stage, params, seed, out_dir, work_dir, inputs, progress, cancel }
+        StageCtx { stage, params, seed, out_dir, work_dir, inputs, progress, cancel, family_dir: None }
+    }
+    /// The same context with a family directory (see [`StageCtx::family_dir`]).
+    pub fn with_family_dir(self, dir: &'a Path) -> Self {
+        StageCtx { family_dir: Some(dir), ..self }
     }
     pub fn stage(&self) -> &str {
         self.stage
@@ -216,6 +228,14 @@ impl<'a> StageCtx<'a> {
     }
     pub fn work_dir(&self) -> &Path {
         self.work_dir
+    }
+    /// For a kind with [`Stage::run_length_params`]: a directory shared by every run of this
+    /// stage that differs from this one at most in those parameters (the same inputs, seed
+    /// and other parameters), kept across runs. A run leaves checkpoints there that a longer
+    /// run starts from; each entry must be written atomically and depend only on the shared
+    /// key. `None` for other kinds.
+    pub fn family_dir(&self) -> Option<&Path> {
+        self.family_dir
     }
     pub fn input(&self, slot: &str) -> Option<&Input> {
         self.inputs.get(slot)

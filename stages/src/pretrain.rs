@@ -129,6 +129,12 @@ impl Stage for Pretrain {
     fn volatile_outputs(&self) -> &'static [&'static str] {
         &[METRICS_FILE]
     }
+    /// With `schedule = "wsd"`, a longer run continues from a shorter one's state at the end
+    /// of its stable phase (the sampler's order and the learning rate up to there do not
+    /// depend on `max_steps`).
+    fn run_length_params(&self) -> &'static [&'static str] {
+        &["max_steps"]
+    }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         let cfg = model_config(p, 2, p.opt_usize("block_size").unwrap_or(1));

@@ -173,7 +173,10 @@ pub struct Outcome {
     /// The last evaluation.
     pub val: Validation,
     pub tokens_per_s: f64,
+    /// The step of the checkpoint in the work directory this run resumed from.
     pub resumed_from: Option<u64>,
+    /// The steps taken from a shorter run of the same family ([`StageCtx::family_dir`]).
+    pub reused_steps: Option<u64>,
 }
 
 /// What trains: the model, the parameters a fresh run starts from, which of them train (a
@@ -196,7 +199,12 @@ pub fn train(
     let Trainee { model, fresh, mut grads, opts } = trainee;
     let resumed = TrainState::load(ctx.work_dir(), &fresh, &grads)?;
     let resumed_from = resumed.as_ref().map(|s| s.progress.step);
-    let mut state = resumed.unwrap_or_else(|| TrainState {
+    let shared = match (&resumed, ctx.family_dir(), spec.schedule.stable_until()) {
+        (None, Some(family), Some(stable)) => family_checkpoint(family, stable, &fresh, &grads)?,
+        _ => None,
+    };
+    let reused_steps = shared.as_ref().map(|s| s.progress.step);
+    let mut state = resumed.or(shared).unwrap_or_else(|| TrainState {
         opt: AdamWState::new(&grads),
         progress: Progress { step: 0, data: data.start(), elapsed: 0.0, log: Vec::new() },
         params: fresh,
@@ -270,16 +278,68 @@ pub fn train(
             state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
             state.save(ctx.work_dir())?;
         }
+        if let (Some(family), Some(stable)) = (ctx.family_dir(), spec.schedule.stable_until()) {
+            if step == stable {
+                state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
+                share_checkpoint(family, &state)?;
+            }
+        }
     }
     let seconds = started.elapsed().as_secs_f64();
-    let trained = state.progress.step - resumed_from.unwrap_or(0);
+    let trained = state.progress.step - resumed_from.or(reused_steps).unwrap_or(0);
     Ok(Outcome {
         last_loss,
         val,
         tokens_per_s: (trained * tokens_per_step) as f64 / seconds.max(1e-9),
         resumed_from,
+        reused_steps,
         state,
     })
+}
+
+/// The name of a shared checkpoint taken after `step` steps.
+fn shared_name(step: u64) -> String {
+    format!("step-{step:012}")
+}
+
+/// The latest checkpoint in a family directory taken at or before `stable` (this run's last
+/// step at the peak learning rate), where its state equals this run's at the same step.
+fn family_checkpoint(
+    family: &std::path::Path,
+    stable: u64,
+    fresh: &ParamMap,
+    grads: &ParamMap,
+) -> Result<Option<TrainState>, StageError> {
+    let Ok(entries) = std::fs::read_dir(family) else { return Ok(None) };
+    let best = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("step-")?.parse::<u64>().ok())
+        .filter(|step| (1..=stable).contains(step))
+        .max();
+    match best {
+        Some(step) => TrainState::load(&family.join(shared_name(step)), fresh, grads),
+        None => Ok(None),
+    }
+}
+
+/// Leave the state at the end of the stable phase where a longer run of the same family finds
+/// it: written into a temporary directory and renamed, so a reader sees all of it or nothing.
+fn share_checkpoint(family: &std::path::Path, state: &TrainState) -> Result<(), StageError> {
+    let target = family.join(shared_name(state.progress.step));
+    if target.exists() {
+        return Ok(());
+    }
+    let tmp = family.join(format!(".tmp-{}-{}", std::process::id(), state.progress.step));
+    std::fs::create_dir_all(&tmp).map_err(|e| crate::fail(format!("creating `{}`", tmp.display()))(&e))?;
+    state.save(&tmp)?;
+    match std::fs::rename(&tmp, &target) {
+        Ok(()) => Ok(()),
+        // Another run of the family got there first, with the same bytes.
+        Err(_) if target.exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(())
+        }
+        Err(e) => Err(crate::fail(format!("renaming `{}`", target.display()))(&e)),
+    }
 }
 
 impl Outcome {
@@ -304,6 +364,9 @@ impl Outcome {
         ]);
         for (name, value) in &self.val.figures {
             metrics.insert(name.clone(), json!(round(*value, 4)));
+        }
+        if let Some(step) = self.reused_steps {
+            metrics.insert("reused_steps".into(), json!(step));
         }
         if let Some(step) = self.resumed_from {
             metrics.insert("resumed_from_step".into(), json!(step));

@@ -120,6 +120,16 @@ pub enum Schedule {
 }
 
 impl Schedule {
+    /// With warmup-stable-decay: the steps before the decay begins. Up to there the learning
+    /// rate does not depend on the run's length, so a longer run with the same settings
+    /// passes through the same states.
+    pub fn stable_until(&self) -> Option<u64> {
+        match *self {
+            Schedule::Wsd { decay_start, .. } => Some(decay_start),
+            _ => None,
+        }
+    }
+
     pub fn lr(&self, step: u64) -> f64 {
         let (peak, warmup) = match *self {
             Schedule::Cosine { lr, warmup, .. }
