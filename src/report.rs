@@ -31,7 +31,7 @@ fn escape(text: &str) -> String {
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}\
 h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}\
-table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}\
+table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;white-space:nowrap}\
 td:first-child,th:first-child{text-align:left}th{background:#f4f4f4}\
 .curves{display:flex;flex-wrap:wrap;gap:1em}.dag,.wide{overflow-x:auto}\
 pre{white-space:pre-wrap;background:#f7f7f7;padding:.6em;border-radius:4px}.note{color:#666}";
