@@ -5,6 +5,7 @@ mod caching; // reruns do only the work whose inputs changed; plan says why
 mod cli; // help, dag, summary table, docs generated from the code
 mod compare; // compare: a row per evaluated model, as a table, JSON and CSV; the run history
 mod distill_align; // teacher logits, distill, preference data, reference log-probs, align; caching and resume
+mod evaluate_tasks; // evaluate on raw text, multiple-choice and exact-match benchmarks, bad rows
 mod export; // GGUF files checked by gguf-py and llama.cpp, the Hugging Face folder
 mod finetune; // instructions and sft: LoRA adapters in PEFT layout, merged models, reruns, exact resume
 mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data when present

@@ -24,7 +24,7 @@ use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
 use crate::preferences::VAL_FILE as PREFERENCES_VAL_FILE;
 use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
-use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, QUANTIZED_MODEL, REFERENCE};
+use crate::{fail, round, EVAL, EXAMPLES, MODEL, PACKED, PREFERENCES, QUANTIZED_MODEL, REFERENCE, TEXT};
 
 pub struct Evaluate;
 
@@ -45,6 +45,20 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::float("top_p", 1.0, 0.0, 1.0, "sample among the most likely tokens whose probability reaches top_p"),
     ParamSpec::bool("stop_at_eot", true, "end a sample at the end-of-text token"),
     ParamSpec::int("draft_tokens", 4, 1, 64, "with a `draft`: tokens it proposes per verification"),
+    ParamSpec::choice(
+        "task",
+        "auto",
+        &["auto", "loss", "multiple_choice", "exact_match"],
+        "`loss` of the data (`auto`); `multiple_choice` (JSONL rows `ctx`, `endings`, `label`) or `exact_match` (JSONL rows `question`, `answer` ending `#### N`)",
+    ),
+    ParamSpec::choice(
+        "format",
+        "auto",
+        &["auto", "text", "jsonl", "parquet"],
+        "raw text data: its format; `auto` goes by file extension",
+    ),
+    ParamSpec::string("field", Some("text"), "raw text data: the JSONL field or Parquet column holding the text"),
+    ParamSpec::opt_int("max_examples", 1, 1 << 40, "benchmark tasks: score only the first this many rows"),
     ParamSpec::int(
         "instruction_samples",
         3,
@@ -63,9 +77,9 @@ const INPUTS: &[InputSpec] = &[
     },
     InputSpec {
         name: "data",
-        accepts: Accepts::Artifact(&[PACKED, EXAMPLES, PREFERENCES]),
+        accepts: Accepts::RawOrArtifact(&[PACKED, EXAMPLES, PREFERENCES, TEXT]),
         required: true,
-        doc: "a `pack`, `instructions` (responses only) or `preferences` stage; its validation split is evaluated",
+        doc: "a `pack`, `instructions` (responses only) or `preferences` stage, whose validation split is evaluated; raw text (a file, a directory, JSONL or Parquet, or a `corpus` stage), tokenized with the model's tokenizer; or a benchmark's JSONL file (see `task`)",
     },
     InputSpec {
         name: "draft",
@@ -108,15 +122,28 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, ty, stage: data_stage },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
+        let Input::Artifact { artifact: model_dir, stage: model_stage, .. } = ctx.required_input("model") else {
+            unreachable!("`model` accepts only artifacts");
         };
         let p = ctx.params();
         let lm = LoadedModel::load(&model_dir.dir)?;
+        let data_input = ctx.required_input("data");
+        match (p.str("task"), data_input) {
+            ("multiple_choice" | "exact_match", Input::Raw { .. }) => return evaluate_task(ctx, &lm, data_input),
+            ("multiple_choice" | "exact_match", _) => {
+                return Err(StageError::msg(format!(
+                    "task `{}` reads a benchmark's JSONL file, and `data` is stage `{}`: give it the file's path",
+                    p.str("task"),
+                    crate::tasks::shown(data_input)
+                )))
+            }
+            (_, Input::Raw { .. }) => return evaluate_text(ctx, &lm, data_input),
+            (_, Input::Artifact { ty, .. }) if *ty == TEXT => return evaluate_text(ctx, &lm, data_input),
+            _ => {}
+        }
+        let Input::Artifact { artifact: data, ty, stage: data_stage } = data_input else {
+            unreachable!("raw inputs are handled above");
+        };
         if *ty != PREFERENCES && ctx.input("reference").is_some() {
             return Err(StageError::msg(format!(
                 "a `reference` scores preference pairs, and stage `{data_stage}` holds other data: wire `data` to a `preferences` stage"
@@ -137,44 +164,85 @@ impl Stage for Evaluate {
             return evaluate_preferences(ctx, &lm, data, reference.as_ref());
         }
         let blocks = read_blocks(&data.path(VAL_FILE))?;
-        let t = blocks.width - 1;
-        if t > lm.cfg().block_size {
-            return Err(StageError::msg(format!(
-                "the data's blocks hold {t} tokens, more than the model's block size {}",
-                lm.cfg().block_size
-            )));
-        }
-        if let Some(bad) = blocks.tokens.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
-            return Err(StageError::msg(format!(
-                "the data has token {bad}, outside the model's vocabulary of {}: were they made with another tokenizer?",
-                lm.cfg().vocab_size
-            )));
-        }
-        if blocks.tokens.is_empty() {
-            return Err(StageError::msg("the data has no validation blocks: give `pack` a `val_fraction` above 0"));
-        }
-        let batch = p.usize("batch_size").min(blocks.rows()).max(1);
-        let max_batches = p.opt_usize("max_batches");
-        let progress = ctx.progress();
-        progress.set_message("validation loss");
-        progress.set_length(blocks.rows_scored(batch, max_batches) as u64, "blocks");
-        let mut acts = Activations::inference(&lm.model, batch, t);
-        let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, max_batches, |rows| {
-            progress.set_position(rows as u64);
-            ctx.check_cancelled()
-        })?;
-        let (val_loss, tokens) = (scored.mean, scored.tokens);
-
-        // The predicted tokens are the stream of the scored blocks after its first token (any
-        // padding ends the stream, and is not predicted).
-        let stream = stream_of(&blocks.tokens[..scored.rows * blocks.width], blocks.width);
-        let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
-        let bytes = text.len();
-        let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
-
-        let prompts: Vec<(String, Option<String>)> = p.str_list("prompts").iter().map(|s| (s.clone(), None)).collect();
-        scored_with_samples(ctx, &lm, &prompts, (val_loss, bits_per_byte, tokens, bytes), None)
+        evaluate_blocks(ctx, &lm, blocks)
     }
+}
+
+/// Raw text: every document tokenized with the model's tokenizer, followed by its end-of-text
+/// token, and cut into blocks of the model's block size as `pack` cuts them.
+fn evaluate_text(ctx: &StageCtx<'_>, lm: &LoadedModel, input: &Input) -> Result<Metrics, StageError> {
+    let p = ctx.params();
+    let format = match p.str("format") {
+        "text" => Some(crate::text_source::Format::Text),
+        "jsonl" => Some(crate::text_source::Format::Jsonl),
+        "parquet" => Some(crate::text_source::Format::Parquet),
+        _ => None,
+    };
+    let opts = crate::text_source::SourceOptions { format, field: p.str("field"), doc_separator: None };
+    let docs = crate::text_source::read_documents(input, &opts)?;
+    ctx.progress().set_message("tokenizing");
+    let ids = docs.iter().map(|d| crate::tasks::encode(lm, d)).collect::<Result<Vec<_>, _>>()?;
+    evaluate_blocks(ctx, lm, crate::tasks::text_blocks(&ids, lm.eot, lm.cfg().block_size))
+}
+
+/// A benchmark task: multiple choice or exact match, with every row's result in `eval.json`.
+fn evaluate_task(ctx: &StageCtx<'_>, lm: &LoadedModel, input: &Input) -> Result<Metrics, StageError> {
+    let p = ctx.params();
+    let limit = p.opt_usize("max_examples");
+    let (results, metrics) = match p.str("task") {
+        "multiple_choice" => crate::tasks::multiple_choice(ctx, lm, input, limit, p.usize("batch_size"))?,
+        _ => crate::tasks::exact_match(ctx, lm, input, limit, p.usize("max_new_tokens"))?,
+    };
+    write_results(ctx, &results)?;
+    Ok(metrics)
+}
+
+/// Blocks of validation text: loss, perplexity, bits per byte, and samples.
+fn evaluate_blocks(
+    ctx: &StageCtx<'_>,
+    lm: &LoadedModel,
+    blocks: crate::arrow_io::Blocks,
+) -> Result<Metrics, StageError> {
+    let p = ctx.params();
+    let t = blocks.width - 1;
+    if t > lm.cfg().block_size {
+        return Err(StageError::msg(format!(
+            "the data's blocks hold {t} tokens, more than the model's block size {}",
+            lm.cfg().block_size
+        )));
+    }
+    if let Some(bad) = blocks.tokens.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
+        return Err(StageError::msg(format!(
+            "the data has token {bad}, outside the model's vocabulary of {}: were they made with another tokenizer?",
+            lm.cfg().vocab_size
+        )));
+    }
+    if blocks.tokens.is_empty() {
+        return Err(StageError::msg(
+            "the data has no validation blocks: give `pack` a `val_fraction` above 0, or more text",
+        ));
+    }
+    let batch = p.usize("batch_size").min(blocks.rows()).max(1);
+    let max_batches = p.opt_usize("max_batches");
+    let progress = ctx.progress();
+    progress.set_message("validation loss");
+    progress.set_length(blocks.rows_scored(batch, max_batches) as u64, "blocks");
+    let mut acts = Activations::inference(&lm.model, batch, t);
+    let scored = mean_loss(&lm.model, &lm.params, &blocks, &mut acts, max_batches, |rows| {
+        progress.set_position(rows as u64);
+        ctx.check_cancelled()
+    })?;
+    let (val_loss, tokens) = (scored.mean, scored.tokens);
+
+    // The predicted tokens are the stream of the scored blocks after its first token (any
+    // padding ends the stream, and is not predicted).
+    let stream = stream_of(&blocks.tokens[..scored.rows * blocks.width], blocks.width);
+    let text = lm.tokenizer.decode(&stream[1..=tokens], true).map_err(|e| fail("decoding validation text")(&*e))?;
+    let bytes = text.len();
+    let bits_per_byte = val_loss * tokens as f64 / std::f64::consts::LN_2 / bytes.max(1) as f64;
+
+    let prompts: Vec<(String, Option<String>)> = p.str_list("prompts").iter().map(|s| (s.clone(), None)).collect();
+    scored_with_samples(ctx, lm, &prompts, (val_loss, bits_per_byte, tokens, bytes), None)
 }
 
 fn write_results(ctx: &StageCtx<'_>, results: &serde_json::Value) -> Result<(), StageError> {

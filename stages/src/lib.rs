@@ -25,6 +25,7 @@ pub mod pretrain;
 pub mod quantize;
 pub mod reference;
 pub mod sft;
+pub mod tasks;
 pub mod teacher;
 
 mod text_source;
