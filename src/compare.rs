@@ -17,12 +17,15 @@ struct Column {
 }
 
 /// Metrics of an evaluation, in the order they are shown.
-const EVAL_METRICS: [&str; 8] = [
+const EVAL_METRICS: [&str; 11] = [
     "val_loss",
     "bits_per_byte",
     "perplexity",
     "preference_accuracy",
     "reward_accuracy",
+    "mc_accuracy",
+    "mc_accuracy_normalized",
+    "exact_match",
     "decode_tokens_per_s",
     "draft_acceptance",
     "speculative_speedup",
@@ -62,17 +65,28 @@ fn quantization(recipe: &Recipe, id: usize) -> String {
     format!("{} int{} g{}", p("method"), p("bits"), p("group_size"))
 }
 
+/// The data an evaluation reads, as its column headers name it: the stage as the recipe writes
+/// it, or a raw input's file name.
+fn data_name(recipe: &Recipe, eval: usize) -> String {
+    let input = recipe.stages[eval].inputs.iter().find(|i| i.slot == "data");
+    match input.map(|i| &i.source) {
+        Some(engine::recipe::InputSource::Stage(d)) => recipe.stages[*d].template.clone(),
+        Some(engine::recipe::InputSource::Raw { path, shown }) => {
+            path.file_name().map_or_else(|| shown.clone(), |n| n.to_string_lossy().into_owned())
+        }
+        None => String::new(),
+    }
+}
+
 pub fn compare(recipe: &Recipe, plan: &[PlannedStage]) -> Comparison {
-    let evaluations: Vec<(usize, usize, Option<usize>)> = (0..recipe.stages.len())
+    let evaluations: Vec<(usize, usize, String)> = (0..recipe.stages.len())
         .filter(|&i| recipe.stages[i].kind.output() == stages::EVAL)
-        .filter_map(|i| Some((i, input_stage(recipe, i, "model")?, input_stage(recipe, i, "data"))))
+        .filter_map(|i| Some((i, input_stage(recipe, i, "model")?, data_name(recipe, i))))
         .collect();
-    let data_name = |d: Option<usize>| d.map(|d| recipe.stages[d].template.clone()).unwrap_or_default();
     let mut datasets: Vec<String> = Vec::new();
-    for (_, _, d) in &evaluations {
-        let name = data_name(*d);
-        if !datasets.contains(&name) {
-            datasets.push(name);
+    for (_, _, name) in &evaluations {
+        if !datasets.contains(name) {
+            datasets.push(name.clone());
         }
     }
 
@@ -81,8 +95,7 @@ pub fn compare(recipe: &Recipe, plan: &[PlannedStage]) -> Comparison {
     for dataset in &datasets {
         for metric in EVAL_METRICS {
             let present = evaluations.iter().any(|(e, _, d)| {
-                data_name(*d) == *dataset
-                    && plan[*e].artifact.as_ref().is_some_and(|a| !a.manifest.metrics[metric].is_null())
+                d == dataset && plan[*e].artifact.as_ref().is_some_and(|a| !a.manifest.metrics[metric].is_null())
             });
             if present {
                 let header = if datasets.len() > 1 { format!("{metric} ({dataset})") } else { metric.to_string() };
@@ -100,14 +113,13 @@ pub fn compare(recipe: &Recipe, plan: &[PlannedStage]) -> Comparison {
         if !is_model(&stage.kind.output()) {
             continue;
         }
-        let evals: Vec<&(usize, usize, Option<usize>)> =
-            evaluations.iter().filter(|(_, model, _)| *model == m).collect();
+        let evals: Vec<&(usize, usize, String)> = evaluations.iter().filter(|(_, model, _)| *model == m).collect();
         if evals.is_empty() {
             not_evaluated.push(stage.name.clone());
             continue;
         }
         let built: Vec<_> =
-            evals.iter().filter_map(|(e, _, d)| Some((plan[*e].artifact.as_ref()?, data_name(*d)))).collect();
+            evals.iter().filter_map(|(e, _, d)| Some((plan[*e].artifact.as_ref()?, d.clone()))).collect();
         let Some(model) = plan[m].artifact.as_ref().filter(|_| !built.is_empty()) else {
             not_built.push(stage.name.clone());
             continue;

@@ -77,12 +77,12 @@ fn raw_text_scores_what_the_same_text_packed_by_hand_scores() {
     stream.push(lm.eot);
     let mut tokens = Vec::new();
     let mut start = 0;
-    while start + t + 1 <= stream.len() {
+    while start + t < stream.len() {
         tokens.extend_from_slice(&stream[start..start + t + 1]);
         start += t;
     }
     let padding = if start + 1 < stream.len() { t + 1 - (stream.len() - start) } else { 0 };
-    if padding > 0 || start + 1 < stream.len() {
+    if start + 1 < stream.len() {
         tokens.extend_from_slice(&stream[start..]);
         tokens.extend(std::iter::repeat_n(lm.eot, padding));
     }
