@@ -54,7 +54,7 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::choice(
         "format",
         "auto",
-        &["auto", "text", "jsonl", "parquet"],
+        crate::text_source::FORMAT_CHOICES,
         "raw text data: its format; `auto` goes by file extension",
     ),
     ParamSpec::string("field", Some("text"), "raw text data: the JSONL field or Parquet column holding the text"),
@@ -172,12 +172,7 @@ impl Stage for Evaluate {
 /// token, and cut into blocks of the model's block size as `pack` cuts them.
 fn evaluate_text(ctx: &StageCtx<'_>, lm: &LoadedModel, input: &Input) -> Result<Metrics, StageError> {
     let p = ctx.params();
-    let format = match p.str("format") {
-        "text" => Some(crate::text_source::Format::Text),
-        "jsonl" => Some(crate::text_source::Format::Jsonl),
-        "parquet" => Some(crate::text_source::Format::Parquet),
-        _ => None,
-    };
+    let format = crate::text_source::Format::named(p.str("format"));
     let opts = crate::text_source::SourceOptions { format, field: p.str("field"), doc_separator: None };
     let docs = crate::text_source::read_documents(input, &opts)?;
     ctx.progress().set_message("tokenizing");

@@ -16,7 +16,20 @@ pub enum Format {
     Parquet,
 }
 
+/// The values of a `format` parameter: `auto` (by extension) or a [`Format`].
+pub const FORMAT_CHOICES: &[&str] = &["auto", "text", "jsonl", "parquet"];
+
 impl Format {
+    /// The format a `format` parameter names; `None` for `auto`.
+    pub fn named(name: &str) -> Option<Format> {
+        match name {
+            "text" => Some(Format::Text),
+            "jsonl" => Some(Format::Jsonl),
+            "parquet" => Some(Format::Parquet),
+            _ => None,
+        }
+    }
+
     fn from_extension(path: &Path) -> Option<Format> {
         match path.extension()?.to_str()? {
             "txt" | "text" | "md" => Some(Format::Text),

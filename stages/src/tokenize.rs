@@ -22,7 +22,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use crate::arrow_io::{write_docs, TokenDocs, TokenMeta};
-use crate::text_source::{read_documents, Format, SourceOptions};
+use crate::text_source::{read_documents, Format, SourceOptions, FORMAT_CHOICES};
 use crate::{fail, TEXT, TOKENS};
 
 pub struct Tokenize;
@@ -39,12 +39,7 @@ const PARAMS: &[ParamSpec] = &[
     ParamSpec::int("min_frequency", 2, 1, 1 << 30, "`bpe`: a pair merges only if it occurs this often"),
     ParamSpec::str_list("special_tokens", &["<|endoftext|>"], "tokens never split; `byte`, `char`, `bpe` only"),
     ParamSpec::string("eot_token", Some("<|endoftext|>"), "the end-of-text token `pack` puts between documents"),
-    ParamSpec::choice(
-        "format",
-        "auto",
-        &["auto", "text", "jsonl", "parquet"],
-        "input format; `auto` goes by file extension",
-    ),
+    ParamSpec::choice("format", "auto", FORMAT_CHOICES, "input format; `auto` goes by file extension"),
     ParamSpec::string("field", Some("text"), "JSONL field or Parquet column holding the text"),
     ParamSpec::string(
         "doc_separator",
@@ -132,13 +127,11 @@ impl Stage for Tokenize {
         let p = ctx.params();
         let progress = ctx.progress();
         progress.set_message("reading documents");
-        let format = match p.str("format") {
-            "text" => Some(Format::Text),
-            "jsonl" => Some(Format::Jsonl),
-            "parquet" => Some(Format::Parquet),
-            _ => None,
+        let opts = SourceOptions {
+            format: Format::named(p.str("format")),
+            field: p.str("field"),
+            doc_separator: p.opt_str("doc_separator"),
         };
-        let opts = SourceOptions { format, field: p.str("field"), doc_separator: p.opt_str("doc_separator") };
         let input = ctx.required_input("input");
         let docs = read_documents(input, &opts)?;
         ctx.check_cancelled()?;
