@@ -366,3 +366,9 @@ fn unpaired_parquet_reads_as_its_jsonl() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.parquet` row 4: field `label` is null"));
 }
+
+#[test]
+fn longer_wsd_align_and_distill_runs_continue_from_the_shorter_ones() {
+    crate::util::check_prefix_reuse("align.toml", "dpo", 16, 24);
+    crate::util::check_prefix_reuse("distill.toml", "student", 20, 30);
+}

@@ -249,3 +249,8 @@ fn real_data_instructions_pack_densely() {
     assert!(efficiency >= 0.9, "packing efficiency {efficiency}");
     eprintln!("llms_from_scratch_instruction at seq_len 256: packing efficiency {efficiency}");
 }
+
+#[test]
+fn a_longer_wsd_sft_with_lora_plus_and_neftune_continues_from_the_shorter_one() {
+    crate::util::check_prefix_reuse("sft.toml", "sft", 12, 20);
+}

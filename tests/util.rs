@@ -159,3 +159,24 @@ pub fn interrupt_run(sb: &Sandbox, recipe: &str, args: &[&str], sig: &str) -> (S
     );
     (key, status)
 }
+
+/// Issue 16, item 3, for any training stage: with `schedule = "wsd"`, raising `max_steps`
+/// from `short` to `long` continues from the shorter run (reporting the steps it reused: the
+/// short run's stable phase, `short - short / 5`) and gives the bytes of a run from scratch.
+pub fn check_prefix_reuse(recipe: &str, stage_name: &str, short: u64, long: u64) {
+    let wsd = format!("{stage_name}.schedule=wsd");
+    let steps = |n: u64| format!("{stage_name}.max_steps={n}");
+    let (short_steps, long_steps) = (steps(short), steps(long));
+    let sb = Sandbox::new();
+    sb.run_json(recipe, &["--set", &wsd, "--set", &short_steps]);
+    let longer = sb.run_json(recipe, &["--set", &wsd, "--set", &long_steps]);
+    let metrics = &stage(&longer, stage_name)["metrics"];
+    assert_eq!(metrics["reused_steps"], short - short / 5, "{metrics}");
+    assert_eq!(metrics["steps"], long);
+
+    let scratch = Sandbox::new();
+    let fresh = scratch.run_json(recipe, &["--set", &wsd, "--set", &long_steps]);
+    assert!(stage(&fresh, stage_name)["metrics"]["reused_steps"].is_null());
+    let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, stage_name))["content_digest"].clone();
+    assert_eq!(digest(&sb, &longer), digest(&scratch, &fresh), "{stage_name}: continued and fresh runs differ");
+}

@@ -107,6 +107,11 @@ impl Stage for Sft {
     fn volatile_outputs(&self) -> &'static [&'static str] {
         &[METRICS_FILE]
     }
+    /// With `schedule = "wsd"`, a longer run continues from a shorter one's state at the end
+    /// of its stable phase.
+    fn run_length_params(&self) -> &'static [&'static str] {
+        &["max_steps"]
+    }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         check_lrs(p)?;
