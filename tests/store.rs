@@ -127,7 +127,8 @@ fn gc_keeps_what_the_named_recipe_uses_and_removes_the_rest() {
     let other = sb.run_json("tiny.toml", &["--set", "pack.seq_len=16"]);
     let out = sb.tinygpt(&["cache", "gc", "tiny.toml", "--keep-runs", "0"]);
     assert_success(&out);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 1 artifacts, kept 3"));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("removed 1 artifacts and 2 run records, kept 3 artifacts"), "{said}");
     assert!(!sb.store().join("objects").join(key(&other, "pack")).exists());
     for name in ["corpus", "tokenize", "pack"] {
         assert!(sb.store().join("objects").join(key(&base, name)).exists());
