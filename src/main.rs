@@ -131,10 +131,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
         }
         Command::Cache { command } => cache_command(command, &cli.cache, &registry),
         Command::Compare { recipe, json, csv } => {
-            let recipe = load(&recipe, &registry)?;
-            let store = open_store(&cli.cache)?;
-            let plan = engine::plan(&recipe, &store)?;
-            let table = compare::compare(&recipe, &plan);
+            let (_, _, table) = built_models(&recipe, &cli.cache, &registry)?;
             if json {
                 print_json(&table.json());
             } else if csv {
@@ -148,10 +145,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { recipe, output } => {
-            let recipe = load(&recipe, &registry)?;
-            let store = open_store(&cli.cache)?;
-            let plan = engine::plan(&recipe, &store)?;
-            let table = compare::compare(&recipe, &plan);
+            let (recipe, plan, table) = built_models(&recipe, &cli.cache, &registry)?;
             let html =
                 report::render(&recipe, &plan, &table).map_err(|e| Fail::Other(format!("drawing the report: {e}")))?;
             let path = output.unwrap_or_else(|| PathBuf::from(format!("{}.html", recipe.name)));
@@ -182,6 +176,18 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// A recipe, its plan against the store (which artifacts are built) and the compare table.
+fn built_models(
+    args: &RecipeArgs,
+    root: &Option<PathBuf>,
+    registry: &Registry,
+) -> Result<(Recipe, Vec<engine::PlannedStage>, compare::Comparison), Fail> {
+    let recipe = load(args, registry)?;
+    let plan = engine::plan(&recipe, &open_store(root)?)?;
+    let table = compare::compare(&recipe, &plan);
+    Ok((recipe, plan, table))
 }
 
 fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Registry) -> Result<ExitCode, Fail> {

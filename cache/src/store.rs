@@ -303,13 +303,12 @@ impl Store {
         Ok(None)
     }
 
-    /// The directory runs of one family share (checkpoints a longer run continues from),
-    /// created if needed. The family key goes into the manifests of the artifacts the family
-    /// built, under [`FAMILY_META`], so that `gc` keeps it as long as one of them is kept.
-    pub fn family_dir(&self, family: &ContentHash) -> Result<PathBuf> {
-        let dir = self.root.join("families").join(family.to_hex());
-        std::fs::create_dir_all(&dir).ctx("creating", &dir)?;
-        Ok(dir)
+    /// The directory runs of one family share (checkpoints a longer run continues from); the
+    /// stage creates it when it first writes there. The family key goes into the manifests of
+    /// the artifacts the family built, under [`FAMILY_META`], so that `gc` keeps it as long as
+    /// one of them is kept.
+    pub fn family_dir(&self, family: &ContentHash) -> PathBuf {
+        self.root.join("families").join(family.to_hex())
     }
 
     /// Remove every artifact whose key is not in `keep`, every family directory no kept

@@ -254,7 +254,7 @@ fn try_execute(
         store.abandon(staging)?;
         return Ok(Done::Finished(Box::new(cached_outcome(stage, key, artifact, 0.0))));
     }
-    let family_dir = family.map(|f| store.family_dir(&f)).transpose()?;
+    let family_dir = family.map(|f| store.family_dir(&f));
     let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
     let start = Instant::now();
     let ctx = StageCtx {

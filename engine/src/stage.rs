@@ -207,10 +207,6 @@ impl<'a> StageCtx<'a> {
     ) -> Self {
         StageCtx { stage, params, seed, out_dir, work_dir, inputs, progress, cancel, family_dir: None }
     }
-    /// The same context with a family directory (see [`StageCtx::family_dir`]).
-    pub fn with_family_dir(self, dir: &'a Path) -> Self {
-        StageCtx { family_dir: Some(dir), ..self }
-    }
     pub fn stage(&self) -> &str {
         self.stage
     }
@@ -231,9 +227,9 @@ impl<'a> StageCtx<'a> {
     }
     /// For a kind with [`Stage::run_length_params`]: a directory shared by every run of this
     /// stage that differs from this one at most in those parameters (the same inputs, seed
-    /// and other parameters), kept across runs. A run leaves checkpoints there that a longer
-    /// run starts from; each entry must be written atomically and depend only on the shared
-    /// key. `None` for other kinds.
+    /// and other parameters), kept across runs; it may not exist yet. A run leaves checkpoints
+    /// there that a longer run starts from; each entry must be written atomically and depend
+    /// only on the shared key. `None` for other kinds.
     pub fn family_dir(&self) -> Option<&Path> {
         self.family_dir
     }

@@ -132,9 +132,9 @@ impl Stage for Evaluate {
             ("multiple_choice" | "exact_match", Input::Raw { .. }) => return evaluate_task(ctx, &lm, data_input),
             ("multiple_choice" | "exact_match", _) => {
                 return Err(StageError::msg(format!(
-                    "task `{}` reads a benchmark's JSONL file, and `data` is stage `{}`: give it the file's path",
+                    "task `{}` reads a benchmark's JSONL file, and `data` is {}: give it the file's path",
                     p.str("task"),
-                    crate::tasks::shown(data_input)
+                    data_input.describe()
                 )))
             }
             (_, Input::Raw { .. }) => return evaluate_text(ctx, &lm, data_input),
@@ -176,8 +176,9 @@ fn evaluate_text(ctx: &StageCtx<'_>, lm: &LoadedModel, input: &Input) -> Result<
     let opts = crate::text_source::SourceOptions { format, field: p.str("field"), doc_separator: None };
     let docs = crate::text_source::read_documents(input, &opts)?;
     ctx.progress().set_message("tokenizing");
-    let ids = docs.iter().map(|d| crate::tasks::encode(lm, d)).collect::<Result<Vec<_>, _>>()?;
-    evaluate_blocks(ctx, lm, crate::tasks::text_blocks(&ids, lm.eot, lm.cfg().block_size))
+    let ids = crate::tokenize::encode_all(&lm.tokenizer, &docs, 64, ctx)?;
+    let docs = (0..ids.len()).map(|i| ids.doc(i));
+    evaluate_blocks(ctx, lm, crate::tasks::text_blocks(docs, lm.eot, lm.cfg().block_size))
 }
 
 /// A benchmark task: multiple choice or exact match, with every row's result in `eval.json`.

@@ -129,7 +129,7 @@ impl Stage for Pack {
 }
 
 /// Documents joined, each followed by the end-of-text token.
-fn stream<'a>(docs: impl Iterator<Item = &'a [u32]>, eot: u32) -> Vec<u32> {
+pub(crate) fn stream<'a>(docs: impl Iterator<Item = &'a [u32]>, eot: u32) -> Vec<u32> {
     let mut out = Vec::new();
     for d in docs {
         out.extend_from_slice(d);
@@ -166,13 +166,13 @@ fn split_by_position(docs: &TokenDocs, eot: u32, fraction: f64) -> (Vec<u32>, Ve
 }
 
 /// One split cut into blocks, and what did not fit.
-struct Cut {
-    blocks: Blocks,
-    dropped: usize,
+pub(crate) struct Cut {
+    pub blocks: Blocks,
+    pub dropped: usize,
 }
 
 /// Windows of `seq_len + 1` tokens starting every `seq_len` tokens.
-fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Cut {
+pub(crate) fn cut_blocks(stream: &[u32], seq_len: usize, pad: bool, eot: u32) -> Cut {
     let width = seq_len + 1;
     let full = if stream.len() >= width { (stream.len() - 1) / seq_len } else { 0 };
     let mut tokens = Vec::with_capacity((full + 1) * width);

@@ -27,26 +27,8 @@ pub fn encode(lm: &LoadedModel, text: &str) -> Result<Vec<u32>, StageError> {
 /// Documents as `pack` turns them into blocks: each followed by the end-of-text token, the
 /// stream cut into windows of `t + 1` tokens starting every `t`, the last one padded with
 /// end-of-text tokens that are never targets.
-pub fn text_blocks(docs: &[Vec<u32>], eot: u32, t: usize) -> Blocks {
-    let mut stream = Vec::new();
-    for d in docs {
-        stream.extend_from_slice(d);
-        stream.push(eot);
-    }
-    let width = t + 1;
-    let mut tokens = Vec::new();
-    let mut start = 0;
-    while start + width <= stream.len() {
-        tokens.extend_from_slice(&stream[start..start + width]);
-        start += t;
-    }
-    let mut padding = 0;
-    if start + 1 < stream.len() {
-        tokens.extend_from_slice(&stream[start..]);
-        padding = width - (stream.len() - start);
-        tokens.extend(std::iter::repeat_n(eot, padding));
-    }
-    Blocks { tokens, width, padding }
+pub fn text_blocks<'a>(docs: impl Iterator<Item = &'a [u32]>, eot: u32, t: usize) -> Blocks {
+    crate::pack::cut_blocks(&crate::pack::stream(docs, eot), t, true, eot).blocks
 }
 
 /// The JSONL files of a raw input, or of a directory, in sorted order.
@@ -322,14 +304,6 @@ pub fn exact_match(
     Ok((results, metrics))
 }
 
-/// Where the text of a raw input is, for messages.
-pub fn shown(input: &Input) -> String {
-    match input {
-        Input::Raw { shown, .. } => shown.clone(),
-        Input::Artifact { stage, .. } => format!("stage `{stage}`"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,14 +329,14 @@ mod tests {
 
     #[test]
     fn text_is_cut_into_blocks_as_pack_cuts_it() {
-        let docs = vec![vec![1, 2, 3], vec![4, 5]];
+        let docs = [vec![1, 2, 3], vec![4, 5]];
         // Stream 1 2 3 E 4 5 E with E = 9: windows of 3 every 2 tokens, the last one padded.
-        let b = text_blocks(&docs, 9, 2);
+        let b = text_blocks(docs.iter().map(Vec::as_slice), 9, 2);
         assert_eq!(b.tokens, [1, 2, 3, 3, 9, 4, 4, 5, 9]);
         assert_eq!((b.width, b.padding), (3, 0));
-        let b = text_blocks(&[vec![1, 2, 3, 4]], 9, 2);
+        let b = text_blocks([&[1, 2, 3, 4][..]].into_iter(), 9, 2);
         assert_eq!(b.tokens, [1, 2, 3, 3, 4, 9]);
-        let b = text_blocks(&[vec![1, 2, 3, 4, 5]], 9, 2);
+        let b = text_blocks([&[1, 2, 3, 4, 5][..]].into_iter(), 9, 2);
         assert_eq!(b.tokens, [1, 2, 3, 3, 4, 5, 5, 9, 9]);
         assert_eq!(b.padding, 1);
     }

@@ -199,8 +199,10 @@ pub fn train(
     let Trainee { model, fresh, mut grads, opts } = trainee;
     let resumed = TrainState::load(ctx.work_dir(), &fresh, &grads)?;
     let resumed_from = resumed.as_ref().map(|s| s.progress.step);
-    let shared = match (&resumed, ctx.family_dir(), spec.schedule.stable_until()) {
-        (None, Some(family), Some(stable)) => family_checkpoint(family, stable, &fresh, &grads)?,
+    // Under warmup-stable-decay: the family directory, and the step whose state it shares.
+    let sharing = ctx.family_dir().zip(spec.schedule.stable_until());
+    let shared = match (&resumed, sharing) {
+        (None, Some((family, stable))) => family_checkpoint(family, stable, &fresh, &grads)?,
         _ => None,
     };
     let reused_steps = shared.as_ref().map(|s| s.progress.step);
@@ -278,11 +280,9 @@ pub fn train(
             state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
             state.save(ctx.work_dir())?;
         }
-        if let (Some(family), Some(stable)) = (ctx.family_dir(), spec.schedule.stable_until()) {
-            if step == stable {
-                state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
-                share_checkpoint(family, &state)?;
-            }
+        if let Some((family, _)) = sharing.filter(|(_, stable)| *stable == step) {
+            state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
+            share_checkpoint(family, &state)?;
         }
     }
     let seconds = started.elapsed().as_secs_f64();

@@ -67,7 +67,7 @@ pub fn resolve(
     // `--set align.sweep=...` changes the grid); overrides of one member apply after.
     let mut member_sets = Vec::new();
     for o in sets {
-        let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
+        let at = |span: &Range<usize>| override_place(o, span, cwd);
         if o.stage == "recipe" {
             if o.key != "seed" {
                 return Err(at(&o.key_span)
@@ -82,10 +82,7 @@ pub fn resolve(
             if o.key == "sweep" {
                 tables::drop_swept(&mut t.given, &o.value);
             }
-            t.given.insert(
-                o.key.clone(),
-                Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) },
-            );
+            t.given.insert(o.key.clone(), override_given(o, cwd));
         } else {
             member_sets.push(o);
         }
@@ -114,7 +111,7 @@ pub fn resolve(
     let mut members = sweep::expand(&tables, &kinds, &table_order, &upstream)?;
 
     for o in member_sets {
-        let at = |span: &Range<usize>| Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() };
+        let at = |span: &Range<usize>| override_place(o, span, cwd);
         let Some(m) = members.iter_mut().find(|m| m.name == o.stage) else {
             let candidates: Vec<&str> =
                 table_names.iter().copied().chain(members.iter().map(|m| m.name.as_str())).collect();
@@ -124,10 +121,7 @@ pub fn resolve(
             return Err(err);
         };
         check_override(o, &tables[m.table], &at(&o.key_span))?;
-        m.given.insert(
-            o.key.clone(),
-            Given { value: o.value.clone(), key_at: at(&o.key_span), value_at: at(&o.value_span) },
-        );
+        m.given.insert(o.key.clone(), override_given(o, cwd));
     }
 
     // First pass: parameters, and the raw text of each input slot.
@@ -297,6 +291,20 @@ fn resolve_kind<'r>(table: &Table, registry: &'r Registry) -> Result<&'r Arc<dyn
         });
         err
     })
+}
+
+/// A place in a `--set` argument; its relative paths start from `cwd`.
+fn override_place(o: &Override, span: &Range<usize>, cwd: &Path) -> Place {
+    Place { origin: o.origin.clone(), span: span.clone(), base: cwd.to_path_buf() }
+}
+
+/// The key a `--set` gives, as if the recipe wrote it.
+fn override_given(o: &Override, cwd: &Path) -> Given {
+    Given {
+        value: o.value.clone(),
+        key_at: override_place(o, &o.key_span, cwd),
+        value_at: override_place(o, &o.value_span, cwd),
+    }
 }
 
 /// Refuse a `--set` of a stage's kind, or of a key its sweep varies.

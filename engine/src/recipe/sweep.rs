@@ -113,21 +113,25 @@ fn grids(tables: &[Table], kinds: &[Arc<dyn Stage>]) -> Result<Vec<Vec<Grid>>, R
     Ok(out)
 }
 
+/// The value written at `at`, parsed again with spans (relative to `at`), if it parses as `T`.
+fn reparse<T: serde::de::DeserializeOwned>(at: &Place) -> Option<T> {
+    let text = &at.origin.text[at.span.clone()];
+    toml::de::ValueDeserializer::parse(text).ok().and_then(|d| T::deserialize(d).ok())
+}
+
+/// The place of a span found inside the value written at `at`.
+fn inside(at: &Place, span: std::ops::Range<usize>) -> Place {
+    Place { span: at.span.start + span.start..at.span.start + span.end, ..at.clone() }
+}
+
 /// The keys of an inline table with where each key and its value are written, in written
 /// order. A table written some other way (a `[stages.x.sweep]` header, a `--set` value that
 /// is not an inline table) gets the whole table's place for everything.
 fn spanned_entries(table: &toml::Table, at: &Place) -> Vec<(String, Place, Place)> {
-    let text = &at.origin.text[at.span.clone()];
-    let parsed: Option<BTreeMap<Spanned<String>, Spanned<toml::Value>>> =
-        toml::de::ValueDeserializer::parse(text).ok().and_then(|d| serde::Deserialize::deserialize(d).ok());
-    let shift = |span: std::ops::Range<usize>| Place {
-        span: at.span.start + span.start..at.span.start + span.end,
-        ..at.clone()
-    };
-    match parsed {
+    match reparse::<BTreeMap<Spanned<String>, Spanned<toml::Value>>>(at) {
         Some(map) if map.len() == table.len() => {
             let mut entries: Vec<_> =
-                map.iter().map(|(k, v)| (k.get_ref().clone(), shift(k.span()), shift(v.span()))).collect();
+                map.iter().map(|(k, v)| (k.get_ref().clone(), inside(at, k.span()), inside(at, v.span()))).collect();
             entries.sort_by_key(|(_, k, _)| k.span.start);
             entries
         }
@@ -137,14 +141,8 @@ fn spanned_entries(table: &toml::Table, at: &Place) -> Vec<(String, Place, Place
 
 /// Where each element of a written list is, or the list's place for each.
 fn spanned_elements(n: usize, at: &Place) -> Vec<Place> {
-    let text = &at.origin.text[at.span.clone()];
-    let parsed: Option<Vec<Spanned<toml::Value>>> =
-        toml::de::ValueDeserializer::parse(text).ok().and_then(|d| serde::Deserialize::deserialize(d).ok());
-    match parsed {
-        Some(list) if list.len() == n => list
-            .iter()
-            .map(|v| Place { span: at.span.start + v.span().start..at.span.start + v.span().end, ..at.clone() })
-            .collect(),
+    match reparse::<Vec<Spanned<toml::Value>>>(at) {
+        Some(list) if list.len() == n => list.iter().map(|v| inside(at, v.span())).collect(),
         _ => vec![at.clone(); n],
     }
 }
