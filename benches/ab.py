@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 r"""Compare the training step of two tinygpt builds on a noisy machine.
 
-Runs `BIN bench --no-matmul --steps S` for the two binaries alternately (A, B, A, B, ...), so
+Runs `BIN bench --json --no-matmul --steps S` for the two binaries alternately (A, B, A, B, ...), so
 that a slow spell of the machine falls on both alike, and prints per model the median and the
 fastest of each binary's ms/step and the ratio of the medians. Build the two variants first,
 for example:
@@ -18,23 +18,19 @@ Standard library only. Prints figures; decides nothing.
 """
 
 import argparse
-import re
+import json
 import statistics
 import subprocess
 import sys
 
-STEP = re.compile(r"^(?P<model>[\w.-]+): .*?: (?P<ms>[0-9.]+) ms/step", re.MULTILINE)
-
 
 def step_times(binary, steps):
-    """ms/step per model from one `bench` run."""
-    run = subprocess.run([binary, "bench", "--no-matmul", "--steps", str(steps)], capture_output=True, text=True)
+    """Mean ms/step per model from one `bench` run."""
+    cmd = [binary, "bench", "--json", "--no-matmul", "--steps", str(steps)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         sys.exit(f"{binary} bench failed ({run.returncode}):\n{run.stderr}")
-    found = {m["model"]: float(m["ms"]) for m in STEP.finditer(run.stdout)}
-    if not found:
-        sys.exit(f"{binary} bench printed no 'ms/step' line:\n{run.stdout}")
-    return found
+    return {m["name"]: m["step"]["step_seconds"] * 1e3 for m in json.loads(run.stdout)["models"]}
 
 
 def main():

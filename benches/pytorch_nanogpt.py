@@ -7,6 +7,8 @@ random-window batches, written again here from its description; nothing is downl
 
     # time the two reference models of `tinygpt bench` on random tokens (ms/step, tokens/s, MFU)
     python3 benches/pytorch_nanogpt.py --peak 190
+    # the same as JSON, as benches/vs_pytorch.py reads it
+    python3 benches/pytorch_nanogpt.py --json
     # nanoGPT's CPU recipe for tiny Shakespeare, all 2000 steps: throughput and validation loss
     python3 benches/pytorch_nanogpt.py --train ../shared/data/tinyshakespeare/input.txt --seed 1337
 
@@ -16,6 +18,7 @@ measured, in GFLOP/s, to print an MFU on the same scale. Prints figures; decides
 """
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -111,7 +114,7 @@ def step(model, opt, x, y, clip):
     return loss.item()
 
 
-def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak):
+def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak, quiet=False):
     torch.manual_seed(0)
     model = GPT(vocab, block, n_layer, n_head, n_embd)
     opt = optimizer(model, 1e-3, (0.9, 0.99), 0.1)
@@ -127,10 +130,20 @@ def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak):
     tokens = batch * block / (ms / 1e3)
     fpt = flops_per_token(model, n_layer, block, n_embd)
     mfu = f", MFU {100 * tokens * fpt / (peak * 1e9):.1f}% of {peak:g} GFLOP/s" if peak else ""
-    print(
-        f"{name}: median {ms:.1f} ms/step (fastest {min(times) * 1e3:.1f}, slowest {max(times) * 1e3:.1f}) "
-        f"over {steps} steps, {tokens:,.0f} tokens/s, {fpt / 1e6:.2f} MFLOP/token{mfu}"
-    )
+    if not quiet:
+        print(
+            f"{name}: median {ms:.1f} ms/step (fastest {min(times) * 1e3:.1f}, slowest {max(times) * 1e3:.1f}) "
+            f"over {steps} steps, {tokens:,.0f} tokens/s, {fpt / 1e6:.2f} MFLOP/token{mfu}"
+        )
+    return {
+        "name": name,
+        "steps": steps,
+        "median_step_s": ms / 1e3,
+        "fastest_step_s": min(times),
+        "slowest_step_s": max(times),
+        "tokens_per_s": tokens,
+        "flops_per_token": fpt,
+    }
 
 
 @torch.no_grad()
@@ -195,15 +208,22 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps to time per model")
     parser.add_argument("--train", metavar="INPUT_TXT", help="train nanoGPT's shakespeare_char recipe on it")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--json", action="store_true", help="print the step timings as one JSON document")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}")
+    if not args.json:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}")
     if args.train:
         train_shakespeare(args.train, args.seed, args.peak)
         return
-    time_steps("shakespeare_char", 65, 64, 4, 4, 128, 12, args.steps, args.peak)
-    time_steps("gpt2-6x384", 65, 256, 6, 6, 384, 8, max(3, args.steps // 4), args.peak)
+    models = [
+        time_steps("shakespeare_char", 65, 64, 4, 4, 128, 12, args.steps, args.peak, args.json),
+        time_steps("gpt2-6x384", 65, 256, 6, 6, 384, 8, max(3, args.steps // 4), args.peak, args.json),
+    ]
+    if args.json:
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_capability": capability}
+        print(json.dumps({**info, "models": models}, indent=2))
 
 
 if __name__ == "__main__":

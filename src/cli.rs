@@ -103,6 +103,9 @@ pub enum Command {
         /// Steps to time per model [default: 20 for shakespeare_char, 3 for gpt2-6x384]
         #[arg(long, value_name = "N")]
         steps: Option<usize>,
+        /// Print every figure as one JSON document at the end (progress goes to stderr)
+        #[arg(long)]
+        json: bool,
     },
     /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
     Doc,

@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a stage (or the store) failed, 2 a bad recipe or command line,
 //! 130 interrupted.
 
+mod benchmark;
 mod cli;
 mod compare;
 mod diagnostic;
@@ -167,8 +168,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sample(args) => sample(args, &cli.cache, &registry),
-        Command::Bench { no_matmul, steps } => {
-            bench(!no_matmul, steps);
+        Command::Bench { no_matmul, steps, json } => {
+            benchmark::run(!no_matmul, steps, json);
             Ok(ExitCode::SUCCESS)
         }
         Command::Doc => {
@@ -357,146 +358,6 @@ fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Resu
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn bench(with_matmul: bool, steps: Option<usize>) {
-    use stages::bench;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
-    println!(
-        "machine: {} {}, {cores} threads, FMA loop {}, elementwise kernels {} (TINYGPT_SIMD=portable forces portable)",
-        std::env::consts::OS,
-        std::env::consts::ARCH,
-        bench::fma_isa(),
-        stages::nn::kernels::isa().name()
-    );
-    println!(
-        "matmul kernel {}, fingerprint {} (machines that print the same fingerprint round matmuls alike)",
-        bench::matmul_kernel(),
-        bench::matmul_fingerprint()
-    );
-    let peaks: Vec<f64> = threads.iter().map(|t| bench::fma_peak(*t)).collect();
-    for (t, p) in threads.iter().zip(&peaks) {
-        println!("fp32 FMA peak, {t} thread(s): {p:.1} GFLOP/s");
-    }
-    // MFU divides by the best peak seen: measured again after each model, so that a peak read
-    // while the machine was busy elsewhere cannot inflate it.
-    let mut full_peak = *peaks.last().expect("at least one thread count");
-    let models = bench::reference_models();
-    if with_matmul {
-        println!("\nmatmul: GFLOP/s and % of the FMA peak at that thread count");
-        let mut rows = Vec::new();
-        for m in &models {
-            for s in bench::matmul_shapes(&m.cfg, m.batch) {
-                let layout = |l| if matches!(l, stages::nn::kernels::matmul::Layout::Transposed) { "T" } else { "N" };
-                let mut row = vec![
-                    m.name.to_string(),
-                    s.what.to_string(),
-                    format!("{}x{}x{}", s.d.m, s.d.k, s.d.n),
-                    format!("{}{}", layout(s.la), layout(s.lb)),
-                ];
-                for (t, peak) in threads.iter().zip(&peaks) {
-                    let g = bench::matmul_gflops(&s, *t);
-                    row.push(format!("{g:.1} ({:.0}%)", 100.0 * g / peak));
-                }
-                rows.push(row);
-            }
-        }
-        let mut header = vec!["model", "layer", "m x k x n", "ops"];
-        let labels: Vec<String> = threads.iter().map(|t| format!("{t} thread(s)")).collect();
-        header.extend(labels.iter().map(String::as_str));
-        print!("{}", output::table(&header, &rows));
-    }
-    println!("\ntraining on {} thread(s), random tokens", cores);
-    for mut m in models {
-        if let Some(n) = steps {
-            m.steps = n.max(1);
-        }
-        let r = bench::train_steps(&m, cores, None);
-        full_peak = full_peak.max(bench::fma_peak(cores));
-        let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
-        println!(
-            "\n{}: {} layers x {} wide, batch {} x {}: {:.1} ms/step, {:.0} tokens/s, {:.2} MFLOP/token, MFU {:.1}% \
-             (of {:.1} GFLOP/s, the best peak so far)",
-            m.name,
-            m.cfg.n_layer,
-            m.cfg.n_embd,
-            m.batch,
-            m.cfg.block_size,
-            r.step_seconds * 1e3,
-            r.tokens_per_s,
-            r.flops_per_token / 1e6,
-            100.0 * mfu,
-            full_peak
-        );
-        let rows: Vec<Vec<String>> = r
-            .breakdown
-            .iter()
-            .map(|(name, s)| {
-                vec![name.to_string(), format!("{:.2}", s * 1e3), format!("{:.1}%", 100.0 * s / r.step_seconds)]
-            })
-            .collect();
-        print!("{}", output::table(&["kernel", "ms/step", "share"], &rows));
-        let [fastest, median, slowest] = r.step_spread.map(|s| s * 1e3);
-        println!(
-            "step times over {} steps: fastest {fastest:.1} ms, median {median:.1} ms, slowest {slowest:.1} ms",
-            m.steps
-        );
-        let needed = output::human_bytes(r.needed_bytes);
-        match (r.peak_bytes, r.baseline_bytes) {
-            (Some(peak), Some(base)) => {
-                let grown = peak.saturating_sub(base);
-                println!(
-                    "peak memory {}: {} above the {} held before the model was built, against {needed} needed \
-                     (parameters, gradients, moments, activations): {:.2}x",
-                    output::human_bytes(peak),
-                    output::human_bytes(grown),
-                    output::human_bytes(base),
-                    grown as f64 / r.needed_bytes as f64
-                )
-            }
-            _ => println!("peak memory: not reported by this OS; {needed} needed"),
-        }
-        // Fine-tuning the same shape with LoRA: the weight gradients and the moments of the
-        // frozen model go, the adapters' small products come.
-        let lora = bench::train_steps(&m, cores, Some(8));
-        println!(
-            "LoRA r=8 on every linear layer: median {:.1} ms/step against {:.1} for every weight ({:.2}x faster); \
-             needs {} against {} ({:.0}%)",
-            lora.step_spread[1] * 1e3,
-            r.step_spread[1] * 1e3,
-            r.step_spread[1] / lora.step_spread[1],
-            output::human_bytes(lora.needed_bytes),
-            needed,
-            100.0 * lora.needed_bytes as f64 / r.needed_bytes as f64
-        );
-        let decode = bench::decode_speeds(&m.cfg, 128, cores);
-        let f32_rate = decode[0].1;
-        let rows: Vec<Vec<String>> = decode
-            .iter()
-            .map(|(label, rate, bytes)| {
-                vec![
-                    label.to_string(),
-                    format!("{rate:.0}"),
-                    format!("{:.2}x", rate / f32_rate),
-                    output::human_bytes(*bytes as u64),
-                ]
-            })
-            .collect();
-        println!("decoding at batch 1, greedy, median of 3 x 128 tokens (int8, int4: RTN, groups of 32):");
-        print!("{}", output::table(&["weights", "tokens/s", "vs f32", "weight bytes"], &rows));
-        if with_matmul && cores > 1 {
-            // How the step scales, against the FMA loop, which touches no memory: the gap is
-            // what the cores cost each other (shared cache and memory).
-            let one = bench::train_steps(&m, 1, None);
-            let fma_scaling = peaks[peaks.len() - 1] / peaks[0]; // all threads against one
-            println!(
-                "on 1 thread: median {:.1} ms/step; {cores} threads are {:.2}x faster (the FMA loop: {fma_scaling:.2}x)",
-                one.step_spread[1] * 1e3,
-                one.step_spread[1] / r.step_spread[1]
-            );
-        }
-    }
 }
 
 fn install_interrupt_handler() {

@@ -16,11 +16,38 @@ fn every_command_has_help() {
         vec!["cache", "verify", "--help"],
         vec!["cache", "gc", "--help"],
         vec!["doc", "--help"],
+        vec!["bench", "--help"],
     ] {
         let out = sb.tinygpt(&args);
         assert_success(&out);
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage:"), "{args:?}");
     }
+}
+
+/// `bench --json`: one JSON document on stdout with the machine, and per reference model the
+/// step, its LoRA twin, decoding speeds and speculative decoding; progress on stderr.
+#[test]
+fn bench_json_reports_every_section_as_numbers() {
+    let sb = Sandbox::new();
+    let out = sb.tinygpt(&["bench", "--json", "--no-matmul", "--steps", "1"]);
+    assert_success(&out);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert!(doc["machine"]["fma_peak_gflops"][0]["gflops"].as_f64().unwrap() > 0.0, "{doc}");
+    assert!(doc.get("matmul").is_none(), "--no-matmul skips the table");
+    let models = doc["models"].as_array().unwrap();
+    let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["shakespeare_char", "gpt2-6x384"]);
+    for m in models {
+        let step = &m["step"];
+        assert!(step["tokens_per_s"].as_f64().unwrap() > 0.0 && m["mfu"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(step["breakdown"]["matmuls"].as_f64().unwrap() > 0.0, "{m}");
+        assert!(m["lora_r8"]["needed_bytes"].as_u64().unwrap() < step["needed_bytes"].as_u64().unwrap(), "{m}");
+        let weights: Vec<&str> =
+            m["decode"].as_array().unwrap().iter().map(|d| d["weights"].as_str().unwrap()).collect();
+        assert_eq!(weights, ["f32", "int8", "int4"]);
+        assert_eq!(m["speculative"]["same_tokens"], true, "{m}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bench: gpt2-6x384"));
 }
 
 #[test]

@@ -4,11 +4,15 @@
 //!   AVX2+FMA on x86-64, NEON on aarch64, chosen at run time; plain `mul_add` elsewhere);
 //! - matmul throughput for every shape the two reference models use, forward and backward;
 //! - training steps of the two reference models: step time, tokens/s, MFU, a per-kernel time
-//!   breakdown, and peak memory against the sum of what training must hold.
+//!   breakdown, and peak memory against the sum of what training must hold;
+//! - decoding at batch 1 in f32, int8 and int4, and speculative decoding with an int8 copy of
+//!   the model as its draft.
 //!
-//! Returns figures; the binary prints them.
+//! Returns figures (serializable, for `tinygpt bench --json`); the binary prints them.
 
 use std::time::Instant;
+
+use serde::Serialize;
 
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
@@ -16,6 +20,7 @@ use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::lora::{is_adapter, LoraConfig};
 use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
+use crate::nn::params::ParamMap;
 use crate::nn::profile;
 use crate::nn::rng::SplitMix64;
 use crate::nn::step::{train_step, CrossEntropy, LossMean, StepConfig, Trainable};
@@ -275,7 +280,7 @@ pub fn matmul_gflops(s: &Shape, threads: usize) -> f64 {
 }
 
 /// Training throughput of one reference model.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct StepReport {
     /// Mean seconds per step (the breakdown's shares are of this).
     pub step_seconds: f64,
@@ -286,6 +291,7 @@ pub struct StepReport {
     /// nanoGPT's estimate: 6 N + 12 L H D T per token, N without position embeddings.
     pub flops_per_token: f64,
     /// Seconds per step in each kind of kernel, and "other" (the rest of the step).
+    #[serde(serialize_with = "as_map")]
     pub breakdown: Vec<(&'static str, f64)>,
     /// Resident-set high-water mark while training, if the OS reports it.
     pub peak_bytes: Option<u64>,
@@ -318,10 +324,30 @@ fn status_bytes(key: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The kernel-time breakdown as a JSON object, kinds in the breakdown's order.
+fn as_map<S: serde::Serializer>(kinds: &[(&'static str, f64)], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(kinds.len()))?;
+    for (name, seconds) in kinds {
+        map.serialize_entry(name, seconds)?;
+    }
+    map.end()
+}
+
+/// Greedy decoding speed of one kind of weights.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeSpeed {
+    /// `f32`, `int8` or `int4`.
+    pub weights: &'static str,
+    pub tokens_per_s: f64,
+    /// Bytes of the weights as stored (packed values and scales for the quantized layers).
+    pub weight_bytes: usize,
+}
+
 /// Decoding at batch 1: greedy tokens/s of one model's weights in f32, int8 and int4 (RTN,
 /// groups of 32, every linear layer of the blocks), each the median of three runs of
 /// `tokens` tokens after a warm-up, with the bytes of its weights.
-pub fn decode_speeds(cfg: &ModelConfig, tokens: usize, threads: usize) -> Vec<(&'static str, f64, usize)> {
+pub fn decode_speeds(cfg: &ModelConfig, tokens: usize, threads: usize) -> Vec<DecodeSpeed> {
     use crate::nn::decoder::Decoder;
     use crate::nn::quant::{rtn_linears, Scheme};
     pool(threads).install(|| {
@@ -347,8 +373,7 @@ pub fn decode_speeds(cfg: &ModelConfig, tokens: usize, threads: usize) -> Vec<(&
                     tokens.min(cfg.block_size) as f64 / start.elapsed().as_secs_f64()
                 };
                 run();
-                let mut rates = [run(), run(), run()];
-                rates.sort_by(f64::total_cmp);
+                let rate = median3([run(), run(), run()]);
                 let bytes = p
                     .iter()
                     .map(|(name, t)| {
@@ -356,10 +381,109 @@ pub fn decode_speeds(cfg: &ModelConfig, tokens: usize, threads: usize) -> Vec<(&
                         q.map_or(4 * t.data().len(), |q| q.bytes())
                     })
                     .sum();
-                (label, rates[1], bytes)
+                DecodeSpeed { weights: label, tokens_per_s: rate, weight_bytes: bytes }
             })
             .collect()
     })
+}
+
+/// Speculative decoding at batch 1, greedy: the model verifies tokens proposed by an int8 copy
+/// of itself (RTN, groups of 32, every linear layer of the blocks).
+#[derive(Clone, Debug, Serialize)]
+pub struct SpeculativeSpeed {
+    pub draft: &'static str,
+    /// Tokens the draft proposes per round.
+    pub draft_tokens: usize,
+    /// The share of proposals the model kept.
+    pub acceptance: f64,
+    pub plain_tokens_per_s: f64,
+    pub speculative_tokens_per_s: f64,
+    /// One pass of the model over `draft_tokens + 1` tokens (a verification), in single-token
+    /// steps: what a round costs besides the draft's steps.
+    pub verify_pass_in_steps: f64,
+    /// Whether speculation generated plain decoding's tokens, as greedy decoding must.
+    pub same_tokens: bool,
+}
+
+/// [`SpeculativeSpeed`] of `cfg`'s seeded weights over `tokens` tokens from an empty prompt,
+/// the median of three timed runs of each after a warm-up.
+pub fn speculative_speed(cfg: &ModelConfig, tokens: usize, draft_tokens: usize, threads: usize) -> SpeculativeSpeed {
+    use crate::generate::{generate_with_draft, Draft, GenOptions, LoadedModel};
+    use crate::nn::decoder::Decoder;
+    use crate::nn::quant::{rtn_linears, Scheme};
+    use crate::nn::sample::Sampling;
+    pool(threads).install(|| {
+        let params = cfg.init(1);
+        let loaded = |params: ParamMap| LoadedModel {
+            model: Model::new(*cfg, &params),
+            params,
+            tokenizer: crate::tokenize::byte_tokenizer(),
+            eot: 0,
+        };
+        let int8 = rtn_linears(cfg, &params, Scheme { bits: 8, group_size: 32, symmetric: true });
+        let (target, draft) = (loaded(params), loaded(int8));
+        let opts = GenOptions {
+            sampling: Sampling { temperature: 0.0, top_k: 0, top_p: 1.0 },
+            max_new_tokens: tokens,
+            seed: 1,
+            stop_at_eot: false,
+        };
+        let run = |draft: Option<Draft>| {
+            let start = Instant::now();
+            let (text, stats) =
+                generate_with_draft(&target, draft, "", opts, |_| {}).expect("the prompt and vocabularies fit");
+            (stats.tokens as f64 / start.elapsed().as_secs_f64(), text, stats)
+        };
+        let draft = Some(Draft { lm: &draft, tokens: draft_tokens });
+        let (mut plain, mut spec) = (Vec::new(), Vec::new());
+        let (mut plain_text, mut spec_text, mut acceptance) = (String::new(), String::new(), 0.0);
+        for i in 0..4 {
+            let (rate, text, _) = run(None);
+            let (spec_rate, text_with_draft, stats) = run(draft);
+            if i > 0 {
+                plain.push(rate);
+                spec.push(spec_rate);
+            }
+            (plain_text, spec_text, acceptance) = (text, text_with_draft, stats.acceptance());
+        }
+        // A verification pass against single steps, both from the same cached context.
+        let t = &target;
+        let context: Vec<u32> = (0..cfg.block_size as u32 / 2).map(|i| i % cfg.vocab_size as u32).collect();
+        let proposals: Vec<u32> = (0..draft_tokens as u32 + 1).collect();
+        let mut dec = Decoder::with_rows(&t.model, proposals.len());
+        for part in context.chunks(proposals.len()) {
+            dec.extend(&t.model, &t.params, part);
+        }
+        let mut time = |pass: bool| {
+            let start = Instant::now();
+            for _ in 0..20 {
+                if pass {
+                    dec.extend(&t.model, &t.params, &proposals);
+                } else {
+                    dec.step(&t.model, &t.params, proposals[0]);
+                }
+                dec.truncate(context.len());
+            }
+            start.elapsed().as_secs_f64()
+        };
+        time(true);
+        let (pass, step) =
+            (median3([time(true), time(true), time(true)]), median3([time(false), time(false), time(false)]));
+        SpeculativeSpeed {
+            draft: "int8",
+            draft_tokens,
+            acceptance,
+            plain_tokens_per_s: median3([plain[0], plain[1], plain[2]]),
+            speculative_tokens_per_s: median3([spec[0], spec[1], spec[2]]),
+            verify_pass_in_steps: pass / step,
+            same_tokens: plain_text == spec_text,
+        }
+    })
+}
+
+fn median3(mut x: [f64; 3]) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x[1]
 }
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads: every weight, or
@@ -469,6 +593,18 @@ mod tests {
         // Forward + backward is three times the forward's 2 * rows * (weights of one layer + head).
         let per_layer = 128 * 384 + 128 * 128 + 2 * 128 * 512;
         assert_eq!(flops, 3 * 2 * 768 * (per_layer + 128 * 65));
+    }
+
+    #[test]
+    fn speculation_with_the_int8_copy_keeps_plain_decoding_tokens() {
+        let cfg = ModelConfig::gpt2(11, 16, 1, 2, 32, false);
+        let s = speculative_speed(&cfg, 40, 3, 2);
+        assert!(s.same_tokens, "greedy speculation changed the text: {s:?}");
+        assert!((0.0..=1.0).contains(&s.acceptance) && s.acceptance > 0.0, "{s:?}");
+        assert!(s.plain_tokens_per_s > 0.0 && s.speculative_tokens_per_s > 0.0 && s.verify_pass_in_steps > 0.0);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["draft"], "int8");
+        assert_eq!(json["draft_tokens"], 3);
     }
 
     #[test]

@@ -195,8 +195,7 @@ fn fixed_vocab(symbols: impl IntoIterator<Item = String>) -> Result<BPE, StageEr
 }
 
 /// A byte-level tokenizer whose ids are the bytes, for tests of stages that take a model's
-/// tokenizer.
-#[cfg(test)]
+/// tokenizer and for `tinygpt bench`'s decoding.
 pub(crate) fn byte_tokenizer() -> Tokenizer {
     let mut t = Tokenizer::new(fixed_vocab((0..=255u8).map(|b| byte_char(b).to_string())).expect("a fixed vocabulary"));
     t.with_pre_tokenizer(Some(ByteLevel::new(false, false, false)));

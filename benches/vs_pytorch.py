@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+r"""tinygpt's training step against PyTorch's (nanoGPT's step) on this machine, side by side.
+
+Runs `tinygpt bench --json --no-matmul` and `benches/pytorch_nanogpt.py --json` alternately
+(tinygpt, PyTorch, tinygpt, ...), so that a slow spell of the machine falls on both alike, and
+prints per reference model the median and fastest step of each, the speed ratio, each one's
+MFU against the FMA peak tinygpt measured, and the ceiling: the ratio tinygpt would reach if
+its step ran at that peak (its FLOPs at 100% MFU), which bounds any target on this machine.
+
+    cargo build --release
+    python3 benches/vs_pytorch.py --rounds 5
+    python3 benches/vs_pytorch.py --python /path/to/venv/bin/python --json > figures.json
+
+Needs `torch` in the Python that runs pytorch_nanogpt.py (`--python`, default this one).
+Standard library otherwise. Prints figures; decides nothing.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_json(cmd):
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr}")
+    return json.loads(run.stdout)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tinygpt", default=os.path.join(HERE, "..", "target", "release", "tinygpt"))
+    parser.add_argument("--python", default=sys.executable, help="a Python that has torch")
+    parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (default 3)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model per run (default 10)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+    ours, theirs, peaks, cpu = {}, {}, [], None
+    for i in range(args.rounds):
+        t = run_json([args.tinygpt, "bench", "--json", "--no-matmul", "--steps", str(args.steps)])
+        cpu = t["machine"].get("cpu")
+        for m in t["models"]:
+            ours.setdefault(m["name"], []).append(m)
+            peaks.append(m["peak_gflops"])
+        p = run_json([args.python, os.path.join(HERE, "pytorch_nanogpt.py"), "--json", "--steps", str(args.steps)])
+        torch_version = p["torch"]
+        for m in p["models"]:
+            theirs.setdefault(m["name"], []).append(m)
+        print(f"round {i + 1}/{args.rounds} done", file=sys.stderr)
+    peak = max(peaks)
+    rows = []
+    for name, runs in ours.items():
+        mine = [r["step"]["step_spread"][1] for r in runs]
+        mine_fast = min(r["step"]["step_spread"][0] for r in runs)
+        torch_ms = [r["median_step_s"] for r in theirs[name]]
+        torch_fast = min(r["fastest_step_s"] for r in theirs[name])
+        step = runs[0]["step"]
+        tokens_per_step = step["tokens_per_s"] * step["step_seconds"]
+        flops_per_step = step["flops_per_token"] * tokens_per_step
+        floor = flops_per_step / (peak * 1e9)  # seconds per step at 100% MFU
+        m_ours, m_torch = statistics.median(mine), statistics.median(torch_ms)
+        rows.append({
+            "model": name,
+            "tinygpt_median_ms": m_ours * 1e3,
+            "tinygpt_fastest_ms": mine_fast * 1e3,
+            "pytorch_median_ms": m_torch * 1e3,
+            "pytorch_fastest_ms": torch_fast * 1e3,
+            "speedup": m_torch / m_ours,
+            "tinygpt_mfu": floor / m_ours,
+            "pytorch_mfu": floor / m_torch,
+            "ceiling_speedup": m_torch / floor,
+        })
+    if args.json:
+        print(json.dumps({"cpu": cpu, "torch": torch_version, "peak_gflops": peak, "rounds": args.rounds,
+                          "steps": args.steps, "models": rows}, indent=2))
+        return
+    print(f"{cpu}, torch {torch_version}, FMA peak {peak:.1f} GFLOP/s; medians of {args.rounds} alternated rounds "
+          f"of {args.steps} steps (fastest in brackets)")
+    head = f"{'model':<18} {'tinygpt ms':>16} {'PyTorch ms':>16} {'speed-up':>9} {'MFU ours':>9} {'MFU torch':>10} {'at 100% MFU':>12}"
+    print(head)
+    for r in rows:
+        ours_ms = f"{r['tinygpt_median_ms']:.1f} ({r['tinygpt_fastest_ms']:.1f})"
+        torch_ms = f"{r['pytorch_median_ms']:.1f} ({r['pytorch_fastest_ms']:.1f})"
+        print(f"{r['model']:<18} {ours_ms:>16} {torch_ms:>16} {r['speedup']:>8.2f}x {100 * r['tinygpt_mfu']:>8.1f}% "
+              f"{100 * r['pytorch_mfu']:>9.1f}% {r['ceiling_speedup']:>11.2f}x")
+    print("speed-up: PyTorch's median step over tinygpt's; at 100% MFU: the speed-up a step at the FMA peak would give")
+
+
+if __name__ == "__main__":
+    main()
