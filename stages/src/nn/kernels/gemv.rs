@@ -5,12 +5,14 @@
 //! over them that a handful of rows cannot amortise; here each weight is read once, where it
 //! lies. Outputs are split over threads in fixed chunks, each computed whole by one thread,
 //! so neither the thread count nor the instruction set changes the bits.
-//! - (out, in): each output is an eight-lane dot product of a weight row with the input row.
-//! - (in, out): each chunk of outputs accumulates `x[i] * W[i, chunk]` over `i` in order.
+//! - (out, in): each output is an eight-lane dot product of a weight row with the input row,
+//!   four outputs at a time so that their chains of additions overlap.
+//! - (in, out): each chunk of outputs accumulates `x[i] * W[i, chunk]` over `i` in order, in
+//!   registers.
 
 use rayon::prelude::*;
 
-use crate::nn::kernels::{axpy, dot, simd_fn};
+use crate::nn::kernels::{axpy, dot, dot4, simd_fn};
 
 /// At most this many rows take these kernels (more amortise [`super::matmul::matmul`]'s packing).
 pub const MAX_ROWS: usize = 8;
@@ -54,10 +56,24 @@ pub fn rows_times_out_in(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
 
 simd_fn! {
     /// For each output `o` of the chunk (`out.len() / rows` of them, output-major), its dot
-    /// product with each row of `x`.
+    /// product with each row of `x`. Four outputs run together ([`dot4`]): four independent
+    /// chains of additions instead of one, each output's bits those of [`dot`].
     fn dots(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32]) {
-        for (o, dst) in out.chunks_mut(rows).enumerate() {
-            let wo = &w[o * k..(o + 1) * k];
+        let n = out.len() / rows;
+        let mut blocks = out.chunks_exact_mut(4 * rows);
+        for (b, dst) in (&mut blocks).enumerate() {
+            let o = 4 * b;
+            let ws = [&w[o * k..][..k], &w[(o + 1) * k..][..k], &w[(o + 2) * k..][..k], &w[(o + 3) * k..][..k]];
+            for r in 0..rows {
+                let d = dot4(&x[r * k..(r + 1) * k], ws);
+                for (j, v) in d.into_iter().enumerate() {
+                    dst[j * rows + r] = v;
+                }
+            }
+        }
+        let done = n / 4 * 4;
+        for (i, dst) in blocks.into_remainder().chunks_mut(rows).enumerate() {
+            let wo = &w[(done + i) * k..(done + i + 1) * k];
             for (r, d) in dst.iter_mut().enumerate() {
                 *d = dot(&x[r * k..(r + 1) * k], wo);
             }
@@ -91,14 +107,28 @@ pub fn rows_times_in_out(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
 
 simd_fn! {
     /// Columns `start..start + width` of `x W` for each row, row by row into `acc` (rows of
-    /// `CHUNK`): `sum over i of x[r, i] * W[i, cols]`, in order of `i`.
+    /// `CHUNK`): `sum over i of x[r, i] * W[i, cols]`, in order of `i`. A whole chunk sums in
+    /// a local array the compiler keeps in registers: [`CHUNK`] independent sums, no store
+    /// between one `i` and the next (the same operations, so the same bits).
     #[allow(clippy::too_many_arguments)]
     fn accumulate(x: &[f32], w: &[f32], k: usize, n: usize, start: usize, width: usize, rows: usize, acc: &mut [f32]) {
         for r in 0..rows {
             let a = &mut acc[r * CHUNK..r * CHUNK + width];
-            a.fill(0.0);
-            for i in 0..k {
-                axpy(x[r * k + i], &w[i * n + start..i * n + start + width], a);
+            let xr = &x[r * k..(r + 1) * k];
+            if width == CHUNK {
+                let mut local = [0.0f32; CHUNK];
+                for (i, xi) in xr.iter().enumerate() {
+                    let wi: &[f32; CHUNK] = w[i * n + start..][..CHUNK].try_into().expect("a whole chunk");
+                    for j in 0..CHUNK {
+                        local[j] += xi * wi[j];
+                    }
+                }
+                a.copy_from_slice(&local);
+            } else {
+                a.fill(0.0);
+                for (i, xi) in xr.iter().enumerate() {
+                    axpy(*xi, &w[i * n + start..i * n + start + width], a);
+                }
             }
         }
     }
@@ -109,6 +139,30 @@ mod tests {
     use super::*;
     use crate::nn::gradcheck::random;
     use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
+
+    /// The blocked kernels compute each output as the plain loops do, bit for bit: (out, in)
+    /// as one [`dot`], (in, out) as a sum over `i` in order from zero.
+    #[test]
+    fn each_output_has_the_bits_of_the_plain_loop() {
+        for (rows, k, n) in [(1, 128, 390), (5, 40, 67), (2, 9, 130)] {
+            let (x, w) = (random(rows * k, 3), random(k * n, 4));
+            let mut out = vec![0.0f32; rows * n];
+            rows_times_out_in(&x, rows, &w, &mut out);
+            for r in 0..rows {
+                for o in 0..n {
+                    let want = dot(&x[r * k..(r + 1) * k], &w[o * k..(o + 1) * k]);
+                    assert_eq!(out[r * n + o].to_bits(), want.to_bits(), "out_in {rows}x{k}x{n} at ({r}, {o})");
+                }
+            }
+            rows_times_in_out(&x, rows, &w, &mut out);
+            for r in 0..rows {
+                for o in 0..n {
+                    let want = (0..k).fold(0.0f32, |s, i| s + x[r * k + i] * w[i * n + o]);
+                    assert_eq!(out[r * n + o].to_bits(), want.to_bits(), "in_out {rows}x{k}x{n} at ({r}, {o})");
+                }
+            }
+        }
+    }
 
     #[test]
     fn few_rows_match_the_reference_in_both_layouts_whatever_the_threads() {

@@ -51,12 +51,26 @@ fn by_rows(x: &[f32], rows: usize, w: &QMatrix, out: &mut [f32]) {
     }
     let xsum = &xsum[..];
     let rb = w.row_bytes();
+    let one = |o: usize, dst: &mut [f32]| {
+        let sg = o * g..(o + 1) * g;
+        output(&w.codes[o * rb..(o + 1) * rb], w.bits, &w.scales[sg.clone()], &w.zeros[sg], gs, x, xsum, dst);
+    };
     let work = |o0: usize, part: &mut [f32]| {
-        for (i, dst) in part.chunks_mut(rows).enumerate() {
-            let o = o0 + i;
-            let sg = o * g..(o + 1) * g;
-            output(&w.codes[o * rb..(o + 1) * rb], w.bits, &w.scales[sg.clone()], &w.zeros[sg], gs, x, xsum, dst);
+        if rows > 1 {
+            // Each output's rows are independent chains already.
+            part.chunks_mut(rows).enumerate().for_each(|(i, dst)| one(o0 + i, dst));
+            return;
         }
+        let done = part.len() / 4 * 4;
+        let mut blocks = part.chunks_exact_mut(4);
+        for (b, dst) in (&mut blocks).enumerate() {
+            let o = o0 + 4 * b;
+            let codes = std::array::from_fn(|j| &w.codes[(o + j) * rb..(o + j + 1) * rb]);
+            let scales = std::array::from_fn(|j| &w.scales[(o + j) * g..(o + j + 1) * g]);
+            let zeros = std::array::from_fn(|j| &w.zeros[(o + j) * g..(o + j + 1) * g]);
+            output4(codes, w.bits, scales, zeros, gs, x, xsum, dst.try_into().expect("four"));
+        }
+        blocks.into_remainder().chunks_mut(1).enumerate().for_each(|(i, dst)| one(o0 + done + i, dst));
     };
     let weights = n * k;
     if rows == 1 {
@@ -118,6 +132,65 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// [`output`] for four outputs of one row of `x` (decoding), the four chains of additions
+    /// interleaved so that they overlap; each output gets [`output`]'s operations in its order,
+    /// so its bits.
+    #[allow(clippy::too_many_arguments)]
+    fn output4(
+        codes: [&[u8]; 4],
+        bits: u32,
+        scales: [&[f32]; 4],
+        zeros: [&[f32]; 4],
+        gs: usize,
+        x: &[f32],
+        xsum: &[f32],
+        dst: &mut [f32; 4],
+    ) {
+        let g = scales[0].len();
+        let chunk_bytes = 32 * bits as usize / 8;
+        let mut q = [[0.0f32; 32]; 4];
+        let mut codes32 = [0u8; 32];
+        *dst = [0.0; 4];
+        for j in 0..g {
+            let mut acc = [[0.0f32; 8]; 4];
+            for c in (j * gs..(j + 1) * gs).step_by(32) {
+                let xs: &[f32; 32] = x[c..c + 32].try_into().expect("32");
+                if bits == 8 {
+                    // The codes are the bytes: converted as they are loaded.
+                    let at = |o: usize| -> &[u8; 32] { codes[o][c..c + 32].try_into().expect("32") };
+                    let q8 = [at(0), at(1), at(2), at(3)];
+                    for part in 0..4 {
+                        for (a, q) in acc.iter_mut().zip(&q8) {
+                            for l in 0..8 {
+                                a[l] += q[part * 8 + l] as f32 * xs[part * 8 + l];
+                            }
+                        }
+                    }
+                    continue;
+                }
+                for (q, codes) in q.iter_mut().zip(&codes) {
+                    unpack(&codes[c / 32 * chunk_bytes..(c / 32 + 1) * chunk_bytes], bits, &mut codes32);
+                    for (f, b) in q.iter_mut().zip(&codes32) {
+                        *f = *b as f32;
+                    }
+                }
+                for part in 0..4 {
+                    for (a, q) in acc.iter_mut().zip(&q) {
+                        for l in 0..8 {
+                            a[l] += q[part * 8 + l] * xs[part * 8 + l];
+                        }
+                    }
+                }
+            }
+            for (o, a) in acc.iter().enumerate() {
+                let d = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+                dst[o] += scales[o][j] * (d - zeros[o][j] * xsum[j]);
+            }
+        }
+    }
+}
+
 /// The sum of a group (a multiple of 8 long) in eight lanes, combined in a fixed order.
 #[inline(always)]
 fn lane_sum(x: &[f32]) -> f32 {
@@ -161,6 +234,20 @@ mod tests {
 
     fn pool(threads: usize) -> rayon::ThreadPool {
         rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+    }
+
+    /// One row (four outputs at a time) gets the bits each output gets among several rows
+    /// (one output at a time): the speculative verification relies on it.
+    #[test]
+    fn one_row_has_the_bits_it_has_among_others() {
+        for (bits, gs, k, n) in [(8, 32, 64, 43), (4, 64, 128, 70)] {
+            let w = rtn(&random(n * k, 5), n, k, Scheme { bits, group_size: gs, symmetric: bits == 8 });
+            let x = random(3 * k, 6);
+            let (mut alone, mut among) = (vec![0.0f32; n], vec![0.0f32; 3 * n]);
+            qmatmul(&x[..k], 1, &w, &mut alone);
+            qmatmul(&x, 3, &w, &mut among);
+            assert!(alone.iter().zip(&among[..n]).all(|(a, b)| a.to_bits() == b.to_bits()), "bits {bits}");
+        }
     }
 
     /// Both paths, int8 and int4, several group sizes and widths (one output chunk and
