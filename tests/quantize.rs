@@ -111,14 +111,27 @@ fn bad_quantization_settings_are_refused_with_their_place() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("gptq needs the inputs' statistics") && err.contains(&format!("bad.toml:{line}:")), "{err}");
-    // A width that is no multiple of the group: an error naming the matrix, or kept in f32.
+    // A width that is no multiple of the group: refused when the recipe is resolved, before
+    // anything runs, naming the matrix and pointing at the key; or kept in f32 on request.
     let out = sb.tinygpt(&["run", "quantize.toml", "--set", "int8.group_size=128"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("`transformer.h.0.attn.c_attn.weight` has 64 inputs, not a multiple of group_size 128"),
+        err.contains(
+            "stage `int8`: `transformer.h.0.attn.c_attn.weight` has 64 inputs, not a multiple of group_size 128"
+        ),
         "{err}"
     );
+    let built = std::fs::read_dir(sb.store().join("artifacts")).map_or(0, |d| d.count());
+    assert_eq!(built, 0, "nothing ran: {err}");
+    // Written in the file: the error points at its line (the first group_size, int8's).
+    let line = recipe.lines().position(|l| l == "group_size = 32").unwrap() + 1;
+    sb.write("wide_groups.toml", recipe.replacen("group_size = 32\n", "group_size = 96\n", 1));
+    let out = sb.tinygpt(&["plan", "wide_groups.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let place = format!("wide_groups.toml:{line}:");
+    assert!(err.contains("has 64 inputs, not a multiple of group_size 96") && err.contains(&place), "{err}");
     let run = sb.run_json("quantize.toml", &["--set", "int8.group_size=128", "--set", "int8.indivisible=\"keep\""]);
     let kept = report(&sb, &run, "int8");
     let layers: Vec<&str> = kept["layers"].as_array().unwrap().iter().map(|l| l["name"].as_str().unwrap()).collect();

@@ -155,6 +155,23 @@ pub trait Stage: Send + Sync {
     fn check(&self, _params: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         Ok(())
     }
+    /// What the recipe alone tells of this stage's output before anything runs (a model
+    /// stage: its layers' widths), from its parameters and from what its inputs' stages tell
+    /// of theirs (`upstream`, by slot wired to a stage; `Null` where that stage tells nothing;
+    /// raw inputs are absent). JSON the engine passes on without reading.
+    fn output_shape(&self, _params: &Params, _upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Checks against what the inputs' stages tell of their outputs ([`Stage::output_shape`]),
+    /// run when the recipe is resolved: a problem found here would otherwise stop the stage
+    /// only after its inputs were built.
+    fn check_shapes(
+        &self,
+        _params: &Params,
+        _upstream: &BTreeMap<&str, &serde_json::Value>,
+    ) -> Result<(), ParamProblem> {
+        Ok(())
+    }
     /// Write the output files into `ctx.out_dir()`.
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError>;
 }

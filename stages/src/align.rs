@@ -16,7 +16,7 @@
 //! Output: the model with any adapter merged in, in `pretrain`'s layout, and with an adapter,
 //! `adapter/` in PEFT's layout.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
@@ -174,6 +174,10 @@ impl Stage for Align {
         Ok(())
     }
 
+    /// The model keeps its input's shape (adapters merge into the same matrices).
+    fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        upstream.get("model").map_or(serde_json::Value::Null, |shape| (*shape).clone())
+    }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let (
             Input::Artifact { artifact: model_dir, stage: model_stage, .. },

@@ -9,7 +9,7 @@
 //! students distilled or trained from scratch compare directly. Output: a model in the usual
 //! layout.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
@@ -113,6 +113,14 @@ impl Stage for Distill {
         check_lrs(p)
     }
 
+    /// The student: the `init` model's shape when one is wired (as far as it tells), else the
+    /// one the parameters describe.
+    fn output_shape(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        match upstream.get("init") {
+            Some(shape) => (*shape).clone(),
+            None => crate::quantize::plan_shape(&model_config(p, 2, p.opt_usize("block_size").unwrap_or(1))),
+        }
+    }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let Input::Artifact { artifact: teacher, stage: teacher_stage, .. } = ctx.required_input("teacher") else {
             unreachable!("`teacher` accepts only artifacts");

@@ -11,7 +11,7 @@
 //! `log_interval` and `eval_interval`, so it is a volatile output: left out of the content
 //! digest, which the weights and the other files determine.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
@@ -144,6 +144,9 @@ impl Stage for Pretrain {
         check_lrs(p)
     }
 
+    fn output_shape(&self, p: &Params, _: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        crate::quantize::plan_shape(&model_config(p, 2, p.opt_usize("block_size").unwrap_or(1)))
+    }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let Input::Artifact { artifact, .. } = ctx.required_input("data") else {
             unreachable!("`data` accepts only artifacts");

@@ -12,11 +12,11 @@
 //! A matrix whose input width is not a multiple of `group_size` is an error naming it, or,
 //! with `indivisible = "keep"`, stays f32 (listed in the report).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use rayon::prelude::*;
-use serde_json::json;
+use serde_json::{json, Map, Value};
 
 use crate::calibrate::{load_hessians, site};
 use crate::model_io::{load_model_with_eot, save_quantized_model, TOKENIZER, WEIGHTS};
@@ -106,6 +106,28 @@ impl Stage for Quantize {
         Ok(())
     }
 
+    /// A matrix whose width `group_size` does not divide is refused when the recipe is
+    /// resolved, if the model stage tells its widths ([`plan_shape`]).
+    fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &Value>) -> Result<(), ParamProblem> {
+        let Some(shape) = upstream.get("model") else { return Ok(()) };
+        if shape.is_null() || p.str("indivisible") == "keep" {
+            return Ok(());
+        }
+        let gs = p.usize("group_size");
+        let sections: &[&str] = if p.bool("embeddings") { &["linears", "tables"] } else { &["linears"] };
+        let widths = sections.iter().filter_map(|s| shape[*s].as_object()).flatten();
+        for (name, width) in widths {
+            let width = width.as_u64().unwrap_or(0) as usize;
+            if !width.is_multiple_of(gs) {
+                return Err(ParamProblem::new("group_size", indivisible(name, width, gs)));
+            }
+        }
+        Ok(())
+    }
+    fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &Value>) -> Value {
+        upstream.get("model").map_or(Value::Null, |shape| (*shape).clone())
+    }
+
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let Input::Artifact { artifact: model_dir, .. } = ctx.required_input("model") else {
             unreachable!("the slot accepts only artifacts");
@@ -128,10 +150,7 @@ impl Stage for Quantize {
             } else if p.str("indivisible") == "keep" {
                 kept.push(t.name);
             } else {
-                return Err(StageError::msg(format!(
-                    "`{}` has {} inputs, not a multiple of group_size {}: choose a group_size that divides it, or set indivisible = \"keep\" to leave such matrices in f32",
-                    t.name, t.cols, scheme.group_size
-                )));
+                return Err(StageError::msg(indivisible(&t.name, t.cols, scheme.group_size)));
             }
         }
         if let Some(h) = &hessians {
@@ -269,6 +288,26 @@ impl Target {
     }
 }
 
+fn indivisible(name: &str, cols: usize, group_size: usize) -> String {
+    format!(
+        "`{name}` has {cols} inputs, not a multiple of group_size {group_size}: choose a group_size that divides it, \
+         or set indivisible = \"keep\" to leave such matrices in f32"
+    )
+}
+
+/// What a model stage tells of its output when the recipe is resolved
+/// ([`engine::Stage::output_shape`]): the input width of each matrix `quantize` may take, by
+/// name, the blocks' linear layers (`linears`) apart from the embedding tables (`tables`).
+pub(crate) fn plan_shape(cfg: &ModelConfig) -> Value {
+    let linears: Map<String, Value> = targets(cfg, false).into_iter().map(|t| (t.name, json!(t.cols))).collect();
+    let tables: Map<String, Value> = targets(cfg, true)
+        .into_iter()
+        .filter(|t| !linears.contains_key(&t.name))
+        .map(|t| (t.name, json!(t.cols)))
+        .collect();
+    json!({ "linears": linears, "tables": tables })
+}
+
 /// Every block's linear layers, then (with `embeddings`) the embedding and the head.
 fn targets(cfg: &ModelConfig, embeddings: bool) -> Vec<Target> {
     let mut out: Vec<Target> = cfg
@@ -306,4 +345,51 @@ fn targets(cfg: &ModelConfig, embeddings: bool) -> Vec<Target> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use engine::{ParamValue, Params, Stage};
+
+    use super::*;
+
+    /// A model stage tells each matrix's input width; fine-tuning and alignment keep the shape
+    /// they are given, distillation takes its `init` model's or its parameters'; quantize
+    /// refuses a group its widths do not hold, unless asked to keep such matrices.
+    #[test]
+    fn model_stages_tell_their_widths_and_quantize_checks_them() {
+        let shape = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 16, false));
+        assert_eq!(shape["linears"]["transformer.h.0.attn.c_attn.weight"], 16);
+        assert_eq!(shape["linears"]["transformer.h.0.mlp.c_proj.weight"], 64);
+        assert_eq!(shape["tables"]["transformer.wte.weight"], 16);
+        assert!(shape["linears"].get("transformer.wte.weight").is_none());
+        let upstream = BTreeMap::from([("model", &shape)]);
+        let none = Params::from_defaults(&[], &[]);
+        assert_eq!(crate::sft::Sft.output_shape(&none, &upstream), shape);
+        assert_eq!(crate::align::Align.output_shape(&none, &upstream), shape);
+        let distill = Params::from_defaults(crate::distill::Distill.params(), &[("n_embd", ParamValue::Int(96))]);
+        let student = crate::distill::Distill.output_shape(&distill, &BTreeMap::new());
+        assert_eq!(student["linears"]["transformer.h.0.attn.c_proj.weight"], 96);
+        let from_init = BTreeMap::from([("init", &shape)]);
+        assert_eq!(crate::distill::Distill.output_shape(&distill, &from_init), shape);
+
+        let quantize = |pairs: &[(&str, ParamValue)]| {
+            Quantize.check_shapes(&Params::from_defaults(Quantize.params(), pairs), &upstream)
+        };
+        let problem = quantize(&[("group_size", ParamValue::Int(32))]).unwrap_err();
+        assert_eq!(problem.key, "group_size");
+        assert!(problem.message.contains("`transformer.h.0.attn.c_attn.weight` has 16 inputs"), "{}", problem.message);
+        assert!(
+            quantize(&[("group_size", ParamValue::Int(32)), ("indivisible", ParamValue::Str("keep".into()))]).is_ok()
+        );
+        let wide = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 64, false));
+        let upstream = BTreeMap::from([("model", &wide)]);
+        let check = |pairs: &[(&str, ParamValue)]| {
+            Quantize.check_shapes(&Params::from_defaults(Quantize.params(), pairs), &upstream)
+        };
+        assert!(check(&[("group_size", ParamValue::Int(64))]).is_ok());
+        assert!(check(&[("group_size", ParamValue::Int(128))]).is_err(), "64-wide layers");
+    }
 }

@@ -11,7 +11,7 @@
 //! `sample` and later stages take it as it is), the template of the examples, and with an
 //! adapter, `adapter/` in PEFT's layout (`adapter_config.json`, `adapter_model.safetensors`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
@@ -118,6 +118,10 @@ impl Stage for Sft {
         check_lora(p)
     }
 
+    /// The model keeps its input's shape (adapters merge into the same matrices).
+    fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        upstream.get("model").map_or(serde_json::Value::Null, |shape| (*shape).clone())
+    }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let (
             Input::Artifact { artifact: model_dir, stage: model_stage, .. },

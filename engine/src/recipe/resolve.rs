@@ -200,6 +200,10 @@ pub fn resolve(
     }
 
     check_vocabularies(&stages, &order, &wired)?;
+    check_shapes(&stages, &order, &wired, |i, key| {
+        let m = &members[i];
+        m.given.get(key).map_or(&tables[m.table].name_at, |g| &g.key_at).clone()
+    })?;
 
     // Renumber stage ids into topological order.
     let mut new_id = vec![0; order.len()];
@@ -262,6 +266,28 @@ fn check_vocabularies(
                 Some(_) => {}
             }
         }
+    }
+    Ok(())
+}
+
+/// Each stage's [`Stage::output_shape`] in DAG order, each handed what its upstream stages
+/// told, then [`Stage::check_shapes`] on the same: a problem points at the key it names (or the
+/// stage, when the key is not written), via `key_at(stage, key)`.
+fn check_shapes(
+    stages: &[ResolvedStage],
+    order: &[usize],
+    wired: &[(usize, &'static str, usize, Place)],
+    key_at: impl Fn(usize, &str) -> Place,
+) -> Result<(), RecipeError> {
+    let mut shapes = vec![serde_json::Value::Null; stages.len()];
+    for &i in order {
+        let upstream: BTreeMap<&str, &serde_json::Value> =
+            wired.iter().filter(|(s, _, _, _)| *s == i).map(|(_, slot, from, _)| (*slot, &shapes[*from])).collect();
+        let stage = &stages[i];
+        stage.kind.check_shapes(&stage.params, &upstream).map_err(|p| {
+            key_at(i, &p.key).error(format!("stage `{}`: {}", stage.name, p.message), format!("`{}`", p.key))
+        })?;
+        shapes[i] = stage.kind.output_shape(&stage.params, &upstream);
     }
     Ok(())
 }
