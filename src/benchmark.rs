@@ -3,7 +3,7 @@
 //! `benches/vs_pytorch.py`.
 
 use serde_json::{json, Map, Value};
-use stages::bench::{self, BenchModel, StepReport};
+use stages::bench::{self, BenchModel, StepReport, Training};
 
 use crate::output;
 
@@ -83,7 +83,7 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
             m.steps = n.max(1);
         }
         out.progress(m.name);
-        let r = bench::train_steps(&m, cores, None);
+        let r = bench::train_steps(&m, cores, Training::default());
         full_peak = full_peak.max(bench::fma_peak(cores));
         let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
         training(&out, &m, &r, mfu, full_peak);
@@ -101,18 +101,23 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
         });
         // Fine-tuning the same shape with LoRA: the weight gradients and the moments of the
         // frozen model go, the adapters' small products come.
-        let lora = bench::train_steps(&m, cores, Some(8));
-        out.text(format_args!(
-            "LoRA r=8 on every linear layer: median {:.1} ms/step against {:.1} for every weight ({:.2}x faster); \
-             needs {} against {} ({:.0}%)",
-            lora.step_spread[1] * 1e3,
-            r.step_spread[1] * 1e3,
-            r.step_spread[1] / lora.step_spread[1],
-            output::human_bytes(lora.needed_bytes),
-            output::human_bytes(r.needed_bytes),
-            100.0 * lora.needed_bytes as f64 / r.needed_bytes as f64
-        ));
+        let lora_r8 = Training { lora_rank: Some(8), checkpointed: false };
+        let lora = bench::train_steps(&m, cores, lora_r8);
+        let lora_checkpointed = bench::train_steps(&m, cores, Training { checkpointed: true, ..lora_r8 });
+        for (what, l) in [("", &lora), (" with activation checkpointing", &lora_checkpointed)] {
+            out.text(format_args!(
+                "LoRA r=8 on every linear layer{what}: median {:.1} ms/step against {:.1} for every weight \
+                 ({:.2}x its speed); needs {} against {} ({:.0}%)",
+                l.step_spread[1] * 1e3,
+                r.step_spread[1] * 1e3,
+                r.step_spread[1] / l.step_spread[1],
+                output::human_bytes(l.needed_bytes),
+                output::human_bytes(r.needed_bytes),
+                100.0 * l.needed_bytes as f64 / r.needed_bytes as f64
+            ));
+        }
         model["lora_r8"] = json!(lora);
+        model["lora_r8_checkpointed"] = json!(lora_checkpointed);
         let decode = bench::decode_speeds(&m.cfg, 128, cores);
         let f32_rate = decode[0].tokens_per_s;
         let rows: Vec<Vec<String>> = decode
@@ -146,7 +151,7 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
         if with_matmul && cores > 1 {
             // How the step scales, against the FMA loop, which touches no memory: the gap is
             // what the cores cost each other (shared cache and memory).
-            let one = bench::train_steps(&m, 1, None);
+            let one = bench::train_steps(&m, 1, Training::default());
             let fma_scaling = peaks[peaks.len() - 1] / peaks[0]; // all threads against one
             let scaling = one.step_spread[1] / r.step_spread[1];
             out.text(format_args!(

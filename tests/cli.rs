@@ -41,7 +41,9 @@ fn bench_json_reports_every_section_as_numbers() {
         let step = &m["step"];
         assert!(step["tokens_per_s"].as_f64().unwrap() > 0.0 && m["mfu"].as_f64().unwrap() > 0.0, "{m}");
         assert!(step["breakdown"]["matmuls"].as_f64().unwrap() > 0.0, "{m}");
-        assert!(m["lora_r8"]["needed_bytes"].as_u64().unwrap() < step["needed_bytes"].as_u64().unwrap(), "{m}");
+        let needed = |what: &str| m[what]["needed_bytes"].as_u64().unwrap();
+        assert!(needed("lora_r8") < step["needed_bytes"].as_u64().unwrap(), "{m}");
+        assert!(needed("lora_r8_checkpointed") < needed("lora_r8"), "{m}");
         let weights: Vec<&str> =
             m["decode"].as_array().unwrap().iter().map(|d| d["weights"].as_str().unwrap()).collect();
         assert_eq!(weights, ["f32", "int8", "int4"]);

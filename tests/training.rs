@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::util::{artifact, assert_success, interrupt_run, key, shared_data, stage, Sandbox};
+use crate::util::{artifact, assert_success, interrupt_run, key, ran, shared_data, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
@@ -122,6 +122,24 @@ fn one_and_two_threads_train_identical_weights() {
     let (w2, e2) = train_with(&[("RAYON_NUM_THREADS", "2")], &[]);
     assert!(w1 == w2, "model.safetensors differs between 1 and 2 threads");
     assert_eq!(e1, e2);
+}
+
+/// Activation checkpointing recomputes each block in backward: the same weights, bit for bit,
+/// for both architectures, and the same key (it is not hashed: a run with it is a cache hit).
+#[test]
+fn activation_checkpointing_trains_the_same_weights() {
+    for sets in [&[][..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"][..]] {
+        let (kept, e1) = train_with(&[], sets);
+        let checkpointed = [sets, &["--set", "pretrain.activation_checkpointing=true"][..]].concat();
+        let (recomputed, e2) = train_with(&[], &checkpointed);
+        assert!(kept == recomputed, "model.safetensors differs with activation checkpointing ({sets:?})");
+        assert_eq!(e1, e2);
+    }
+    let sb = Sandbox::new();
+    let first = sb.run_json("train.toml", &[]);
+    let again = sb.run_json("train.toml", &["--set", "pretrain.activation_checkpointing=true"]);
+    assert_eq!(key(&first, "pretrain"), key(&again, "pretrain"));
+    assert!(ran(&again).is_empty(), "{again}");
 }
 
 /// The portable kernels run on every machine here, forced, and must give the bits of the ones

@@ -486,9 +486,17 @@ fn median3(mut x: [f64; 3]) -> f64 {
     x[1]
 }
 
-/// Train `m` for `m.steps` steps on random tokens with `threads` threads: every weight, or
-/// with `lora_rank`, LoRA adapters of that rank on every linear layer of a frozen model.
-pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> StepReport {
+/// How [`train_steps`] trains: every weight, or with `lora_rank` LoRA adapters of that rank on
+/// every linear layer of a frozen model; with `checkpointed`, activation checkpointing.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Training {
+    pub lora_rank: Option<usize>,
+    pub checkpointed: bool,
+}
+
+/// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
+pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
+    let Training { lora_rank, checkpointed } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
@@ -505,7 +513,10 @@ pub fn train_steps(m: &BenchModel, threads: usize, lora_rank: Option<usize>) -> 
             None => params.zeros_like(),
         };
         let mut opt = AdamWState::new(&grads);
-        let mut acts = Activations::for_training(&model, m.batch, t);
+        let mut acts = match checkpointed {
+            true => Activations::checkpointed(&model, m.batch, t),
+            false => Activations::for_training(&model, m.batch, t),
+        };
         let mut batches = [Batch::new(m.batch, t)];
         let opts = TensorOpt::defaults(&params);
         let mut rng = SplitMix64::new(2);
@@ -610,7 +621,7 @@ mod tests {
     #[test]
     fn a_profiled_step_times_its_matmuls_and_counts_its_memory() {
         let m = BenchModel { name: "tiny", cfg: ModelConfig::gpt2(11, 8, 1, 2, 16, false), batch: 2, steps: 2 };
-        let r = train_steps(&m, 1, None);
+        let r = train_steps(&m, 1, Training::default());
         assert!(r.breakdown.iter().any(|(name, s)| *name == "matmuls" && *s > 0.0));
         let [fastest, median, slowest] = r.step_spread;
         assert!(0.0 < fastest && fastest <= median && median <= slowest, "{:?}", r.step_spread);
@@ -620,7 +631,12 @@ mod tests {
             assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
         }
         // LoRA keeps the frozen weights but no gradients or moments for them.
-        let lora = train_steps(&m, 1, Some(2));
+        let lora = train_steps(&m, 1, Training { lora_rank: Some(2), checkpointed: false });
         assert!(lora.needed_bytes < r.needed_bytes, "{} vs {}", lora.needed_bytes, r.needed_bytes);
+        // Checkpointing holds one block's activations and every block's input (three layers).
+        let deep = BenchModel { cfg: ModelConfig::gpt2(11, 8, 3, 2, 16, false), ..m };
+        let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: false });
+        let both = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: true });
+        assert!(both.needed_bytes < lora.needed_bytes, "{} vs {}", both.needed_bytes, lora.needed_bytes);
     }
 }

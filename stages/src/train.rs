@@ -69,11 +69,13 @@ pub struct TrainSpec {
     pub eval_batches: usize,
     pub log_interval: u64,
     pub checkpoint_interval: u64,
+    /// Keep only each block's input in forward and run the block again in backward.
+    pub activation_checkpointing: bool,
 }
 
 /// The optimizer, schedule and logging parameters of every training stage; a stage's own
 /// table is its parameters followed by these ([`crate::concat_params`]).
-pub const TRAIN_PARAMS: [ParamSpec; 18] = [
+pub const TRAIN_PARAMS: [ParamSpec; 19] = [
         ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
         ParamSpec::int("batch_size", 12, 1, 1 << 20, "sequences per micro-batch"),
         ParamSpec::int("grad_accum", 1, 1, 1 << 16, "micro-batches per optimizer step"),
@@ -111,6 +113,12 @@ pub const TRAIN_PARAMS: [ParamSpec; 18] = [
         ParamSpec::int("log_interval", 10, 1, 1 << 40, "a metrics line every this many steps").not_hashed(),
         ParamSpec::int("checkpoint_interval", 250, 1, 1 << 40, "save the training state every this many steps")
             .not_hashed(),
+        ParamSpec::bool(
+            "activation_checkpointing",
+            false,
+            "keep only each block's input and recompute the block in backward: far less memory for a third more arithmetic, the same bits",
+        )
+        .not_hashed(),
     ];
 
 /// The learning-rate schedule the parameters ask for.
@@ -162,6 +170,7 @@ impl TrainSpec {
             eval_batches: p.usize("eval_batches"),
             log_interval: p.int("log_interval") as u64,
             checkpoint_interval: p.int("checkpoint_interval") as u64,
+            activation_checkpointing: p.bool("activation_checkpointing"),
         }
     }
 }
@@ -211,7 +220,10 @@ pub fn train(
         progress: Progress { step: 0, data: data.start(), elapsed: 0.0, log: Vec::new() },
         params: fresh,
     });
-    let mut acts = Activations::for_training(&model, spec.batch, spec.t);
+    let mut acts = match spec.activation_checkpointing {
+        true => Activations::checkpointed(&model, spec.batch, spec.t),
+        false => Activations::for_training(&model, spec.batch, spec.t),
+    };
     let mut batches: Vec<Batch> = (0..spec.accum).map(|_| Batch::new(spec.batch, spec.t)).collect();
 
     let progress = ctx.progress();

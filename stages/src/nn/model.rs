@@ -354,6 +354,29 @@ impl Model {
         }
     }
 
+    /// Block `l` on the residual stream `x` (B * T, C), in place, keeping its intermediates in
+    /// `a`. Its adapters' dropout draws from streams of (batch seed, layer, slot), so running
+    /// it again on the same input gives the same bits.
+    fn block_forward(&self, l: usize, p: &ParamMap, batch: &Batch, a: &mut BlockActs, x: &mut [f32], zeros_c: &[f32]) {
+        let blk = &self.blocks[l];
+        let (rows, eps) = (batch.batch() * batch.time(), self.cfg.norm_eps);
+        let n = self.attn_dims(batch.batch(), batch.time());
+        for (slot, ad) in a.adapters.iter_mut().enumerate() {
+            let place = (l * LINEAR_SLOTS + slot) as u64 + 1;
+            ad.dropout_seed = batch.dropout_seed.map(|s| s ^ place.wrapping_mul(0x94D0_49BB_1331_11EB));
+        }
+        a.x_in.copy_from_slice(x);
+        blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, zeros_c);
+        let qkv =
+            self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.adapters);
+        attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
+        blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.adapters[blk.o.slot]);
+        add_assign(&mut a.x_mid, x);
+        blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, zeros_c);
+        self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x, &mut a.adapters);
+        add_assign(x, &a.x_mid);
+    }
+
     /// Forward pass: `acts.logits` (B * T, V) for the batch's ids at its positions. With
     /// training activations every block's intermediates are kept for [`Model::backward`].
     ///
@@ -364,30 +387,19 @@ impl Model {
         assert_eq!((batch.batch(), batch.time()), (b, t), "the batch is not the activations' shape");
         batch.check();
         let rows = b * t;
-        let n = self.attn_dims(b, t);
         let x = &mut acts.x;
         self.embed(p, &batch.ids, &batch.pos, x);
         if let Some(noise) = batch.noise {
             add_embedding_noise(x, batch, noise.alpha, noise.seed, self.cfg.n_embd);
         }
-        // Inference activations hold one block's buffers, which every layer reuses.
+        // Inference and checkpointed activations hold one block's buffers, which every layer
+        // reuses; checkpointed ones also keep each block's input, to run it again in backward.
         let kept = acts.blocks.len();
-        for (l, blk) in self.blocks.iter().enumerate() {
-            let a = &mut acts.blocks[l.min(kept - 1)];
-            for (slot, ad) in a.adapters.iter_mut().enumerate() {
-                let place = (l * LINEAR_SLOTS + slot) as u64 + 1;
-                ad.dropout_seed = batch.dropout_seed.map(|s| s ^ place.wrapping_mul(0x94D0_49BB_1331_11EB));
+        for l in 0..self.blocks.len() {
+            if let Some(input) = acts.block_inputs.get_mut(l) {
+                input.copy_from_slice(x);
             }
-            a.x_in.copy_from_slice(x);
-            blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, &acts.zeros_c);
-            let qkv =
-                self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.adapters);
-            attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
-            blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.adapters[blk.o.slot]);
-            add_assign(&mut a.x_mid, x);
-            blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, &acts.zeros_c);
-            self.mlp_forward(blk, p, &a.n2, &mut a.h, &mut a.u, &mut a.g, x, &mut a.adapters);
-            add_assign(x, &a.x_mid);
+            self.block_forward(l, p, batch, &mut acts.blocks[l.min(kept - 1)], x, &acts.zeros_c);
         }
         self.norm_f.forward(p, x, &mut acts.nf, &mut acts.sf, eps, &acts.zeros_c);
         self.head.forward(p, &acts.nf, &mut acts.logits, rows, &mut acts.no_adapter);
@@ -423,6 +435,7 @@ impl Model {
         let pos = &batch.pos[..];
         let Activations {
             blocks,
+            block_inputs,
             x,
             nf,
             sf,
@@ -441,6 +454,7 @@ impl Model {
             dz,
             dx_drop,
             scratch_c,
+            zeros_c,
             no_adapter,
             ..
         } = acts;
@@ -448,7 +462,17 @@ impl Model {
 
         self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
-        for (blk, a) in self.blocks.iter().zip(blocks.iter()).rev() {
+        for (l, blk) in self.blocks.iter().enumerate().rev() {
+            let a: &BlockActs = match block_inputs.get(l) {
+                // Checkpointed: run the block again from its input (into `x`, which backward
+                // no longer needs) to get back the intermediates its backward reads.
+                Some(input) => {
+                    x.copy_from_slice(input);
+                    self.block_forward(l, p, batch, &mut blocks[0], x, zeros_c);
+                    &blocks[0]
+                }
+                None => &blocks[l],
+            };
             // dx holds d(block output) = d(x_mid + mlp(norm2(x_mid))).
             let xa = &a.adapters;
             match blk.mlp {
@@ -554,6 +578,9 @@ pub struct Activations {
     /// Whether every block's intermediates are kept for backward.
     training: bool,
     blocks: Vec<BlockActs>,
+    /// With activation checkpointing, each block's input (B * T, C): `blocks` then holds one
+    /// block's intermediates, which backward recomputes layer by layer. Empty otherwise.
+    block_inputs: Vec<Vec<f32>>,
     /// The residual stream; after forward, the input of the final norm.
     x: Vec<f32>,
     nf: Vec<f32>,
@@ -595,6 +622,16 @@ impl Activations {
         Self::build(&model.cfg, b, t, model.adapter_shapes(), true)
     }
 
+    /// Buffers for training `model` with activation checkpointing: forward keeps only each
+    /// block's input and backward runs each block again before its backward. One block's
+    /// intermediates instead of every block's, for a third more arithmetic; the same bits.
+    pub fn checkpointed(model: &Model, b: usize, t: usize) -> Self {
+        let mut acts = Self::build(&model.cfg, b, t, model.adapter_shapes(), true);
+        acts.blocks.truncate(1);
+        acts.block_inputs = vec![vec![0.0; b * t * model.cfg.n_embd]; model.cfg.n_layer];
+        acts
+    }
+
     /// Buffers for forward passes of `model` only: one block's intermediates, which every
     /// layer overwrites, and no gradients.
     pub fn inference(model: &Model, b: usize, t: usize) -> Self {
@@ -633,6 +670,7 @@ impl Activations {
             t,
             training,
             blocks: (0..kept).map(|_| block()).collect(),
+            block_inputs: Vec::new(),
             x: z(rows * c),
             nf: z(rows * c),
             sf: NormStats::new(rows),
@@ -668,7 +706,7 @@ impl Activations {
     /// If these are inference activations and `layer` is given.
     pub fn linear_input(&self, layer: usize, slot: Option<usize>) -> &[f32] {
         let Some(slot) = slot else { return &self.nf };
-        assert!(self.training, "inference activations keep no block's inputs");
+        assert!(self.training && self.block_inputs.is_empty(), "these activations keep no block's inputs");
         let a = &self.blocks[layer];
         match slot {
             0..=2 => &a.n1,
@@ -705,7 +743,8 @@ impl Activations {
                     + s(&a.s1)
                     + s(&a.s2)
             })
-            .sum();
+            .sum::<usize>()
+            + self.block_inputs.iter().map(Vec::len).sum::<usize>();
         let rest = [
             &self.x,
             &self.nf,
@@ -959,6 +998,45 @@ mod tests {
             for (x, y) in a1.logits.iter().zip(&a2.logits) {
                 assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{} {variant} dora {dora}: {x} vs {y}", arch.name());
             }
+        }
+    }
+
+    /// Checkpointed activations give the same logits and gradients, bit for bit, as keeping
+    /// every block's (the whole model; LoRA with dropout, NEFTune's noise; DoRA), in less memory.
+    #[test]
+    fn activation_checkpointing_gives_the_same_bits_in_less_memory() {
+        for ((arch, variant), case) in VARIANTS.into_iter().flat_map(|v| [(v, 0), (v, 1), (v, 2)]) {
+            let cfg = tiny(arch, variant);
+            let lora = lora_on_everything(&cfg, false, case == 2);
+            let (params, model) = if case == 0 {
+                let params = random_params(&cfg);
+                let model = Model::new(cfg, &params);
+                (params, model)
+            } else {
+                let params = adapted(&cfg, &lora);
+                let model = Model::with_lora_scale(cfg, &params, lora.scale()).with_lora_dropout(0.25);
+                (params, model)
+            };
+            let mut batch = packed_batch(&cfg);
+            batch.dropout_seed = Some(9);
+            batch.noise = Some(crate::nn::batch::EmbeddingNoise { alpha: 5.0, seed: 4 });
+            let run = |mut acts: Activations| {
+                let mut grads = match case {
+                    0 => params.zeros_like(),
+                    _ => params.zeros_like_trainable(crate::nn::lora::is_adapter),
+                };
+                forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut grads);
+                (acts.logits.clone(), grads, acts.bytes())
+            };
+            let (logits, grads, kept) = run(Activations::for_training(&model, 2, 8));
+            let (again, ckpt_grads, ckpt) = run(Activations::checkpointed(&model, 2, 8));
+            let what = format!("{} {variant} case {case}", arch.name());
+            assert!(logits.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: logits");
+            for ((name, g), (_, h)) in grads.iter().zip(ckpt_grads.iter()) {
+                assert!(g.data().iter().zip(h.data()).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {name}");
+            }
+            assert!(grads.iter().any(|(_, g)| g.data().iter().any(|v| *v != 0.0)), "{what}: no gradient at all");
+            assert!(ckpt < kept, "{what}: {ckpt} bytes checkpointed against {kept}");
         }
     }
 
