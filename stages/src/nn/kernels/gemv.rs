@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 use crate::nn::kernels::{axpy, dot, dot4, simd_fn};
 
+/// Weight rows per block of the (in, out) kernel: a chunk's block is 8 KiB, at home in L1.
+const I_BLOCK: usize = 32;
 /// At most this many rows take these kernels (more amortise [`super::matmul::matmul`]'s packing).
 pub const MAX_ROWS: usize = 8;
 /// Outputs per work item.
@@ -106,29 +108,42 @@ pub fn rows_times_in_out(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
 }
 
 simd_fn! {
-    /// Columns `start..start + width` of `x W` for each row, row by row into `acc` (rows of
-    /// `CHUNK`): `sum over i of x[r, i] * W[i, cols]`, in order of `i`. A whole chunk sums in
-    /// a local array the compiler keeps in registers: [`CHUNK`] independent sums, no store
-    /// between one `i` and the next (the same operations, so the same bits).
+    /// Columns `start..start + width` of `x W` for each row into `acc` (rows of `CHUNK`):
+    /// `sum over i of x[r, i] * W[i, cols]`, in order of `i`. A whole chunk sums in a local
+    /// array the compiler keeps in registers ([`CHUNK`] independent sums), a block of weight
+    /// rows at a time for every row in turn (the same operations in the same order as one row
+    /// alone, so the same bits).
     #[allow(clippy::too_many_arguments)]
     fn accumulate(x: &[f32], w: &[f32], k: usize, n: usize, start: usize, width: usize, rows: usize, acc: &mut [f32]) {
+        if width == CHUNK {
+            // Blocks of I_BLOCK weight rows: each block comes from memory once and stays in L1
+            // while every row adds it into its running sums.
+            let mut sums = [[0.0f32; CHUNK]; MAX_ROWS];
+            let block = if rows == 1 { k.max(1) } else { I_BLOCK };
+            for i0 in (0..k).step_by(block) {
+                let i1 = (i0 + block).min(k);
+                for (r, sums) in sums.iter_mut().enumerate().take(rows) {
+                    let mut local = *sums;
+                    for (i, xi) in x[r * k + i0..r * k + i1].iter().enumerate() {
+                        let at = (i0 + i) * n + start;
+                        let wi: &[f32; CHUNK] = w[at..at + CHUNK].try_into().expect("a whole chunk");
+                        for j in 0..CHUNK {
+                            local[j] += xi * wi[j];
+                        }
+                    }
+                    *sums = local;
+                }
+            }
+            for (r, sums) in sums.iter().enumerate().take(rows) {
+                acc[r * CHUNK..(r + 1) * CHUNK].copy_from_slice(sums);
+            }
+            return;
+        }
         for r in 0..rows {
             let a = &mut acc[r * CHUNK..r * CHUNK + width];
-            let xr = &x[r * k..(r + 1) * k];
-            if width == CHUNK {
-                let mut local = [0.0f32; CHUNK];
-                for (i, xi) in xr.iter().enumerate() {
-                    let wi: &[f32; CHUNK] = w[i * n + start..][..CHUNK].try_into().expect("a whole chunk");
-                    for j in 0..CHUNK {
-                        local[j] += xi * wi[j];
-                    }
-                }
-                a.copy_from_slice(&local);
-            } else {
-                a.fill(0.0);
-                for (i, xi) in xr.iter().enumerate() {
-                    axpy(*xi, &w[i * n + start..i * n + start + width], a);
-                }
+            a.fill(0.0);
+            for (i, xi) in x[r * k..(r + 1) * k].iter().enumerate() {
+                axpy(*xi, &w[i * n + start..i * n + start + width], a);
             }
         }
     }
