@@ -42,8 +42,18 @@ pub fn reference_models() -> [BenchModel; 2] {
     ]
 }
 
-fn pool(threads: usize) -> rayon::ThreadPool {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool")
+/// The pool of `threads` threads, built once per thread count and kept: a fresh pool per
+/// measurement starts with sleeping workers, which a short product may finish without.
+fn pool(threads: usize) -> std::sync::Arc<rayon::ThreadPool> {
+    use std::sync::{Arc, Mutex};
+    static POOLS: Mutex<Vec<(usize, Arc<rayon::ThreadPool>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(t, _)| *t == threads) {
+        return p.clone();
+    }
+    let p = Arc::new(rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("a thread pool"));
+    pools.push((threads, p.clone()));
+    p
 }
 
 /// Seeded operands of a product with dims `d`, values in [-1, 1): a (m * k), then b (k * n).
