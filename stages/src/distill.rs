@@ -116,9 +116,10 @@ impl Stage for Distill {
     /// The student: the `init` model's shape when one is wired (as far as it tells), else the
     /// one the parameters describe.
     fn output_shape(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        match upstream.get("init") {
-            Some(shape) => (*shape).clone(),
-            None => crate::quantize::plan_shape(&model_config(p, 2, p.opt_usize("block_size").unwrap_or(1))),
+        if upstream.contains_key("init") {
+            crate::quantize::shape_of_input(upstream, "init")
+        } else {
+            crate::quantize::plan_shape(&model_config(p, 2, p.opt_usize("block_size").unwrap_or(1)))
         }
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

@@ -125,7 +125,7 @@ impl Stage for Quantize {
         Ok(())
     }
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &Value>) -> Value {
-        upstream.get("model").map_or(Value::Null, |shape| (*shape).clone())
+        shape_of_input(upstream, "model")
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
@@ -306,6 +306,12 @@ pub(crate) fn plan_shape(cfg: &ModelConfig) -> Value {
         .map(|t| (t.name, json!(t.cols)))
         .collect();
     json!({ "linears": linears, "tables": tables })
+}
+
+/// The shape the stage wired to `slot` tells ([`plan_shape`] or `Null`), for a stage whose
+/// output model has its input's shape.
+pub(crate) fn shape_of_input(upstream: &BTreeMap<&str, &Value>, slot: &str) -> Value {
+    upstream.get(slot).map_or(Value::Null, |shape| (*shape).clone())
 }
 
 /// Every block's linear layers, then (with `embeddings`) the embedding and the head.

@@ -120,7 +120,7 @@ impl Stage for Sft {
 
     /// The model keeps its input's shape (adapters merge into the same matrices).
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        upstream.get("model").map_or(serde_json::Value::Null, |shape| (*shape).clone())
+        crate::quantize::shape_of_input(upstream, "model")
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let (

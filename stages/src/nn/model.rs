@@ -462,16 +462,20 @@ impl Model {
 
         self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
+        let last = self.blocks.len() - 1;
         for (l, blk) in self.blocks.iter().enumerate().rev() {
             let a: &BlockActs = match block_inputs.get(l) {
-                // Checkpointed: run the block again from its input (into `x`, which backward
-                // no longer needs) to get back the intermediates its backward reads.
+                None => &blocks[l],
+                // Checkpointed: the last block's intermediates are still those forward left;
+                // every other block runs again from its input (into `x`, which backward no
+                // longer needs) to get back the intermediates its backward reads.
                 Some(input) => {
-                    x.copy_from_slice(input);
-                    self.block_forward(l, p, batch, &mut blocks[0], x, zeros_c);
+                    if l != last {
+                        x.copy_from_slice(input);
+                        self.block_forward(l, p, batch, &mut blocks[0], x, zeros_c);
+                    }
                     &blocks[0]
                 }
-                None => &blocks[l],
             };
             // dx holds d(block output) = d(x_mid + mlp(norm2(x_mid))).
             let xa = &a.adapters;
@@ -544,6 +548,17 @@ pub(crate) fn zeros_if(used: bool, n: usize) -> Vec<f32> {
     vec![0.0; if used { n } else { 0 }]
 }
 
+/// What a forward pass keeps for backward.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// Every block's intermediates.
+    Every,
+    /// Each block's input, and one block's intermediates (activation checkpointing).
+    Inputs,
+    /// Nothing: inference, one block's intermediates overwritten layer by layer.
+    None,
+}
+
 /// What one block's forward saves for its backward.
 struct BlockActs {
     x_in: Vec<f32>,
@@ -614,31 +629,29 @@ pub struct Activations {
 impl Activations {
     /// Buffers for training a model without adapters.
     pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
-        Self::build(cfg, b, t, [AdapterShape::default(); LINEAR_SLOTS], true)
+        Self::build(cfg, b, t, [AdapterShape::default(); LINEAR_SLOTS], Kept::Every)
     }
 
     /// Buffers for training `model` (its adapters included).
     pub fn for_training(model: &Model, b: usize, t: usize) -> Self {
-        Self::build(&model.cfg, b, t, model.adapter_shapes(), true)
+        Self::build(&model.cfg, b, t, model.adapter_shapes(), Kept::Every)
     }
 
     /// Buffers for training `model` with activation checkpointing: forward keeps only each
     /// block's input and backward runs each block again before its backward. One block's
     /// intermediates instead of every block's, for a third more arithmetic; the same bits.
     pub fn checkpointed(model: &Model, b: usize, t: usize) -> Self {
-        let mut acts = Self::build(&model.cfg, b, t, model.adapter_shapes(), true);
-        acts.blocks.truncate(1);
-        acts.block_inputs = vec![vec![0.0; b * t * model.cfg.n_embd]; model.cfg.n_layer];
-        acts
+        Self::build(&model.cfg, b, t, model.adapter_shapes(), Kept::Inputs)
     }
 
     /// Buffers for forward passes of `model` only: one block's intermediates, which every
     /// layer overwrites, and no gradients.
     pub fn inference(model: &Model, b: usize, t: usize) -> Self {
-        Self::build(&model.cfg, b, t, model.adapter_shapes(), false)
+        Self::build(&model.cfg, b, t, model.adapter_shapes(), Kept::None)
     }
 
-    fn build(cfg: &ModelConfig, b: usize, t: usize, adapters: [AdapterShape; LINEAR_SLOTS], training: bool) -> Self {
+    fn build(cfg: &ModelConfig, b: usize, t: usize, adapters: [AdapterShape; LINEAR_SLOTS], kept: Kept) -> Self {
+        let training = kept != Kept::None;
         assert!(t <= cfg.block_size, "sequence of {t} is longer than the block size {}", cfg.block_size);
         let (rows, c, f, v) = (b * t, cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let ckv = cfg.n_kv_head * cfg.head_dim();
@@ -664,13 +677,17 @@ impl Activations {
             g: z(rows * f),
             adapters: adapters.iter().map(|&shape| AdapterActs::new(rows, shape)).collect(),
         };
-        let kept = if training { cfg.n_layer } else { 1 };
+        let (blocks, inputs) = match kept {
+            Kept::Every => (cfg.n_layer, 0),
+            Kept::Inputs => (1, cfg.n_layer),
+            Kept::None => (1, 0),
+        };
         Activations {
             b,
             t,
             training,
-            blocks: (0..kept).map(|_| block()).collect(),
-            block_inputs: Vec::new(),
+            blocks: (0..blocks).map(|_| block()).collect(),
+            block_inputs: (0..inputs).map(|_| z(rows * c)).collect(),
             x: z(rows * c),
             nf: z(rows * c),
             sf: NormStats::new(rows),
