@@ -14,6 +14,15 @@ pub struct Cli {
     /// The artifact store [default: .tinygpt in the current directory]
     #[arg(long, global = true, env = "TINYGPT_CACHE", value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// A cache shared with a team: `s3://BUCKET/PREFIX` (endpoint, region and credentials
+    /// from the usual AWS_* variables) or `file:///PATH` on a shared filesystem. `run` and
+    /// `plan` look there for what the local cache lacks; `run` uploads what it builds
+    #[arg(long, global = true, env = "TINYGPT_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Stop with an error when the remote cannot be reached, instead of warning and building
+    /// locally
+    #[arg(long, global = true)]
+    pub remote_required: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -133,6 +142,20 @@ pub enum CacheCommand {
         #[arg(long, default_value_t = 3, value_name = "N")]
         keep_runs: usize,
     },
+    /// Upload to the remote (`--remote`) the artifacts a recipe uses, or every local artifact
+    Push(TransferArgs),
+    /// Download from the remote (`--remote`) the artifacts a recipe uses that the local cache
+    /// lacks, or every artifact the remote has
+    Pull(TransferArgs),
+}
+
+#[derive(Args)]
+pub struct TransferArgs {
+    /// The recipe whose artifacts to move [default: all of them]
+    pub recipe: Option<PathBuf>,
+    /// Override a stage parameter or input, as for `run`
+    #[arg(long = "set", value_name = "STAGE.KEY=VALUE", requires = "recipe")]
+    pub sets: Vec<String>,
 }
 
 #[derive(Args)]

@@ -18,9 +18,9 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs, SampleArgs};
-use engine::cache::Store;
-use engine::{EngineError, Recipe, RecipeError, Registry};
+use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs, SampleArgs, TransferArgs};
+use engine::cache::{Remote, Store};
+use engine::{EngineError, Recipe, RecipeError, Registry, RemoteUse};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
@@ -73,6 +73,24 @@ fn open_store(cli_cache: &Option<PathBuf>) -> Result<Store, Fail> {
     Ok(Store::open(&root)?)
 }
 
+/// The remote cache the command line or `TINYGPT_REMOTE` names, if any.
+fn open_remote(url: &Option<String>, required: bool) -> Result<Option<RemoteUse>, Fail> {
+    match url {
+        None if required => {
+            Err(Fail::Other("--remote-required needs a remote: give --remote URL or set TINYGPT_REMOTE".into()))
+        }
+        None => Ok(None),
+        Some(url) => {
+            let remote = Remote::open(url).map_err(|e| Fail::Other(e.to_string()))?;
+            Ok(Some(RemoteUse::connect(remote, required, &warn)?))
+        }
+    }
+}
+
+fn warn(message: &str) {
+    eprintln!("warning: {message}");
+}
+
 fn print_json(value: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialize"));
 }
@@ -85,8 +103,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             let store = open_store(&cli.cache)?;
             install_interrupt_handler();
             let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            let remote = open_remote(&cli.remote, cli.remote_required)?;
             let observer = progress::Progress::new();
-            let opts = engine::RunOptions { jobs, cancel: &CANCEL, observer: &observer };
+            let opts = engine::RunOptions { jobs, cancel: &CANCEL, observer: &observer, remote: remote.as_ref() };
             let report = engine::run(&recipe, &store, &opts)?;
             drop(observer);
             if json {
@@ -113,7 +132,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
         Command::Plan { recipe, json } => {
             let recipe = load(&recipe, &registry)?;
             let store = open_store(&cli.cache)?;
-            let plan = engine::plan(&recipe, &store)?;
+            let remote = open_remote(&cli.remote, cli.remote_required)?;
+            let plan = engine::plan_with_remote(&recipe, &store, remote.as_ref(), &warn)?;
             if json {
                 print_json(&output::plan_json(&plan));
             } else {
@@ -129,6 +149,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             };
             print!("{}", engine::graph::render(&recipe, format));
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache { command: CacheCommand::Push(args) } => {
+            let remote = open_remote(&cli.remote, true)?.expect("a required remote is given");
+            push(&args, &cli.cache, &remote, &registry)
+        }
+        Command::Cache { command: CacheCommand::Pull(args) } => {
+            let remote = open_remote(&cli.remote, true)?.expect("a required remote is given");
+            pull(&args, &cli.cache, &remote, &registry)
         }
         Command::Cache { command } => cache_command(command, &cli.cache, &registry),
         Command::Compare { recipe, json, csv } => {
@@ -222,6 +250,7 @@ fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Regis
             println!("verified {checked} artifacts: {} damaged", problems.len());
             Ok(if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        CacheCommand::Push(_) | CacheCommand::Pull(_) => unreachable!("dispatched with the remote"),
         CacheCommand::Gc { recipes, keep_runs } => {
             let mut keep = HashSet::new();
             for path in &recipes {
@@ -241,6 +270,111 @@ fn cache_command(command: CacheCommand, root: &Option<PathBuf>, registry: &Regis
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// The stages of a recipe to push or pull, by name with their plan; all artifacts without one.
+fn transfer_plan(
+    args: &TransferArgs,
+    store: &Store,
+    remote: Option<&RemoteUse>,
+    registry: &Registry,
+) -> Result<Option<Vec<engine::PlannedStage>>, Fail> {
+    let Some(path) = &args.recipe else { return Ok(None) };
+    let recipe = load(&RecipeArgs { recipe: path.clone(), sets: args.sets.clone() }, registry)?;
+    Ok(Some(engine::plan_with_remote(&recipe, store, remote, &warn)?))
+}
+
+/// `tinygpt cache push`: every local artifact of the recipe (or of the store) the remote lacks.
+fn push(
+    args: &TransferArgs,
+    root: &Option<PathBuf>,
+    remote: &RemoteUse,
+    registry: &Registry,
+) -> Result<ExitCode, Fail> {
+    let store = open_store(root)?;
+    let artifacts: Vec<(String, engine::cache::Artifact)> = match transfer_plan(args, &store, None, registry)? {
+        Some(plan) => plan.into_iter().filter_map(|s| Some((s.name, s.artifact?))).collect(),
+        None => store
+            .list()?
+            .into_iter()
+            .map(|a| (a.manifest.meta["stage"].as_str().unwrap_or("?").to_string(), a))
+            .collect(),
+    };
+    let progress = progress::Progress::new();
+    let mut rows = Vec::new();
+    for (name, artifact) in &artifacts {
+        let bar = progress.transfer(name, "uploading", artifact.manifest.total_bytes());
+        let pushed = remote.remote.push(artifact, &|n| bar.inc(n)).map_err(|e| Fail::Other(e.to_string()))?;
+        drop(bar);
+        let what = match pushed.files_sent {
+            0 => "in the remote already".to_string(),
+            n => format!("sent {n} files, {}", output::human_bytes(pushed.bytes_sent)),
+        };
+        rows.push(vec![name.clone(), artifact.manifest.key.short(), what]);
+    }
+    drop(progress);
+    print!("{}", output::table(&["stage", "key", "pushed"], &rows));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tinygpt cache pull`: every artifact of the recipe (or of the remote) missing locally.
+fn pull(
+    args: &TransferArgs,
+    root: &Option<PathBuf>,
+    remote: &RemoteUse,
+    registry: &Registry,
+) -> Result<ExitCode, Fail> {
+    let store = open_store(root)?;
+    let wanted: Vec<(String, engine::cache::ContentHash)> = match transfer_plan(args, &store, Some(remote), registry)? {
+        Some(plan) => plan
+            .into_iter()
+            .filter(|s| s.action != engine::Action::Cached)
+            .map(|s| {
+                (s.name, s.key.expect("a stage the remote has or that must run has a key once its upstream is known"))
+            })
+            .collect(),
+        None => remote
+            .remote
+            .keys()
+            .map_err(|e| Fail::Other(e.to_string()))?
+            .into_iter()
+            .map(|k| (String::new(), k))
+            .collect(),
+    };
+    let progress = progress::Progress::new();
+    let mut rows = Vec::new();
+    let mut missing = 0;
+    for (name, key) in wanted {
+        let staging = store.begin(&key)?;
+        let (name, what) = if let Some(artifact) = store.get(&key)? {
+            store.abandon(staging)?;
+            (stage_name(name, &artifact), "here already".to_string())
+        } else if let Some(manifest) = remote.remote.manifest(&key).map_err(|e| Fail::Other(e.to_string()))? {
+            let name = if name.is_empty() { manifest.meta["stage"].as_str().unwrap_or("?").to_string() } else { name };
+            let bar = progress.transfer(&name, "downloading", manifest.total_bytes());
+            let size = output::human_bytes(manifest.total_bytes());
+            match remote.download_into(&store, staging, manifest, &|n| bar.inc(n), &warn)? {
+                Ok(_) => (name, format!("received {size}")),
+                Err(_) => unreachable!("a required remote reports every failure as an error"),
+            }
+        } else {
+            store.abandon(staging)?;
+            missing += 1;
+            (name, "not in the remote (run the recipe to build it)".to_string())
+        };
+        rows.push(vec![name, key.short(), what]);
+    }
+    drop(progress);
+    print!("{}", output::table(&["stage", "key", "pulled"], &rows));
+    Ok(if missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn stage_name(name: String, artifact: &engine::cache::Artifact) -> String {
+    if name.is_empty() {
+        artifact.manifest.meta["stage"].as_str().unwrap_or("?").to_string()
+    } else {
+        name
     }
 }
 

@@ -173,14 +173,19 @@ pub fn runs_table(records: &[RunRecord]) -> String {
                     s.recipe.clone(),
                     s.ran.to_string(),
                     s.cached.to_string(),
+                    s.remote.to_string(),
                     failed,
                     format!("{:.2}", s.seconds),
                 ]
             }
-            None => vec!["?".into(), r.label.clone(), "?".into(), "?".into(), "?".into(), "?".into(), "?".into()],
+            None => {
+                let mut row = vec!["?".to_string(); 8];
+                row[1] = r.label.clone();
+                row
+            }
         })
         .collect();
-    table(&["started (UTC)", "recipe", "file", "ran", "cached", "failed", "seconds"], &rows)
+    table(&["started (UTC)", "recipe", "file", "ran", "cached", "remote", "failed", "seconds"], &rows)
 }
 
 pub fn runs_json(records: &[RunRecord]) -> Value {

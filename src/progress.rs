@@ -28,7 +28,23 @@ impl Progress {
     }
 }
 
-struct Bar(ProgressBar);
+pub struct Bar(ProgressBar);
+
+impl Progress {
+    /// A bar in bytes for moving one artifact to or from the remote cache.
+    pub fn transfer(&self, name: &str, verb: &str, total: u64) -> Bar {
+        let bar = self.multi.add(ProgressBar::new(total));
+        bar.set_style(style("bytes"));
+        bar.set_prefix(name.to_string());
+        bar.set_message(verb.to_string());
+        if total > 0 {
+            self.line(format!("{name:>12} {verb} ({})", crate::output::human_bytes(total)));
+        } else {
+            self.line(format!("{name:>12} {verb}"));
+        }
+        Bar(bar)
+    }
+}
 
 fn style(unit: &'static str) -> ProgressStyle {
     let template = match unit {
@@ -36,6 +52,12 @@ fn style(unit: &'static str) -> ProgressStyle {
         _ => "{prefix:>12.bold} {bar:30} {human_pos}/{human_len} {per_sec} ETA {eta} {msg}",
     };
     ProgressStyle::with_template(template).expect("templates are valid")
+}
+
+impl Bar {
+    pub fn inc(&self, delta: u64) {
+        self.0.inc(delta);
+    }
 }
 
 impl StageProgress for Bar {
@@ -62,6 +84,12 @@ impl Observer for Progress {
         bar.enable_steady_tick(Duration::from_millis(120));
         self.line(format!("{name:>12} running ({kind})"));
         Box::new(Bar(bar))
+    }
+    fn stage_downloading(&self, name: &str) -> Box<dyn StageProgress> {
+        Box::new(self.transfer(name, "downloading from the remote cache", 0))
+    }
+    fn warning(&self, message: &str) {
+        self.line(format!("warning: {message}"));
     }
     fn stage_waiting(&self, name: &str) {
         self.line(format!("{name:>12} waiting: another tinygpt process is building this artifact"));

@@ -12,6 +12,7 @@ mod formats; // text, JSONL, Parquet, pretrained tokenizers, bad data, real data
 mod golden; // golden digests of every stage's output, golden diagnostics
 mod hf_crosscheck; // models load in Hugging Face transformers and score the same loss
 mod quantize; // calibrate and quantize: int8/int4 models evaluated and sampled, reports, determinism
+mod remote; // a remote cache shared by stores: S3 (s3s-fs) or a directory; faults, damage, kills
 mod report; // the HTML report: DAG, loss curves, compare table, samples; opened in headless Chromium
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod sweeps; // sweeps expand into members sharing upstream artifacts; recipes that extend others

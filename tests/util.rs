@@ -36,7 +36,7 @@ impl Sandbox {
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tinygpt"));
-        cmd.current_dir(self.dir.path()).env_remove("TINYGPT_CACHE");
+        cmd.current_dir(self.dir.path()).env_remove("TINYGPT_CACHE").env_remove("TINYGPT_REMOTE");
         cmd
     }
 

@@ -23,6 +23,8 @@ pub enum CacheError {
     BadOutputName { name: String },
     #[error("stage wrote no output files")]
     EmptyArtifact,
+    #[error("the files staged for artifact {key} are not the ones its manifest lists")]
+    NotAsManifest { key: String },
 }
 
 /// Attach the failing action and path to an io error, so messages read

@@ -31,6 +31,9 @@ pub struct RunSummary {
     pub recipe: String,
     pub ran: usize,
     pub cached: usize,
+    /// Downloaded from the remote cache.
+    #[serde(default)]
+    pub remote: usize,
     pub failed: usize,
     /// Stages never started because of a failure or an interruption.
     pub not_run: usize,

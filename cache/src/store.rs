@@ -62,6 +62,11 @@ impl Staging {
     pub fn key(&self) -> ContentHash {
         self.key
     }
+    /// Remove whatever was written into the staging directory so far.
+    pub fn clear(&self) -> Result<()> {
+        remove_dir_if_exists(&self.dir)?;
+        std::fs::create_dir_all(&self.dir).ctx("creating", &self.dir)
+    }
 }
 
 /// What `verify` found wrong with one artifact.
@@ -99,6 +104,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where the artifact of `key` is, or would be once published.
+    pub fn object_path(&self, key: &ContentHash) -> PathBuf {
+        self.object_dir(key)
     }
 
     fn object_dir(&self, key: &ContentHash) -> PathBuf {
@@ -203,6 +213,26 @@ impl Store {
             metrics,
             seconds,
         };
+        self.install(staging, manifest)
+    }
+
+    /// Publish files that arrived with their manifest (from a remote, already hashed as they
+    /// streamed in): the staged files must be exactly the manifest's, at its sizes.
+    pub fn adopt(&self, staging: Staging, manifest: Manifest) -> Result<Artifact> {
+        let mut listed = list_files(&staging.dir)?;
+        listed.sort_by(|a, b| a.0.cmp(&b.0));
+        let matches = listed.len() == manifest.files.len()
+            && listed.iter().zip(&manifest.files).all(|((name, path), file)| {
+                *name == file.name && std::fs::metadata(path).is_ok_and(|m| m.len() == file.size)
+            });
+        if manifest.key != staging.key || !matches {
+            return Err(CacheError::NotAsManifest { key: staging.key.to_hex() });
+        }
+        self.install(staging, manifest)
+    }
+
+    /// Write the manifest last and rename the staging directory into `objects/`.
+    fn install(&self, staging: Staging, manifest: Manifest) -> Result<Artifact> {
         let manifest_path = staging.dir.join(Manifest::FILE_NAME);
         write_synced(&manifest_path, &manifest.to_bytes())?;
         sync_dir(&staging.dir)?;

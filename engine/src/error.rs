@@ -55,6 +55,8 @@ pub enum EngineError {
     Recipe(#[from] RecipeError),
     #[error("cache: {0}")]
     Cache(#[from] cache::CacheError),
+    #[error(transparent)]
+    Remote(#[from] cache::RemoteError),
     #[error("input `{slot}` of stage `{stage}`: {source}")]
     RawInput {
         stage: String,

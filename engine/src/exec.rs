@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use cache::{Artifact, ContentHash, RunRecord, RunSummary, Store};
+use cache::{Artifact, ContentHash, RunRecord, RunSummary, Staging, Store};
 use serde_json::json;
 
 use crate::error::EngineError;
@@ -19,6 +19,7 @@ use crate::key::Preimage;
 use crate::observer::Observer;
 use crate::plan::{gather_inputs, prepare, Action, Inputs};
 use crate::recipe::{InputSource, Recipe, ResolvedStage, StageId};
+use crate::remote::RemoteUse;
 use crate::stage::{Input, Metrics, StageCtx, StageError};
 
 pub struct RunOptions<'a> {
@@ -27,6 +28,8 @@ pub struct RunOptions<'a> {
     /// Set by the binary on Ctrl-C; running stages stop at their next check.
     pub cancel: &'a AtomicBool,
     pub observer: &'a dyn Observer,
+    /// Where to look for artifacts missing locally, and to upload the ones built.
+    pub remote: Option<&'a RemoteUse>,
 }
 
 /// A stage that finished in this run, by running or from the cache.
@@ -254,6 +257,15 @@ fn try_execute(
         store.abandon(staging)?;
         return Ok(Done::Finished(Box::new(cached_outcome(stage, key, artifact, 0.0))));
     }
+    let remote = opts.remote.filter(|r| r.usable());
+    let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
+    let staging = match remote {
+        Some(remote) => match pull(remote, stage, key, staging, store, opts.observer, &warn)? {
+            Ok(outcome) => return Ok(Done::Finished(Box::new(outcome))),
+            Err(staging) => staging,
+        },
+        None => staging,
+    };
     let family_dir = family.map(|f| store.family_dir(&f));
     let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
     let start = Instant::now();
@@ -289,6 +301,11 @@ fn try_execute(
             let seconds = start.elapsed().as_secs_f64();
             let metrics = serde_json::Value::Object(metrics.into_iter().collect());
             let artifact = store.publish(staging, stage.kind.volatile_outputs(), meta, metrics.clone(), seconds)?;
+            if let Some(remote) = remote.filter(|r| r.usable()) {
+                progress.set_message("uploading to the remote cache");
+                progress.set_length(artifact.manifest.total_bytes(), "bytes");
+                remote.consult(remote.remote.push(&artifact, &|n| progress.inc(n)), &warn)?;
+            }
             Ok(Done::Finished(Box::new(StageOutcome {
                 name: stage.name.clone(),
                 kind: stage.kind.kind().to_string(),
@@ -308,6 +325,32 @@ fn try_execute(
             })
         }
     }
+}
+
+/// Download the key's artifact from the remote into `staging` and publish it, if the remote
+/// has it whole; otherwise hand the staging area back for a local build.
+fn pull(
+    remote: &RemoteUse,
+    stage: &ResolvedStage,
+    key: ContentHash,
+    staging: Staging,
+    store: &Store,
+    observer: &dyn Observer,
+    warn: &dyn Fn(&str),
+) -> Result<Result<StageOutcome, Staging>, EngineError> {
+    let Some(Some(manifest)) = remote.consult(remote.remote.manifest(&key), warn)? else {
+        return Ok(Err(staging));
+    };
+    let start = Instant::now();
+    let progress = observer.stage_downloading(&stage.name);
+    progress.set_length(manifest.total_bytes(), "bytes");
+    let artifact = match remote.download_into(store, staging, manifest, &|n| progress.inc(n), warn)? {
+        Ok(artifact) => artifact,
+        Err(staging) => return Ok(Err(staging)),
+    };
+    let mut outcome = cached_outcome(stage, key, artifact, start.elapsed().as_secs_f64());
+    outcome.action = Action::Remote;
+    Ok(Ok(outcome))
 }
 
 /// Remember what this run built: the keys (for `gc --keep-runs`) and each stage's preimage (for
@@ -337,6 +380,7 @@ fn record_run(
             recipe: recipe.path.display().to_string(),
             ran: report.outcomes.iter().filter(|o| o.action == Action::Run).count(),
             cached: report.outcomes.iter().filter(|o| o.action == Action::Cached).count(),
+            remote: report.outcomes.iter().filter(|o| o.action == Action::Remote).count(),
             failed: usize::from(report.failure.is_some()),
             not_run: report.not_run.len() - usize::from(report.failure.is_some()),
             interrupted: report.interrupted,

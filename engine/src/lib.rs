@@ -12,6 +12,7 @@ pub mod observer;
 pub mod params;
 pub mod plan;
 pub mod recipe;
+pub mod remote;
 pub mod stage;
 
 pub use cache;
@@ -20,8 +21,9 @@ pub use exec::{run, RunOptions, RunReport, StageOutcome};
 pub use key::{DirtyReason, Preimage};
 pub use observer::{Observer, Silent, StageProgress};
 pub use params::{ParamSpec, ParamType, ParamValue, Params};
-pub use plan::{plan, Action, PlannedStage};
+pub use plan::{plan, plan_with_remote, Action, PlannedStage};
 pub use recipe::Recipe;
+pub use remote::RemoteUse;
 pub use stage::{
     Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError, Vocabulary,
 };

@@ -17,6 +17,12 @@ pub trait Observer: Sync {
     fn stage_started(&self, _name: &str, _kind: &str) -> Box<dyn StageProgress> {
         Box::new(Silent)
     }
+    /// The stage's artifact is being downloaded from the remote cache.
+    fn stage_downloading(&self, _name: &str) -> Box<dyn StageProgress> {
+        Box::new(Silent)
+    }
+    /// Something went wrong that the run works around (an unreachable remote cache).
+    fn warning(&self, _message: &str) {}
     /// Another process holds this stage's lock; the engine waits for it.
     fn stage_waiting(&self, _name: &str) {}
     fn stage_finished(&self, _outcome: &StageOutcome) {}

@@ -9,12 +9,15 @@ use serde::Serialize;
 use crate::error::EngineError;
 use crate::key::{diff, DirtyReason, InputDigest, Preimage};
 use crate::recipe::{InputSource, Recipe, StageId};
+use crate::remote::RemoteUse;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Run,
     Cached,
+    /// Not in the local store, but in the remote cache: downloaded rather than built.
+    Remote,
 }
 
 impl std::fmt::Display for Action {
@@ -22,6 +25,7 @@ impl std::fmt::Display for Action {
         f.write_str(match self {
             Action::Run => "run",
             Action::Cached => "cached",
+            Action::Remote => "remote",
         })
     }
 }
@@ -33,8 +37,9 @@ pub struct PlannedStage {
     /// Unknown while an upstream stage must run first.
     pub key: Option<ContentHash>,
     pub action: Action,
-    /// Empty when cached.
+    /// Why the local store lacks it; empty when cached.
     pub reasons: Vec<DirtyReason>,
+    /// The local artifact, when cached.
     pub artifact: Option<Artifact>,
 }
 
@@ -100,6 +105,18 @@ pub(crate) fn prepare(recipe: &Recipe, store: &Store) -> Result<(RawDigests, BTr
 
 /// Plan the recipe without running anything.
 pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineError> {
+    plan_with_remote(recipe, store, None, &|_| {})
+}
+
+/// Plan the recipe, asking the remote (if any) for each artifact missing locally: a stage the
+/// remote has is planned as [`Action::Remote`], and its manifest gives the keys of the stages
+/// below it. Failures of the remote that only warrant a warning are told to `warn`.
+pub fn plan_with_remote(
+    recipe: &Recipe,
+    store: &Store,
+    remote: Option<&RemoteUse>,
+    warn: &dyn Fn(&str),
+) -> Result<Vec<PlannedStage>, EngineError> {
     let (raw, previous) = prepare(recipe, store)?;
     let mut artifacts: Vec<Option<Artifact>> = vec![None; recipe.stages.len()];
     let mut planned = Vec::with_capacity(recipe.stages.len());
@@ -129,17 +146,30 @@ pub fn plan(recipe: &Recipe, store: &Store) -> Result<Vec<PlannedStage>, EngineE
                             artifact: Some(artifact),
                         }
                     }
-                    None => PlannedStage {
-                        name: stage.name.clone(),
-                        kind,
-                        key: Some(key),
-                        action: Action::Run,
-                        reasons: match previous.get(&stage.name) {
-                            None => vec![DirtyReason::NeverRun],
-                            Some(old) => diff(old, &preimage),
-                        },
-                        artifact: None,
-                    },
+                    None => {
+                        let in_remote = match remote.filter(|r| r.usable()) {
+                            Some(r) => r.consult(r.remote.manifest(&key), warn)?.flatten(),
+                            None => None,
+                        };
+                        let action = match in_remote {
+                            Some(manifest) => {
+                                artifacts[id] = Some(Artifact { dir: store.object_path(&key), manifest });
+                                Action::Remote
+                            }
+                            None => Action::Run,
+                        };
+                        PlannedStage {
+                            name: stage.name.clone(),
+                            kind,
+                            key: Some(key),
+                            action,
+                            reasons: match previous.get(&stage.name) {
+                                None => vec![DirtyReason::NeverRun],
+                                Some(old) => diff(old, &preimage),
+                            },
+                            artifact: None,
+                        }
+                    }
                 }
             }
         };

@@ -1,0 +1,72 @@
+//! How a run and a plan use a remote cache: which of its failures are warnings (the stage is
+//! built locally instead) and which stop the run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cache::{Artifact, Manifest, Remote, RemoteError, RemoteResult, Staging, Store};
+
+use crate::error::EngineError;
+
+/// A remote and the policy for its failures.
+pub struct RemoteUse {
+    pub remote: Remote,
+    /// Every failure of the remote is an error rather than a warning.
+    pub required: bool,
+    /// Set after the remote was unreachable once: the rest of the run stops asking it, rather
+    /// than waiting out a timeout per stage.
+    down: AtomicBool,
+}
+
+impl RemoteUse {
+    pub fn new(remote: Remote, required: bool) -> Self {
+        RemoteUse { remote, required, down: AtomicBool::new(false) }
+    }
+
+    /// Open `remote` and ask it once whether it answers and takes the credentials: bad
+    /// credentials are an error; an unreachable remote a warning (or an error when required),
+    /// after which nothing more is asked of it.
+    pub fn connect(remote: Remote, required: bool, warn: &dyn Fn(&str)) -> Result<Self, EngineError> {
+        let this = RemoteUse::new(remote, required);
+        this.consult(this.remote.check(), warn)?;
+        Ok(this)
+    }
+
+    /// Whether the remote is still worth asking in this run.
+    pub fn usable(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
+    }
+
+    /// The value of a remote call, `None` after a failure that only warrants a warning (told to
+    /// `warn`), or the error that stops the run: bad credentials, a local store error, or any
+    /// failure when the remote is required.
+    pub fn consult<T>(&self, result: RemoteResult<T>, warn: &dyn Fn(&str)) -> Result<Option<T>, EngineError> {
+        match result {
+            Ok(value) => Ok(Some(value)),
+            Err(e) if e.is_transient() && !self.required => {
+                if matches!(e, RemoteError::Unavailable { .. }) && !self.down.swap(true, Ordering::Relaxed) {
+                    warn(&format!("{e}; building locally (--remote-required makes this an error)"));
+                } else if matches!(e, RemoteError::Corrupt { .. }) {
+                    warn(&format!("{e}; building locally"));
+                }
+                Ok(None)
+            }
+            Err(e) => Err(EngineError::Remote(e)),
+        }
+    }
+
+    /// Download `manifest`'s artifact into `staging` and publish it; on a failure that only
+    /// warrants a warning, the staging area comes back empty for a local build.
+    pub fn download_into(
+        &self,
+        store: &Store,
+        staging: Staging,
+        manifest: Manifest,
+        on_bytes: &dyn Fn(u64),
+        warn: &dyn Fn(&str),
+    ) -> Result<Result<Artifact, Staging>, EngineError> {
+        match self.consult(self.remote.download(&manifest, &staging, on_bytes), warn)? {
+            Some(()) => Ok(Ok(store.adopt(staging, manifest)?)),
+            None => Ok(Err(staging)),
+        }
+    }
+}
