@@ -43,12 +43,29 @@ pub enum Command {
     Run {
         #[command(flatten)]
         recipe: RecipeArgs,
-        /// Most stages running at once [default: number of cores]
+        /// Most stages running at once [default: number of cores; with Slurm, every stage]
         #[arg(long, short)]
         jobs: Option<usize>,
         /// Print the result as one JSON object on stdout
         #[arg(long)]
         json: bool,
+        /// Where stages run: here, or each as a Slurm job (`sbatch`) with the resources of the
+        /// recipe's `[executor]` table; the store must be on a filesystem the nodes share, or
+        /// the run must have a remote
+        #[arg(long, value_enum, default_value_t = Executor::Local)]
+        executor: Executor,
+    },
+    /// Run one stage of a recipe whose upstream artifacts are built: what a Slurm job runs
+    #[command(hide = true)]
+    ExecStage {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// The stage to build
+        #[arg(long)]
+        stage: String,
+        /// Its key when it was submitted; a different key here is an error
+        #[arg(long)]
+        key: String,
     },
     /// Show what `run` would do and why, without running anything
     Plan {
@@ -118,6 +135,14 @@ pub enum Command {
     },
     /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
     Doc,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Executor {
+    /// In this process
+    Local,
+    /// As Slurm jobs, one per stage
+    Slurm,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

@@ -11,6 +11,7 @@ mod diagnostic;
 mod output;
 mod progress;
 mod report;
+mod slurm;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::Parser;
-use cli::{CacheCommand, Cli, Command, DagFormat, RecipeArgs, SampleArgs, TransferArgs};
+use cli::{CacheCommand, Cli, Command, DagFormat, Executor, RecipeArgs, SampleArgs, TransferArgs};
 use engine::cache::{Remote, Store};
 use engine::{EngineError, Recipe, RecipeError, Registry, RemoteUse};
 
@@ -60,6 +61,38 @@ fn main() -> ExitCode {
     }
 }
 
+/// Print a run's table (or JSON) and what went wrong; the exit code it calls for.
+fn finish_run(report: &engine::RunReport, json: bool) -> ExitCode {
+    if json {
+        print_json(&output::run_json(report));
+    } else {
+        print!("{}", output::run_table(report));
+    }
+    if report.interrupted {
+        eprintln!("interrupted: finished stages are cached; run again to continue");
+        return ExitCode::from(130);
+    }
+    if let Some(f) = &report.failure {
+        eprintln!("error: stage `{}` failed: {}", f.stage, f.message);
+        if !report.not_run.is_empty() {
+            let shown = report.not_run.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+            let more = report.not_run.len().saturating_sub(10);
+            let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+            eprintln!("not run: {shown}{more}");
+        }
+        return ExitCode::from(if f.bad_input { 2 } else { 1 });
+    }
+    ExitCode::SUCCESS
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        cwd().join(path)
+    }
+}
+
 fn cwd() -> PathBuf {
     std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
 }
@@ -98,36 +131,54 @@ fn print_json(value: &serde_json::Value) {
 fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
     let registry = stages::registry();
     match cli.command {
-        Command::Run { recipe, jobs, json } => {
-            let recipe = load(&recipe, &registry)?;
+        Command::Run { recipe: args, jobs, json, executor } => {
+            let recipe = load(&args, &registry)?;
             let store = open_store(&cli.cache)?;
             install_interrupt_handler();
-            let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             let remote = open_remote(&cli.remote, cli.remote_required)?;
+            let slurm = match executor {
+                Executor::Local => None,
+                Executor::Slurm => Some(slurm::Slurm {
+                    exe: std::env::current_exe().map_err(|e| Fail::Other(format!("cannot find this program: {e}")))?,
+                    recipe: absolute(&args.recipe),
+                    sets: args.sets.clone(),
+                    store: absolute(store.root()),
+                    remote: cli.remote.clone(),
+                    remote_required: cli.remote_required,
+                    cwd: cwd(),
+                }),
+            };
+            let jobs = match (jobs, &slurm) {
+                (Some(jobs), _) => jobs,
+                (None, Some(_)) => recipe.stages.len(),
+                (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
             let observer = progress::Progress::new();
-            let opts = engine::RunOptions { jobs, cancel: &CANCEL, observer: &observer, remote: remote.as_ref() };
+            let opts = engine::RunOptions {
+                remote: remote.as_ref(),
+                runner: slurm.as_ref().map(|s| s as &dyn engine::StageRunner),
+                ..engine::RunOptions::local(jobs, &CANCEL, &observer)
+            };
             let report = engine::run(&recipe, &store, &opts)?;
             drop(observer);
-            if json {
-                print_json(&output::run_json(&report));
-            } else {
-                print!("{}", output::run_table(&report));
-            }
-            if report.interrupted {
-                eprintln!("interrupted: finished stages are cached; run again to continue");
-                return Ok(ExitCode::from(130));
-            }
-            if let Some(f) = &report.failure {
-                eprintln!("error: stage `{}` failed: {}", f.stage, f.message);
-                if !report.not_run.is_empty() {
-                    let shown = report.not_run.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
-                    let more = report.not_run.len().saturating_sub(10);
-                    let more = if more > 0 { format!(" and {more} more") } else { String::new() };
-                    eprintln!("not run: {shown}{more}");
-                }
-                return Ok(ExitCode::from(if f.bad_input { 2 } else { 1 }));
-            }
-            Ok(ExitCode::SUCCESS)
+            Ok(finish_run(&report, json))
+        }
+        Command::ExecStage { recipe, stage, key } => {
+            let recipe = load(&recipe, &registry)?;
+            let key = engine::cache::ContentHash::from_hex(&key)
+                .ok_or_else(|| Fail::Other(format!("`{key}` is not a key (64 hex digits)")))?;
+            let store = open_store(&cli.cache)?;
+            install_interrupt_handler();
+            let remote = open_remote(&cli.remote, cli.remote_required)?;
+            let observer = progress::Progress::new();
+            let opts = engine::RunOptions {
+                remote: remote.as_ref(),
+                only: Some((&stage, key)),
+                ..engine::RunOptions::local(1, &CANCEL, &observer)
+            };
+            let report = engine::run(&recipe, &store, &opts)?;
+            drop(observer);
+            Ok(finish_run(&report, false))
         }
         Command::Plan { recipe, json } => {
             let recipe = load(&recipe, &registry)?;

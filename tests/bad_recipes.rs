@@ -219,3 +219,20 @@ fn diagnostics_render_as_in_the_golden_file() {
     let text = refused("data = \"tokenize\"", "data = \"pakc\"", &[], &[]);
     crate::golden::check("diagnostic_unknown_stage.txt", &text);
 }
+
+#[test]
+fn executor_tables_are_checked_like_stages() {
+    refused(
+        "[stages.corpus]",
+        "[executor]\ncpu = 2\n\n[stages.corpus]",
+        &[],
+        &["unknown key `cpu` in the `[executor]` table", "bad.toml:5:1", "did you mean `cpus`?"],
+    );
+    refused(
+        "seq_len = 16",
+        "seq_len = 16\nexecutor = { cpus = 0 }",
+        &[],
+        &["`cpus` in `executor` of stage `pack` must be a positive integer", "bad.toml:17:12"],
+    );
+    refused("seq_len = 16", "seq_len = 16\nexecutor = 4", &[], &["must be a table of partition, time, cpus, mem"]);
+}

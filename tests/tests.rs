@@ -14,6 +14,7 @@ mod hf_crosscheck; // models load in Hugging Face transformers and score the sam
 mod quantize; // calibrate and quantize: int8/int4 models evaluated and sampled, reports, determinism
 mod remote; // a remote cache shared by stores: S3 (s3s-fs) or a directory; faults, damage, kills
 mod report; // the HTML report: DAG, loss curves, compare table, samples; opened in headless Chromium
+mod slurm; // stages as jobs of a real one-node Slurm cluster: same bytes, Ctrl-C, killed jobs
 mod store; // kill -9, Ctrl-C, corruption, concurrent runs, gc
 mod sweeps; // sweeps expand into members sharing upstream artifacts; recipes that extend others
 mod tidy; // every source file opens with a module doc

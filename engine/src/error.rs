@@ -57,6 +57,11 @@ pub enum EngineError {
     Cache(#[from] cache::CacheError),
     #[error(transparent)]
     Remote(#[from] cache::RemoteError),
+    #[error(
+        "stage `{stage}` has key {here} here, not {submitted} as when it was submitted: the recipe or its \
+         inputs changed since"
+    )]
+    KeyChanged { stage: String, here: String, submitted: String },
     #[error("input `{slot}` of stage `{stage}`: {source}")]
     RawInput {
         stage: String,

@@ -30,6 +30,27 @@ pub struct RunOptions<'a> {
     pub observer: &'a dyn Observer,
     /// Where to look for artifacts missing locally, and to upload the ones built.
     pub remote: Option<&'a RemoteUse>,
+    /// Runs each stage that must be built somewhere else (a cluster job); `None` runs it here.
+    pub runner: Option<&'a dyn StageRunner>,
+    /// Run only this stage and what it reads, and only if its key is this one (a cluster job
+    /// running one stage of a plan made elsewhere). No run record is written.
+    pub only: Option<(&'a str, ContentHash)>,
+}
+
+impl<'a> RunOptions<'a> {
+    /// Every stage, in this process, with no remote cache.
+    pub fn local(jobs: usize, cancel: &'a AtomicBool, observer: &'a dyn Observer) -> Self {
+        RunOptions { jobs, cancel, observer, remote: None, runner: None, only: None }
+    }
+}
+
+/// Builds a stage outside this process, for example as a job of a cluster scheduler, into the
+/// same store (a shared filesystem) or through the remote cache. The engine still walks the
+/// DAG: a stage is handed over only once everything it reads is built.
+pub trait StageRunner: Sync {
+    /// Build `stage`'s artifact under `key` and return once it is published, failed, or
+    /// cancelled because `cancel` was set ([`StageError::Interrupted`]).
+    fn run_stage(&self, stage: &ResolvedStage, key: &ContentHash, cancel: &AtomicBool) -> Result<(), StageError>;
 }
 
 /// A stage that finished in this run, by running or from the cache.
@@ -76,9 +97,10 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
     let (raw, previous) = prepare(recipe, store)?;
 
     let n = recipe.stages.len();
+    let wanted = wanted_stages(recipe, opts.only.map(|(name, _)| name))?;
     let mut dependents: Vec<Vec<StageId>> = vec![Vec::new(); n];
     let mut waiting: Vec<usize> = vec![0; n];
-    for (id, stage) in recipe.stages.iter().enumerate() {
+    for (id, stage) in recipe.stages.iter().enumerate().filter(|(id, _)| wanted[*id]) {
         let mut ups: Vec<StageId> = stage
             .inputs
             .iter()
@@ -96,7 +118,8 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
     let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
     let mut preimages: BTreeMap<String, Preimage> = BTreeMap::new();
     let mut report = RunReport::default();
-    let mut ready: BinaryHeap<Reverse<StageId>> = (0..n).filter(|i| waiting[*i] == 0).map(Reverse).collect();
+    let mut ready: BinaryHeap<Reverse<StageId>> =
+        (0..n).filter(|i| wanted[*i] && waiting[*i] == 0).map(Reverse).collect();
     let (tx, rx) = mpsc::channel::<(StageId, Done)>();
 
     let result: Result<(), EngineError> = std::thread::scope(|scope| {
@@ -117,6 +140,15 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 };
                 let preimage = Preimage::new(stage, inputs);
                 let key = preimage.key();
+                if let Some((name, expected)) = opts.only.filter(|(name, _)| *name == stage.name) {
+                    if key != expected {
+                        return Err(EngineError::KeyChanged {
+                            stage: name.to_string(),
+                            here: key.short(),
+                            submitted: expected.short(),
+                        });
+                    }
+                }
                 if let Some(artifact) = store.get(&key)? {
                     let outcome = cached_outcome(stage, key, artifact, 0.0);
                     opts.observer.stage_finished(&outcome);
@@ -144,8 +176,11 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                 }
                 running += 1;
                 scope.spawn(move || {
-                    let done = try_execute(stage, key, family, meta, &inputs, store, opts)
-                        .unwrap_or_else(|e| Done::Failed { message: e.to_string(), bad_input: false });
+                    let done = match opts.runner {
+                        None => try_execute(stage, key, family, meta, &inputs, store, opts),
+                        Some(runner) => try_submit(stage, key, store, opts, runner),
+                    };
+                    let done = done.unwrap_or_else(|e| Done::Failed { message: e.to_string(), bad_input: false });
                     let _ = tx.send((id, done));
                 });
             }
@@ -179,11 +214,37 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
     for (id, outcome) in outcomes.into_iter().enumerate() {
         match outcome {
             Some(o) => report.outcomes.push(o),
-            None => report.not_run.push(recipe.stages[id].name.clone()),
+            None if wanted[id] => report.not_run.push(recipe.stages[id].name.clone()),
+            None => {}
         }
     }
-    record_run(store, recipe, &report, previous, preimages, started)?;
+    if opts.only.is_none() {
+        record_run(store, recipe, &report, previous, preimages, started)?;
+    }
     Ok(report)
+}
+
+/// Which stages a run builds: all, or the one named and the stages it reads, transitively.
+fn wanted_stages(recipe: &Recipe, only: Option<&str>) -> Result<Vec<bool>, EngineError> {
+    let Some(name) = only else { return Ok(vec![true; recipe.stages.len()]) };
+    let target = recipe.stage_id(name).ok_or_else(|| {
+        EngineError::Recipe(crate::error::RecipeError::new(format!(
+            "the recipe `{}` has no stage `{name}`",
+            recipe.path.display()
+        )))
+    })?;
+    let mut wanted = vec![false; recipe.stages.len()];
+    wanted[target] = true;
+    for id in (0..=target).rev() {
+        if wanted[id] {
+            for input in &recipe.stages[id].inputs {
+                if let InputSource::Stage(up) = input.source {
+                    wanted[up] = true;
+                }
+            }
+        }
+    }
+    Ok(wanted)
 }
 
 fn complete(
@@ -325,6 +386,60 @@ fn try_execute(
             })
         }
     }
+}
+
+/// Build one stage through the runner: from the remote if it has the artifact, else handed
+/// over, then read from the store (shared with the runner) or the remote. Runs on a worker
+/// thread.
+fn try_submit(
+    stage: &ResolvedStage,
+    key: ContentHash,
+    store: &Store,
+    opts: &RunOptions<'_>,
+    runner: &dyn StageRunner,
+) -> Result<Done, EngineError> {
+    let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
+    let from_remote = |staging| -> Result<Result<StageOutcome, Staging>, EngineError> {
+        match opts.remote.filter(|r| r.usable()) {
+            Some(remote) => pull(remote, stage, key, staging, store, opts.observer, &warn),
+            None => Ok(Err(staging)),
+        }
+    };
+    if opts.remote.is_some() {
+        let staging = store.begin(&key)?;
+        match from_remote(staging)? {
+            Ok(outcome) => return Ok(Done::Finished(Box::new(outcome))),
+            Err(staging) => store.abandon(staging)?,
+        }
+    }
+    let start = Instant::now();
+    let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
+    progress.set_message("submitted");
+    match runner.run_stage(stage, &key, opts.cancel) {
+        Ok(()) => {}
+        Err(StageError::Interrupted) => return Ok(Done::Interrupted),
+        Err(StageError::Failed(message)) => return Ok(Done::Failed { message, bad_input: false }),
+        Err(StageError::BadInput(message)) => return Ok(Done::Failed { message, bad_input: true }),
+    }
+    let artifact = match store.get(&key)? {
+        Some(artifact) => artifact,
+        None => match from_remote(store.begin(&key)?)? {
+            Ok(outcome) => outcome.artifact,
+            Err(staging) => {
+                store.abandon(staging)?;
+                return Ok(Done::Failed {
+                    message: "its job finished, but its artifact is neither in this store nor in the remote cache \
+                              (the job's store must be this one, on a shared filesystem, or both must use one \
+                              remote)"
+                        .into(),
+                    bad_input: false,
+                });
+            }
+        },
+    };
+    let mut outcome = cached_outcome(stage, key, artifact, start.elapsed().as_secs_f64());
+    outcome.action = Action::Run;
+    Ok(Done::Finished(Box::new(outcome)))
 }
 
 /// Download the key's artifact from the remote into `staging` and publish it, if the remote

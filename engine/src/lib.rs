@@ -17,12 +17,12 @@ pub mod stage;
 
 pub use cache;
 pub use error::{EngineError, Origin, RecipeError};
-pub use exec::{run, RunOptions, RunReport, StageOutcome};
+pub use exec::{run, RunOptions, RunReport, StageOutcome, StageRunner};
 pub use key::{DirtyReason, Preimage};
 pub use observer::{Observer, Silent, StageProgress};
 pub use params::{ParamSpec, ParamType, ParamValue, Params};
 pub use plan::{plan, plan_with_remote, Action, PlannedStage};
-pub use recipe::Recipe;
+pub use recipe::{Recipe, ResolvedStage, Resources};
 pub use remote::RemoteUse;
 pub use stage::{
     Accepts, ArtifactType, Input, InputSpec, Metrics, ParamProblem, Registry, Stage, StageCtx, StageError, Vocabulary,

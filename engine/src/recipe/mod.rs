@@ -45,9 +45,26 @@ pub struct ResolvedStage {
     pub seed: u64,
     /// Threads for this stage's parallel work; `None` uses every core. Not part of the key.
     pub threads: Option<usize>,
+    /// What to ask a cluster scheduler for when it runs this stage. Not part of the key.
+    pub resources: Resources,
     /// In the order the kind declares its slots.
     pub inputs: Vec<ResolvedInput>,
 }
+
+/// The resources a scheduler gives one stage: the recipe's `[executor]` table, then the
+/// stage's own `executor = { ... }` key by key. Unset values are the scheduler's defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub partition: Option<String>,
+    /// A time limit as the scheduler writes it (`30:00`, `2:00:00`, `1-00:00:00`).
+    pub time: Option<String>,
+    pub cpus: Option<u32>,
+    /// Memory as the scheduler writes it (`4G`, `500M`).
+    pub mem: Option<String>,
+}
+
+/// The keys of an `[executor]` table.
+pub const RESOURCE_KEYS: [&str; 4] = ["partition", "time", "cpus", "mem"];
 
 pub struct ResolvedInput {
     pub slot: &'static str,

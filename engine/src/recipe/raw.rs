@@ -12,6 +12,9 @@ pub struct RawRecipe {
     pub recipe: Spanned<RawHeader>,
     #[serde(default)]
     pub stages: BTreeMap<Spanned<String>, Spanned<RawStage>>,
+    /// Resources for every stage under an executor other than the local one.
+    #[serde(default)]
+    pub executor: Option<RawStage>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -12,13 +12,13 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use super::overrides::{self, Override};
 use super::sweep;
 use super::tables::{self, Given, Place, Table};
-use super::{InputSource, Recipe, ResolvedInput, ResolvedStage};
+use super::{InputSource, Recipe, ResolvedInput, ResolvedStage, Resources, RESOURCE_KEYS};
 use crate::error::{did_you_mean, Origin, RecipeError};
 use crate::params::{Default, Params};
 use crate::stage::{InputSpec, Registry, Stage, Vocabulary};
 
 /// Keys every stage accepts besides its kind's own.
-const COMMON_KEYS: [&str; 4] = ["kind", "seed", "threads", "sweep"];
+const COMMON_KEYS: [&str; 5] = ["kind", "seed", "threads", "sweep", "executor"];
 
 /// Read, parse and resolve the recipe at `path` (and the recipes it extends), applying `--set`
 /// overrides (whose relative paths start from `cwd`).
@@ -45,6 +45,13 @@ pub fn resolve(
     let mut seed = match &header.seed {
         Some((s, at)) => non_negative(*s, at, "seed")?,
         None => 0,
+    };
+    let resources = match &header.executor {
+        Some(table) => {
+            let entries = table.iter().map(|(k, g)| (k.as_str(), &g.value, &g.key_at, &g.value_at));
+            read_resources(Resources::default(), entries, "the `[executor]` table")?
+        }
+        None => Resources::default(),
     };
     let name = header.name.clone();
     if name.trim().is_empty() {
@@ -130,7 +137,8 @@ pub fn resolve(
     let mut wiring: Vec<Slots> = Vec::with_capacity(members.len());
     for m in &members {
         let table = &tables[m.table];
-        let (mut resolved, slots) = resolve_stage(&m.name, &kinds[m.table], m.given.clone(), seed, &table.name_at)?;
+        let (mut resolved, slots) =
+            resolve_stage(&m.name, &kinds[m.table], m.given.clone(), seed, &resources, &table.name_at)?;
         resolved.template = table.name.clone();
         resolved.point = m.point.clone();
         stages.push(resolved);
@@ -355,8 +363,10 @@ fn resolve_stage(
     kind: &Arc<dyn Stage>,
     given: BTreeMap<String, Given>,
     recipe_seed: u64,
+    recipe_resources: &Resources,
     name_at: &Place,
 ) -> Result<(ResolvedStage, Slots), RecipeError> {
+    let mut resources = recipe_resources.clone();
     let mut params = Params::default();
     let mut slots = Vec::new();
     let mut seed = recipe_seed;
@@ -383,6 +393,15 @@ fn resolve_stage(
                 } else {
                     threads = (v > 0).then_some(v as usize);
                 }
+            }
+            "executor" => {
+                let Some(table) = g.value.as_table() else {
+                    return Err(g
+                        .value_at
+                        .error(format!("{context} must be a table of {}", RESOURCE_KEYS.join(", ")), "not a table"));
+                };
+                let entries = table.iter().map(|(k, v)| (k.as_str(), v, &g.value_at, &g.value_at));
+                resources = read_resources(resources, entries, &context)?;
             }
             _ => {
                 if let Some(spec) = kind.params().iter().find(|p| p.name == key) {
@@ -457,9 +476,47 @@ fn resolve_stage(
         params,
         seed,
         threads,
+        resources,
         inputs: Vec::new(),
     };
     Ok((stage, slots))
+}
+
+/// `base` with the keys of an executor table (`what` names it in errors) set over it; each
+/// entry is (key, value, where the key is written, where the value is).
+fn read_resources<'a>(
+    mut base: Resources,
+    entries: impl IntoIterator<Item = (&'a str, &'a toml::Value, &'a Place, &'a Place)>,
+    what: &str,
+) -> Result<Resources, RecipeError> {
+    for (key, v, key_at, value_at) in entries {
+        let text = || {
+            v.as_str()
+                .map(str::to_string)
+                .ok_or_else(|| value_at.error(format!("`{key}` in {what} must be a string"), "not a string"))
+        };
+        match key {
+            "partition" => base.partition = Some(text()?),
+            "time" => base.time = Some(text()?),
+            "mem" => base.mem = Some(text()?),
+            "cpus" => match v.as_integer() {
+                Some(n) if n > 0 && n <= u32::MAX as i64 => base.cpus = Some(n as u32),
+                _ => {
+                    return Err(value_at
+                        .error(format!("`cpus` in {what} must be a positive integer"), "not a positive integer"))
+                }
+            },
+            _ => {
+                let mut err = key_at.error(format!("unknown key `{key}` in {what}"), "unknown key");
+                err.help = Some(
+                    did_you_mean(key, RESOURCE_KEYS)
+                        .unwrap_or_else(|| format!("its keys are {}", RESOURCE_KEYS.join(", "))),
+                );
+                return Err(err);
+            }
+        }
+    }
+    Ok(base)
 }
 
 /// Kahn's algorithm, taking the earliest-written ready stage first so the order is stable.

@@ -47,6 +47,8 @@ pub(super) struct Header {
     pub name: String,
     pub name_at: Place,
     pub seed: Option<(i64, Place)>,
+    /// The `[executor]` table, this recipe's or else the nearest one it extends.
+    pub executor: Option<BTreeMap<String, Given>>,
     pub at: Place,
 }
 
@@ -70,8 +72,8 @@ fn read_chain(
     chain.push((std::fs::canonicalize(path).unwrap_or_else(|_| base.join(path)), origin.name.clone()));
 
     let header = raw.recipe.get_ref();
-    let (mut inherited_seed, mut tables) = match &header.extends {
-        None => (None, Vec::new()),
+    let (mut inherited_seed, mut inherited_executor, mut tables) = match &header.extends {
+        None => (None, None, Vec::new()),
         Some(extends) => {
             let at = here(extends.span());
             let shown = Path::new(&origin.name).parent().unwrap_or(Path::new("")).join(extends.get_ref());
@@ -92,7 +94,7 @@ fn read_chain(
             let parent_origin = Arc::new(Origin { name: shown.display().to_string(), text });
             let parent_base = parent_path.parent().map(Path::to_path_buf).unwrap_or_default();
             let (parent, tables) = read_chain(parent_origin, &parent_base, &parent_path, chain)?;
-            (parent.seed, tables)
+            (parent.seed, parent.executor, tables)
         }
     };
     chain.pop();
@@ -142,10 +144,20 @@ fn read_chain(
     if let Some(seed) = &header.seed {
         inherited_seed = Some((*seed.get_ref(), here(seed.span())));
     }
+    if let Some(executor) = &raw.executor {
+        let given = executor.iter().map(|(k, v)| {
+            (
+                k.get_ref().clone(),
+                Given { value: v.get_ref().clone(), key_at: here(k.span()), value_at: here(v.span()) },
+            )
+        });
+        inherited_executor = Some(given.collect());
+    }
     let header = Header {
         name: header.name.get_ref().clone(),
         name_at: here(header.name.span()),
         seed: inherited_seed,
+        executor: inherited_executor,
         at: here(raw.recipe.span()),
     };
     Ok((header, tables))
