@@ -1,6 +1,6 @@
 //! The Slurm executor (issue 17) on a real one-node cluster that the test starts (Debian's
 //! `slurmctld`, `slurmd` and `munge`, installed by .ci/run; SKIPPED where they are missing or
-//! the test is not root): a recipe run as Slurm jobs gives the bytes of a local run; Ctrl-C
+//! the test is not root): the quickstart run as Slurm jobs gives the bytes of a local run; Ctrl-C
 //! cancels the submitted jobs and leaves the store valid; a job the scheduler kills shows its
 //! log in the error, and its stage is rerun cleanly next time.
 
@@ -198,6 +198,19 @@ fn stderr_of(child: Child) -> (Option<i32>, String) {
 fn recipes_run_as_slurm_jobs() {
     let Some(cluster) = Cluster::start() else { return };
 
+    // The quickstart as jobs and here: the same bytes.
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/quickstart.toml");
+    let digests = |args: &[&str]| {
+        let sb = Sandbox::new();
+        std::fs::copy(&quickstart, sb.path("quickstart.toml")).unwrap();
+        let mut all = vec!["run", "quickstart.toml", "--json"];
+        all.extend_from_slice(args);
+        let run = json_of(&cluster.tinygpt(&sb, &all).output().unwrap());
+        assert_eq!(ran(&run), STAGES, "{run}");
+        STAGES.map(|name| sb.manifest(&key(&run, name))["content_digest"].clone())
+    };
+    assert_eq!(digests(&["--executor", "slurm"]), digests(&[]), "the quickstart through Slurm");
+
     // The same recipe as jobs and here: the same bytes.
     let here = Sandbox::new();
     let local = here.run_json("train.toml", &[]);
@@ -210,8 +223,10 @@ fn recipes_run_as_slurm_jobs() {
     // Each job had the recipe's resources, and pretrain its own memory.
     let shown = cluster.command("scontrol").args(["show", "job", "--oneliner"]).output().unwrap();
     let shown = String::from_utf8(shown.stdout).unwrap();
+    let workdir = format!("WorkDir={} ", sb.dir.path().display());
     for name in STAGES {
-        let line = shown.lines().find(|l| l.contains(&format!("JobName=tinygpt-{name} "))).expect("the job is listed");
+        let ours = |l: &&str| l.contains(&format!("JobName=tinygpt-{name} ")) && l.contains(&workdir);
+        let line = shown.lines().find(ours).expect("the job is listed");
         let mem = if name == "pretrain" { "400M" } else { "300M" };
         assert!(line.contains("NumCPUs=1 ") && line.contains(&format!("MinMemoryNode={mem} ")), "{name}: {line}");
     }

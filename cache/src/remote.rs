@@ -510,6 +510,37 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_writers_of_one_key_leave_a_whole_artifact() {
+        let s = setup();
+        let key = ContentHash::of_bytes(b"k");
+        // The same outputs, built twice: different timings, and a volatile file that differs.
+        let build_with = |store: &Store, seconds: f64, log: &[u8]| {
+            let staging = store.begin(&key).unwrap();
+            std::fs::write(staging.dir().join("weights"), vec![7u8; 300_000]).unwrap();
+            std::fs::write(staging.dir().join("log.txt"), log).unwrap();
+            store.publish(staging, &["log.txt"], json!({}), json!({}), seconds).unwrap()
+        };
+        let a = build_with(&s.first, 1.0, b"run a");
+        let b = build_with(&s.second, 2.0, b"run b, slower");
+        std::thread::scope(|scope| {
+            for artifact in [&a, &b] {
+                let remote = &s.remote;
+                scope.spawn(move || {
+                    for _ in 0..5 {
+                        remote.push(artifact, &|_| {}).unwrap();
+                    }
+                });
+            }
+        });
+        let third = Store::open(&s._dir.path().join("c")).unwrap();
+        let pulled = pull(&s.remote, &third, &key).unwrap().expect("one of the two manifests");
+        assert_eq!(pulled.manifest.content_digest, a.manifest.content_digest);
+        let log = std::fs::read(pulled.path("log.txt")).unwrap();
+        let winner = if pulled.manifest.seconds == 1.0 { b"run a".to_vec() } else { b"run b, slower".to_vec() };
+        assert_eq!(log, winner, "the manifest and the files it names agree");
+    }
+
+    #[test]
     fn urls_are_checked() {
         for url in ["/no/scheme", "ftp://host/x", "file://relative", "s3:///prefix"] {
             let error = Remote::open(url).unwrap_err();
