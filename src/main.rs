@@ -344,8 +344,19 @@ fn push(
     registry: &Registry,
 ) -> Result<ExitCode, Fail> {
     let store = open_store(root)?;
+    let mut rows = Vec::new();
     let artifacts: Vec<(String, engine::cache::Artifact)> = match transfer_plan(args, &store, None, registry)? {
-        Some(plan) => plan.into_iter().filter_map(|s| Some((s.name, s.artifact?))).collect(),
+        Some(plan) => plan
+            .into_iter()
+            .filter_map(|s| match s.artifact {
+                Some(artifact) => Some((s.name, artifact)),
+                None => {
+                    let key = s.key.map_or_else(|| "?".into(), |k| k.short());
+                    rows.push(vec![s.name, key, "not built here".into()]);
+                    None
+                }
+            })
+            .collect(),
         None => store
             .list()?
             .into_iter()
@@ -353,7 +364,6 @@ fn push(
             .collect(),
     };
     let progress = progress::Progress::new();
-    let mut rows = Vec::new();
     for (name, artifact) in &artifacts {
         let bar = progress.transfer(name, "uploading", artifact.manifest.total_bytes());
         let pushed = remote.remote.push(artifact, &|n| bar.inc(n)).map_err(|e| Fail::Other(e.to_string()))?;
@@ -377,12 +387,19 @@ fn pull(
     registry: &Registry,
 ) -> Result<ExitCode, Fail> {
     let store = open_store(root)?;
+    let mut rows = Vec::new();
+    let mut missing = 0;
     let wanted: Vec<(String, engine::cache::ContentHash)> = match transfer_plan(args, &store, Some(remote), registry)? {
         Some(plan) => plan
             .into_iter()
             .filter(|s| s.action != engine::Action::Cached)
-            .map(|s| {
-                (s.name, s.key.expect("a stage the remote has or that must run has a key once its upstream is known"))
+            .filter_map(|s| match s.key {
+                Some(key) => Some((s.name, key)),
+                None => {
+                    missing += 1;
+                    rows.push(vec![s.name, "?".into(), "not in the remote (an upstream stage is not)".into()]);
+                    None
+                }
             })
             .collect(),
         None => remote
@@ -394,8 +411,6 @@ fn pull(
             .collect(),
     };
     let progress = progress::Progress::new();
-    let mut rows = Vec::new();
-    let mut missing = 0;
     for (name, key) in wanted {
         let staging = store.begin(&key)?;
         let (name, what) = if let Some(artifact) = store.get(&key)? {

@@ -118,6 +118,16 @@ fn cache_push_and_pull_move_a_recipes_artifacts() {
     let out = third.tinygpt(&["cache", "push"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--remote"), "{}", stderr(&out));
+
+    // Nothing built, nothing in an empty remote: every stage says so.
+    let empty = tempfile::tempdir().unwrap();
+    let fresh = Sandbox::new();
+    let out = with_remote(&fresh, &["cache", "push", "tiny.toml"], &file_url(empty.path()), &[]);
+    assert_success(&out);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().matches("not built here").count(), 3);
+    let out = with_remote(&fresh, &["cache", "pull", "tiny.toml"], &file_url(empty.path()), &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(String::from_utf8(out.stdout).unwrap().matches("not in the remote").count(), 3);
 }
 
 #[test]

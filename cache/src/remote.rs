@@ -57,12 +57,7 @@ pub enum RemoteError {
     Local(#[from] CacheError),
 }
 
-impl RemoteError {
-    /// Errors after which building locally is the right answer (with a warning).
-    pub fn is_transient(&self) -> bool {
-        matches!(self, RemoteError::Unavailable { .. } | RemoteError::Corrupt { .. })
-    }
-}
+impl RemoteError {}
 
 pub type RemoteResult<T> = std::result::Result<T, RemoteError>;
 

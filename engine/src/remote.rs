@@ -37,16 +37,19 @@ impl RemoteUse {
     }
 
     /// The value of a remote call, `None` after a failure that only warrants a warning (told to
-    /// `warn`), or the error that stops the run: bad credentials, a local store error, or any
-    /// failure when the remote is required.
+    /// `warn`): a damaged object, or an unreachable remote unless it is required. Anything else
+    /// stops the run: bad credentials, a local store error, an unreachable required remote.
     pub fn consult<T>(&self, result: RemoteResult<T>, warn: &dyn Fn(&str)) -> Result<Option<T>, EngineError> {
         match result {
             Ok(value) => Ok(Some(value)),
-            Err(e) if e.is_transient() && !self.required => {
-                if matches!(e, RemoteError::Unavailable { .. }) && !self.down.swap(true, Ordering::Relaxed) {
+            // Damage is never the user's to fix: the artifact is built again and re-uploaded.
+            Err(e @ RemoteError::Corrupt { .. }) => {
+                warn(&format!("{e}; building locally"));
+                Ok(None)
+            }
+            Err(e @ RemoteError::Unavailable { .. }) if !self.required => {
+                if !self.down.swap(true, Ordering::Relaxed) {
                     warn(&format!("{e}; building locally (--remote-required makes this an error)"));
-                } else if matches!(e, RemoteError::Corrupt { .. }) {
-                    warn(&format!("{e}; building locally"));
                 }
                 Ok(None)
             }
