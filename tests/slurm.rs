@@ -244,6 +244,22 @@ fn recipes_run_as_slurm_jobs() {
         json_of(&cluster.tinygpt(&sb, &["run", "train.toml", "--executor", "slurm", "--json"]).output().unwrap());
     assert_eq!(stages_with(&again, "cached"), STAGES, "nothing submitted when cached");
 
+    // Sweep members are jobs at the same time: both scripts are written before either job's
+    // log is last written.
+    let swept = Sandbox::new();
+    let args = ["run", "tiny.toml", "--executor", "slurm", "--json", "--set", "pack.sweep={ seq_len = [16, 24] }"];
+    let run = json_of(&cluster.tinygpt(&swept, &args).output().unwrap());
+    assert_eq!(ran(&run).len(), 4, "{run}");
+    let mtime = |p: PathBuf| std::fs::metadata(p).unwrap().modified().unwrap();
+    let members: Vec<(std::time::SystemTime, std::time::SystemTime)> = ["pack[seq_len=16]", "pack[seq_len=24]"]
+        .iter()
+        .map(|name| {
+            let job = swept.store().join("slurm").join(key(&run, name));
+            (mtime(job.with_extension("sh")), mtime(job.with_extension("log")))
+        })
+        .collect();
+    assert!(members.iter().map(|m| m.0).max() < members.iter().map(|m| m.1).min(), "{members:?}");
+
     // Ctrl-C cancels the job and leaves the store valid.
     let run = start_long_run(&cluster, &sb);
     Command::new("kill").args(["-INT", &run.id().to_string()]).status().unwrap();
