@@ -249,6 +249,22 @@ const S3_URL: &str = "s3://team/tinygpt";
 fn a_second_store_with_an_s3_remote_builds_nothing() {
     let Some(server) = S3Server::start() else { return };
     check_second_store_builds_nothing(S3_URL, &server.env());
+
+    // s3s-fs keeps each object as a plain file: damage one behind the server's back.
+    let blobs = server._root.path().join("team/tinygpt/blobs");
+    let biggest =
+        std::fs::read_dir(&blobs).unwrap().map(|e| e.unwrap().path()).max_by_key(|p| p.metadata().unwrap().len());
+    let biggest = biggest.expect("blobs were uploaded");
+    let mut bytes = std::fs::read(&biggest).unwrap();
+    bytes[0] ^= 1;
+    std::fs::write(&biggest, bytes).unwrap();
+    let sb = Sandbox::new();
+    let out = with_remote(&sb, &["run", "tiny.toml", "--json"], S3_URL, &server.env());
+    assert_success(&out);
+    assert!(stderr(&out).contains("damaged"), "{}", stderr(&out));
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ran(&run).len(), 1, "the stage whose file was damaged is rebuilt: {run}");
+    assert_eq!(stages_with(&run, "remote").len(), 2, "{run}");
 }
 
 #[test]

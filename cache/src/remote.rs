@@ -334,8 +334,13 @@ impl Remote {
     }
 }
 
+/// A remote that does not connect within 5 s, or stalls for 30 s mid-request, is unavailable;
+/// a request that streams steadily may take up to half an hour (one large file on a slow link).
 fn client_options() -> ClientOptions {
-    ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300))
+    ClientOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_read_timeout(Duration::from_secs(30))
+        .with_timeout(Duration::from_secs(30 * 60))
 }
 
 /// A few quick retries: an unreachable remote should cost seconds, not the crate's default
