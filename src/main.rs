@@ -29,12 +29,15 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 enum Fail {
     Recipe(RecipeError),
     Other(String),
+    /// Ctrl-C outside a run's stages (a transfer with the remote).
+    Interrupted,
 }
 
 impl From<EngineError> for Fail {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Recipe(r) => Fail::Recipe(r),
+            EngineError::Interrupted => Fail::Interrupted,
             other => Fail::Other(other.to_string()),
         }
     }
@@ -57,6 +60,10 @@ fn main() -> ExitCode {
         Err(Fail::Other(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(1)
+        }
+        Err(Fail::Interrupted) => {
+            eprintln!("interrupted: nothing partial was kept; run again to continue");
+            ExitCode::from(130)
         }
     }
 }
@@ -202,10 +209,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Cache { command: CacheCommand::Push(args) } => {
+            install_interrupt_handler();
             let remote = open_remote(&cli.remote, true)?.expect("a required remote is given");
             push(&args, &cli.cache, &remote, &registry)
         }
         Command::Cache { command: CacheCommand::Pull(args) } => {
+            install_interrupt_handler();
             let remote = open_remote(&cli.remote, true)?.expect("a required remote is given");
             pull(&args, &cli.cache, &remote, &registry)
         }
@@ -366,7 +375,11 @@ fn push(
     let progress = progress::Progress::new();
     for (name, artifact) in &artifacts {
         let bar = progress.transfer(name, "uploading", artifact.manifest.total_bytes());
-        let pushed = remote.remote.push(artifact, &|n| bar.inc(n)).map_err(|e| Fail::Other(e.to_string()))?;
+        let pushed = match remote.remote.push(artifact, &|n| bar.inc(n), &CANCEL) {
+            Ok(pushed) => pushed,
+            Err(engine::cache::RemoteError::Interrupted) => return Err(Fail::Interrupted),
+            Err(e) => return Err(Fail::Other(e.to_string())),
+        };
         drop(bar);
         let what = match pushed.files_sent {
             0 => "in the remote already".to_string(),
@@ -420,7 +433,7 @@ fn pull(
             let name = if name.is_empty() { manifest.meta["stage"].as_str().unwrap_or("?").to_string() } else { name };
             let bar = progress.transfer(&name, "downloading", manifest.total_bytes());
             let size = output::human_bytes(manifest.total_bytes());
-            match remote.download_into(&store, staging, manifest, &|n| bar.inc(n), &warn)? {
+            match remote.download_into(&store, staging, manifest, &|n| bar.inc(n), &CANCEL, &warn)? {
                 Ok(_) => (name, format!("received {size}")),
                 Err(_) => unreachable!("a required remote reports every failure as an error"),
             }

@@ -6,6 +6,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use engine::cache::{ContentHash, Remote, Store};
@@ -14,6 +15,8 @@ use serde_json::Value;
 use crate::util::{assert_success, key, ran, stage, stages_with, Sandbox};
 
 const STAGES: [&str; 3] = ["corpus", "tokenize", "pack"];
+/// A cancel flag never set.
+static GO: AtomicBool = AtomicBool::new(false);
 
 fn file_url(dir: &Path) -> String {
     format!("file://{}", dir.display())
@@ -311,20 +314,21 @@ fn large_files_go_to_s3_in_parts_and_come_back_whole() {
     let (store, key) = store_with_big_artifact(&dir.path().join("a"), 19 << 20);
     let remote = Remote::open_with_env(S3_URL, server.env()).unwrap();
     let artifact = store.get(&key).unwrap().unwrap();
-    let pushed = remote.push(&artifact, &|_| {}).unwrap();
+    let pushed = remote.push(&artifact, &|_| {}, &GO).unwrap();
     assert_eq!(pushed.bytes_sent, 19 << 20);
 
     let second = Store::open(&dir.path().join("b")).unwrap();
     let manifest = remote.manifest(&key).unwrap().expect("uploaded");
     let staging = second.begin(&key).unwrap();
-    remote.download(&manifest, &staging, &|_| {}).unwrap();
+    remote.download(&manifest, &staging, &|_| {}, &GO).unwrap();
     let pulled = second.adopt(staging, manifest).unwrap();
     assert!(std::fs::read(pulled.path("weights.bin")).unwrap() == std::fs::read(artifact.path("weights.bin")).unwrap());
 }
 
-#[test]
-fn an_upload_killed_part_way_is_never_accepted() {
-    let Some(server) = S3Server::start() else { return };
+/// Start `cache push` of a large artifact to the S3 server, send `signal` once its upload has
+/// begun, and check a reader either finds no artifact or a whole one. Returns the exit code.
+fn push_stopped_by(signal: &str) -> Option<i32> {
+    let server = S3Server::start()?;
     let sb = Sandbox::new();
     let (_, key) = store_with_big_artifact(&sb.store(), 160 << 20);
     let mut push = sb
@@ -341,8 +345,8 @@ fn an_upload_killed_part_way_is_never_accepted() {
     std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
     assert!(line.contains("uploading"), "{line}");
     std::thread::sleep(Duration::from_millis(30));
-    push.kill().unwrap();
-    push.wait().unwrap();
+    Command::new("kill").args([signal, &push.id().to_string()]).status().unwrap();
+    let status = push.wait().unwrap();
 
     let remote = Remote::open_with_env(S3_URL, server.env()).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -350,14 +354,28 @@ fn an_upload_killed_part_way_is_never_accepted() {
     match remote.manifest(&key).unwrap() {
         None => {
             assert!(remote.keys().unwrap().is_empty(), "no manifest names the partial upload");
-            eprintln!("the kill stopped the upload part-way; a reader sees no artifact");
+            eprintln!("{signal} stopped the upload part-way; a reader sees no artifact");
         }
         Some(manifest) => {
-            // The kill came after the last byte: then the artifact is whole.
+            // The signal came after the last byte: then the artifact is whole.
+            assert!(status.success(), "{status:?}");
             let staging = second.begin(&key).unwrap();
-            remote.download(&manifest, &staging, &|_| {}).unwrap();
+            remote.download(&manifest, &staging, &|_| {}, &GO).unwrap();
             second.adopt(staging, manifest).unwrap();
-            eprintln!("the upload finished before the kill; the artifact is whole");
+            eprintln!("the upload finished before {signal}; the artifact is whole");
         }
+    }
+    status.code()
+}
+
+#[test]
+fn an_upload_killed_part_way_is_never_accepted() {
+    push_stopped_by("-KILL");
+}
+
+#[test]
+fn ctrl_c_stops_an_upload_between_parts() {
+    if let Some(code) = push_stopped_by("-INT") {
+        assert!(code == 130 || code == 0, "exit code {code}");
     }
 }

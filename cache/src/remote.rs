@@ -16,6 +16,7 @@
 use std::fmt;
 use std::io::{Read, Write};
 use std::path::{Component, Path as FsPath};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ pub enum RemoteError {
     /// The URL itself is not one we can use.
     #[error("remote `{url}`: {message}")]
     BadUrl { url: String, message: String },
+    /// The cancel flag was set: the transfer stopped, leaving nothing a reader would take.
+    #[error("interrupted")]
+    Interrupted,
     #[error(transparent)]
     Local(#[from] CacheError),
 }
@@ -210,10 +214,17 @@ impl Remote {
     }
 
     /// Download every file of `manifest` into the staging directory, hashing each as it
-    /// streams in. `on_bytes` is told of every chunk written. On any error the staging
+    /// streams in. `on_bytes` is told of every chunk written; `cancel` is looked at between
+    /// chunks. On any error (or interruption) the staging
     /// directory is left empty; a blob whose bytes do not match its digest is deleted from the
     /// remote, so that the next upload replaces it.
-    pub fn download(&self, manifest: &Manifest, staging: &Staging, on_bytes: &dyn Fn(u64)) -> RemoteResult<()> {
+    pub fn download(
+        &self,
+        manifest: &Manifest,
+        staging: &Staging,
+        on_bytes: &dyn Fn(u64),
+        cancel: &AtomicBool,
+    ) -> RemoteResult<()> {
         let result = self.runtime.block_on(async {
             for file in &manifest.files {
                 let path = self.blob_path(&file.digest);
@@ -233,6 +244,9 @@ impl Remote {
                 };
                 let mut stream = got.into_stream();
                 while let Some(chunk) = stream.next().await {
+                    if cancel.load(Ordering::Relaxed) {
+                        return Err(RemoteError::Interrupted);
+                    }
                     let chunk = chunk.map_err(|e| self.fail(e))?;
                     hasher.update(&chunk);
                     out.write_all(&chunk).map_err(|e| io_error("writing", &target, e))?;
@@ -263,18 +277,22 @@ impl Remote {
     }
 
     /// Upload a published artifact: each file whose blob the remote lacks, then the manifest.
-    /// `on_bytes` is told of every chunk sent.
-    pub fn push(&self, artifact: &Artifact, on_bytes: &dyn Fn(u64)) -> RemoteResult<Pushed> {
+    /// `on_bytes` is told of every chunk sent; `cancel` is looked at between files and parts,
+    /// and an interrupted push writes no manifest.
+    pub fn push(&self, artifact: &Artifact, on_bytes: &dyn Fn(u64), cancel: &AtomicBool) -> RemoteResult<Pushed> {
         let mut pushed = Pushed { files_sent: 0, bytes_sent: 0 };
         self.runtime.block_on(async {
             for file in &artifact.manifest.files {
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(RemoteError::Interrupted);
+                }
                 let path = self.blob_path(&file.digest);
                 match self.store.head(&path).await {
                     Ok(meta) if meta.size == file.size => continue,
                     Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
                     Err(e) => return Err(self.fail(e)),
                 }
-                self.upload(&artifact.path(&file.name), &path, file.size, on_bytes).await?;
+                self.upload(&artifact.path(&file.name), &path, file.size, on_bytes, cancel).await?;
                 pushed.files_sent += 1;
                 pushed.bytes_sent += file.size;
             }
@@ -284,7 +302,14 @@ impl Remote {
         })
     }
 
-    async fn upload(&self, from: &FsPath, to: &Path, size: u64, on_bytes: &dyn Fn(u64)) -> RemoteResult<()> {
+    async fn upload(
+        &self,
+        from: &FsPath,
+        to: &Path,
+        size: u64,
+        on_bytes: &dyn Fn(u64),
+        cancel: &AtomicBool,
+    ) -> RemoteResult<()> {
         if size <= PART_BYTES as u64 {
             let bytes = std::fs::read(from).map_err(|e| io_error("reading", from, e))?;
             let n = bytes.len() as u64;
@@ -301,6 +326,9 @@ impl Remote {
                 let n = read_full(&mut file, &mut buf).map_err(|e| io_error("reading", from, e))?;
                 if n == 0 {
                     return Ok(());
+                }
+                if cancel.load(Ordering::Relaxed) {
+                    return Err(RemoteError::Interrupted);
                 }
                 writer.wait_for_capacity(PARTS_IN_FLIGHT).await.map_err(|e| self.fail(e))?;
                 writer.write(&buf[..n]);
@@ -378,6 +406,9 @@ mod tests {
     use crate::store::Store;
     use serde_json::json;
 
+    /// A cancel flag never set.
+    static GO: AtomicBool = AtomicBool::new(false);
+
     struct Setup {
         _dir: tempfile::TempDir,
         remote_dir: std::path::PathBuf,
@@ -409,7 +440,7 @@ mod tests {
     fn pull(remote: &Remote, store: &Store, key: &ContentHash) -> RemoteResult<Option<Artifact>> {
         let Some(manifest) = remote.manifest(key)? else { return Ok(None) };
         let staging = store.begin(key)?;
-        remote.download(&manifest, &staging, &|_| {})?;
+        remote.download(&manifest, &staging, &|_| {}, &GO)?;
         Ok(Some(store.adopt(staging, manifest)?))
     }
 
@@ -423,7 +454,7 @@ mod tests {
         let key = ContentHash::of_bytes(b"k");
         let built = build(&s.first, &key);
         let sent = std::sync::atomic::AtomicU64::new(0);
-        let pushed = s.remote.push(&built, &|n| _ = sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed)).unwrap();
+        let pushed = s.remote.push(&built, &|n| _ = sent.fetch_add(n, Ordering::Relaxed), &GO).unwrap();
         assert_eq!(pushed.files_sent, 3);
         assert_eq!(sent.into_inner(), built.manifest.total_bytes());
         assert_eq!(s.remote.keys().unwrap(), vec![key]);
@@ -437,7 +468,7 @@ mod tests {
         assert!(s.second.get(&key).unwrap().is_some());
 
         // A second push sends no file again.
-        assert_eq!(s.remote.push(&built, &|_| {}).unwrap().files_sent, 0);
+        assert_eq!(s.remote.push(&built, &|_| {}, &GO).unwrap().files_sent, 0);
     }
 
     #[test]
@@ -445,7 +476,7 @@ mod tests {
         let s = setup();
         let key = ContentHash::of_bytes(b"k");
         let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}).unwrap();
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
         // The blobs are there, the manifest is not: what a killed upload leaves.
         std::fs::remove_file(s.remote_dir.join("objects").join(format!("{key}.json"))).unwrap();
         assert!(s.remote.manifest(&key).unwrap().is_none());
@@ -458,7 +489,7 @@ mod tests {
         let s = setup();
         let key = ContentHash::of_bytes(b"k");
         let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}).unwrap();
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
         let blob = blob_file(&s, &built, "model.bin");
         let mut bytes = std::fs::read(&blob).unwrap();
         bytes[PART_BYTES + 3] ^= 1;
@@ -470,7 +501,7 @@ mod tests {
         assert!(s.second.get(&key).unwrap().is_none(), "nothing damaged is published");
         assert!(!blob.exists(), "the damaged blob is removed from the remote");
 
-        assert_eq!(s.remote.push(&built, &|_| {}).unwrap().files_sent, 1);
+        assert_eq!(s.remote.push(&built, &|_| {}, &GO).unwrap().files_sent, 1);
         assert!(pull(&s.remote, &s.second, &key).unwrap().is_some());
     }
 
@@ -479,11 +510,11 @@ mod tests {
         let s = setup();
         let key = ContentHash::of_bytes(b"k");
         let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}).unwrap();
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
         std::fs::write(blob_file(&s, &built, "config.json"), b"{").unwrap();
         assert!(matches!(pull(&s.remote, &s.second, &key), Err(RemoteError::Corrupt { .. })));
         std::fs::remove_file(blob_file(&s, &built, "adapter/weights")).unwrap();
-        s.remote.push(&built, &|_| {}).unwrap();
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
         std::fs::remove_file(blob_file(&s, &built, "adapter/weights")).unwrap();
         let error = pull(&s.remote, &s.second, &key).unwrap_err();
         assert!(error.to_string().contains("missing"), "{error}");
@@ -495,7 +526,7 @@ mod tests {
         let s = setup();
         let key = ContentHash::of_bytes(b"k");
         let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}).unwrap();
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
         let path = s.remote_dir.join("objects").join(format!("{key}.json"));
         let original = std::fs::read_to_string(&path).unwrap();
 
@@ -527,7 +558,7 @@ mod tests {
                 let remote = &s.remote;
                 scope.spawn(move || {
                     for _ in 0..5 {
-                        remote.push(artifact, &|_| {}).unwrap();
+                        remote.push(artifact, &|_| {}, &GO).unwrap();
                     }
                 });
             }
@@ -538,6 +569,34 @@ mod tests {
         let log = std::fs::read(pulled.path("log.txt")).unwrap();
         let winner = if pulled.manifest.seconds == 1.0 { b"run a".to_vec() } else { b"run b, slower".to_vec() };
         assert_eq!(log, winner, "the manifest and the files it names agree");
+    }
+
+    #[test]
+    fn a_cancelled_transfer_leaves_nothing_behind() {
+        let s = setup();
+        let key = ContentHash::of_bytes(b"k");
+        let built = build(&s.first, &key);
+        let stop = AtomicBool::new(true);
+        assert!(matches!(s.remote.push(&built, &|_| {}, &stop), Err(RemoteError::Interrupted)));
+        assert!(s.remote.manifest(&key).unwrap().is_none());
+
+        // Stopped after the first part of the large file.
+        let sent = std::sync::atomic::AtomicU64::new(0);
+        let count = |n| {
+            if sent.fetch_add(n, Ordering::Relaxed) + n >= PART_BYTES as u64 {
+                stop.store(true, Ordering::Relaxed);
+            }
+        };
+        stop.store(false, Ordering::Relaxed);
+        assert!(matches!(s.remote.push(&built, &count, &stop), Err(RemoteError::Interrupted)));
+        assert!(s.remote.manifest(&key).unwrap().is_none(), "no manifest after an interrupted push");
+
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        let manifest = s.remote.manifest(&key).unwrap().unwrap();
+        let staging = s.second.begin(&key).unwrap();
+        let stop = AtomicBool::new(true);
+        assert!(matches!(s.remote.download(&manifest, &staging, &|_| {}, &stop), Err(RemoteError::Interrupted)));
+        assert_eq!(std::fs::read_dir(staging.dir()).unwrap().count(), 0, "the staging area is left empty");
     }
 
     #[test]

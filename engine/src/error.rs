@@ -62,6 +62,9 @@ pub enum EngineError {
          inputs changed since"
     )]
     KeyChanged { stage: String, here: String, submitted: String },
+    /// The cancel flag was set during work outside a stage (a transfer with the remote).
+    #[error("interrupted")]
+    Interrupted,
     #[error("input `{slot}` of stage `{stage}`: {source}")]
     RawInput {
         stage: String,

@@ -180,7 +180,10 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                         None => try_execute(stage, key, family, meta, &inputs, store, opts),
                         Some(runner) => try_submit(stage, key, store, opts, runner),
                     };
-                    let done = done.unwrap_or_else(|e| Done::Failed { message: e.to_string(), bad_input: false });
+                    let done = done.unwrap_or_else(|e| match e {
+                        EngineError::Interrupted => Done::Interrupted,
+                        e => Done::Failed { message: e.to_string(), bad_input: false },
+                    });
                     let _ = tx.send((id, done));
                 });
             }
@@ -321,7 +324,7 @@ fn try_execute(
     let remote = opts.remote.filter(|r| r.usable());
     let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
     let staging = match remote {
-        Some(remote) => match pull(remote, stage, key, staging, store, opts.observer, &warn)? {
+        Some(remote) => match pull(remote, stage, key, staging, store, opts, &warn)? {
             Ok(outcome) => return Ok(Done::Finished(Box::new(outcome))),
             Err(staging) => staging,
         },
@@ -365,7 +368,7 @@ fn try_execute(
             if let Some(remote) = remote.filter(|r| r.usable()) {
                 progress.set_message("uploading to the remote cache");
                 progress.set_length(artifact.manifest.total_bytes(), "bytes");
-                remote.consult(remote.remote.push(&artifact, &|n| progress.inc(n)), &warn)?;
+                remote.consult(remote.remote.push(&artifact, &|n| progress.inc(n), opts.cancel), &warn)?;
             }
             Ok(Done::Finished(Box::new(StageOutcome {
                 name: stage.name.clone(),
@@ -401,7 +404,7 @@ fn try_submit(
     let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
     let from_remote = |staging| -> Result<Result<StageOutcome, Staging>, EngineError> {
         match opts.remote.filter(|r| r.usable()) {
-            Some(remote) => pull(remote, stage, key, staging, store, opts.observer, &warn),
+            Some(remote) => pull(remote, stage, key, staging, store, opts, &warn),
             None => Ok(Err(staging)),
         }
     };
@@ -450,16 +453,16 @@ fn pull(
     key: ContentHash,
     staging: Staging,
     store: &Store,
-    observer: &dyn Observer,
+    opts: &RunOptions<'_>,
     warn: &dyn Fn(&str),
 ) -> Result<Result<StageOutcome, Staging>, EngineError> {
     let Some(Some(manifest)) = remote.consult(remote.remote.manifest(&key), warn)? else {
         return Ok(Err(staging));
     };
     let start = Instant::now();
-    let progress = observer.stage_downloading(&stage.name);
+    let progress = opts.observer.stage_downloading(&stage.name);
     progress.set_length(manifest.total_bytes(), "bytes");
-    let artifact = match remote.download_into(store, staging, manifest, &|n| progress.inc(n), warn)? {
+    let artifact = match remote.download_into(store, staging, manifest, &|n| progress.inc(n), opts.cancel, warn)? {
         Ok(artifact) => artifact,
         Err(staging) => return Ok(Err(staging)),
     };

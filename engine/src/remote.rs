@@ -53,6 +53,7 @@ impl RemoteUse {
                 }
                 Ok(None)
             }
+            Err(RemoteError::Interrupted) => Err(EngineError::Interrupted),
             Err(e) => Err(EngineError::Remote(e)),
         }
     }
@@ -65,9 +66,10 @@ impl RemoteUse {
         staging: Staging,
         manifest: Manifest,
         on_bytes: &dyn Fn(u64),
+        cancel: &AtomicBool,
         warn: &dyn Fn(&str),
     ) -> Result<Result<Artifact, Staging>, EngineError> {
-        match self.consult(self.remote.download(&manifest, &staging, on_bytes), warn)? {
+        match self.consult(self.remote.download(&manifest, &staging, on_bytes, cancel), warn)? {
             Some(()) => Ok(Ok(store.adopt(staging, manifest)?)),
             None => Ok(Err(staging)),
         }
