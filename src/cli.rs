@@ -51,9 +51,13 @@ pub enum Command {
         json: bool,
         /// Where stages run: here, or each as a Slurm job (`sbatch`) with the resources of the
         /// recipe's `[executor]` table; the store must be on a filesystem the nodes share, or
-        /// the run must have a remote
+        /// the run must have a remote and `--job-cache`
         #[arg(long, value_enum, default_value_t = Executor::Local)]
         executor: Executor,
+        /// With `--executor slurm`: the store the jobs use on their nodes (node-local scratch)
+        /// when this one is not shared with them; artifacts then travel through `--remote`
+        #[arg(long, value_name = "DIR")]
+        job_cache: Option<PathBuf>,
     },
     /// Run one stage of a recipe whose upstream artifacts are built: what a Slurm job runs
     #[command(hide = true)]

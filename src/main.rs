@@ -138,18 +138,25 @@ fn print_json(value: &serde_json::Value) {
 fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
     let registry = stages::registry();
     match cli.command {
-        Command::Run { recipe: args, jobs, json, executor } => {
+        Command::Run { recipe: args, jobs, json, executor, job_cache } => {
             let recipe = load(&args, &registry)?;
             let store = open_store(&cli.cache)?;
             install_interrupt_handler();
             let remote = open_remote(&cli.remote, cli.remote_required)?;
+            if job_cache.is_some() && (executor != Executor::Slurm || remote.is_none()) {
+                return Err(Fail::Recipe(RecipeError::new(
+                    "--job-cache is the store of Slurm jobs, whose artifacts come back through a remote: it \
+                     needs --executor slurm and --remote",
+                )));
+            }
             let slurm = match executor {
                 Executor::Local => None,
                 Executor::Slurm => Some(slurm::Slurm {
                     exe: std::env::current_exe().map_err(|e| Fail::Other(format!("cannot find this program: {e}")))?,
                     recipe: absolute(&args.recipe),
                     sets: args.sets.clone(),
-                    store: absolute(store.root()),
+                    store: absolute(job_cache.as_deref().unwrap_or(store.root())),
+                    job_dir: absolute(&store.root().join("slurm")),
                     remote: cli.remote.clone(),
                     remote_required: cli.remote_required,
                     cwd: cwd(),

@@ -19,7 +19,10 @@ pub struct Slurm {
     pub exe: PathBuf,
     pub recipe: PathBuf,
     pub sets: Vec<String>,
+    /// The store the job uses: this run's, on a shared filesystem, or one on the node.
     pub store: PathBuf,
+    /// Where job scripts and logs go: `slurm/` in this run's store.
+    pub job_dir: PathBuf,
     /// The remote the job uses too, if any (credentials reach it through the environment,
     /// which `sbatch` passes on).
     pub remote: Option<String>,
@@ -29,11 +32,6 @@ pub struct Slurm {
 }
 
 impl Slurm {
-    /// Where job scripts and logs go: `slurm/` in the store.
-    fn job_dir(&self) -> PathBuf {
-        self.store.join("slurm")
-    }
-
     fn script(&self, stage: &str, key: &ContentHash) -> String {
         let mut args: Vec<String> =
             vec![self.exe.display().to_string(), "--cache".into(), self.store.display().to_string()];
@@ -55,8 +53,8 @@ impl Slurm {
 
 impl StageRunner for Slurm {
     fn run_stage(&self, stage: &ResolvedStage, key: &ContentHash, cancel: &AtomicBool) -> Result<(), StageError> {
-        let dir = self.job_dir();
-        std::fs::create_dir_all(&dir).map_err(|e| StageError::chain(format!("creating `{}`", dir.display()), &e))?;
+        let dir = &self.job_dir;
+        std::fs::create_dir_all(dir).map_err(|e| StageError::chain(format!("creating `{}`", dir.display()), &e))?;
         let script = dir.join(format!("{key}.sh"));
         let log = dir.join(format!("{key}.log"));
         std::fs::write(&script, self.script(&stage.name, key))
@@ -157,6 +155,7 @@ mod tests {
             recipe: "/r/it's.toml".into(),
             sets: vec!["pack.seq_len=64".into()],
             store: "/s".into(),
+            job_dir: "/s/slurm".into(),
             remote: Some("s3://b/p".into()),
             remote_required: false,
             cwd: "/".into(),

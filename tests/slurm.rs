@@ -244,6 +244,24 @@ fn recipes_run_as_slurm_jobs() {
         json_of(&cluster.tinygpt(&sb, &["run", "train.toml", "--executor", "slurm", "--json"]).output().unwrap());
     assert_eq!(stages_with(&again, "cached"), STAGES, "nothing submitted when cached");
 
+    // Nodes that do not share this store: jobs use their own, artifacts come back through the
+    // remote.
+    let remote = tempfile::tempdir().unwrap();
+    let node = tempfile::tempdir().unwrap();
+    let apart = Sandbox::new();
+    let url = format!("file://{}", remote.path().display());
+    let node_store = node.path().to_str().unwrap();
+    let args = ["run", "train.toml", "--executor", "slurm", "--json", "--remote", &url, "--job-cache", node_store];
+    let run = json_of(&cluster.tinygpt(&apart, &args).output().unwrap());
+    assert_eq!(ran(&run), STAGES, "{run}");
+    for name in STAGES {
+        assert!(node.path().join("objects").join(key(&run, name)).is_dir(), "{name} built in the job's store");
+        let digest = |s: &Sandbox, run: &Value| s.manifest(&key(run, name))["content_digest"].clone();
+        assert_eq!(digest(&apart, &run), digest(&here, &local), "{name}, back through the remote");
+    }
+    let out = cluster.tinygpt(&apart, &["run", "train.toml", "--job-cache", node_store]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--job-cache without Slurm and a remote");
+
     // Sweep members are jobs at the same time: both scripts are written before either job's
     // log is last written.
     let swept = Sandbox::new();
