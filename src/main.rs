@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use clap::Parser;
 use cli::{CacheCommand, Cli, Command, DagFormat, Executor, RecipeArgs, SampleArgs, TransferArgs};
 use engine::cache::{Remote, Store};
-use engine::{EngineError, Recipe, RecipeError, Registry, RemoteUse};
+use engine::{EngineError, Recipe, RecipeError, Registry, RemoteUse, StageProgress};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
@@ -373,11 +373,7 @@ fn push(
                 }
             })
             .collect(),
-        None => store
-            .list()?
-            .into_iter()
-            .map(|a| (a.manifest.meta["stage"].as_str().unwrap_or("?").to_string(), a))
-            .collect(),
+        None => store.list()?.into_iter().map(|a| (stage_of(&a.manifest), a)).collect(),
     };
     let progress = progress::Progress::new();
     for (name, artifact) in &artifacts {
@@ -435,9 +431,10 @@ fn pull(
         let staging = store.begin(&key)?;
         let (name, what) = if let Some(artifact) = store.get(&key)? {
             store.abandon(staging)?;
-            (stage_name(name, &artifact), "here already".to_string())
+            let name = if name.is_empty() { stage_of(&artifact.manifest) } else { name };
+            (name, "here already".to_string())
         } else if let Some(manifest) = remote.remote.manifest(&key).map_err(|e| Fail::Other(e.to_string()))? {
-            let name = if name.is_empty() { manifest.meta["stage"].as_str().unwrap_or("?").to_string() } else { name };
+            let name = if name.is_empty() { stage_of(&manifest) } else { name };
             let bar = progress.transfer(&name, "downloading", manifest.total_bytes());
             let size = output::human_bytes(manifest.total_bytes());
             match remote.download_into(&store, staging, manifest, &|n| bar.inc(n), &CANCEL, &warn)? {
@@ -456,12 +453,9 @@ fn pull(
     Ok(if missing == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn stage_name(name: String, artifact: &engine::cache::Artifact) -> String {
-    if name.is_empty() {
-        artifact.manifest.meta["stage"].as_str().unwrap_or("?").to_string()
-    } else {
-        name
-    }
+/// The stage an artifact was built for, as the engine recorded it in the manifest.
+fn stage_of(manifest: &engine::cache::Manifest) -> String {
+    manifest.meta["stage"].as_str().unwrap_or("?").to_string()
 }
 
 /// The model directory a `sample` command names: a directory as given, or the artifact of a

@@ -54,12 +54,6 @@ fn style(unit: &'static str) -> ProgressStyle {
     ProgressStyle::with_template(template).expect("templates are valid")
 }
 
-impl Bar {
-    pub fn inc(&self, delta: u64) {
-        self.0.inc(delta);
-    }
-}
-
 impl StageProgress for Bar {
     fn set_length(&self, total: u64, unit: &'static str) {
         self.0.set_style(style(unit));

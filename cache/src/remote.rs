@@ -437,6 +437,15 @@ mod tests {
         store.publish(staging, &[], json!({"stage": "x"}), json!({"loss": 1.5}), 2.0).unwrap()
     }
 
+    /// A setup whose first store built an artifact that is pushed.
+    fn pushed() -> (Setup, ContentHash, Artifact) {
+        let s = setup();
+        let key = ContentHash::of_bytes(b"k");
+        let built = build(&s.first, &key);
+        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        (s, key, built)
+    }
+
     fn pull(remote: &Remote, store: &Store, key: &ContentHash) -> RemoteResult<Option<Artifact>> {
         let Some(manifest) = remote.manifest(key)? else { return Ok(None) };
         let staging = store.begin(key)?;
@@ -473,10 +482,7 @@ mod tests {
 
     #[test]
     fn an_upload_stopped_before_its_manifest_is_not_seen() {
-        let s = setup();
-        let key = ContentHash::of_bytes(b"k");
-        let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        let (s, key, _) = pushed();
         // The blobs are there, the manifest is not: what a killed upload leaves.
         std::fs::remove_file(s.remote_dir.join("objects").join(format!("{key}.json"))).unwrap();
         assert!(s.remote.manifest(&key).unwrap().is_none());
@@ -486,10 +492,7 @@ mod tests {
 
     #[test]
     fn a_damaged_blob_is_refused_deleted_and_replaced_by_the_next_push() {
-        let s = setup();
-        let key = ContentHash::of_bytes(b"k");
-        let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        let (s, key, built) = pushed();
         let blob = blob_file(&s, &built, "model.bin");
         let mut bytes = std::fs::read(&blob).unwrap();
         bytes[PART_BYTES + 3] ^= 1;
@@ -507,10 +510,7 @@ mod tests {
 
     #[test]
     fn a_truncated_blob_and_a_missing_blob_are_damage_too() {
-        let s = setup();
-        let key = ContentHash::of_bytes(b"k");
-        let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        let (s, key, built) = pushed();
         std::fs::write(blob_file(&s, &built, "config.json"), b"{").unwrap();
         assert!(matches!(pull(&s.remote, &s.second, &key), Err(RemoteError::Corrupt { .. })));
         std::fs::remove_file(blob_file(&s, &built, "adapter/weights")).unwrap();
@@ -523,10 +523,7 @@ mod tests {
 
     #[test]
     fn a_manifest_that_lies_is_refused() {
-        let s = setup();
-        let key = ContentHash::of_bytes(b"k");
-        let built = build(&s.first, &key);
-        s.remote.push(&built, &|_| {}, &GO).unwrap();
+        let (s, key, _) = pushed();
         let path = s.remote_dir.join("objects").join(format!("{key}.json"));
         let original = std::fs::read_to_string(&path).unwrap();
 

@@ -107,11 +107,7 @@ impl Store {
     }
 
     /// Where the artifact of `key` is, or would be once published.
-    pub fn object_path(&self, key: &ContentHash) -> PathBuf {
-        self.object_dir(key)
-    }
-
-    fn object_dir(&self, key: &ContentHash) -> PathBuf {
+    pub fn object_dir(&self, key: &ContentHash) -> PathBuf {
         self.root.join("objects").join(key.to_hex())
     }
 

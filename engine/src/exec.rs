@@ -322,7 +322,7 @@ fn try_execute(
         return Ok(Done::Finished(Box::new(cached_outcome(stage, key, artifact, 0.0))));
     }
     let remote = opts.remote.filter(|r| r.usable());
-    let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
+    let warn = stage_warning(opts, stage);
     let staging = match remote {
         Some(remote) => match pull(remote, stage, key, staging, store, opts, &warn)? {
             Ok(outcome) => return Ok(Done::Finished(Box::new(outcome))),
@@ -401,14 +401,14 @@ fn try_submit(
     opts: &RunOptions<'_>,
     runner: &dyn StageRunner,
 ) -> Result<Done, EngineError> {
-    let warn = |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name));
+    let warn = stage_warning(opts, stage);
     let from_remote = |staging| -> Result<Result<StageOutcome, Staging>, EngineError> {
         match opts.remote.filter(|r| r.usable()) {
             Some(remote) => pull(remote, stage, key, staging, store, opts, &warn),
             None => Ok(Err(staging)),
         }
     };
-    if opts.remote.is_some() {
+    if opts.remote.is_some_and(|r| r.usable()) {
         let staging = store.begin(&key)?;
         match from_remote(staging)? {
             Ok(outcome) => return Ok(Done::Finished(Box::new(outcome))),
@@ -443,6 +443,11 @@ fn try_submit(
     let mut outcome = cached_outcome(stage, key, artifact, start.elapsed().as_secs_f64());
     outcome.action = Action::Run;
     Ok(Done::Finished(Box::new(outcome)))
+}
+
+/// Warnings about one stage's use of the remote, told to the observer with the stage's name.
+fn stage_warning<'a>(opts: &'a RunOptions<'_>, stage: &'a ResolvedStage) -> impl Fn(&str) + 'a {
+    move |message: &str| opts.observer.warning(&format!("stage `{}`: {message}", stage.name))
 }
 
 /// Download the key's artifact from the remote into `staging` and publish it, if the remote

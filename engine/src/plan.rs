@@ -153,7 +153,7 @@ pub fn plan_with_remote(
                         };
                         let action = match in_remote {
                             Some(manifest) => {
-                                artifacts[id] = Some(Artifact { dir: store.object_path(&key), manifest });
+                                artifacts[id] = Some(Artifact { dir: store.object_dir(&key), manifest });
                                 Action::Remote
                             }
                             None => Action::Run,

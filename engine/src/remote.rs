@@ -18,15 +18,11 @@ pub struct RemoteUse {
 }
 
 impl RemoteUse {
-    pub fn new(remote: Remote, required: bool) -> Self {
-        RemoteUse { remote, required, down: AtomicBool::new(false) }
-    }
-
     /// Open `remote` and ask it once whether it answers and takes the credentials: bad
     /// credentials are an error; an unreachable remote a warning (or an error when required),
     /// after which nothing more is asked of it.
     pub fn connect(remote: Remote, required: bool, warn: &dyn Fn(&str)) -> Result<Self, EngineError> {
-        let this = RemoteUse::new(remote, required);
+        let this = RemoteUse { remote, required, down: AtomicBool::new(false) };
         this.consult(this.remote.check(), warn)?;
         Ok(this)
     }
