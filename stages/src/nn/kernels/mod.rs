@@ -165,48 +165,25 @@ pub fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "dot of slices of different lengths");
     let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
         }
     }
+    finish_dot(acc, a, b)
+}
+
+/// [`dot`]'s last steps from its eight lanes: their sum in a fixed order, plus the products
+/// past the last whole eight, summed in order. Kernels that compute the lanes their own way
+/// finish here to keep [`dot`]'s bits.
+#[inline(always)]
+pub(crate) fn finish_dot(acc: [f32; 8], a: &[f32], b: &[f32]) -> f32 {
+    let whole = a.len() / 8 * 8;
     let mut tail = 0.0f32;
-    for (x, y) in ra.iter().zip(rb) {
+    for (x, y) in a[whole..].iter().zip(&b[whole..]) {
         tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// [`dot`] of `a` with each of four slices at once: four independent chains of additions, so
-/// the adds of one overlap the latency of the others; each result has [`dot`]'s bits.
-///
-/// # Panics
-/// If the lengths differ.
-#[inline(always)]
-pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    assert!(b.iter().all(|b| b.len() == a.len()), "dot4 of slices of different lengths");
-    let mut acc = [[0.0f32; 8]; 4];
-    let whole = a.len() / 8 * 8;
-    for c in (0..whole).step_by(8) {
-        let x: &[f32; 8] = a[c..c + 8].try_into().expect("eight");
-        for (acc, b) in acc.iter_mut().zip(&b) {
-            let y: &[f32; 8] = b[c..c + 8].try_into().expect("eight");
-            for i in 0..8 {
-                acc[i] += x[i] * y[i];
-            }
-        }
-    }
-    let mut out = [0.0f32; 4];
-    for ((o, acc), b) in out.iter_mut().zip(&acc).zip(&b) {
-        let mut tail = 0.0f32;
-        for (x, y) in a[whole..].iter().zip(&b[whole..]) {
-            tail += x * y;
-        }
-        *o = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
-    }
-    out
 }
 
 /// `y += a * x`, element by element (so the bits are those of the plain loop).
@@ -229,18 +206,6 @@ mod tests {
         }
         assert_eq!(super::exp_fast(-1000.0), super::exp_fast(-87.0));
         assert!(super::exp_fast(1000.0).is_finite());
-    }
-
-    #[test]
-    fn dot4_gives_each_slice_the_bits_of_dot() {
-        for n in [0, 1, 7, 8, 9, 64, 131] {
-            let a = crate::nn::gradcheck::random(n, 1);
-            let b: Vec<Vec<f32>> = (0..4).map(|i| crate::nn::gradcheck::random(n, 2 + i)).collect();
-            let got = super::dot4(&a, [&b[0], &b[1], &b[2], &b[3]]);
-            for (g, b) in got.iter().zip(&b) {
-                assert_eq!(g.to_bits(), super::dot(&a, b).to_bits(), "n = {n}");
-            }
-        }
     }
 
     #[test]
