@@ -100,7 +100,7 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        6 // 2: attention dot products in eight partial sums; 3: attention as matrix products; 4: exp without libm in GELU and SiLU; 5: attention in query blocks with exp_fast, norm statistics in four f64 lanes; 6: decoding multiplies a few rows without packing (gemv)
+        7 // 2: attention dot products in eight partial sums; 3: attention as matrix products; 4: exp without libm in GELU and SiLU; 5: attention in query blocks with exp_fast, norm statistics in four f64 lanes; 6: decoding multiplies a few rows without packing (gemv); 7: decoding attends with exp_fast
     }
     fn about(&self) -> &'static str {
         "validation loss, perplexity and bits per byte of a model, and samples from prompts"

@@ -1,10 +1,16 @@
 //! Inference with a KV cache, a token (or a few) at a time: sampling and speculative decoding.
 
 use crate::nn::kernels::attention::QkvIn;
-use crate::nn::kernels::dot;
+use rayon::prelude::*;
+
+use crate::nn::kernels::{dot, exp_fast, simd_fn, with_scratch};
 use crate::nn::linear::AdapterActs;
 use crate::nn::model::{zeros_if, Arch, Model, ModelConfig, NormStats};
 use crate::nn::params::ParamMap;
+
+/// Below this much attention work (rows x cached positions x width) a pass attends on the
+/// calling thread: handing out the heads would cost more than they take.
+const PARALLEL_ATTENTION: usize = 1 << 16;
 
 /// Inference with a KV cache: each step feeds one token (or, for speculative decoding's
 /// verification, a few) through every layer and attends over the cached positions.
@@ -32,7 +38,6 @@ pub struct Decoder {
     h: Vec<f32>,
     u: Vec<f32>,
     g: Vec<f32>,
-    scores: Vec<f32>,
     /// Per linear slot, what its adapter keeps for the rows.
     xa: Vec<AdapterActs>,
     no_adapter: AdapterActs,
@@ -74,7 +79,6 @@ impl Decoder {
             h: z(r * f),
             u: z(r * f),
             g: z(r * f),
-            scores: z(cfg.block_size),
             xa: model.adapter_shapes().iter().map(|&shape| AdapterActs::new(r, shape)).collect(),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
@@ -119,6 +123,7 @@ impl Decoder {
         let cfg = &model.cfg;
         let (rows, c, f, v) = (tokens.len(), cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let (d, eps, pos) = (cfg.head_dim(), cfg.norm_eps, self.len);
+        let group = cfg.n_head / cfg.n_kv_head;
         let ckv = cfg.n_kv_head * d;
         assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
         assert!(pos + rows <= cfg.block_size, "the KV cache is full ({pos} positions)");
@@ -140,22 +145,38 @@ impl Decoder {
                 (&mut self.k_new[..rows * ckv], &mut self.v_new[..rows * ckv])
             };
             let qkv = model.project_qkv(blk, p, n, at, qkv, q, k_new, v_new, &mut self.xa);
+            // Every row's key and value into the cache, then each row attends to the cache
+            // up to its own position.
+            let row_q = |r: usize| -> &[f32] {
+                match &qkv {
+                    QkvIn::Fused(all) => &all[r * 3 * c..r * 3 * c + ckv],
+                    QkvIn::Split { q, .. } => &q[r * c..(r + 1) * c],
+                }
+            };
             for r in 0..rows {
-                // Row r's q, k and v (gpt2: side by side, H = Hkv).
-                let (qr, kr, vr) = match &qkv {
+                // Row r's k and v (gpt2: beside q, H = Hkv).
+                let (kr, vr) = match &qkv {
                     QkvIn::Fused(all) => {
                         let row = &all[r * 3 * c..(r + 1) * 3 * c];
-                        (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..])
+                        (&row[ckv..2 * ckv], &row[2 * ckv..])
                     }
-                    QkvIn::Split { q, k, v } => {
-                        (&q[r * c..(r + 1) * c], &k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv])
-                    }
+                    QkvIn::Split { k, v, .. } => (&k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv]),
                 };
                 let at = pos + r;
                 self.k[l][at * ckv..(at + 1) * ckv].copy_from_slice(kr);
                 self.v[l][at * ckv..(at + 1) * ckv].copy_from_slice(vr);
-                let yr = &mut y[r * c..(r + 1) * c];
-                attend_cached(qr, &self.k[l], &self.v[l], at + 1, cfg, &mut self.scores, yr);
+            }
+            let (k_cache, v_cache) = (&self.k[l][..], &self.v[l][..]);
+            let head = |i: usize, out: &mut [f32]| {
+                let (r, hd) = (i / cfg.n_head, i % cfg.n_head);
+                let q = &row_q(r)[hd * d..(hd + 1) * d];
+                with_scratch(pos + r + 1, |scores| attend_head(q, k_cache, v_cache, hd / group, cfg, scores, out));
+            };
+            // Fed alone, a short context is not worth handing out.
+            if rows * (pos + rows) * c < PARALLEL_ATTENTION {
+                y.chunks_mut(d).enumerate().for_each(|(i, out)| head(i, out));
+            } else {
+                y.par_chunks_mut(d).enumerate().for_each(|(i, out)| head(i, out));
             }
             blk.o.forward(p, y, x_mid, rows, &mut self.xa[blk.o.slot]);
             x_mid.iter_mut().zip(x.iter()).for_each(|(m, r)| *m += r);
@@ -172,31 +193,29 @@ impl Decoder {
     }
 }
 
-/// One query row (H, D) against `len` cached keys and values (len, Hkv, D).
-fn attend_cached(q: &[f32], k: &[f32], v: &[f32], len: usize, cfg: &ModelConfig, scores: &mut [f32], y: &mut [f32]) {
-    let (h, h_kv, d) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim());
+simd_fn! {
+/// One head of one query row (D) against the first `scores.len()` cached keys and values
+/// (len, Hkv, D) of key/value head `kv`: the softmax of the scaled scores, in order of
+/// position, weighting the values.
+fn attend_head(q: &[f32], k: &[f32], v: &[f32], kv: usize, cfg: &ModelConfig, scores: &mut [f32], y: &mut [f32]) {
+    let (h_kv, d) = (cfg.n_kv_head, cfg.head_dim());
     let scale = 1.0 / (d as f32).sqrt();
-    let group = h / h_kv;
-    for head in 0..h {
-        let qh = &q[head * d..(head + 1) * d];
-        let kv = head / group;
-        let mut max = f32::NEG_INFINITY;
-        for s in 0..len {
-            let ks = &k[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-            scores[s] = dot(qh, ks) * scale;
-            max = max.max(scores[s]);
-        }
-        let mut sum = 0.0f32;
-        for s in &mut scores[..len] {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let out = &mut y[head * d..(head + 1) * d];
-        out.fill(0.0);
-        for s in 0..len {
-            let w = scores[s] / sum;
-            let vs = &v[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-            out.iter_mut().zip(vs).for_each(|(o, v)| *o += w * v);
-        }
+    let mut max = f32::NEG_INFINITY;
+    for (s, score) in scores.iter_mut().enumerate() {
+        let ks = &k[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
+        *score = dot(q, ks) * scale;
+        max = max.max(*score);
     }
+    let mut sum = 0.0f32;
+    for s in scores.iter_mut() {
+        *s = exp_fast(*s - max);
+        sum += *s;
+    }
+    y.fill(0.0);
+    for (s, score) in scores.iter().enumerate() {
+        let w = score / sum;
+        let vs = &v[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
+        y.iter_mut().zip(vs).for_each(|(o, v)| *o += w * v);
+    }
+}
 }

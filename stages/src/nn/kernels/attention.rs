@@ -473,10 +473,11 @@ pub fn rope(x: &mut [f32], pos: &[u32], h: usize, d: usize, theta: f32, inverse:
     let sign = if inverse { -1.0 } else { 1.0 };
     x.par_chunks_mut(h * d).zip(pos).for_each(|(heads, &pos)| {
         let pos = pos as f32;
-        for head in heads.chunks_mut(d) {
-            for i in 0..half {
-                let freq = theta.powf(-2.0 * i as f32 / d as f32);
-                let (sin, cos) = (pos * freq).sin_cos();
+        // Each angle once per token, for all its heads.
+        for i in 0..half {
+            let freq = theta.powf(-2.0 * i as f32 / d as f32);
+            let (sin, cos) = (pos * freq).sin_cos();
+            for head in heads.chunks_mut(d) {
                 let (a, c) = (head[i], head[i + half]);
                 head[i] = a * cos - sign * c * sin;
                 head[i + half] = c * cos + sign * a * sin;
