@@ -196,7 +196,7 @@ fn plain<F: FnMut(&str)>(
         if !out.emit(next, context)? {
             break;
         }
-        target.feed(context);
+        target.catch_up(context, 1);
     }
     Ok(())
 }
@@ -216,9 +216,12 @@ fn speculative<F: FnMut(&str)>(
     let k = d.tokens.max(1);
     let (block, v) = (lm.cfg().block_size, lm.cfg().vocab_size);
     let mut target = Cached { lm, dec: Decoder::with_rows(&lm.model, k + 1) };
-    let mut draft = Cached { lm: d.lm, dec: Decoder::new(&d.lm.model) };
+    let mut draft = Cached { lm: d.lm, dec: Decoder::with_rows(&d.lm.model, 2) };
     target.restart(context);
     draft.restart(context);
+    // Tokens at the end of the context that the draft's cache lacks: the last one emitted and,
+    // after a round that kept every proposal, the last proposal too (both fed in one pass).
+    let mut draft_behind = 0;
     let (mut qs, mut ps) = (vec![Vec::new(); k], vec![Vec::new(); k + 1]);
     let (mut residual, mut proposals, mut feed) = (Vec::new(), Vec::new(), Vec::with_capacity(k + 1));
     let mut scratch = Vec::new();
@@ -239,22 +242,20 @@ fn speculative<F: FnMut(&str)>(
             if !feed.is_empty() {
                 target.dec.extend(&lm.model, &lm.params, &feed);
             }
-            if pending {
-                draft.feed(context);
-            }
+            draft.catch_up(context, draft_behind);
             let next = pick(&target.dec.logits, out.opts.sampling, rng, &mut scratch);
-            pending = true;
+            (pending, draft_behind) = (true, 1);
             if !out.emit(next, context)? {
                 break;
             }
             continue;
         }
         let draft_block = d.lm.cfg().block_size;
-        if draft.dec.len() + usize::from(pending) + round > draft_block {
+        if draft.dec.len() + draft_behind + round > draft_block {
             // From the last half block, as plain decoding restarts: room for many rounds.
             draft.restart_with_room(context, round.max(draft_block / 2));
-        } else if pending {
-            draft.dec.step(&d.lm.model, &d.lm.params, *context.last().expect("pending"));
+        } else {
+            draft.catch_up(context, draft_behind);
         }
         let base = (target.dec.len() + feed.len(), draft.dec.len());
         proposals.clear();
@@ -280,11 +281,9 @@ fn speculative<F: FnMut(&str)>(
         out.stats.accepted += kept;
         out.stats.rounds += 1;
         target.dec.truncate(base.0 + kept);
-        if kept == round {
-            draft.dec.step(&d.lm.model, &d.lm.params, proposals[round - 1]);
-        }
         draft.dec.truncate(base.1 + kept);
         pending = true;
+        draft_behind = if kept == round { 2 } else { 1 };
         let mut going = true;
         for &x in proposals[..kept].iter().chain([&next]) {
             going = out.emit(x, context)?;
@@ -306,15 +305,14 @@ struct Cached<'a> {
 }
 
 impl Cached<'_> {
-    /// Feed the context's last token, or when the cache is full, restart from the last half
-    /// of the context (so long generations cost about twice the cached work rather than a
-    /// full pass per token).
-    fn feed(&mut self, context: &[u32]) {
-        if self.dec.len() == self.lm.cfg().block_size {
+    /// Feed the context's last `behind` tokens in one pass, or when the cache has no room for
+    /// them, restart from the last half of the context (so long generations cost about twice
+    /// the cached work rather than a full pass per token).
+    fn catch_up(&mut self, context: &[u32], behind: usize) {
+        if self.dec.len() + behind > self.lm.cfg().block_size {
             self.restart_from_half(context);
-        } else {
-            let last = *context.last().expect("a context has a token");
-            self.dec.step(&self.lm.model, &self.lm.params, last);
+        } else if behind > 0 {
+            self.dec.extend(&self.lm.model, &self.lm.params, &context[context.len() - behind..]);
         }
     }
 
