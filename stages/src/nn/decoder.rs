@@ -3,7 +3,7 @@
 use crate::nn::kernels::attention::QkvIn;
 use rayon::prelude::*;
 
-use crate::nn::kernels::{dot, exp_fast, simd_fn, with_scratch};
+use crate::nn::kernels::{exp_fast, simd_fn, with_scratch};
 use crate::nn::linear::AdapterActs;
 use crate::nn::model::{zeros_if, Arch, Model, ModelConfig, NormStats};
 use crate::nn::params::ParamMap;
@@ -18,8 +18,10 @@ const PARALLEL_ATTENTION: usize = 1 << 16;
 /// Feeding several tokens in one pass gives each the bits it gets fed alone: every kernel of the
 /// pass computes rows independently (and the weights are read once for all of them).
 pub struct Decoder {
-    /// Per layer, keys and values of every cached position: (block_size, n_kv_head, D).
+    /// Per layer, keys of every cached position, transposed: (n_kv_head, D, block_size), so
+    /// that a query's scores are a sum of contiguous rows, one per dimension.
     k: Vec<Vec<f32>>,
+    /// Per layer, values of every cached position: (block_size, n_kv_head, D).
     v: Vec<Vec<f32>>,
     len: usize,
     /// The most tokens one pass takes.
@@ -123,7 +125,7 @@ impl Decoder {
         let cfg = &model.cfg;
         let (rows, c, f, v) = (tokens.len(), cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
         let (d, eps, pos) = (cfg.head_dim(), cfg.norm_eps, self.len);
-        let group = cfg.n_head / cfg.n_kv_head;
+        let (group, block) = (cfg.n_head / cfg.n_kv_head, cfg.block_size);
         let ckv = cfg.n_kv_head * d;
         assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
         assert!(pos + rows <= cfg.block_size, "the KV cache is full ({pos} positions)");
@@ -163,14 +165,17 @@ impl Decoder {
                     QkvIn::Split { k, v, .. } => (&k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv]),
                 };
                 let at = pos + r;
-                self.k[l][at * ckv..(at + 1) * ckv].copy_from_slice(kr);
+                for (j, kj) in kr.iter().enumerate() {
+                    self.k[l][j * block + at] = *kj;
+                }
                 self.v[l][at * ckv..(at + 1) * ckv].copy_from_slice(vr);
             }
             let (k_cache, v_cache) = (&self.k[l][..], &self.v[l][..]);
             let head = |i: usize, out: &mut [f32]| {
                 let (r, hd) = (i / cfg.n_head, i % cfg.n_head);
-                let q = &row_q(r)[hd * d..(hd + 1) * d];
-                with_scratch(pos + r + 1, |scores| attend_head(q, k_cache, v_cache, hd / group, cfg, scores, out));
+                let (q, kv) = (&row_q(r)[hd * d..(hd + 1) * d], hd / group);
+                let keys = &k_cache[kv * d * block..(kv + 1) * d * block];
+                with_scratch(pos + r + 1, |scores| attend_head(q, keys, block, v_cache, kv, cfg, scores, out));
             };
             // Fed alone, a short context is not worth handing out.
             if rows * (pos + rows) * c < PARALLEL_ATTENTION {
@@ -194,23 +199,36 @@ impl Decoder {
 }
 
 simd_fn! {
-/// One head of one query row (D) against the first `scores.len()` cached keys and values
-/// (len, Hkv, D) of key/value head `kv`: the softmax of the scaled scores, in order of
-/// position, weighting the values.
-fn attend_head(q: &[f32], k: &[f32], v: &[f32], kv: usize, cfg: &ModelConfig, scores: &mut [f32], y: &mut [f32]) {
-    let (h_kv, d) = (cfg.n_kv_head, cfg.head_dim());
+/// One head of one query row (D) against the first `scores.len()` cached positions: its keys
+/// `keys` (D, block), transposed, and the values (len, Hkv, D) of key/value head `kv`. Each
+/// score sums over the dimensions in order; the softmax of the scaled scores, in order of
+/// position, weights the values.
+#[allow(clippy::too_many_arguments)]
+fn attend_head(
+    q: &[f32],
+    keys: &[f32],
+    block: usize,
+    v: &[f32],
+    kv: usize,
+    cfg: &ModelConfig,
+    scores: &mut [f32],
+    y: &mut [f32],
+) {
+    let (h_kv, d, len) = (cfg.n_kv_head, cfg.head_dim(), scores.len());
     let scale = 1.0 / (d as f32).sqrt();
+    scores.fill(0.0);
+    for (j, qj) in q.iter().enumerate() {
+        let kj = &keys[j * block..j * block + len];
+        scores.iter_mut().zip(kj).for_each(|(s, k)| *s += qj * k);
+    }
     let mut max = f32::NEG_INFINITY;
-    for (s, score) in scores.iter_mut().enumerate() {
-        let ks = &k[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-        *score = dot(q, ks) * scale;
-        max = max.max(*score);
-    }
-    let mut sum = 0.0f32;
     for s in scores.iter_mut() {
-        *s = exp_fast(*s - max);
-        sum += *s;
+        *s *= scale;
+        max = max.max(*s);
     }
+    // The exponentials in one loop (it vectorizes), their sum in order in another.
+    scores.iter_mut().for_each(|s| *s = exp_fast(*s - max));
+    let sum = scores.iter().fold(0.0f32, |sum, s| sum + s);
     y.fill(0.0);
     for (s, score) in scores.iter().enumerate() {
         let w = score / sum;

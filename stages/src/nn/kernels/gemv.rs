@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::nn::kernels::{axpy, dot, finish_dot, isa, simd_fn, Isa};
+use crate::nn::kernels::{axpy, dot, dot_tail, isa, simd_fn, sum_lanes, Isa};
 
 /// Weight rows per block of the (in, out) kernel: a chunk's block is 8 KiB, at home in L1.
 const I_BLOCK: usize = 32;
@@ -88,9 +88,9 @@ fn dots_in_tiles<const R: usize, const O: usize>(fast: bool, x: &[f32], w: &[f32
     let mut tiles = out.chunks_exact_mut(O * R);
     for (t, dst) in (&mut tiles).enumerate() {
         let ws: [&[f32]; O] = std::array::from_fn(|j| &w[(t * O + j) * k..(t * O + j + 1) * k]);
-        for (r, lanes) in out_in_lanes::<R, O>(fast, x, k, ws).iter().enumerate() {
-            for (j, lanes) in lanes.iter().enumerate() {
-                dst[j * R + r] = finish_dot(*lanes, &x[r * k..(r + 1) * k], ws[j]);
+        for (r, sums) in out_in_sums::<R, O>(fast, x, k, ws).iter().enumerate() {
+            for (j, sum) in sums.iter().enumerate() {
+                dst[j * R + r] = sum + dot_tail(&x[r * k..(r + 1) * k], ws[j]);
             }
         }
     }
@@ -102,14 +102,14 @@ fn dots_in_tiles<const R: usize, const O: usize>(fast: bool, x: &[f32], w: &[f32
     }
 }
 
-/// The eight lanes of [`dot`] for `R` rows of `x` (each `k` long) against `O` weight rows,
-/// over the whole chunks of eight.
-fn out_in_lanes<const R: usize, const O: usize>(fast: bool, x: &[f32], k: usize, w: [&[f32]; O]) -> [[[f32; 8]; O]; R] {
+/// [`dot`] of each of `R` rows of `x` (each `k` long) with each of `O` weight rows, over the
+/// whole chunks of eight (its eight lanes, summed as it sums them).
+fn out_in_sums<const R: usize, const O: usize>(fast: bool, x: &[f32], k: usize, w: [&[f32]; O]) -> [[f32; O]; R] {
     assert!(x.len() == R * k && w.iter().all(|w| w.len() == k), "tile shapes");
     #[cfg(target_arch = "x86_64")]
     if fast {
         // SAFETY: the CPU has AVX2 (`fast`), and the lengths are as asserted.
-        return unsafe { avx2::out_in_lanes::<R, O>(x, k, w) };
+        return unsafe { avx2::out_in_sums::<R, O>(x, k, w) };
     }
     let _ = fast;
     let mut acc = [[[0.0f32; 8]; O]; R];
@@ -122,7 +122,7 @@ fn out_in_lanes<const R: usize, const O: usize>(fast: bool, x: &[f32], k: usize,
             }
         }
     }
-    acc
+    acc.map(|acc| acc.map(sum_lanes))
 }
 
 /// `out = x W` for `W` (k, n).
@@ -200,17 +200,17 @@ mod avx2 {
     /// measured a pass over four rows of a 6x384 llama at 1.3 single steps instead of 1.5.
     const PREFETCH_AHEAD: usize = 1024;
 
-    /// [`super::out_in_lanes`] on AVX2: the weights' eight lanes loaded once for all rows,
+    /// [`super::out_in_sums`] on AVX2: the weights' eight lanes loaded once for all rows,
     /// each row's loaded once for all weights.
     ///
     /// # Safety
     /// The CPU must have AVX2; `x` holds `R * k` values and each of `w` `k`.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn out_in_lanes<const R: usize, const O: usize>(
+    pub(super) unsafe fn out_in_sums<const R: usize, const O: usize>(
         x: &[f32],
         k: usize,
         w: [&[f32]; O],
-    ) -> [[[f32; 8]; O]; R] {
+    ) -> [[f32; O]; R] {
         let mut acc = [[_mm256_setzero_ps(); O]; R];
         let (xp, wp) = (x.as_ptr(), w.map(<[f32]>::as_ptr));
         for c in (0..k / 8 * 8).step_by(8) {
@@ -232,13 +232,21 @@ mod avx2 {
                 }
             }
         }
-        let mut out = [[[0.0f32; 8]; O]; R];
+        let mut out = [[0.0f32; O]; R];
         for (out, acc) in out.iter_mut().zip(&acc) {
             for (out, acc) in out.iter_mut().zip(acc) {
-                _mm256_storeu_ps(out.as_mut_ptr(), *acc);
+                *out = sum_lanes(*acc);
             }
         }
         out
+    }
+
+    /// [`super::sum_lanes`] of a register: the high half onto the low, then pairs, as it adds.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn sum_lanes(v: __m256) -> f32 {
+        let b = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let pairs = _mm_hadd_ps(b, b);
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_movehdup_ps(pairs)))
     }
 }
 
@@ -284,8 +292,8 @@ mod tests {
         fn both<const R: usize, const O: usize>(x: &[f32], w: &[f32], k: usize) {
             let ws: [&[f32]; O] = std::array::from_fn(|j| &w[j * k..(j + 1) * k]);
             let bits = |fast| {
-                let lanes = out_in_lanes::<R, O>(fast, &x[..R * k], k, ws);
-                lanes.iter().flatten().flatten().map(|v| v.to_bits()).collect::<Vec<_>>()
+                let sums = out_in_sums::<R, O>(fast, &x[..R * k], k, ws);
+                sums.iter().flatten().map(|v| v.to_bits()).collect::<Vec<_>>()
             };
             assert_eq!(bits(true), bits(false), "{R} rows by {O} outputs");
         }

@@ -170,20 +170,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
-    finish_dot(acc, a, b)
+    sum_lanes(acc) + dot_tail(a, b)
 }
 
-/// [`dot`]'s last steps from its eight lanes: their sum in a fixed order, plus the products
-/// past the last whole eight, summed in order. Kernels that compute the lanes their own way
-/// finish here to keep [`dot`]'s bits.
+/// [`dot`]'s eight lanes summed in its fixed order: the high half onto the low, then pairs.
+/// Kernels that compute the lanes their own way finish here to keep [`dot`]'s bits.
 #[inline(always)]
-pub(crate) fn finish_dot(acc: [f32; 8], a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn sum_lanes(acc: [f32; 8]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// [`dot`]'s products past the last whole eight, summed in order from zero: what it adds to
+/// [`sum_lanes`] last.
+#[inline(always)]
+pub(crate) fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
     let whole = a.len() / 8 * 8;
     let mut tail = 0.0f32;
     for (x, y) in a[whole..].iter().zip(&b[whole..]) {
         tail += x * y;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    tail
 }
 
 /// `y += a * x`, element by element (so the bits are those of the plain loop).
