@@ -14,6 +14,10 @@ use crate::nn::params::ParamMap;
 use crate::nn::rng::SplitMix64;
 use crate::nn::sample::{distribution, draw, pick, verify, Sampling};
 
+/// Tokens a decoder takes per pass when it feeds a prompt or restarts from part of the
+/// context: as many as the few-row products take, each pass reading the weights once.
+const PREFILL_ROWS: usize = crate::nn::kernels::gemv::MAX_ROWS;
+
 /// A model ready to run: configuration, weights and tokenizer.
 pub struct LoadedModel {
     pub params: ParamMap,
@@ -188,7 +192,7 @@ fn plain<F: FnMut(&str)>(
     out: &mut Output<'_, F>,
     rng: &mut SplitMix64,
 ) -> Result<(), StageError> {
-    let mut target = Cached { lm, dec: Decoder::new(&lm.model) };
+    let mut target = Cached { lm, dec: Decoder::with_rows(&lm.model, PREFILL_ROWS) };
     target.restart(context);
     let mut scratch = Vec::new();
     while out.remaining() > 0 {
@@ -215,8 +219,8 @@ fn speculative<F: FnMut(&str)>(
 ) -> Result<(), StageError> {
     let k = d.tokens.max(1);
     let (block, v) = (lm.cfg().block_size, lm.cfg().vocab_size);
-    let mut target = Cached { lm, dec: Decoder::with_rows(&lm.model, k + 1) };
-    let mut draft = Cached { lm: d.lm, dec: Decoder::with_rows(&d.lm.model, 2) };
+    let mut target = Cached { lm, dec: Decoder::with_rows(&lm.model, (k + 1).max(PREFILL_ROWS)) };
+    let mut draft = Cached { lm: d.lm, dec: Decoder::with_rows(&d.lm.model, PREFILL_ROWS) };
     target.restart(context);
     draft.restart(context);
     // Tokens at the end of the context that the draft's cache lacks: the last one emitted and,
@@ -333,8 +337,8 @@ impl Cached<'_> {
         let block = self.lm.cfg().block_size;
         let start = context.len().saturating_sub(block.saturating_sub(room).max(1));
         self.dec.clear();
-        for &id in &context[start..] {
-            self.dec.step(&self.lm.model, &self.lm.params, id);
+        for part in context[start..].chunks(self.dec.max_rows()) {
+            self.dec.extend(&self.lm.model, &self.lm.params, part);
         }
     }
 }

@@ -89,6 +89,11 @@ impl Decoder {
         }
     }
 
+    /// The most tokens one pass takes.
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+
     /// Positions in the cache.
     pub fn len(&self) -> usize {
         self.len
