@@ -1,8 +1,8 @@
 //! Inference with a KV cache, a token (or a few) at a time: sampling and speculative decoding.
 
-use crate::nn::kernels::attention::QkvIn;
 use rayon::prelude::*;
 
+use crate::nn::kernels::attention::QkvIn;
 use crate::nn::kernels::{exp_fast, simd_fn, with_scratch};
 use crate::nn::linear::AdapterActs;
 use crate::nn::model::{zeros_if, Arch, Model, ModelConfig, NormStats};
@@ -152,23 +152,22 @@ impl Decoder {
                 (&mut self.k_new[..rows * ckv], &mut self.v_new[..rows * ckv])
             };
             let qkv = model.project_qkv(blk, p, n, at, qkv, q, k_new, v_new, &mut self.xa);
-            // Every row's key and value into the cache, then each row attends to the cache
-            // up to its own position.
-            let row_q = |r: usize| -> &[f32] {
+            // Row r's q, k and v (gpt2: side by side, H = Hkv).
+            let row = |r: usize| -> (&[f32], &[f32], &[f32]) {
                 match &qkv {
-                    QkvIn::Fused(all) => &all[r * 3 * c..r * 3 * c + ckv],
-                    QkvIn::Split { q, .. } => &q[r * c..(r + 1) * c],
-                }
-            };
-            for r in 0..rows {
-                // Row r's k and v (gpt2: beside q, H = Hkv).
-                let (kr, vr) = match &qkv {
                     QkvIn::Fused(all) => {
                         let row = &all[r * 3 * c..(r + 1) * 3 * c];
-                        (&row[ckv..2 * ckv], &row[2 * ckv..])
+                        (&row[..ckv], &row[ckv..2 * ckv], &row[2 * ckv..])
                     }
-                    QkvIn::Split { k, v, .. } => (&k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv]),
-                };
+                    QkvIn::Split { q, k, v } => {
+                        (&q[r * c..(r + 1) * c], &k[r * ckv..(r + 1) * ckv], &v[r * ckv..(r + 1) * ckv])
+                    }
+                }
+            };
+            // Every row's key and value into the cache, then each row attends to the cache
+            // up to its own position.
+            for r in 0..rows {
+                let (_, kr, vr) = row(r);
                 let at = pos + r;
                 for (j, kj) in kr.iter().enumerate() {
                     self.k[l][j * block + at] = *kj;
@@ -178,7 +177,7 @@ impl Decoder {
             let (k_cache, v_cache) = (&self.k[l][..], &self.v[l][..]);
             let head = |i: usize, out: &mut [f32]| {
                 let (r, hd) = (i / cfg.n_head, i % cfg.n_head);
-                let (q, kv) = (&row_q(r)[hd * d..(hd + 1) * d], hd / group);
+                let (q, kv) = (&row(r).0[hd * d..(hd + 1) * d], hd / group);
                 let keys = &k_cache[kv * d * block..(kv + 1) * d * block];
                 with_scratch(pos + r + 1, |scores| attend_head(q, keys, block, v_cache, kv, cfg, scores, out));
             };
@@ -204,41 +203,41 @@ impl Decoder {
 }
 
 simd_fn! {
-/// One head of one query row (D) against the first `scores.len()` cached positions: its keys
-/// `keys` (D, block), transposed, and the values (len, Hkv, D) of key/value head `kv`. Each
-/// score sums over the dimensions in order; the softmax of the scaled scores, in order of
-/// position, weights the values.
-#[allow(clippy::too_many_arguments)]
-fn attend_head(
-    q: &[f32],
-    keys: &[f32],
-    block: usize,
-    v: &[f32],
-    kv: usize,
-    cfg: &ModelConfig,
-    scores: &mut [f32],
-    y: &mut [f32],
-) {
-    let (h_kv, d, len) = (cfg.n_kv_head, cfg.head_dim(), scores.len());
-    let scale = 1.0 / (d as f32).sqrt();
-    scores.fill(0.0);
-    for (j, qj) in q.iter().enumerate() {
-        let kj = &keys[j * block..j * block + len];
-        scores.iter_mut().zip(kj).for_each(|(s, k)| *s += qj * k);
+    /// One head of one query row (D) against the first `scores.len()` cached positions: its keys
+    /// `keys` (D, block), transposed, and the values (len, Hkv, D) of key/value head `kv`. Each
+    /// score sums over the dimensions in order; the softmax of the scaled scores, in order of
+    /// position, weights the values.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_head(
+        q: &[f32],
+        keys: &[f32],
+        block: usize,
+        v: &[f32],
+        kv: usize,
+        cfg: &ModelConfig,
+        scores: &mut [f32],
+        y: &mut [f32],
+    ) {
+        let (h_kv, d, len) = (cfg.n_kv_head, cfg.head_dim(), scores.len());
+        let scale = 1.0 / (d as f32).sqrt();
+        scores.fill(0.0);
+        for (j, qj) in q.iter().enumerate() {
+            let kj = &keys[j * block..j * block + len];
+            scores.iter_mut().zip(kj).for_each(|(s, k)| *s += qj * k);
+        }
+        let mut max = f32::NEG_INFINITY;
+        for s in scores.iter_mut() {
+            *s *= scale;
+            max = max.max(*s);
+        }
+        // The exponentials in one loop (it vectorizes), their sum in order in another.
+        scores.iter_mut().for_each(|s| *s = exp_fast(*s - max));
+        let sum = scores.iter().fold(0.0f32, |sum, s| sum + s);
+        y.fill(0.0);
+        for (s, score) in scores.iter().enumerate() {
+            let w = score / sum;
+            let vs = &v[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
+            y.iter_mut().zip(vs).for_each(|(o, v)| *o += w * v);
+        }
     }
-    let mut max = f32::NEG_INFINITY;
-    for s in scores.iter_mut() {
-        *s *= scale;
-        max = max.max(*s);
-    }
-    // The exponentials in one loop (it vectorizes), their sum in order in another.
-    scores.iter_mut().for_each(|s| *s = exp_fast(*s - max));
-    let sum = scores.iter().fold(0.0f32, |sum, s| sum + s);
-    y.fill(0.0);
-    for (s, score) in scores.iter().enumerate() {
-        let w = score / sum;
-        let vs = &v[(s * h_kv + kv) * d..(s * h_kv + kv + 1) * d];
-        y.iter_mut().zip(vs).for_each(|(o, v)| *o += w * v);
-    }
-}
 }

@@ -9,11 +9,11 @@
 //! - (out, in): each output is an eight-lane dot product of a weight row with the input row
 //!   ([`dot`]'s bits). Every row and one to four outputs make a tile whose sums stay in
 //!   registers, so each weight is loaded once for all the rows, and the weights further on
-//!   are prefetched while it computes. The tile is written twice: with AVX2 intrinsics (left to itself the compiler
-//!   vectorized four outputs' dot products across the outputs, a shuffle per product) and as
-//!   plain loops (the portable path, and the reference the tests hold the other to). Both
-//!   multiply then add, each rounded, so their bits agree; a fused multiply-add would round
-//!   once and differ.
+//!   are prefetched while it computes. The tile is written twice: with AVX2 intrinsics (left
+//!   to itself the compiler vectorized four outputs' dot products across the outputs, a
+//!   shuffle per product) and as plain loops (the portable path, and the reference the tests
+//!   hold the other to). Both multiply then add, each rounded, so their bits agree; a fused
+//!   multiply-add would round once and differ.
 //! - (in, out): each chunk of outputs accumulates `x[i] * W[i, chunk]` over `i` in order, in
 //!   registers. Register tiles over rows measured no faster here (the strided weight rows,
 //!   not the arithmetic, set the pace), so each row adds a block of weights that stays in L1.
