@@ -13,21 +13,22 @@ use crate::nn::params::ParamMap;
 const PARALLEL_ATTENTION: usize = 1 << 16;
 
 /// Inference with a KV cache: each step feeds one token (or, for speculative decoding's
-/// verification, a few) through every layer and attends over the cached positions.
+/// verification, a few) through every layer and attends over the cached positions. A batched
+/// decoder keeps several sequences' caches and feeds one token of each in a pass.
 ///
 /// Feeding several tokens in one pass gives each the bits it gets fed alone: every kernel of the
 /// pass computes rows independently (and the weights are read once for all of them).
 pub struct Decoder {
-    /// Per layer, keys of every cached position, transposed: (n_kv_head, D, block_size), so
-    /// that a query's scores are a sum of contiguous rows, one per dimension.
-    k: Vec<Vec<f32>>,
-    /// Per layer, values of every cached position: (block_size, n_kv_head, D).
-    v: Vec<Vec<f32>>,
-    len: usize,
+    /// One cache per sequence.
+    caches: Vec<KvCache>,
+    /// Positions each cache holds.
+    capacity: usize,
     /// The most tokens one pass takes.
     max_rows: usize,
     /// The positions of a pass's tokens.
     positions: Vec<u32>,
+    /// The sequence of each of a pass's tokens.
+    seqs: Vec<usize>,
     x: Vec<f32>,
     n: Vec<f32>,
     stats: NormStats,
@@ -48,27 +49,55 @@ pub struct Decoder {
     all_logits: Vec<f32>,
     /// The last token's logits: what predicts the next one.
     pub logits: Vec<f32>,
+    /// The token ids of a batched pass.
+    ids: Vec<u32>,
+}
+
+/// One sequence's cached keys and values.
+struct KvCache {
+    /// Per layer, keys of every cached position, transposed: (n_kv_head, D, capacity), so that
+    /// a query's scores are a sum of contiguous rows, one per dimension.
+    k: Vec<Vec<f32>>,
+    /// Per layer, values of every cached position: (capacity, n_kv_head, D).
+    v: Vec<Vec<f32>>,
+    len: usize,
 }
 
 impl Decoder {
-    /// A decoder that feeds one token per pass.
+    /// A decoder of one sequence that feeds one token per pass.
     pub fn new(model: &Model) -> Self {
         Self::with_rows(model, 1)
     }
 
-    /// A decoder that feeds up to `max_rows` tokens per pass.
+    /// A decoder of one sequence that feeds up to `max_rows` tokens per pass.
     pub fn with_rows(model: &Model, max_rows: usize) -> Self {
+        Self::with_caches(model, max_rows, 1, model.cfg.block_size)
+    }
+
+    /// A decoder of `sequences` sequences of up to `capacity` positions each (at most the
+    /// block size), fed one token of each in a pass by [`Decoder::feed_each`].
+    pub fn batched(model: &Model, sequences: usize, capacity: usize) -> Self {
+        Self::with_caches(model, sequences, sequences, capacity)
+    }
+
+    fn with_caches(model: &Model, max_rows: usize, sequences: usize, capacity: usize) -> Self {
         let cfg = &model.cfg;
         let (c, f, r) = (cfg.n_embd, cfg.ffn_hidden, max_rows.max(1));
         let ckv = cfg.n_kv_head * cfg.head_dim();
         let fused = cfg.arch == Arch::Gpt2;
+        assert!(capacity <= cfg.block_size, "a cache of {capacity} positions for a block of {}", cfg.block_size);
         let z = |n: usize| vec![0.0f32; n];
-        Decoder {
-            k: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
-            v: (0..cfg.n_layer).map(|_| z(cfg.block_size * ckv)).collect(),
+        let cache = || KvCache {
+            k: (0..cfg.n_layer).map(|_| z(capacity * ckv)).collect(),
+            v: (0..cfg.n_layer).map(|_| z(capacity * ckv)).collect(),
             len: 0,
+        };
+        Decoder {
+            caches: (0..sequences.max(1)).map(|_| cache()).collect(),
+            capacity,
             max_rows: r,
             positions: vec![0; r],
+            seqs: vec![0; r],
             x: z(r * c),
             n: z(r * c),
             stats: NormStats::new(r),
@@ -86,6 +115,7 @@ impl Decoder {
             zeros_c: z(c),
             all_logits: z(r * cfg.vocab_size),
             logits: z(cfg.vocab_size),
+            ids: Vec::with_capacity(r),
         }
     }
 
@@ -94,21 +124,30 @@ impl Decoder {
         self.max_rows
     }
 
-    /// Positions in the cache.
+    /// Positions in the (first sequence's) cache.
     pub fn len(&self) -> usize {
-        self.len
+        self.len_of(0)
     }
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
-    /// Forget every cached position.
+    /// Positions in sequence `s`'s cache.
+    pub fn len_of(&self, s: usize) -> usize {
+        self.caches[s].len
+    }
+    /// Forget every cached position (of the first sequence).
     pub fn clear(&mut self) {
-        self.len = 0;
+        self.clear_seq(0);
+    }
+    /// Forget every cached position of sequence `s`: it starts again at position 0.
+    pub fn clear_seq(&mut self, s: usize) {
+        self.caches[s].len = 0;
     }
     /// Forget the cached positions from `len` on (the rejected tokens of a speculation). The
     /// logits are stale until the next pass.
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        let c = &mut self.caches[0];
+        c.len = c.len.min(len);
     }
 
     /// Feed one token at the next position; `self.logits` then predicts the one after it.
@@ -127,16 +166,51 @@ impl Decoder {
     /// # Panics
     /// If there are more tokens than the decoder takes per pass, or than the cache has room for.
     pub fn extend(&mut self, model: &Model, p: &ParamMap, tokens: &[u32]) -> &[f32] {
+        let (rows, pos) = (tokens.len(), self.len());
+        assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
+        assert!(pos + rows <= self.capacity, "the KV cache is full ({pos} positions)");
+        self.seqs[..rows].fill(0);
+        self.positions[..rows].iter_mut().enumerate().for_each(|(r, a)| *a = (pos + r) as u32);
+        self.pass(model, p, tokens);
+        self.logits.copy_from_slice(&self.all_logits[(rows - 1) * model.cfg.vocab_size..rows * model.cfg.vocab_size]);
+        &self.all_logits[..rows * model.cfg.vocab_size]
+    }
+
+    /// Feed each `(sequence, token)` at the next position of that sequence, all in one pass (a
+    /// sequence at most once); returns each row's logits, (rows, V), predicting the token after
+    /// it.
+    ///
+    /// # Panics
+    /// If a sequence appears twice, or its cache is full.
+    pub fn feed_each(&mut self, model: &Model, p: &ParamMap, tokens: &[(usize, u32)]) -> &[f32] {
+        let rows = tokens.len();
+        assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
+        let mut ids = std::mem::take(&mut self.ids);
+        ids.clear();
+        for (r, &(s, id)) in tokens.iter().enumerate() {
+            assert!(!tokens[..r].iter().any(|t| t.0 == s), "sequence {s} twice in one pass");
+            let pos = self.caches[s].len;
+            assert!(pos < self.capacity, "the KV cache of sequence {s} is full ({pos} positions)");
+            (self.seqs[r], self.positions[r]) = (s, pos as u32);
+            ids.push(id);
+        }
+        self.pass(model, p, &ids);
+        self.ids = ids;
+        &self.all_logits[..rows * model.cfg.vocab_size]
+    }
+
+    /// One pass over `tokens`, row r at position `positions[r]` of sequence `seqs[r]`: every
+    /// row's key and value go into its cache, each row attends to its cache up to its own
+    /// position, and the rows' logits land in `all_logits`.
+    fn pass(&mut self, model: &Model, p: &ParamMap, tokens: &[u32]) {
         let cfg = &model.cfg;
         let (rows, c, f, v) = (tokens.len(), cfg.n_embd, cfg.ffn_hidden, cfg.vocab_size);
-        let (d, eps, pos) = (cfg.head_dim(), cfg.norm_eps, self.len);
-        let (group, block) = (cfg.n_head / cfg.n_kv_head, cfg.block_size);
+        let (d, eps, cap) = (cfg.head_dim(), cfg.norm_eps, self.capacity);
+        let group = cfg.n_head / cfg.n_kv_head;
         let ckv = cfg.n_kv_head * d;
-        assert!(rows >= 1 && rows <= self.max_rows, "{rows} tokens in a pass of at most {}", self.max_rows);
-        assert!(pos + rows <= cfg.block_size, "the KV cache is full ({pos} positions)");
-        let at = &mut self.positions[..rows];
-        at.iter_mut().enumerate().for_each(|(r, a)| *a = (pos + r) as u32);
-        let at = &*at;
+        let (at, seqs) = (&self.positions[..rows], &self.seqs[..rows]);
+        // Attention's work: each row against its cached positions.
+        let work: usize = at.iter().map(|&a| (a as usize + 1) * c).sum();
         let (x, n, y, x_mid) =
             (&mut self.x[..rows * c], &mut self.n[..rows * c], &mut self.y[..rows * c], &mut self.x_mid[..rows * c]);
         let (h, u, g) = (&mut self.h[..rows * f], &mut self.u[..rows * f], &mut self.g[..rows * f]);
@@ -164,25 +238,27 @@ impl Decoder {
                     }
                 }
             };
-            // Every row's key and value into the cache, then each row attends to the cache
-            // up to its own position.
+            // Every row's key and value into its cache, then each row attends to its cache up
+            // to its own position.
             for r in 0..rows {
                 let (_, kr, vr) = row(r);
-                let at = pos + r;
+                let (cache, at) = (&mut self.caches[seqs[r]], at[r] as usize);
                 for (j, kj) in kr.iter().enumerate() {
-                    self.k[l][j * block + at] = *kj;
+                    cache.k[l][j * cap + at] = *kj;
                 }
-                self.v[l][at * ckv..(at + 1) * ckv].copy_from_slice(vr);
+                cache.v[l][at * ckv..(at + 1) * ckv].copy_from_slice(vr);
             }
-            let (k_cache, v_cache) = (&self.k[l][..], &self.v[l][..]);
+            let caches = &self.caches;
             let head = |i: usize, out: &mut [f32]| {
                 let (r, hd) = (i / cfg.n_head, i % cfg.n_head);
                 let (q, kv) = (&row(r).0[hd * d..(hd + 1) * d], hd / group);
-                let keys = &k_cache[kv * d * block..(kv + 1) * d * block];
-                with_scratch(pos + r + 1, |scores| attend_head(q, keys, block, v_cache, kv, cfg, scores, out));
+                let cache = &caches[seqs[r]];
+                let keys = &cache.k[l][kv * d * cap..(kv + 1) * d * cap];
+                let len = at[r] as usize + 1;
+                with_scratch(len, |scores| attend_head(q, keys, cap, &cache.v[l], kv, cfg, scores, out));
             };
             // Fed alone, a short context is not worth handing out.
-            if rows * (pos + rows) * c < PARALLEL_ATTENTION {
+            if work < PARALLEL_ATTENTION {
                 y.chunks_mut(d).enumerate().for_each(|(i, out)| head(i, out));
             } else {
                 y.par_chunks_mut(d).enumerate().for_each(|(i, out)| head(i, out));
@@ -194,24 +270,24 @@ impl Decoder {
             x.iter_mut().zip(x_mid.iter()).for_each(|(o, m)| *o += m);
         }
         model.norm_f.forward(p, x, n, &mut self.stats, eps, &self.zeros_c);
-        let logits = &mut self.all_logits[..rows * v];
-        model.head.forward(p, n, logits, rows, &mut self.no_adapter);
-        self.logits.copy_from_slice(&logits[(rows - 1) * v..]);
-        self.len += rows;
-        &self.all_logits[..rows * v]
+        model.head.forward(p, n, &mut self.all_logits[..rows * v], rows, &mut self.no_adapter);
+        for (&s, &a) in seqs.iter().zip(at) {
+            let cache = &mut self.caches[s];
+            cache.len = cache.len.max(a as usize + 1);
+        }
     }
 }
 
 simd_fn! {
     /// One head of one query row (D) against the first `scores.len()` cached positions: its keys
-    /// `keys` (D, block), transposed, and the values (len, Hkv, D) of key/value head `kv`. Each
+    /// `keys` (D, cap), transposed, and the values (len, Hkv, D) of key/value head `kv`. Each
     /// score sums over the dimensions in order; the softmax of the scaled scores, in order of
     /// position, weights the values.
     #[allow(clippy::too_many_arguments)]
     fn attend_head(
         q: &[f32],
         keys: &[f32],
-        block: usize,
+        cap: usize,
         v: &[f32],
         kv: usize,
         cfg: &ModelConfig,
@@ -222,7 +298,7 @@ simd_fn! {
         let scale = 1.0 / (d as f32).sqrt();
         scores.fill(0.0);
         for (j, qj) in q.iter().enumerate() {
-            let kj = &keys[j * block..j * block + len];
+            let kj = &keys[j * cap..j * cap + len];
             scores.iter_mut().zip(kj).for_each(|(s, k)| *s += qj * k);
         }
         let mut max = f32::NEG_INFINITY;

@@ -1166,6 +1166,50 @@ mod tests {
         }
     }
 
+    /// A batched decoder gives every sequence the bits it gets decoded alone, whatever the
+    /// other rows of a pass are and when its sequence started; a cleared sequence starts again.
+    #[test]
+    fn a_batched_pass_gives_each_sequence_the_bits_of_its_own_steps() {
+        let mut llama = ModelConfig::llama(11, 8, 2, 4, 2, 64);
+        llama.ffn_hidden = 320;
+        for cfg in [ModelConfig::gpt2(11, 8, 2, 2, 64, true), llama] {
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            let texts: [&[u32]; 3] = [&[3, 1, 4, 1, 5], &[9, 2, 6], &[5, 3, 5, 8, 9, 7]];
+            let alone: Vec<Vec<Vec<f32>>> = texts
+                .iter()
+                .map(|ids| {
+                    let mut dec = Decoder::new(&model);
+                    ids.iter().map(|&id| dec.step(&model, &params, id).to_vec()).collect()
+                })
+                .collect();
+            let mut batch = Decoder::batched(&model, 3, 6);
+            // Sequence 1 starts two passes late, sequence 0 is fed twice from the start.
+            let (mut fed, mut rounds) = ([0usize; 3], [0usize; 3]);
+            for pass in 0..12 {
+                let rows: Vec<(usize, u32)> = (0..3)
+                    .filter(|&s| (s != 1 || pass >= 2) && fed[s] < texts[s].len() && rounds[s] < 2 - usize::from(s > 0))
+                    .map(|s| (s, texts[s][fed[s]]))
+                    .collect();
+                if rows.is_empty() {
+                    break;
+                }
+                let logits = batch.feed_each(&model, &params, &rows).to_vec();
+                for (&(s, _), got) in rows.iter().zip(logits.chunks(cfg.vocab_size)) {
+                    let want = &alone[s][fed[s]];
+                    assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "{s} at {}", fed[s]);
+                    fed[s] += 1;
+                    assert_eq!(batch.len_of(s), fed[s]);
+                    if fed[s] == texts[s].len() {
+                        (fed[s], rounds[s]) = (0, rounds[s] + 1);
+                        batch.clear_seq(s);
+                    }
+                }
+            }
+            assert_eq!(rounds, [2, 1, 1], "every sequence was decoded to its end");
+        }
+    }
+
     #[test]
     fn z_loss_adds_a_gradient_toward_small_logits() {
         let cfg = tiny(Arch::Llama, 0);
