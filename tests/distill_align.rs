@@ -3,10 +3,13 @@
 //! vocabulary mismatches caught before anything runs.
 
 use serde_json::Value;
-use stages::arrow_io::read_examples;
+use stages::arrow_io::{read_blocks, read_examples, TokenMeta};
+use stages::generate_data::prompts;
 use stages::model_io::load_model;
 use stages::nn::batch::{Batch, IGNORE};
+use stages::nn::decoder::Decoder;
 use stages::nn::model::{Activations, Model};
+use stages::nn::sample::argmax;
 use stages::reference::{SeqLogps, TRAIN_LOGPS};
 use stages::teacher::{TeacherLogits, TRAIN_LOGITS, VAL_LOGITS};
 
@@ -65,6 +68,55 @@ fn a_student_can_start_from_another_model() {
     let run = sb.run_json("distill.toml", &["--set", "student.init=\"scratch\"", "--set", "student.max_steps=2"]);
     let (_, student) = load_model(&artifact(&sb, &run, "student")).unwrap();
     assert!(student != scratch);
+}
+
+/// The `generate` stage's documents are the model's greedy continuations of the data's
+/// document starts, decoded here one token at a time for reference; a student distills from
+/// them, and a change to the generation reruns what follows it, never the model.
+#[test]
+fn a_model_s_continuations_are_packed_as_data_to_distill_from() {
+    let sb = Sandbox::new();
+    let run = sb.run_json("distill.toml", &[]);
+    let (generated, pack) = (artifact(&sb, &run, "generated"), artifact(&sb, &run, "pack"));
+    let meta = TokenMeta::read(&generated).unwrap();
+    assert_eq!(meta, TokenMeta::read(&pack).unwrap(), "the data's vocabulary and seq_len");
+    let blocks = read_blocks(&generated.join("train.arrow")).unwrap();
+    assert_eq!((blocks.width, blocks.padding), (17, 0));
+    let stream = blocks.stream();
+    let docs: Vec<&[u32]> = stream.split(|&t| t == meta.eot_id).collect();
+    assert!(docs.len() >= 40, "48 sequences, less the end that did not fill a block: {}", docs.len());
+
+    let (cfg, params) = load_model(&artifact(&sb, &run, "teacher_model")).unwrap();
+    let model = Model::new(cfg, &params);
+    let starts = prompts(&read_blocks(&pack.join("train.arrow")).unwrap(), meta.eot_id, 4, 48, false).unwrap();
+    for (i, doc) in docs.iter().enumerate().take(docs.len() - 1) {
+        let mut want = starts[i].clone();
+        let mut dec = Decoder::new(&model);
+        let mut logits = Vec::new();
+        for &t in &want {
+            logits = dec.step(&model, &params, t).to_vec();
+        }
+        loop {
+            let next = argmax(&logits) as u32;
+            if next == meta.eot_id {
+                break;
+            }
+            want.push(next);
+            if want.len() == 4 + 13 {
+                break;
+            }
+            logits = dec.step(&model, &params, next).to_vec();
+        }
+        assert_eq!(doc, &want, "sequence {i}");
+    }
+    let metrics = &stage(&run, "generated")["metrics"];
+    assert_eq!(metrics["sequences"].as_u64(), Some(54), "{metrics}");
+    let generated_tokens = metrics["generated_tokens"].as_u64().unwrap();
+    assert!(generated_tokens > 0 && generated_tokens <= 54 * 13, "{metrics}");
+    assert!(stage(&run, "seq_student")["metrics"]["val_loss"].as_f64().unwrap().is_finite());
+
+    let again = sb.run_json("distill.toml", &["--set", "generated.new_tokens=10"]);
+    assert_eq!(ran(&again), ["generated", "teacher_generated", "seq_student"]);
 }
 
 fn distill_resumes_bit_identically(sig: &str) {
@@ -227,7 +279,11 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
         let sb = Sandbox::new();
         let mut out = Vec::new();
         for (recipe, stages, sets) in [
-            ("distill.toml", &["teacher", "student"][..], &["--set", "student.max_steps=10"][..]),
+            (
+                "distill.toml",
+                &["teacher", "student", "generated"][..],
+                &["--set", "student.max_steps=10", "--set", "generated.temperature=1.0"][..],
+            ),
             ("align.toml", &["reference", "dpo", "simpo", "eval_dpo"][..], &["--set", "dpo.max_steps=6"][..]),
         ] {
             let cmd =

@@ -43,8 +43,8 @@ pub fn machine() -> String {
 
 /// Content digests of every stage kind's output on small fixtures, with the implementation
 /// version that produced them. Stages that train or run a model (their labels start with
-/// the kind's name: `pretrain`, `evaluate`, `sft`, `teacher`, `distill`, `reference`, `align`,
-/// `calibrate`, `quantize`, `export`) are kept per machine: on a machine not yet recorded they are
+/// the kind's name: `pretrain`, `evaluate`, `sft`, `teacher`, `distill`, `generate`, `reference`,
+/// `align`, `calibrate`, `quantize`, `export`) are kept per machine: on a machine not yet recorded they are
 /// skipped, saying so, and `UPDATE_GOLDEN=1` records it.
 #[test]
 fn stage_outputs_match_their_golden_digests() {
@@ -69,6 +69,7 @@ fn stage_outputs_match_their_golden_digests() {
             "sft",
             "teacher",
             "distill",
+            "generate",
             "reference",
             "align",
             "calibrate",
@@ -110,6 +111,7 @@ fn stage_outputs_match_their_golden_digests() {
     let distill = sb.run_json("distill.toml", &["--set", "teacher_model.max_steps=8", "--set", "student.max_steps=4"]);
     record("teacher", &distill, "teacher");
     record("distill", &distill, "student");
+    record("generate", &distill, "generated");
     let align = sb.run_json(
         "align.toml",
         &["--set", "dpo.max_steps=3", "--set", "simpo.max_steps=3", "--set", "kto.max_steps=3"],

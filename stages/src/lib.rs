@@ -15,6 +15,7 @@ pub mod evaluate;
 pub mod example_rows;
 pub mod export;
 pub mod generate;
+pub mod generate_data;
 pub mod gguf;
 pub mod instructions;
 pub mod model_io;
@@ -87,6 +88,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(instructions::Instructions));
     r.register(Arc::new(sft::Sft));
     r.register(Arc::new(teacher::Teacher));
+    r.register(Arc::new(generate_data::Generate));
     r.register(Arc::new(distill::Distill));
     r.register(Arc::new(preferences::Preferences));
     r.register(Arc::new(reference::Reference));
