@@ -543,7 +543,7 @@ fn sample(args: SampleArgs, root: &Option<PathBuf>, registry: &Registry) -> Resu
         }
     };
     let sampling = stages::nn::sample::Sampling { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p };
-    let mut out = std::io::stdout().lock();
+    let mut out = std::io::stdout();
     for i in 0..args.num_samples {
         if i > 0 {
             writeln!(out, "\n---").ok();

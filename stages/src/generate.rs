@@ -94,7 +94,7 @@ pub fn generate(
     lm: &LoadedModel,
     prompt: &str,
     opts: GenOptions,
-    on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str) + Send,
 ) -> Result<String, StageError> {
     generate_with_draft(lm, None, prompt, opts, on_text).map(|(text, _)| text)
 }
@@ -107,7 +107,7 @@ pub fn generate_with_draft(
     draft: Option<Draft<'_>>,
     prompt: &str,
     opts: GenOptions,
-    on_text: impl FnMut(&str),
+    on_text: impl FnMut(&str) + Send,
 ) -> Result<(String, SpecStats), StageError> {
     let encoding =
         lm.tokenizer.encode_fast(prompt, false).map_err(|e| StageError::msg(format!("encoding the prompt: {e}")))?;
@@ -126,20 +126,21 @@ pub fn generate_with_draft(
         opts,
         eot: lm.eot,
     };
-    let mut rng = SplitMix64::new(opts.seed);
-    match draft {
-        None => plain(lm, &mut context, &mut out, &mut rng)?,
-        Some(d) => {
-            if d.lm.cfg().vocab_size != lm.cfg().vocab_size {
-                return Err(StageError::msg(format!(
-                    "the draft's vocabulary of {} is not the model's {}",
-                    d.lm.cfg().vocab_size,
-                    lm.cfg().vocab_size
-                )));
-            }
-            speculative(lm, d, &mut context, &mut out, &mut rng)?
-        }
+    if let Some(d) = draft.filter(|d| d.lm.cfg().vocab_size != lm.cfg().vocab_size) {
+        return Err(StageError::msg(format!(
+            "the draft's vocabulary of {} is not the model's {}",
+            d.lm.cfg().vocab_size,
+            lm.cfg().vocab_size
+        )));
     }
+    let mut rng = SplitMix64::new(opts.seed);
+    // On a thread of the pool, a kernel's parallel loop starts at once on this thread and a
+    // loop of one item never leaves it; from outside, every loop would hand its work over and
+    // sleep until it comes back, many times a token.
+    rayon::scope(|_| match draft {
+        None => plain(lm, &mut context, &mut out, &mut rng),
+        Some(d) => speculative(lm, d, &mut context, &mut out, &mut rng),
+    })?;
     Ok((out.text, out.stats))
 }
 
