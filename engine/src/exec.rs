@@ -350,7 +350,9 @@ fn try_execute(
             Ok(pool) => pool.install(run),
             Err(e) => Ok(Err(StageError::msg(format!("cannot start {threads} threads: {e}")))),
         },
-        None => run(),
+        // On a thread of the global pool: a stage's parallel loops then start on its own
+        // thread instead of handing their work over and sleeping until it is done.
+        None => rayon::scope(|_| run()),
     };
     let result: Result<Metrics, StageError> = result.unwrap_or_else(|panic| {
         let what = panic
