@@ -80,7 +80,7 @@ fn unknown_stage_kinds_list_the_known_ones() {
             "unknown stage kind `pakc`",
             "bad.toml:14:8",
             "did you mean `pack`?",
-            "align, calibrate, corpus, distill, evaluate, export, instructions, pack, preferences, pretrain, quantize, reference, sft, teacher, tokenize",
+            "align, calibrate, corpus, distill, evaluate, export, generate, instructions, pack, preferences, pretrain, quantize, reference, sft, teacher, tokenize",
         ],
     );
 }
