@@ -27,7 +27,7 @@ use crate::batches::EpochOrder;
 use crate::checkpoint::DataPos;
 use crate::example_rows::Rows;
 use crate::instructions::TEMPLATE_FILE;
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_model, TOKENIZER};
+use crate::model_io::{model_over_data, save_model, ModelOverData, TOKENIZER};
 use crate::nn::batch::{Batch, IGNORE};
 use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::model::{Activations, Model};
@@ -179,16 +179,8 @@ impl Stage for Align {
         crate::quantize::shape_of_input(upstream, "model")
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
         let p = ctx.params();
-        let (cfg, mut params, eot) = load_model_with_eot(&model_dir.dir)?;
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let ModelOverData { cfg, mut params, eot, data, data_stage, .. } = model_over_data(ctx)?;
         let reference = match ctx.input("reference") {
             Some(Input::Artifact { artifact: reference, stage: reference_stage, .. }) => {
                 Some(load_reference((reference, reference_stage), (data, data_stage))?)

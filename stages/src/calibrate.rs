@@ -12,12 +12,12 @@
 
 use std::collections::BTreeMap;
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
+use engine::{Accepts, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::{json, Value};
 
 use crate::arrow_io::{read_blocks, TokenMeta};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_raw_tensors, WEIGHTS};
+use crate::model_io::{model_over_data, save_raw_tensors, ModelOverData, WEIGHTS};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::model::{Activations, Model, ModelConfig};
@@ -92,15 +92,7 @@ impl Stage for Calibrate {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
-        let (cfg, params, _) = load_model_with_eot(&model_dir.dir)?;
+        let ModelOverData { cfg, params, model: model_dir, data, .. } = model_over_data(ctx)?;
         let t = TokenMeta::seq_len_within(&data.dir, cfg.block_size, "the model's")?;
         let blocks = read_blocks(&data.path(TRAIN_FILE))?;
         let n = ctx.params().usize("blocks").min(blocks.rows());

@@ -15,12 +15,11 @@ use crate::arrow_io::read_blocks;
 use crate::arrow_io::read_examples;
 use crate::batches::{mean_loss, stream_of};
 use crate::example_rows::{rows_loss, Layout};
-use crate::generate::{generate_with_draft, Draft, GenOptions, LoadedModel, SpecStats};
+use crate::generate::{generate_with_draft, sampling, Draft, GenOptions, LoadedModel, SpecStats};
 use crate::instructions::VAL_FILE as EXAMPLES_VAL_FILE;
 use crate::model_io::require_same_tokenizer;
 use crate::nn::batch::IGNORE;
 use crate::nn::model::Activations;
-use crate::nn::sample::Sampling;
 use crate::pack::VAL_FILE;
 use crate::preferences::VAL_FILE as PREFERENCES_VAL_FILE;
 use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
@@ -294,11 +293,7 @@ fn answer(ctx: &StageCtx<'_>, lm: &LoadedModel, prompts: &[(String, Option<Strin
     let draft = draft_lm.as_ref().map(|lm| Draft { lm, tokens: p.usize("draft_tokens") });
     let mut spec = draft.map(|_| Speculation { same_text: true, ..Default::default() });
     let opts = GenOptions {
-        sampling: Sampling {
-            temperature: p.float("temperature") as f32,
-            top_k: p.usize("top_k"),
-            top_p: p.float("top_p") as f32,
-        },
+        sampling: sampling(p),
         max_new_tokens: p.usize("max_new_tokens"),
         seed: ctx.seed(),
         stop_at_eot: p.bool("stop_at_eot"),

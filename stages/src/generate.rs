@@ -43,6 +43,11 @@ impl LoadedModel {
     }
 }
 
+/// The sampling a stage's `temperature`, `top_k` and `top_p` parameters ask for.
+pub fn sampling(p: &engine::Params) -> Sampling {
+    Sampling { temperature: p.float("temperature") as f32, top_k: p.usize("top_k"), top_p: p.float("top_p") as f32 }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenOptions {
     pub sampling: Sampling,

@@ -15,11 +15,12 @@
 
 use std::collections::BTreeSet;
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
 use crate::arrow_io::{read_blocks, write_blocks, Blocks, TokenMeta};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, TOKENIZER};
+use crate::generate::sampling;
+use crate::model_io::{model_over_data, ModelOverData, TOKENIZER};
 use crate::nn::decoder::Decoder;
 use crate::nn::kernels::gemv;
 use crate::nn::model::Model;
@@ -95,15 +96,7 @@ impl Stage for Generate {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
-        let (cfg, params, eot) = load_model_with_eot(&model_dir.dir)?;
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let ModelOverData { cfg, params, eot, data, data_stage, .. } = model_over_data(ctx)?;
         let meta = TokenMeta::read(&data.dir)?;
         let seq_len = meta.seq_len.ok_or_else(|| StageError::msg("the data's meta.json has no seq_len"))?;
         let p = ctx.params();
@@ -111,11 +104,7 @@ impl Stage for Generate {
             prompt: p.usize("prompt_tokens"),
             new: p.usize("new_tokens"),
             stop_at_eot: p.bool("stop_at_eot"),
-            sampling: Sampling {
-                temperature: p.float("temperature") as f32,
-                top_k: p.usize("top_k"),
-                top_p: p.float("top_p") as f32,
-            },
+            sampling: sampling(p),
             eot,
         };
         if spec.capacity() > cfg.block_size {
@@ -233,18 +222,6 @@ pub fn prompts(blocks: &Blocks, eot: u32, len: usize, count: usize, repeat: bool
 /// Every prompt continued, each into prompt + continuation (without the end-of-text token
 /// that ended it). `progress` hears how many are done after each pass and may stop the work.
 pub fn continue_all(
-    model: &Model,
-    p: &ParamMap,
-    spec: &Spec,
-    prompts: &[Vec<u32>],
-    seeds: &[u64],
-    progress: impl FnMut(usize) -> Result<(), StageError> + Send,
-) -> Result<Vec<Vec<u32>>, StageError> {
-    // On a thread of the pool, as `generate` decodes (see there).
-    rayon::scope(|_| continue_here(model, p, spec, prompts, seeds, progress))
-}
-
-fn continue_here(
     model: &Model,
     p: &ParamMap,
     spec: &Spec,

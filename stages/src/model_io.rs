@@ -43,6 +43,33 @@ pub fn require_same_tokenizer(
     Ok(())
 }
 
+/// A stage's `model` and `data` slots (both accept only artifacts), checked to come from one
+/// tokenizer, with the model loaded.
+pub struct ModelOverData<'a> {
+    pub model: &'a engine::cache::Artifact,
+    pub data: &'a engine::cache::Artifact,
+    pub data_stage: &'a str,
+    pub cfg: ModelConfig,
+    pub params: ParamMap,
+    /// The end-of-text token.
+    pub eot: u32,
+}
+
+/// [`ModelOverData`] of a running stage: [`require_same_tokenizer`], then
+/// [`load_model_with_eot`].
+pub fn model_over_data<'a>(ctx: &'a engine::StageCtx<'_>) -> Result<ModelOverData<'a>, StageError> {
+    let (
+        engine::Input::Artifact { artifact: model, stage: model_stage, .. },
+        engine::Input::Artifact { artifact: data, stage: data_stage, .. },
+    ) = (ctx.required_input("model"), ctx.required_input("data"))
+    else {
+        unreachable!("both slots accept only artifacts");
+    };
+    require_same_tokenizer((model, model_stage), (data, data_stage))?;
+    let (cfg, params, eot) = load_model_with_eot(&model.dir)?;
+    Ok(ModelOverData { model, data, data_stage, cfg, params, eot })
+}
+
 /// `config.json` as `transformers` reads it; `eot_id` is the end-of-text token.
 pub fn hf_config(cfg: &ModelConfig, eot_id: u32) -> Value {
     match cfg.arch {

@@ -11,13 +11,13 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
 use crate::arrow_io::{read_examples, Examples, TokenMeta};
 use crate::example_rows::{Layout, Rows};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_raw_tensors};
+use crate::model_io::{model_over_data, save_raw_tensors, ModelOverData};
 use crate::nn::batch::Batch;
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
@@ -72,15 +72,7 @@ impl Stage for Reference {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
-        let (cfg, params, eot) = load_model_with_eot(&model_dir.dir)?;
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let ModelOverData { cfg, params, eot, data, .. } = model_over_data(ctx)?;
         let model = Model::new(cfg, &params);
         let batch = ctx.params().usize("batch_size");
         let train = PrefSplit::read(&data.dir, TRAIN_FILE, eot, cfg.block_size)?;

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
 use crate::adapters::{check_lora, FineTune, Setup, LORA_PARAMS};
@@ -22,7 +22,7 @@ use crate::batches::EpochOrder;
 use crate::checkpoint::DataPos;
 use crate::example_rows::{rows_loss, Layout, Rows};
 use crate::instructions::{TEMPLATE_FILE, TRAIN_FILE, VAL_FILE};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_model, TOKENIZER};
+use crate::model_io::{model_over_data, save_model, ModelOverData, TOKENIZER};
 use crate::nn::batch::{Batch, EmbeddingNoise};
 use crate::nn::model::Model;
 use crate::nn::params::ParamMap;
@@ -123,16 +123,8 @@ impl Stage for Sft {
         crate::quantize::shape_of_input(upstream, "model")
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
         let p = ctx.params();
-        let (cfg, mut params, eot) = load_model_with_eot(&model_dir.dir)?;
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let ModelOverData { cfg, mut params, eot, data, .. } = model_over_data(ctx)?;
         let seq_len = p.usize("seq_len");
         if seq_len > cfg.block_size {
             return Err(StageError::msg(format!(

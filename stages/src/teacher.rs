@@ -13,14 +13,14 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
+use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use half::f16;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::json;
 
 use crate::arrow_io::{read_blocks, Blocks, TokenMeta};
-use crate::model_io::{load_model_with_eot, require_same_tokenizer, save_raw_tensors, TOKENIZER};
+use crate::model_io::{model_over_data, save_raw_tensors, ModelOverData, TOKENIZER};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::distill::top_k;
 use crate::nn::model::{Activations, Model};
@@ -78,15 +78,7 @@ impl Stage for Teacher {
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
-        let (
-            Input::Artifact { artifact: model_dir, stage: model_stage, .. },
-            Input::Artifact { artifact: data, stage: data_stage, .. },
-        ) = (ctx.required_input("model"), ctx.required_input("data"))
-        else {
-            unreachable!("both slots accept only artifacts");
-        };
-        let (cfg, params, _) = load_model_with_eot(&model_dir.dir)?;
-        require_same_tokenizer((model_dir, model_stage), (data, data_stage))?;
+        let ModelOverData { cfg, params, data, .. } = model_over_data(ctx)?;
         let t = TokenMeta::seq_len_within(&data.dir, cfg.block_size, "the teacher's")?;
         let k = ctx.params().usize("top_k");
         if k > cfg.vocab_size {
