@@ -1,4 +1,5 @@
-//! Per-key exclusive locks on lock files, so two runs never build the same artifact at once.
+//! Locks on lock files: per key, exclusive, so two runs never build the same artifact at once;
+//! per family of runs, shared by the runs that use it and exclusive for `gc`, which removes it.
 //!
 //! The OS releases the lock when the holder dies, even by kill -9: there are no stale locks.
 
@@ -7,7 +8,7 @@ use std::path::Path;
 
 use crate::error::{IoContext, Result};
 
-/// An exclusive lock, held until dropped.
+/// An exclusive or shared lock, held until dropped.
 #[derive(Debug)]
 pub struct KeyLock {
     _file: File,
@@ -32,6 +33,14 @@ impl KeyLock {
     pub fn acquire(path: &Path) -> Result<KeyLock> {
         let file = open(path)?;
         file.lock().ctx("locking", path)?;
+        Ok(KeyLock { _file: file })
+    }
+
+    /// Wait for a shared hold of the lock: any number of them at once, none while an exclusive
+    /// one is held.
+    pub fn acquire_shared(path: &Path) -> Result<KeyLock> {
+        let file = open(path)?;
+        file.lock_shared().ctx("locking", path)?;
         Ok(KeyLock { _file: file })
     }
 }

@@ -337,9 +337,21 @@ impl Store {
         self.root.join("families").join(family.to_hex())
     }
 
-    /// Remove every artifact whose key is not in `keep`, every family directory no kept
-    /// artifact names, everything in `corrupt/`, and staging and work directories that no
-    /// running process holds.
+    /// [`Store::family_dir`] with a shared lock on the family, for a run to hold while it uses
+    /// the directory: `gc` leaves a family alone while any run holds one, since the run's own
+    /// artifact, which will name the family, is not published yet.
+    pub fn lease_family(&self, family: &ContentHash) -> Result<(PathBuf, KeyLock)> {
+        let lock = KeyLock::acquire_shared(&self.family_lock_path(&family.to_hex()))?;
+        Ok((self.family_dir(family), lock))
+    }
+
+    fn family_lock_path(&self, family: &str) -> PathBuf {
+        self.root.join("locks").join(format!("family-{family}.lock"))
+    }
+
+    /// Remove every artifact whose key is not in `keep`, every family directory that no kept
+    /// artifact names and no run holds ([`Store::lease_family`]), everything in `corrupt/`, and
+    /// staging and work directories that no running process holds.
     pub fn gc(&self, keep: &HashSet<ContentHash>) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut families = HashSet::new();
@@ -361,7 +373,10 @@ impl Store {
         for entry in std::fs::read_dir(&family_root).ctx("listing", &family_root)? {
             let path = entry.ctx("listing", &family_root)?.path();
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-            if !families.contains(&name) {
+            if families.contains(&name) {
+                continue;
+            }
+            if let Some(_lock) = KeyLock::try_acquire(&self.family_lock_path(&name))? {
                 report.freed_bytes += dir_size(&path);
                 remove_dir_if_exists(&path)?;
             }
@@ -598,6 +613,25 @@ mod tests {
         assert_eq!((report.removed, report.kept), (1, 1));
         assert!(store.get(&key(7)).unwrap().is_some());
         assert!(store.get(&key(8)).unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_leaves_a_family_while_a_run_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (family_dir, lease) = store.lease_family(&key(9)).unwrap();
+        std::fs::create_dir_all(&family_dir).unwrap();
+        std::fs::write(family_dir.join("step-10"), b"checkpoint").unwrap();
+        store.gc(&HashSet::new()).unwrap();
+        assert!(family_dir.join("step-10").exists(), "gc removed a family a run holds");
+        // Runs of one family hold it together.
+        let (_, other_run) = store.lease_family(&key(9)).unwrap();
+        drop(lease);
+        store.gc(&HashSet::new()).unwrap();
+        assert!(family_dir.exists(), "gc removed a family the second run holds");
+        drop(other_run);
+        store.gc(&HashSet::new()).unwrap();
+        assert!(!family_dir.exists(), "gc keeps a family that nothing names or holds");
     }
 
     #[test]

@@ -330,7 +330,9 @@ fn try_execute(
         },
         None => staging,
     };
-    let family_dir = family.map(|f| store.family_dir(&f));
+    // Held until the artifact, which names the family, is published: `gc` leaves it alone.
+    let family = family.map(|f| store.lease_family(&f)).transpose()?;
+    let family_dir = family.as_ref().map(|(dir, _)| dir.as_path());
     let progress = opts.observer.stage_started(&stage.name, stage.kind.kind());
     let start = Instant::now();
     let ctx = StageCtx {
@@ -342,7 +344,7 @@ fn try_execute(
         inputs,
         progress: progress.as_ref(),
         cancel: opts.cancel,
-        family_dir: family_dir.as_deref(),
+        family_dir,
     };
     let run = || std::panic::catch_unwind(AssertUnwindSafe(|| stage.kind.run(&ctx)));
     let result = match stage.threads {
