@@ -1,0 +1,283 @@
+//! What bf16 products could gain on this CPU, and the arithmetic a portable path would have to
+//! copy to give AMX's bits (issue 18's bf16 idea; docs/bench.md).
+//!
+//! - Throughput of one thread on operands in L1: a 12 x 32 f32 FMA micro-tile (AVX-512F), the
+//!   same tile with AVX512-BF16's `vdpbf16ps`, and AMX's `tdpbf16ps` on 2 x 2 tiles of 16 x 16.
+//! - `tdpbf16ps` on random tiles against its emulation in plain f32: the even and the odd bf16
+//!   of each pair in two FMA chains from zero over the tile's 16 pairs, then
+//!   `dest + (even + odd)`, with bf16 and destination denormals read as zero and every result's
+//!   denormals flushed. Once with values of ordinary size, once near and below f32's normal
+//!   range.
+//!
+//! Run with `cargo bench -p stages --bench amx_bf16`. Prints figures and counts; asserts
+//! nothing. Each part says SKIPPED where the CPU or the OS lacks what it needs.
+
+fn main() {
+    #[cfg(target_arch = "x86_64")]
+    x86::main();
+    #[cfg(not(target_arch = "x86_64"))]
+    println!("SKIPPED: AVX-512 and AMX are x86-64 only");
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+    use std::time::Instant;
+
+    const MR: usize = 12;
+    const NR: usize = 32;
+    const KC: usize = 256;
+    const CALLS: usize = 200_000;
+
+    pub fn main() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            println!("SKIPPED: no AVX-512F");
+        } else {
+            let f32_tile = best_of_3(|| unsafe { time_f32_tile() });
+            println!("f32 FMA tile (12 x 32, AVX-512F), one thread, in L1: {f32_tile:.1} GFLOP/s");
+            if std::arch::is_x86_feature_detected!("avx512bf16") {
+                let bf16_tile = best_of_3(|| unsafe { time_bf16_tile() });
+                println!(
+                    "bf16 dot tile (12 x 32, vdpbf16ps), one thread, in L1: {bf16_tile:.1} GFLOP/s ({:.2}x the f32 tile)",
+                    bf16_tile / f32_tile
+                );
+            } else {
+                println!("SKIPPED: no AVX512-BF16");
+            }
+        }
+        if !has_amx_bf16() {
+            println!("SKIPPED: no AMX-BF16 on this CPU");
+            return;
+        }
+        if !amx_allowed() {
+            println!("SKIPPED: the kernel refused the AMX tile state (arch_prctl)");
+            return;
+        }
+        let amx = best_of_3(|| unsafe { time_amx() });
+        println!("AMX tdpbf16ps (2 x 2 tiles of 16 x 16), one thread, in L1: {amx:.0} GFLOP/s");
+        for (what, small) in [("values of ordinary size", false), ("near and below f32's normal range", true)] {
+            let (same, total) = compare_with_emulation(small);
+            println!("tdpbf16ps against its emulation, {what}: {same} of {total} outputs bit for bit");
+        }
+    }
+
+    fn best_of_3(f: impl Fn() -> f64) -> f64 {
+        (0..3).map(|_| f()).fold(0.0, f64::max)
+    }
+
+    /// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-BF16 (EDX bit 22).
+    fn has_amx_bf16() -> bool {
+        let edx = __cpuid_count(7, 0).edx;
+        edx & (1 << 24) != 0 && edx & (1 << 22) != 0
+    }
+
+    /// Linux hands a process the AMX tile state only when asked (ARCH_REQ_XCOMP_PERM for
+    /// XFEATURE_XTILEDATA).
+    fn amx_allowed() -> bool {
+        const SYS_ARCH_PRCTL: i64 = 158;
+        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+        const XFEATURE_XTILEDATA: i64 = 18;
+        let ret: i64;
+        // SAFETY: a plain system call; it changes only this process's permissions.
+        unsafe {
+            asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
+                 in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _);
+        }
+        ret == 0
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn f32_tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kc {
+            let (b0, b1) = unsafe { (_mm512_loadu_ps(b.add(p * NR)), _mm512_loadu_ps(b.add(p * NR + 16))) };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(unsafe { *a.add(p * MR + i) });
+                acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            unsafe {
+                _mm512_storeu_ps(c.add(i * NR), acc[0]);
+                _mm512_storeu_ps(c.add(i * NR + 16), acc[1]);
+            }
+        }
+    }
+
+    /// `kc2` pairs of k; `a` holds one bf16 pair per row and pair, `b` two vectors of pairs.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn bf16_tile(kc2: usize, a: *const i32, b: *const __m512bh, c: *mut f32) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        for p in 0..kc2 {
+            let (b0, b1) = unsafe { (*b.add(2 * p), *b.add(2 * p + 1)) };
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let av: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i))) };
+                acc[0] = _mm512_dpbf16_ps(acc[0], av, b0);
+                acc[1] = _mm512_dpbf16_ps(acc[1], av, b1);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            unsafe {
+                _mm512_storeu_ps(c.add(i * NR), acc[0]);
+                _mm512_storeu_ps(c.add(i * NR + 16), acc[1]);
+            }
+        }
+    }
+
+    fn gflops(macs: usize, seconds: f64) -> f64 {
+        2.0 * macs as f64 / seconds / 1e9
+    }
+
+    unsafe fn time_f32_tile() -> f64 {
+        let (a, b, mut c) = (vec![0.5f32; KC * MR], vec![0.25f32; KC * NR], vec![0.0f32; MR * NR]);
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            unsafe { f32_tile(KC, a.as_ptr(), b.as_ptr(), c.as_mut_ptr()) };
+            std::hint::black_box(&mut c);
+        }
+        gflops(MR * NR * KC * CALLS, start.elapsed().as_secs_f64())
+    }
+
+    unsafe fn time_bf16_tile() -> f64 {
+        // 0x3f00 is bf16 0.5, 0x3e80 is 0.25.
+        let a = vec![0x3f00_3f00i32; KC / 2 * MR];
+        let b: Vec<__m512bh> =
+            (0..KC).map(|_| unsafe { std::mem::transmute(_mm512_set1_epi32(0x3e80_3e80)) }).collect();
+        let mut c = vec![0.0f32; MR * NR];
+        let start = Instant::now();
+        for _ in 0..CALLS {
+            unsafe { bf16_tile(KC / 2, a.as_ptr(), b.as_ptr(), c.as_mut_ptr()) };
+            std::hint::black_box(&mut c);
+        }
+        gflops(MR * NR * KC * CALLS, start.elapsed().as_secs_f64())
+    }
+
+    /// Tile configuration: palette 1, `tiles` tiles of 16 rows of 64 bytes.
+    #[repr(C, align(64))]
+    struct TileConfig([u8; 64]);
+
+    fn config(tiles: usize) -> TileConfig {
+        let mut cfg = TileConfig([0; 64]);
+        cfg.0[0] = 1;
+        for t in 0..tiles {
+            cfg.0[16 + 2 * t] = 64;
+            cfg.0[48 + t] = 16;
+        }
+        cfg
+    }
+
+    #[repr(C, align(64))]
+    struct Tile([u16; 512]);
+
+    unsafe fn time_amx() -> f64 {
+        let cfg = config(8);
+        let (a, b) = ([Tile([0x3f00; 512]), Tile([0x3f00; 512])], [Tile([0x3e80; 512]), Tile([0x3e80; 512])]);
+        let calls = 10 * CALLS;
+        let start = Instant::now();
+        // SAFETY: the OS granted the tile state; the tiles are 1 KiB each, rows 64 bytes apart.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr());
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3");
+            for _ in 0..calls {
+                asm!(
+                    "tileloadd tmm4, [{a0} + {s}]",
+                    "tileloadd tmm5, [{a1} + {s}]",
+                    "tileloadd tmm6, [{b0} + {s}]",
+                    "tileloadd tmm7, [{b1} + {s}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    a0 = in(reg) a[0].0.as_ptr(), a1 = in(reg) a[1].0.as_ptr(),
+                    b0 = in(reg) b[0].0.as_ptr(), b1 = in(reg) b[1].0.as_ptr(),
+                    s = in(reg) 64usize,
+                );
+            }
+            asm!("tilerelease");
+        }
+        gflops(4 * 16 * 16 * 32 * calls, start.elapsed().as_secs_f64())
+    }
+
+    /// `dest (16 x 16 f32) += a (16 x 32 bf16) b (16 pairs x 16 x 2 bf16)` on AMX.
+    fn tdpbf16ps(dest: &mut [f32; 256], a: &Tile, b: &Tile) {
+        let cfg = config(3);
+        // SAFETY: the OS granted the tile state; each operand is 16 rows of 64 bytes.
+        unsafe {
+            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr());
+            asm!(
+                "tileloadd tmm0, [{c} + {s}]",
+                "tileloadd tmm1, [{a} + {s}]",
+                "tileloadd tmm2, [{b} + {s}]",
+                "tdpbf16ps tmm0, tmm1, tmm2",
+                "tilestored [{c} + {s}], tmm0",
+                c = in(reg) dest.as_mut_ptr(), a = in(reg) a.0.as_ptr(), b = in(reg) b.0.as_ptr(),
+                s = in(reg) 64usize,
+            );
+            asm!("tilerelease");
+        }
+    }
+
+    fn flush(x: f32) -> f32 {
+        if x.is_subnormal() {
+            0.0f32.copysign(x)
+        } else {
+            x
+        }
+    }
+
+    fn bf16(x: u16) -> f32 {
+        flush(f32::from_bits((x as u32) << 16))
+    }
+
+    /// The emulation (see the file's comment) of output (m, n).
+    fn emulate(dest: f32, a: &Tile, b: &Tile, m: usize, n: usize) -> f32 {
+        let (mut even, mut odd) = (0.0f32, 0.0f32);
+        for k in 0..16 {
+            even = flush(bf16(a.0[m * 32 + 2 * k]).mul_add(bf16(b.0[k * 32 + 2 * n]), even));
+            odd = flush(bf16(a.0[m * 32 + 2 * k + 1]).mul_add(bf16(b.0[k * 32 + 2 * n + 1]), odd));
+        }
+        flush(flush(dest) + flush(even + odd))
+    }
+
+    /// Outputs equal to the emulation's, of all outputs, over 200 random tiles.
+    fn compare_with_emulation(small: bool) -> (usize, usize) {
+        let mut state = if small { 0x9e37_79b9_7f4a_7c15u64 } else { 0x1234_5678_9abc_def0 };
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut same, mut total) = (0, 0);
+        for _ in 0..200 {
+            let (mut a, mut b) = (Tile([0; 512]), Tile([0; 512]));
+            for v in a.0.iter_mut().chain(b.0.iter_mut()) {
+                let r = next();
+                // Biased exponents 112..141 (2^-15 .. 2^14), or 0..80 (denormals and products
+                // below f32's normal range); random sign and mantissa.
+                let exp = if small { (r % 81) as u16 } else { 112 + (r % 30) as u16 };
+                *v = ((r >> 8) as u16 & 0x8000) | (exp << 7) | ((r >> 20) as u16 & 0x7f);
+            }
+            let mut dest = [0.0f32; 256];
+            for v in dest.iter_mut() {
+                let r = next();
+                *v = if small {
+                    f32::from_bits(((r >> 3) as u32 & 0x8000_0000) | (r % 0x0180_0000) as u32)
+                } else {
+                    (r % 2000) as f32 / 7.0 - 140.0
+                };
+            }
+            let mut got = dest;
+            tdpbf16ps(&mut got, &a, &b);
+            for m in 0..16 {
+                for n in 0..16 {
+                    total += 1;
+                    same += (got[m * 16 + n].to_bits() == emulate(dest[m * 16 + n], &a, &b, m, n).to_bits()) as usize;
+                }
+            }
+        }
+        (same, total)
+    }
+}
