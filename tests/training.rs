@@ -154,6 +154,38 @@ fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
     }
 }
 
+/// `cache gc` while a warmup-stable-decay run is in its decay: the family's state is written,
+/// but the run's own artifact, which will name the family, is not published yet. gc must leave
+/// the state (a run holds its family), and the run must finish with it in place.
+#[test]
+fn gc_during_a_run_leaves_the_family_the_run_uses() {
+    use std::time::{Duration, Instant};
+    let sb = Sandbox::new();
+    let text = std::fs::read_to_string(sb.path("train.toml")).unwrap();
+    let long = "max_steps = 3000\nschedule = \"wsd\"\neval_interval = 0\n";
+    sb.write("wsd.toml", text.replace("max_steps = 60\n", long).replace("eval_interval = 20\n", ""));
+    let mut child = sb.command().args(["run", "wsd.toml"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let families = sb.store().join("families");
+    let state = || -> Option<std::path::PathBuf> {
+        let family = std::fs::read_dir(&families).ok()?.next()?.ok()?.path();
+        let mut states = std::fs::read_dir(&family).ok()?.filter_map(|e| e.ok()).map(|e| e.path());
+        states.find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+    };
+    let start = Instant::now();
+    let state = loop {
+        if let Some(state) = state() {
+            break state;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no family state appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_success(&sb.tinygpt(&["cache", "gc", "wsd.toml", "--keep-runs", "0"]));
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before gc; make it longer");
+    assert!(state.exists(), "gc removed the family state of a running stage");
+    assert!(child.wait().unwrap().success());
+    assert!(state.exists(), "the finished run's family state is gone");
+}
+
 /// Long enough to be interrupted: a few seconds, with a checkpoint every 10 steps.
 const LONG: [&str; 4] = ["--set", "pretrain.max_steps=600", "--set", "pretrain.eval_interval=0"];
 
