@@ -9,14 +9,55 @@
 //!   denormals flushed. Once with values of ordinary size, once near and below f32's normal
 //!   range.
 //!
+//! - Whole products of the gpt2-6x384 step's shapes on every thread: f32 (`kernels::matmul`)
+//!   against bf16 (`kernels::bf16` on AMX).
+//!
 //! Run with `cargo bench -p stages --bench amx_bf16`. Prints figures and counts; asserts
 //! nothing. Each part says SKIPPED where the CPU or the OS lacks what it needs.
 
 fn main() {
     #[cfg(target_arch = "x86_64")]
     x86::main();
+    products();
     #[cfg(not(target_arch = "x86_64"))]
     println!("SKIPPED: AVX-512 and AMX are x86-64 only");
+}
+
+/// GFLOP/s of the f32 and the bf16 product for the step's shapes, best of five.
+fn products() {
+    use stages::nn::kernels::bf16::{amx, matmul_bf16};
+    use stages::nn::kernels::matmul::{matmul, Dims, Layout};
+    use Layout::{Normal as N, Transposed as T};
+    if !amx() {
+        println!("SKIPPED: whole bf16 products (no AMX here; the portable reference is not built for speed)");
+        return;
+    }
+    println!("whole products, {} threads, bf16 on AMX:", rayon::current_num_threads());
+    for (m, k, n, la, lb) in
+        [(2048, 384, 1152, N, N), (2048, 1152, 384, N, T), (384, 2048, 1152, T, N), (2048, 384, 1536, N, N)]
+    {
+        let d = Dims { m, k, n };
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut out = vec![0.0f32; m * n];
+        let mut time = |bf16: bool| {
+            let mut best = f64::MAX;
+            for _ in 0..5 {
+                let start = std::time::Instant::now();
+                match bf16 {
+                    true => matmul_bf16(&a, la, &b, lb, &mut out, d, false),
+                    false => matmul(&a, la, &b, lb, &mut out, d, false),
+                }
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            2.0 * (m * n * k) as f64 / best / 1e9
+        };
+        let (f32_rate, bf16_rate) = (time(false), time(true));
+        println!(
+            "  {m}x{k}x{n} {la:?}/{lb:?}: f32 {f32_rate:.0} GFLOP/s, bf16 {bf16_rate:.0} GFLOP/s ({:.1}x)",
+            bf16_rate / f32_rate
+        );
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

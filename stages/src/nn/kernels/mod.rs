@@ -8,6 +8,7 @@
 pub mod activation;
 pub mod adamw;
 pub mod attention;
+pub mod bf16;
 pub mod bias;
 pub mod cross_entropy;
 pub mod distill;
