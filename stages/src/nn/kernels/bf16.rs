@@ -9,14 +9,10 @@
 //!
 //! Not yet used by training: the kernel a `bf16` option of the training stages will run.
 
-use rayon::prelude::*;
-
 use crate::nn::kernels::matmul::{Dims, Layout};
 
 /// k per block: one tile of 16 pairs.
 pub const K_BLOCK: usize = 32;
-/// Rows and columns of an output tile.
-const TILE: usize = 16;
 
 /// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
 pub fn to_bf16(x: f32) -> u16 {
@@ -90,7 +86,7 @@ fn check(a: &[f32], b: &[f32], out: &[f32], d: Dims) {
 /// If a slice's length does not match its dimensions.
 pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
     check(a, b, out, d);
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if amx() && d.k > 0 {
         tiles::matmul(a, la, b, lb, out, d, accumulate);
         return;
@@ -98,23 +94,28 @@ pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32]
     matmul_bf16_reference(a, la, b, lb, out, d, accumulate);
 }
 
-/// Whether products run on AMX: the CPU has AMX-BF16, Linux granted the tile state, and
-/// `TINYGPT_SIMD` does not ask for portable kernels. Decided once per process.
+/// Whether products run on AMX: the CPU has AMX-BF16, Linux granted the tile state (other
+/// systems ask for it differently, not done here), and `TINYGPT_SIMD` does not ask for
+/// portable kernels. Decided once per process.
 pub fn amx() -> bool {
-    #[cfg(target_arch = "x86_64")]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     {
         static AMX: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *AMX.get_or_init(|| crate::nn::kernels::isa() != crate::nn::kernels::Isa::Portable && tiles::available())
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     false
 }
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod tiles {
     use super::*;
+    use rayon::prelude::*;
     use std::arch::asm;
     use std::cell::Cell;
+
+    /// Rows and columns of an output tile.
+    const TILE: usize = 16;
 
     /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile data state.
     pub fn available() -> bool {
