@@ -87,7 +87,7 @@ fn check(a: &[f32], b: &[f32], out: &[f32], d: Dims) {
 pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
     check(a, b, out, d);
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-    if amx() && d.k > 0 {
+    if amx() && d.m > 0 && d.n > 0 && d.k > 0 {
         tiles::matmul(a, la, b, lb, out, d, accumulate);
         return;
     }
@@ -288,7 +288,7 @@ mod tests {
             return;
         }
         let tiny = |n: usize, seed: u64| random(n, seed).into_iter().map(|v| v * 1e-19).collect::<Vec<f32>>();
-        for (m, k, n) in [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70)] {
+        for (m, k, n) in [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70), (0, 3, 2), (2, 0, 3)] {
             let d = Dims { m, k, n };
             for small in [false, true] {
                 let (a, b) = match small {
