@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 
-use crate::util::{artifact, assert_success, interrupt_run, key, ran, shared_data, stage, Sandbox};
+use crate::util::{artifact, assert_success, interrupt_run, key, poll_until, ran, shared_data, stage, Sandbox};
 
 fn weights(sb: &Sandbox, run: &Value) -> Vec<u8> {
     std::fs::read(artifact(sb, run, "pretrain").join("model.safetensors")).unwrap()
@@ -159,7 +159,6 @@ fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
 /// the state (a run holds its family), and the run must finish with it in place.
 #[test]
 fn gc_during_a_run_leaves_the_family_the_run_uses() {
-    use std::time::{Duration, Instant};
     let sb = Sandbox::new();
     let text = std::fs::read_to_string(sb.path("train.toml")).unwrap();
     let long = "max_steps = 3000\nschedule = \"wsd\"\neval_interval = 0\n";
@@ -171,14 +170,7 @@ fn gc_during_a_run_leaves_the_family_the_run_uses() {
         let mut states = std::fs::read_dir(&family).ok()?.filter_map(|e| e.ok()).map(|e| e.path());
         states.find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
     };
-    let start = Instant::now();
-    let state = loop {
-        if let Some(state) = state() {
-            break state;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no family state appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let state = poll_until("family state", state);
     assert_success(&sb.tinygpt(&["cache", "gc", "wsd.toml", "--keep-runs", "0"]));
     assert!(child.try_wait().unwrap().is_none(), "the run finished before gc; make it longer");
     assert!(state.exists(), "gc removed the family state of a running stage");

@@ -126,13 +126,26 @@ pub fn shared_data() -> Option<PathBuf> {
     }
 }
 
+/// What `found` finds, asked every 2 ms for up to two minutes (then a failure naming `what`).
+pub fn poll_until<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
+    use std::time::{Duration, Instant};
+    let start = Instant::now();
+    loop {
+        if let Some(x) = found() {
+            return x;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "no {what} appeared");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Start `tinygpt run RECIPE ARGS`, wait for a training checkpoint to appear in the store's
 /// `work/` (the stages before it must be cached already, or have published theirs), send
 /// `sig` (`-INT` or `-KILL`) and wait for the process. Returns the key of the interrupted stage
 /// and the exit status.
 pub fn interrupt_run(sb: &Sandbox, recipe: &str, args: &[&str], sig: &str) -> (String, std::process::ExitStatus) {
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
     let mut child =
         sb.command().args(["run", recipe]).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     // A stage's key depends on upstream outputs, so find it by its checkpoint.
@@ -140,14 +153,7 @@ pub fn interrupt_run(sb: &Sandbox, recipe: &str, args: &[&str], sig: &str) -> (S
         let dirs = std::fs::read_dir(sb.store().join("work")).ok()?;
         dirs.filter_map(|d| d.ok()).map(|d| d.path()).find(|d| d.join("checkpoint.safetensors").exists())
     };
-    let start = Instant::now();
-    let work = loop {
-        if let Some(dir) = checkpoint_dir() {
-            break dir;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let work = poll_until("checkpoint", checkpoint_dir);
     let key = work.file_name().unwrap().to_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(50));
     let status = std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap();

@@ -3,11 +3,11 @@
 //!
 //! - Throughput of one thread on operands in L1: a 12 x 32 f32 FMA micro-tile (AVX-512F), the
 //!   same tile with AVX512-BF16's `vdpbf16ps`, and AMX's `tdpbf16ps` on 2 x 2 tiles of 16 x 16.
-//! - `tdpbf16ps` on random tiles against its emulation in plain f32: the even and the odd bf16
-//!   of each pair in two FMA chains from zero over the tile's 16 pairs, then
-//!   `dest + (even + odd)`, with bf16 and destination denormals read as zero and every result's
-//!   denormals flushed. Once with values of ordinary size, once near and below f32's normal
-//!   range.
+//! - `tdpbf16ps` on random tiles (through `kernels::bf16` on AMX) against its emulation in
+//!   plain f32, `kernels::bf16`'s reference: the even and the odd bf16 of each pair in two FMA
+//!   chains from zero over the tile's 16 pairs, then `dest + (even + odd)`, with bf16 and
+//!   destination denormals read as zero and every result's denormals flushed. Once with values
+//!   of ordinary size, once near and below f32's normal range.
 //!
 //! - Whole products of the gpt2-6x384 step's shapes on every thread: f32 (`kernels::matmul`)
 //!   against bf16 (`kernels::bf16` on AMX).
@@ -66,6 +66,9 @@ mod x86 {
     use std::arch::x86_64::*;
     use std::time::Instant;
 
+    use stages::nn::kernels::bf16::{amx, matmul_bf16, matmul_bf16_reference};
+    use stages::nn::kernels::matmul::{Dims, Layout};
+
     const MR: usize = 12;
     const NR: usize = 32;
     const KC: usize = 256;
@@ -87,12 +90,8 @@ mod x86 {
                 println!("SKIPPED: no AVX512-BF16");
             }
         }
-        if !has_amx_bf16() {
-            println!("SKIPPED: no AMX-BF16 on this CPU");
-            return;
-        }
-        if !amx_allowed() {
-            println!("SKIPPED: the kernel refused the AMX tile state (arch_prctl)");
+        if !amx() {
+            println!("SKIPPED: no AMX-BF16 on this CPU, or Linux refused the tile state");
             return;
         }
         let amx = best_of_3(|| unsafe { time_amx() });
@@ -105,27 +104,6 @@ mod x86 {
 
     fn best_of_3(f: impl Fn() -> f64) -> f64 {
         (0..3).map(|_| f()).fold(0.0, f64::max)
-    }
-
-    /// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-BF16 (EDX bit 22).
-    fn has_amx_bf16() -> bool {
-        let edx = __cpuid_count(7, 0).edx;
-        edx & (1 << 24) != 0 && edx & (1 << 22) != 0
-    }
-
-    /// Linux hands a process the AMX tile state only when asked (ARCH_REQ_XCOMP_PERM for
-    /// XFEATURE_XTILEDATA).
-    fn amx_allowed() -> bool {
-        const SYS_ARCH_PRCTL: i64 = 158;
-        const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
-        const XFEATURE_XTILEDATA: i64 = 18;
-        let ret: i64;
-        // SAFETY: a plain system call; it changes only this process's permissions.
-        unsafe {
-            asm!("syscall", inlateout("rax") SYS_ARCH_PRCTL => ret, in("rdi") ARCH_REQ_XCOMP_PERM,
-                 in("rsi") XFEATURE_XTILEDATA, lateout("rcx") _, lateout("r11") _);
-        }
-        ret == 0
     }
 
     #[target_feature(enable = "avx512f")]
@@ -241,47 +219,6 @@ mod x86 {
         gflops(4 * 16 * 16 * 32 * calls, start.elapsed().as_secs_f64())
     }
 
-    /// `dest (16 x 16 f32) += a (16 x 32 bf16) b (16 pairs x 16 x 2 bf16)` on AMX.
-    fn tdpbf16ps(dest: &mut [f32; 256], a: &Tile, b: &Tile) {
-        let cfg = config(3);
-        // SAFETY: the OS granted the tile state; each operand is 16 rows of 64 bytes.
-        unsafe {
-            asm!("ldtilecfg [{}]", in(reg) cfg.0.as_ptr());
-            asm!(
-                "tileloadd tmm0, [{c} + {s}]",
-                "tileloadd tmm1, [{a} + {s}]",
-                "tileloadd tmm2, [{b} + {s}]",
-                "tdpbf16ps tmm0, tmm1, tmm2",
-                "tilestored [{c} + {s}], tmm0",
-                c = in(reg) dest.as_mut_ptr(), a = in(reg) a.0.as_ptr(), b = in(reg) b.0.as_ptr(),
-                s = in(reg) 64usize,
-            );
-            asm!("tilerelease");
-        }
-    }
-
-    fn flush(x: f32) -> f32 {
-        if x.is_subnormal() {
-            0.0f32.copysign(x)
-        } else {
-            x
-        }
-    }
-
-    fn bf16(x: u16) -> f32 {
-        flush(f32::from_bits((x as u32) << 16))
-    }
-
-    /// The emulation (see the file's comment) of output (m, n).
-    fn emulate(dest: f32, a: &Tile, b: &Tile, m: usize, n: usize) -> f32 {
-        let (mut even, mut odd) = (0.0f32, 0.0f32);
-        for k in 0..16 {
-            even = flush(bf16(a.0[m * 32 + 2 * k]).mul_add(bf16(b.0[k * 32 + 2 * n]), even));
-            odd = flush(bf16(a.0[m * 32 + 2 * k + 1]).mul_add(bf16(b.0[k * 32 + 2 * n + 1]), odd));
-        }
-        flush(flush(dest) + flush(even + odd))
-    }
-
     /// Outputs equal to the emulation's, of all outputs, over 200 random tiles.
     fn compare_with_emulation(small: bool) -> (usize, usize) {
         let mut state = if small { 0x9e37_79b9_7f4a_7c15u64 } else { 0x1234_5678_9abc_def0 };
@@ -292,32 +229,36 @@ mod x86 {
             state
         };
         let (mut same, mut total) = (0, 0);
+        let d = Dims { m: 16, k: 32, n: 16 };
         for _ in 0..200 {
-            let (mut a, mut b) = (Tile([0; 512]), Tile([0; 512]));
-            for v in a.0.iter_mut().chain(b.0.iter_mut()) {
-                let r = next();
-                // Biased exponents 112..141 (2^-15 .. 2^14), or 0..80 (denormals and products
-                // below f32's normal range); random sign and mantissa.
-                let exp = if small { (r % 81) as u16 } else { 112 + (r % 30) as u16 };
-                *v = ((r >> 8) as u16 & 0x8000) | (exp << 7) | ((r >> 20) as u16 & 0x7f);
-            }
-            let mut dest = [0.0f32; 256];
-            for v in dest.iter_mut() {
-                let r = next();
-                *v = if small {
-                    f32::from_bits(((r >> 3) as u32 & 0x8000_0000) | (r % 0x0180_0000) as u32)
-                } else {
-                    (r % 2000) as f32 / 7.0 - 140.0
-                };
-            }
-            let mut got = dest;
-            tdpbf16ps(&mut got, &a, &b);
-            for m in 0..16 {
-                for n in 0..16 {
-                    total += 1;
-                    same += (got[m * 16 + n].to_bits() == emulate(dest[m * 16 + n], &a, &b, m, n).to_bits()) as usize;
-                }
-            }
+            // bf16 values as f32 (rounding them to bf16 again changes nothing): biased exponents
+            // 112..141 (2^-15 .. 2^14), or 0..80 (denormals and products below f32's normal
+            // range); random sign and mantissa.
+            let mut operand = |len: usize| -> Vec<f32> {
+                (0..len)
+                    .map(|_| {
+                        let r = next();
+                        let exp = if small { (r % 81) as u32 } else { 112 + (r % 30) as u32 };
+                        let bits = ((r >> 8) as u32 & 0x8000) | (exp << 7) | ((r >> 20) as u32 & 0x7f);
+                        f32::from_bits(bits << 16)
+                    })
+                    .collect()
+            };
+            let (a, b) = (operand(d.m * d.k), operand(d.k * d.n));
+            let dest: Vec<f32> = (0..d.m * d.n)
+                .map(|_| {
+                    let r = next();
+                    match small {
+                        true => f32::from_bits(((r >> 3) as u32 & 0x8000_0000) | (r % 0x0180_0000) as u32),
+                        false => (r % 2000) as f32 / 7.0 - 140.0,
+                    }
+                })
+                .collect();
+            let (mut got, mut want) = (dest.clone(), dest);
+            matmul_bf16(&a, Layout::Normal, &b, Layout::Normal, &mut got, d, true);
+            matmul_bf16_reference(&a, Layout::Normal, &b, Layout::Normal, &mut want, d, true);
+            total += got.len();
+            same += got.iter().zip(&want).filter(|(x, y)| x.to_bits() == y.to_bits()).count();
         }
         (same, total)
     }

@@ -6,6 +6,11 @@ pub fn random(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.unit() as f32 * 2.0 - 1.0).collect()
 }
 
+/// `f` on a fresh pool of `threads` threads.
+pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+}
+
 /// Central differences of `loss` around `x`, each coordinate moved by 0.01. The loss is
 /// evaluated in f32, so the result is good to about 1e-4 absolute.
 fn numeric_gradient(x: &[f32], mut loss: impl FnMut(&[f32]) -> f64) -> Vec<f64> {

@@ -166,6 +166,7 @@ impl Schedule {
 mod tests {
     use super::*;
     use crate::nn::batch::Batch;
+    use crate::nn::gradcheck::on_threads;
     use crate::nn::loss::cross_entropy;
     use crate::nn::model::{Activations, Model, ModelConfig};
     use crate::nn::params::Tensor;
@@ -224,8 +225,7 @@ mod tests {
 
     /// `steps` AdamW steps on one fixed batch; returns the losses and the final parameters.
     fn train(cfg: ModelConfig, steps: u32, threads: usize) -> (Vec<f32>, ParamMap) {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| {
+        on_threads(threads, || {
             let (b, t) = (2, cfg.block_size);
             let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % cfg.vocab_size) as u32).collect();
             let targets: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % cfg.vocab_size) as u32).collect();

@@ -234,7 +234,7 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::random;
+    use crate::nn::gradcheck::{on_threads, random};
 
     #[test]
     fn rounding_to_bf16_is_to_nearest_even() {
@@ -316,9 +316,8 @@ mod tests {
         let d = Dims { m: 70, k: 90, n: 50 };
         let (a, b) = (random(d.m * d.k, 6), random(d.k * d.n, 7));
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut out = vec![0.0; d.m * d.n];
-            pool.install(|| matmul_bf16(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
+            on_threads(threads, || matmul_bf16(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
             out
         };
         assert!(run(1).iter().zip(&run(2)).all(|(x, y)| x.to_bits() == y.to_bits()));

@@ -253,7 +253,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::random;
+    use crate::nn::gradcheck::{on_threads, random};
     use crate::nn::kernels::matmul::{matmul_naive, Dims, Layout};
 
     /// The blocked kernels compute each output as the plain loops do, bit for bit: (out, in)
@@ -315,9 +315,8 @@ mod tests {
                 let mut want = vec![0.0f32; rows * n];
                 matmul_naive(&x, Layout::Normal, &w, layout, &mut want, d, false);
                 let run = |threads: usize| {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     let mut out = vec![f32::NAN; rows * n];
-                    pool.install(|| f(&x, rows, &w, &mut out));
+                    on_threads(threads, || f(&x, rows, &w, &mut out));
                     out
                 };
                 let (one, two) = (run(1), run(2));

@@ -92,7 +92,7 @@ pub fn matmul_naive(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::random;
+    use crate::nn::gradcheck::{on_threads, random};
 
     #[test]
     fn matches_the_reference_in_every_layout() {
@@ -141,9 +141,8 @@ mod tests {
         let d = Dims { m: 300, k: 96, n: 80 };
         let (a, b) = (random(d.m * d.k, 4), random(d.k * d.n, 5));
         let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut out = vec![0.0; d.m * d.n];
-            pool.install(|| matmul(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
+            on_threads(threads, || matmul(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
             out
         };
         let (one, two) = (run(1), run(2));

@@ -221,7 +221,7 @@ fn tiled(x: &[f32], rows: usize, w: &QMatrix, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::random;
+    use crate::nn::gradcheck::{on_threads, random};
     use crate::nn::kernels::matmul::matmul_naive;
     use crate::nn::quant::{rtn, Scheme};
 
@@ -230,10 +230,6 @@ mod tests {
         let d = Dims { m: rows, k: w.cols, n: w.rows };
         matmul_naive(x, Layout::Normal, &w.dequantize(), Layout::Transposed, &mut out, d, false);
         out
-    }
-
-    fn pool(threads: usize) -> rayon::ThreadPool {
-        rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
     }
 
     /// One row (four outputs at a time) gets the bits each output gets among several rows
@@ -263,7 +259,7 @@ mod tests {
                 let want = reference(&x, rows, &w);
                 let run = |threads: usize| {
                     let mut out = vec![f32::NAN; rows * n];
-                    pool(threads).install(|| qmatmul(&x, rows, &w, &mut out));
+                    on_threads(threads, || qmatmul(&x, rows, &w, &mut out));
                     out
                 };
                 let (one, two) = (run(1), run(2));
