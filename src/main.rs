@@ -640,7 +640,11 @@ fn stage_reference(registry: &Registry) -> String {
                 p.name,
                 p.type_name().replace('|', "\\|"),
                 default,
-                if p.hashed { "yes" } else { "no" },
+                match (p.hashed, p.keyed_at_default) {
+                    (false, _) => "no",
+                    (true, true) => "yes",
+                    (true, false) => "when set",
+                },
                 p.doc
             ));
         }

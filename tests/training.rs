@@ -154,6 +154,37 @@ fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
     }
 }
 
+/// `precision = "bf16"` rounds the weight products' operands to bf16 (AMX-BF16's arithmetic):
+/// the same bits on 1 and 2 threads and with the portable kernels (the plain emulation, where
+/// AMX would otherwise run), other bits than f32 but a validation loss within 2% of it, and a
+/// key of its own, while the default leaves `precision` out of the key so that caches made
+/// before the parameter existed stay valid.
+#[test]
+fn bf16_training_has_one_set_of_bits_and_the_loss_of_f32() {
+    let bf16 = ["--set", "pretrain.precision=bf16"];
+    let (one, e1) = train_with(&[("RAYON_NUM_THREADS", "1")], &bf16);
+    let (two, e2) = train_with(&[("RAYON_NUM_THREADS", "2")], &bf16);
+    let (portable, e3) = train_with(&[("TINYGPT_SIMD", "portable")], &bf16);
+    assert!(one == two, "bf16 weights differ between 1 and 2 threads");
+    assert!(one == portable, "bf16 weights differ with TINYGPT_SIMD=portable");
+    assert_eq!((&e1, &e1), (&e2, &e3));
+    let (full, e_full) = train_with(&[], &[]);
+    assert!(full != one, "bf16 trained the bits of f32: its products did not run in bf16");
+    let loss = |e: &str| serde_json::from_str::<Value>(e).unwrap()["val_loss"].as_f64().unwrap();
+    let (l16, l32) = (loss(&e1), loss(&e_full));
+    assert!((l16 - l32).abs() <= 0.02 * l32, "validation loss bf16 {l16} vs f32 {l32}");
+
+    let sb = Sandbox::new();
+    let default = sb.run_json("train.toml", &[]);
+    let params = |run: &Value| sb.manifest(&key(run, "pretrain"))["meta"]["preimage"]["params"].clone();
+    assert!(params(&default).get("precision").is_none(), "{}", params(&default));
+    let explicit = sb.run_json("train.toml", &["--set", "pretrain.precision=f32"]);
+    assert!(ran(&explicit).is_empty(), "f32 set explicitly is the default: {explicit}");
+    let other = sb.run_json("train.toml", &bf16);
+    assert_eq!(params(&other)["precision"], "\"bf16\"");
+    assert_ne!(key(&other, "pretrain"), key(&default, "pretrain"));
+}
+
 /// `cache gc` while a warmup-stable-decay run is in its decay: the family's state is written,
 /// but the run's own artifact, which will name the family, is not published yet. gc must leave
 /// the state (a run holds its family), and the run must finish with it in place.

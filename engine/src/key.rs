@@ -43,7 +43,7 @@ impl Preimage {
         let params = stage
             .params
             .iter()
-            .filter(|(name, _)| spec.iter().any(|p| p.name == *name && p.hashed))
+            .filter(|(name, value)| spec.iter().any(|p| p.name == *name && p.in_key(value)))
             .map(|(name, value)| (name.to_string(), value.to_string()))
             .collect();
         Preimage {

@@ -38,18 +38,41 @@ pub struct ParamSpec {
     /// Whether the value enters the cache key. Only settings that cannot change the output
     /// bytes (progress display, thread count) are left out.
     pub hashed: bool,
+    /// Whether the value enters the key when it equals the default ([`ParamSpec::keyed_when_set`]).
+    pub keyed_at_default: bool,
     pub doc: &'static str,
 }
 
 impl ParamSpec {
     pub const fn int(name: &'static str, default: i64, min: i64, max: i64, doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::Int { min, max }, default: Default::Int(default), hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Int { min, max },
+            default: Default::Int(default),
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     pub const fn float(name: &'static str, default: f64, min: f64, max: f64, doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::Float { min, max }, default: Default::Float(default), hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Float { min, max },
+            default: Default::Float(default),
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     pub const fn bool(name: &'static str, default: bool, doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::Bool, default: Default::Bool(default), hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Bool,
+            default: Default::Bool(default),
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     pub const fn choice(
         name: &'static str,
@@ -57,30 +80,70 @@ impl ParamSpec {
         options: &'static [&'static str],
         doc: &'static str,
     ) -> Self {
-        ParamSpec { name, ty: ParamType::Choice(options), default: Default::Str(default), hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Choice(options),
+            default: Default::Str(default),
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     pub const fn string(name: &'static str, default: Option<&'static str>, doc: &'static str) -> Self {
         let default = match default {
             Some(s) => Default::Str(s),
             None => Default::Absent,
         };
-        ParamSpec { name, ty: ParamType::Str, default, hashed: true, doc }
+        ParamSpec { name, ty: ParamType::Str, default, hashed: true, keyed_at_default: true, doc }
     }
     pub const fn str_list(name: &'static str, default: &'static [&'static str], doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::StrList, default: Default::StrList(default), hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::StrList,
+            default: Default::StrList(default),
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     /// An optional integer with no default.
     pub const fn opt_int(name: &'static str, min: i64, max: i64, doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::Int { min, max }, default: Default::Absent, hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Int { min, max },
+            default: Default::Absent,
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     /// An optional number with no default.
     pub const fn opt_float(name: &'static str, min: f64, max: f64, doc: &'static str) -> Self {
-        ParamSpec { name, ty: ParamType::Float { min, max }, default: Default::Absent, hashed: true, doc }
+        ParamSpec {
+            name,
+            ty: ParamType::Float { min, max },
+            default: Default::Absent,
+            hashed: true,
+            keyed_at_default: true,
+            doc,
+        }
     }
     /// Mark a parameter as not part of the cache key.
     pub const fn not_hashed(mut self) -> Self {
         self.hashed = false;
         self
+    }
+    /// A parameter added after a stage's outputs were first cached, whose default computes
+    /// what the stage computed before it existed: at its default it stays out of the key, so
+    /// existing caches stay valid. Changing such a default changes outputs, so it comes with a
+    /// new stage version, as any change of output does.
+    pub const fn keyed_when_set(mut self) -> Self {
+        self.keyed_at_default = false;
+        self
+    }
+    /// Whether `value` of this parameter enters the cache key.
+    pub fn in_key(&self, value: &ParamValue) -> bool {
+        self.hashed && (self.keyed_at_default || self.default_value().as_ref() != Some(value))
     }
 
     pub fn default_value(&self) -> Option<ParamValue> {
@@ -277,5 +340,14 @@ mod tests {
         assert_eq!(err, "expected number in [0, 10], found string \"fast\"");
         let choice = ParamSpec::choice("algorithm", "bpe", &["byte", "bpe"], "");
         assert!(choice.convert(&toml::Value::String("wordpiece".into())).unwrap_err().contains("one of \"byte\""));
+    }
+
+    #[test]
+    fn a_parameter_keyed_when_set_stays_out_of_the_key_at_its_default() {
+        let precision = ParamSpec::choice("precision", "f32", &["f32", "bf16"], "").keyed_when_set();
+        assert!(!precision.in_key(&ParamValue::Str("f32".into())));
+        assert!(precision.in_key(&ParamValue::Str("bf16".into())));
+        assert!(LR.in_key(&ParamValue::Float(1e-3)), "an ordinary parameter is keyed at its default");
+        assert!(!LR.not_hashed().in_key(&ParamValue::Float(0.5)));
     }
 }

@@ -60,7 +60,7 @@ const OWN_PARAMS: [ParamSpec; 8] = [
 ];
 
 const PARAMS: &[ParamSpec] =
-    &concat_params::<18, 19, 37>(concat_params::<8, 10, 18>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
+    &concat_params::<18, 20, 38>(concat_params::<8, 10, 18>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {

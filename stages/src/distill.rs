@@ -44,7 +44,7 @@ const KD_PARAMS: [ParamSpec; 4] = [
 ];
 
 const OWN_PARAMS: [ParamSpec; 15] = concat_params::<4, 11, 15>(KD_PARAMS, MODEL_PARAMS);
-const PARAMS: &[ParamSpec] = &concat_params::<15, 19, 34>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<15, 20, 35>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {

@@ -68,7 +68,7 @@ const OWN_PARAMS: [ParamSpec; 12] = concat_params::<11, 1, 12>(
     )],
 );
 
-const PARAMS: &[ParamSpec] = &concat_params::<12, 19, 31>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<12, 20, 32>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] =
     &[InputSpec { name: "data", accepts: Accepts::Artifact(&[PACKED]), required: true, doc: "a `pack` stage" }];

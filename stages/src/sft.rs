@@ -59,7 +59,7 @@ const OWN_PARAMS: [ParamSpec; 6] = [
 ];
 
 const PARAMS: &[ParamSpec] =
-    &concat_params::<16, 19, 35>(concat_params::<6, 10, 16>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
+    &concat_params::<16, 20, 36>(concat_params::<6, 10, 16>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {

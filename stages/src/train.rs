@@ -14,6 +14,7 @@ use serde_json::json;
 use crate::checkpoint::{DataPos, Progress, TrainState};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
+use crate::nn::linear::Precision;
 use crate::nn::model::{Activations, Model};
 use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
 use crate::nn::params::ParamMap;
@@ -71,11 +72,13 @@ pub struct TrainSpec {
     pub checkpoint_interval: u64,
     /// Keep only each block's input in forward and run the block again in backward.
     pub activation_checkpointing: bool,
+    /// The arithmetic of the weight products, in training and its validation.
+    pub precision: Precision,
 }
 
 /// The optimizer, schedule and logging parameters of every training stage; a stage's own
 /// table is its parameters followed by these ([`crate::concat_params`]).
-pub const TRAIN_PARAMS: [ParamSpec; 19] = [
+pub const TRAIN_PARAMS: [ParamSpec; 20] = [
         ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
         ParamSpec::int("batch_size", 12, 1, 1 << 20, "sequences per micro-batch"),
         ParamSpec::int("grad_accum", 1, 1, 1 << 16, "micro-batches per optimizer step"),
@@ -119,6 +122,13 @@ pub const TRAIN_PARAMS: [ParamSpec; 19] = [
             "keep only each block's input and recompute the block in backward: far less memory for a third more arithmetic, the same bits",
         )
         .not_hashed(),
+        ParamSpec::choice(
+            "precision",
+            "f32",
+            &["f32", "bf16"],
+            "the weight products' operands: `bf16` rounds them to bfloat16 and accumulates in f32 as AMX does (fast on CPUs with AMX, emulated bit for bit elsewhere); weights, gradients and AdamW stay f32",
+        )
+        .keyed_when_set(),
     ];
 
 /// The learning-rate schedule the parameters ask for.
@@ -171,6 +181,7 @@ impl TrainSpec {
             log_interval: p.int("log_interval") as u64,
             checkpoint_interval: p.int("checkpoint_interval") as u64,
             activation_checkpointing: p.bool("activation_checkpointing"),
+            precision: Precision::parse(p.str("precision")).expect("a declared choice"),
         }
     }
 }
@@ -206,6 +217,7 @@ pub fn train(
     data: &mut dyn TrainData,
 ) -> Result<Outcome, StageError> {
     let Trainee { model, fresh, mut grads, opts } = trainee;
+    let model = model.with_precision(spec.precision);
     let resumed = TrainState::load(ctx.work_dir(), &fresh, &grads)?;
     let resumed_from = resumed.as_ref().map(|s| s.progress.step);
     // Under warmup-stable-decay: the family directory, and the step whose state it shares.

@@ -13,6 +13,7 @@
 //! `|W_o|^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T`.
 
 use crate::nn::config::WeightLayout;
+use crate::nn::kernels::bf16::matmul_bf16;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::gemv;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
@@ -115,6 +116,38 @@ pub(crate) struct AdapterScratch<'a> {
     pub(crate) dx_drop: &'a mut [f32],
 }
 
+/// The arithmetic of a layer's weight products: its forward product and both products of
+/// backward. Adapters, attention and everything else stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands and accumulation.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32 as AMX-BF16 does
+    /// ([`crate::nn::kernels::bf16`]); weights, gradients and the optimizer stay f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name a recipe gives it.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// `out = [out +] op(a) @ op(b)` in this precision.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(self, a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+        match self {
+            Precision::F32 => matmul(a, la, b, lb, out, d, accumulate),
+            Precision::Bf16 => matmul_bf16(a, la, b, lb, out, d, accumulate),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Linear {
     pub(crate) w: ParamId,
@@ -125,6 +158,7 @@ pub(crate) struct Linear {
     pub(crate) adapter: Option<Adapter>,
     /// The layer's place in its block: where its adapter's buffers are.
     pub(crate) slot: usize,
+    pub(crate) precision: Precision,
 }
 
 impl Linear {
@@ -150,9 +184,9 @@ impl Linear {
             return qmatmul(x, rows, q, out);
         }
         match self.layout {
-            _ if rows > gemv::MAX_ROWS => {
+            _ if rows > gemv::MAX_ROWS || self.precision != Precision::F32 => {
                 let d = Dims { m: rows, k: self.cin, n: self.cout };
-                matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
+                self.precision.matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
             }
             WeightLayout::OutIn => gemv::rows_times_out_in(x, rows, p.at(self.w), out),
             WeightLayout::InOut => gemv::rows_times_in_out(x, rows, p.at(self.w), out),
@@ -258,16 +292,17 @@ impl Linear {
             WeightLayout::OutIn => Layout::Normal,
             WeightLayout::InOut => Layout::Transposed,
         };
-        matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, Dims { m: rows, k: cout, n: cin }, add_dx);
+        let prec = self.precision;
+        prec.matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, Dims { m: rows, k: cout, n: cin }, add_dx);
         if !g.at(self.w).is_empty() {
             match self.layout {
                 WeightLayout::OutIn => {
                     let d = Dims { m: cout, k: rows, n: cin };
-                    matmul(dout, Layout::Transposed, x, Layout::Normal, g.at_mut(self.w), d, true);
+                    prec.matmul(dout, Layout::Transposed, x, Layout::Normal, g.at_mut(self.w), d, true);
                 }
                 WeightLayout::InOut => {
                     let d = Dims { m: cin, k: rows, n: cout };
-                    matmul(x, Layout::Transposed, dout, Layout::Normal, g.at_mut(self.w), d, true);
+                    prec.matmul(x, Layout::Transposed, dout, Layout::Normal, g.at_mut(self.w), d, true);
                 }
             }
         }
@@ -334,7 +369,16 @@ mod tests {
             magnitude: dora.then(|| p.id("m").unwrap()),
             dropout,
         };
-        let lin = Linear { w: p.id("w").unwrap(), b: p.id("b"), cin, cout, layout, adapter: Some(ad), slot: 0 };
+        let lin = Linear {
+            w: p.id("w").unwrap(),
+            b: p.id("b"),
+            cin,
+            cout,
+            layout,
+            adapter: Some(ad),
+            slot: 0,
+            precision: Precision::F32,
+        };
         (lin, p)
     }
 
@@ -455,5 +499,50 @@ mod tests {
         assert_eq!(out, forward(&plain, &p, &x, rows).0, "without a seed (evaluation) nothing drops");
         assert_ne!(out, dropped);
         assert_eq!(forward(&lin, &p, &x, rows).0, dropped, "the mask is a function of the seed");
+    }
+
+    /// A bf16 layer's forward product and both backward products are those of the operands
+    /// rounded to bf16, summed exactly up to f32 rounding; the bias stays f32.
+    #[test]
+    fn a_bf16_layer_multiplies_rounded_operands() {
+        use crate::nn::kernels::bf16::{from_bf16, to_bf16};
+        let r = |v: f32| from_bf16(to_bf16(v)) as f64;
+        let (cin, cout, rows) = (5, 4, 3);
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            let (lin, p) = layer(layout, false);
+            let lin = Linear { adapter: None, precision: Precision::Bf16, ..lin };
+            let w = |i: usize, o: usize| {
+                let w = p.get("w");
+                r(if layout == WeightLayout::OutIn { w[o * cin + i] } else { w[i * cout + o] })
+            };
+            let (x, dout) = (random(rows * cin, 9), random(rows * cout, 10));
+            let mut out = vec![0.0; rows * cout];
+            lin.forward(&p, &x, &mut out, rows, &mut AdapterActs::default());
+            let mut g = p.zeros_like_trainable(|n| n == "w" || n == "b");
+            let mut dx = vec![0.0; rows * cin];
+            let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [] };
+            lin.backward(&p, &mut g, &dout, &x, &AdapterActs::default(), &mut scratch, &mut dx, rows, false);
+            let close = |what: &str, got: f32, want: f64| {
+                assert!((got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{what} {layout:?}: {got} vs {want}");
+            };
+            for row in 0..rows {
+                for o in 0..cout {
+                    let want: f64 = (0..cin).map(|i| r(x[row * cin + i]) * w(i, o)).sum::<f64>();
+                    let bias = p.get("b")[o];
+                    close("forward", out[row * cout + o], (want as f32 + bias) as f64);
+                }
+                for i in 0..cin {
+                    let want: f64 = (0..cout).map(|o| r(dout[row * cout + o]) * w(i, o)).sum();
+                    close("dx", dx[row * cin + i], want);
+                }
+            }
+            for i in 0..cin {
+                for o in 0..cout {
+                    let want: f64 = (0..rows).map(|row| r(x[row * cin + i]) * r(dout[row * cout + o])).sum();
+                    let at = if layout == WeightLayout::OutIn { o * cin + i } else { i * cout + o };
+                    close("dW", g.get("w")[at], want);
+                }
+            }
+        }
     }
 }

@@ -22,7 +22,7 @@ use crate::nn::kernels::attention::{attention_backward, attention_forward, rope,
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
-use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
+use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear, Precision};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
@@ -174,6 +174,7 @@ impl Model {
                 layout: m.layout,
                 adapter,
                 slot: m.slot,
+                precision: Precision::F32,
             });
         }
         let lin = |l: usize, slot: usize| linears[l][slot].expect("the module table covers every slot of the arch");
@@ -226,6 +227,7 @@ impl Model {
             layout: WeightLayout::OutIn,
             adapter: None,
             slot: 0,
+            precision: Precision::F32,
         };
         Model { cfg, wte, wpe, blocks, norm_f, head }
     }
@@ -243,6 +245,15 @@ impl Model {
                 }
             });
         }
+        self
+    }
+
+    /// Every weight product (the blocks' linear layers and the output head) in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        for blk in &mut self.blocks {
+            blk.for_each_linear(|lin| lin.precision = precision);
+        }
+        self.head.precision = precision;
         self
     }
 

@@ -7,7 +7,8 @@
 //! the output read denormals as zero; every result flushes them. A bf16 product is exact in
 //! f32, so the chains are ordinary f32 arithmetic.
 //!
-//! Not yet used by training: the kernel a `bf16` option of the training stages will run.
+//! The training stages' `precision = "bf16"` runs every weight product here
+//! ([`crate::nn::linear::Precision`]).
 
 use crate::nn::kernels::matmul::{Dims, Layout};
 
