@@ -4,6 +4,7 @@
 
 use serde_json::{json, Map, Value};
 use stages::bench::{self, BenchModel, StepReport, Training};
+use stages::nn::linear::Precision;
 
 use crate::output;
 
@@ -99,9 +100,25 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
             "peak_gflops": full_peak,
             "step": r,
         });
+        // The weight products in bf16; MFU still against the f32 FMA peak.
+        let bf16 = bench::train_steps(&m, cores, Training { precision: Precision::Bf16, ..Training::default() });
+        let bf16_mfu = bf16.flops_per_token * bf16.tokens_per_s / 1e9 / full_peak;
+        out.text(format_args!(
+            "precision = \"bf16\" ({}): median {:.1} ms/step against {:.1} in f32 ({:.2}x), {:.0} tokens/s, \
+             MFU {:.0}% of the f32 peak; matmuls {:.1} ms against {:.1}",
+            if stages::nn::kernels::bf16::amx() { "AMX" } else { "emulated: no AMX here" },
+            bf16.step_spread[1] * 1e3,
+            r.step_spread[1] * 1e3,
+            r.step_spread[1] / bf16.step_spread[1],
+            bf16.tokens_per_s,
+            100.0 * bf16_mfu,
+            bf16.seconds_in("matmuls") * 1e3,
+            r.seconds_in("matmuls") * 1e3,
+        ));
+        model["bf16"] = json!({"step": bf16, "mfu": bf16_mfu, "amx": stages::nn::kernels::bf16::amx()});
         // Fine-tuning the same shape with LoRA: the weight gradients and the moments of the
         // frozen model go, the adapters' small products come.
-        let lora_r8 = Training { lora_rank: Some(8), checkpointed: false };
+        let lora_r8 = Training { lora_rank: Some(8), ..Training::default() };
         let lora = bench::train_steps(&m, cores, lora_r8);
         let lora_checkpointed = bench::train_steps(&m, cores, Training { checkpointed: true, ..lora_r8 });
         for (what, l) in [("", &lora), (" with activation checkpointing", &lora_checkpointed)] {

@@ -33,9 +33,18 @@ fn products() {
         return;
     }
     println!("whole products, {} threads, bf16 on AMX:", rayon::current_num_threads());
-    for (m, k, n, la, lb) in
-        [(2048, 384, 1152, N, N), (2048, 1152, 384, N, T), (384, 2048, 1152, T, N), (2048, 384, 1536, N, N)]
-    {
+    // gpt2-6x384's attention input, its gradient and weight gradient, and the MLP's input;
+    // shakespeare_char's the same, and its head.
+    for (m, k, n, la, lb) in [
+        (2048, 384, 1152, N, N),
+        (2048, 1152, 384, N, T),
+        (384, 2048, 1152, T, N),
+        (2048, 384, 1536, N, N),
+        (768, 128, 384, N, N),
+        (768, 384, 128, N, T),
+        (128, 768, 384, T, N),
+        (768, 128, 65, N, T),
+    ] {
         let d = Dims { m, k, n };
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();

@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
+use crate::nn::linear::Precision;
 use crate::nn::lora::{is_adapter, LoraConfig};
 use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
@@ -311,6 +312,13 @@ pub struct StepReport {
     pub needed_bytes: u64,
 }
 
+impl StepReport {
+    /// Seconds per step in one kind of kernel of the breakdown (0 if it has none).
+    pub fn seconds_in(&self, kind: &str) -> f64 {
+        self.breakdown.iter().find(|(k, _)| *k == kind).map_or(0.0, |(_, s)| *s)
+    }
+}
+
 /// Linux's peak resident set size, reset first so the figure covers only what follows. Memory
 /// freed earlier (the matmul benchmark, the previous model) is first handed back to the OS, or
 /// the new model would reuse it unseen and the growth would read too low.
@@ -497,16 +505,18 @@ fn median3(mut x: [f64; 3]) -> f64 {
 }
 
 /// How [`train_steps`] trains: every weight, or with `lora_rank` LoRA adapters of that rank on
-/// every linear layer of a frozen model; with `checkpointed`, activation checkpointing.
+/// every linear layer of a frozen model; with `checkpointed`, activation checkpointing; its
+/// weight products in `precision`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Training {
     pub lora_rank: Option<usize>,
     pub checkpointed: bool,
+    pub precision: Precision,
 }
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
 pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, checkpointed } = how;
+    let Training { lora_rank, checkpointed, precision } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
@@ -517,7 +527,8 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
         if let Some(lora) = &lora {
             lora.add(&cfg, &mut params, 2);
         }
-        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale));
+        let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
+            .with_precision(precision);
         let mut grads = match lora {
             Some(_) => params.zeros_like_trainable(is_adapter),
             None => params.zeros_like(),
@@ -641,12 +652,12 @@ mod tests {
             assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
         }
         // LoRA keeps the frozen weights but no gradients or moments for them.
-        let lora = train_steps(&m, 1, Training { lora_rank: Some(2), checkpointed: false });
+        let lora = train_steps(&m, 1, Training { lora_rank: Some(2), ..Training::default() });
         assert!(lora.needed_bytes < r.needed_bytes, "{} vs {}", lora.needed_bytes, r.needed_bytes);
         // Checkpointing holds one block's activations and every block's input (three layers).
         let deep = BenchModel { cfg: ModelConfig::gpt2(11, 8, 3, 2, 16, false), ..m };
-        let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: false });
-        let both = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: true });
+        let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), ..Training::default() });
+        let both = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: true, ..Training::default() });
         assert!(both.needed_bytes < lora.needed_bytes, "{} vs {}", both.needed_bytes, lora.needed_bytes);
     }
 }

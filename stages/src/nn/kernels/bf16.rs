@@ -15,14 +15,18 @@ use crate::nn::kernels::matmul::{Dims, Layout};
 /// k per block: one tile of 16 pairs.
 pub const K_BLOCK: usize = 32;
 
-/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN).
+/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN, made quiet). Branch-free, so
+/// that loops over it vectorize.
+#[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) | 0x40) as u16;
     if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
+        quiet_nan
+    } else {
+        rounded
     }
-    let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
 }
 
 /// `x` with a denormal replaced by a zero of its sign.
@@ -86,6 +90,7 @@ fn check(a: &[f32], b: &[f32], out: &[f32], d: Dims) {
 /// # Panics
 /// If a slice's length does not match its dimensions.
 pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
     check(a, b, out, d);
     #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
     if amx() && d.m > 0 && d.n > 0 && d.k > 0 {
@@ -113,13 +118,22 @@ mod tiles {
     use super::*;
     use rayon::prelude::*;
     use std::arch::asm;
+    use std::arch::x86_64::*;
     use std::cell::Cell;
 
-    /// Rows and columns of an output tile.
+    /// Rows and columns of an output tile; the kernel computes 2 x 2 of them at a time.
     const TILE: usize = 16;
+    const BLOCK: usize = 2 * TILE;
+    /// Bytes of packed b per k chunk, at most (one k block of every column tile): what stays
+    /// in L2 while every row block of the output passes over it.
+    const CHUNK_BYTES: usize = 1 << 20;
 
-    /// CPUID says AMX-TILE and AMX-BF16, and Linux grants the tile data state.
+    /// CPUID says AMX-TILE and AMX-BF16 (and the AVX-512 the packing is compiled for), and
+    /// Linux grants the tile data state.
     pub fn available() -> bool {
+        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+            return false;
+        }
         let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
         if edx & (1 << 24) == 0 || edx & (1 << 22) == 0 {
             return false;
@@ -143,14 +157,15 @@ mod tiles {
     #[repr(C, align(64))]
     struct TileConfig([u8; 64]);
 
-    /// Tiles 0 (output), 1 (a) and 2 (b): 16 rows of 64 bytes each, loaded once per thread.
+    /// Tiles 0-3 (outputs), 4-5 (a) and 6-7 (b): 16 rows of 64 bytes each, loaded once per
+    /// thread.
     fn configure() {
         if CONFIGURED.get() {
             return;
         }
         let mut cfg = TileConfig([0; 64]);
         cfg.0[0] = 1;
-        for t in 0..3 {
+        for t in 0..8 {
             cfg.0[16 + 2 * t] = 64;
             cfg.0[48 + t] = TILE as u8;
         }
@@ -164,71 +179,284 @@ mod tiles {
     #[derive(Clone, Copy)]
     struct Tile([u16; 512]);
 
-    /// Row block `r` of op(a): per k block, a tile of 16 rows by 32 bf16 (zeros past the edges).
-    fn pack_a(a: &[f32], la: Layout, d: Dims, r: usize, blocks: usize, out: &mut Vec<Tile>) {
+    const ZERO: Tile = Tile([0; 512]);
+
+    /// [`to_bf16`] of 16 floats, each in the low half of a 32-bit lane.
+    #[inline(always)]
+    unsafe fn round16(v: __m512) -> __m512i {
+        let bits = _mm512_castps_si512(v);
+        let high = _mm512_srli_epi32(bits, 16);
+        let bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+        let rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+        let quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
+        _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan)
+    }
+
+    /// The first `len` (at most 16) floats of `x`, zeros after.
+    #[inline(always)]
+    unsafe fn load(x: &[f32], len: usize) -> __m512 {
+        debug_assert!(len <= 16 && len <= x.len());
+        _mm512_maskz_loadu_ps(((1u32 << len) - 1) as u16, x.as_ptr())
+    }
+
+    /// 32 consecutive k (the first `len` of `x`, zeros after) as 16 pairs of bf16, pair q
+    /// holding k = 2q in its low half and 2q + 1 in its high half.
+    #[inline(always)]
+    unsafe fn pairs_along(x: &[f32], len: usize) -> __m512i {
+        let lo = _mm512_cvtepi32_epi16(round16(load(x, len.min(16))));
+        let hi = match len > 16 {
+            true => _mm512_cvtepi32_epi16(round16(load(&x[16..], len - 16))),
+            false => _mm256_setzero_si256(),
+        };
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+    }
+
+    /// 16 places at two consecutive k, `x` at the even one and `y` (if any) at the odd one
+    /// (the first `len` of each, zeros after), as 16 pairs of bf16.
+    #[inline(always)]
+    unsafe fn pairs_across(x: &[f32], y: Option<&[f32]>, len: usize) -> __m512i {
+        let even = round16(load(x, len));
+        match y {
+            Some(y) => _mm512_or_si512(even, _mm512_slli_epi32(round16(load(y, len)), 16)),
+            None => even,
+        }
+    }
+
+    /// Row `row` of a tile, 16 pairs.
+    #[inline(always)]
+    unsafe fn store_row(tile: &mut Tile, row: usize, v: __m512i) {
+        _mm512_store_si512(tile.0[row * 32..].as_mut_ptr().cast(), v);
+    }
+
+    /// Column `col` (of 16 pairs) of a tile, one pair per row.
+    #[inline(always)]
+    unsafe fn store_column(tile: &mut Tile, col: usize, v: __m512i) {
+        let rows = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+        _mm512_i32scatter_epi32::<4>(tile.0.as_mut_ptr().cast::<i32>().add(col), rows, v);
+    }
+
+    /// Rows `row0..` (32, zeros past the edge) of op(a), k blocks `kb0..kb0 + blocks`: two row
+    /// tiles of `blocks` tiles each, a tile holding 16 rows of 16 pairs of bf16 (k = 2q, 2q + 1).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and BW ([`available`]).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_a(a: &[f32], la: Layout, d: Dims, row0: usize, kb0: usize, blocks: usize, out: &mut Vec<Tile>) {
         out.clear();
-        out.resize(blocks, Tile([0; 512]));
-        for (kb, tile) in out.iter_mut().enumerate() {
-            for i in 0..TILE.min(d.m - r * TILE) {
-                for p in 0..K_BLOCK.min(d.k - kb * K_BLOCK) {
-                    tile.0[i * K_BLOCK + p] = to_bf16(at(a, la, d.m, d.k, r * TILE + i, kb * K_BLOCK + p));
+        out.resize(2 * blocks, ZERO);
+        let rows = BLOCK.min(d.m - row0);
+        let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + blocks) * K_BLOCK).min(d.k));
+        match la {
+            Layout::Normal => {
+                for i in 0..rows {
+                    let row = &a[(row0 + i) * d.k..(row0 + i + 1) * d.k];
+                    for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
+                        let v = pairs_along(&row[p..], (k1 - p).min(K_BLOCK));
+                        store_row(&mut out[(i / TILE) * blocks + kb], i % TILE, v);
+                    }
+                }
+            }
+            Layout::Transposed => {
+                let at = |p: usize, t: usize| &a[p * d.m + row0 + t * TILE..];
+                for p in (k0..k1).step_by(2) {
+                    let (kb, q) = ((p - k0) / K_BLOCK, (p - k0) % K_BLOCK / 2);
+                    for t in 0..rows.div_ceil(TILE) {
+                        let len = TILE.min(rows - t * TILE);
+                        let v = pairs_across(at(p, t), (p + 1 < k1).then(|| at(p + 1, t)), len);
+                        store_column(&mut out[t * blocks + kb], q, v);
+                    }
                 }
             }
         }
     }
 
-    /// Column block `c` of op(b): per k block, 16 rows of pairs, row q holding (k = 2q, 2q + 1)
-    /// of each of the 16 columns side by side (zeros past the edges).
-    fn pack_b(b: &[f32], lb: Layout, d: Dims, c: usize, tiles: &mut [Tile]) {
-        for (kb, tile) in tiles.iter_mut().enumerate() {
-            *tile = Tile([0; 512]);
-            for p in 0..K_BLOCK.min(d.k - kb * K_BLOCK) {
-                for j in 0..TILE.min(d.n - c * TILE) {
-                    tile.0[(p / 2) * 32 + 2 * j + p % 2] = to_bf16(at(b, lb, d.k, d.n, kb * K_BLOCK + p, c * TILE + j));
+    /// Column tile `c` of op(b), k blocks `kb0..kb0 + tiles.len()`: per k block, 16 rows of
+    /// pairs, row q holding (k = 2q, 2q + 1) of each of the 16 columns side by side (zeros past
+    /// the edges).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F and BW ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn pack_b(b: &[f32], lb: Layout, d: Dims, c: usize, kb0: usize, tiles: &mut [Tile]) {
+        tiles.fill(ZERO);
+        let (col0, cols) = (c * TILE, TILE.min(d.n - c * TILE));
+        let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + tiles.len()) * K_BLOCK).min(d.k));
+        match lb {
+            Layout::Normal => {
+                let at = |p: usize| &b[p * d.n + col0..];
+                for p in (k0..k1).step_by(2) {
+                    let (kb, q) = ((p - k0) / K_BLOCK, (p - k0) % K_BLOCK / 2);
+                    store_row(&mut tiles[kb], q, pairs_across(at(p), (p + 1 < k1).then(|| at(p + 1)), cols));
                 }
             }
+            Layout::Transposed => {
+                for j in 0..cols {
+                    let col = &b[(col0 + j) * d.k..(col0 + j + 1) * d.k];
+                    for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
+                        store_column(&mut tiles[kb], j, pairs_along(&col[p..], (k1 - p).min(K_BLOCK)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// An output tile to load and store: where it is, at what stride in bytes.
+    struct Dest {
+        ptr: *mut f32,
+        stride: usize,
+    }
+
+    /// Where output tile `t` (of 2 x 2) of column block `cb` is, for `m` rows of `n`: inside
+    /// the output (`Ok`, the offset of its first element), or partly or wholly past its edges
+    /// (`Err`, its first row and column and the rows and columns that exist).
+    fn place(t: usize, cb: usize, m: usize, n: usize) -> Result<usize, (usize, usize, usize, usize)> {
+        let (i0, j0) = ((t / 2) * TILE, cb * BLOCK + (t % 2) * TILE);
+        let (h, w) = (TILE.min(m.saturating_sub(i0)), TILE.min(n.saturating_sub(j0)));
+        match (h, w) {
+            (TILE, TILE) => Ok(i0 * n + j0),
+            (_, 0) | (0, _) => Err((i0, j0, 0, 0)),
+            _ => Err((i0, j0, h, w)),
         }
     }
 
     pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
         let blocks = d.k.div_ceil(K_BLOCK);
-        let cols = d.n.div_ceil(TILE);
-        let mut packed_b = vec![Tile([0; 512]); cols * blocks];
-        packed_b.par_chunks_mut(blocks).enumerate().for_each(|(c, tiles)| pack_b(b, lb, d, c, tiles));
-        out.par_chunks_mut(TILE * d.n).enumerate().for_each_init(Vec::new, |packed_a, (r, rows)| {
-            configure();
-            pack_a(a, la, d, r, blocks, packed_a);
-            let m = rows.len() / d.n;
-            for c in 0..cols {
-                let width = TILE.min(d.n - c * TILE);
-                let mut acc = [0.0f32; TILE * TILE];
-                if accumulate {
-                    for i in 0..m {
-                        let src = &rows[i * d.n + c * TILE..i * d.n + c * TILE + width];
-                        acc[i * TILE..i * TILE + width].copy_from_slice(src);
+        let col_tiles = d.n.div_ceil(BLOCK) * 2;
+        let chunk = (CHUNK_BYTES / (col_tiles * size_of::<Tile>())).clamp(1, blocks);
+        let mut packed_b = vec![ZERO; col_tiles * chunk];
+        for kb0 in (0..blocks).step_by(chunk) {
+            let nb = chunk.min(blocks - kb0);
+            packed_b.par_chunks_mut(chunk).enumerate().for_each(|(c, tiles)| match c * TILE < d.n {
+                // SAFETY: `amx` checked the CPU through `available`.
+                true => unsafe { pack_b(b, lb, d, c, kb0, &mut tiles[..nb]) },
+                false => tiles.fill(ZERO),
+            });
+            let accumulate = accumulate || kb0 > 0;
+            let packed_b = &packed_b;
+            out.par_chunks_mut(BLOCK * d.n).enumerate().for_each_init(Vec::new, |packed_a, (r, rows)| {
+                configure();
+                // SAFETY: as for `pack_b`.
+                unsafe { pack_a(a, la, d, r * BLOCK, kb0, nb, packed_a) };
+                let m = rows.len() / d.n;
+                let mut staging = [[0.0f32; TILE * TILE]; 4];
+                for cb in 0..col_tiles / 2 {
+                    // Tiles past the edges go through staging: copied in, and out after.
+                    for (t, stage) in staging.iter_mut().enumerate() {
+                        if let Err((i0, j0, h, w)) = place(t, cb, m, d.n) {
+                            stage.fill(0.0);
+                            for i in 0..h {
+                                stage[i * TILE..][..w].copy_from_slice(&rows[(i0 + i) * d.n + j0..][..w]);
+                            }
+                        }
+                    }
+                    let base = rows.as_mut_ptr();
+                    let dests: [Dest; 4] = std::array::from_fn(|t| match place(t, cb, m, d.n) {
+                        // SAFETY: `place` found the tile inside `rows`.
+                        Ok(at) => Dest { ptr: unsafe { base.add(at) }, stride: 4 * d.n },
+                        Err(_) => Dest { ptr: staging[t].as_mut_ptr(), stride: 4 * TILE },
+                    });
+                    let b_tiles = [&packed_b[2 * cb * chunk..][..nb], &packed_b[(2 * cb + 1) * chunk..][..nb]];
+                    // SAFETY: `configure` loaded this thread's tile configuration; every operand
+                    // is 16 rows of 64 bytes at its stride.
+                    unsafe { block_2x2(&dests, &packed_a[..nb], &packed_a[nb..], b_tiles, accumulate) };
+                    for (t, stage) in staging.iter().enumerate() {
+                        if let Err((i0, j0, h, w)) = place(t, cb, m, d.n) {
+                            for i in 0..h {
+                                rows[(i0 + i) * d.n + j0..][..w].copy_from_slice(&stage[i * TILE..][..w]);
+                            }
+                        }
                     }
                 }
-                let b_tiles = &packed_b[c * blocks..(c + 1) * blocks];
-                // SAFETY: `configure` loaded this thread's tile configuration; every operand is
-                // 16 rows of 64 bytes.
-                unsafe {
-                    asm!("tileloadd tmm0, [{c} + {s}]", c = in(reg) acc.as_ptr(), s = in(reg) 64usize, options(nostack));
-                    for (a_tile, b_tile) in packed_a.iter().zip(b_tiles) {
-                        asm!(
-                            "tileloadd tmm1, [{a} + {s}]",
-                            "tileloadd tmm2, [{b} + {s}]",
-                            "tdpbf16ps tmm0, tmm1, tmm2",
-                            a = in(reg) a_tile.0.as_ptr(), b = in(reg) b_tile.0.as_ptr(), s = in(reg) 64usize,
-                            options(nostack),
-                        );
-                    }
-                    asm!("tilestored [{c} + {s}], tmm0", c = in(reg) acc.as_mut_ptr(), s = in(reg) 64usize, options(nostack));
-                }
-                for i in 0..m {
-                    rows[i * d.n + c * TILE..i * d.n + c * TILE + width].copy_from_slice(&acc[i * TILE..i * TILE + width]);
-                }
+            });
+        }
+    }
+
+    /// The 2 x 2 output tiles at `dests` (each loaded, or zeroed without `accumulate`),
+    /// plus the products of the row tiles `a0`, `a1` and the column tiles `b[0]`, `b[1]` over
+    /// their k blocks in order.
+    ///
+    /// # Safety
+    /// The tile configuration of [`configure`] is loaded; each `dests` pointer addresses 16
+    /// rows of 16 f32 at its stride.
+    unsafe fn block_2x2(dests: &[Dest; 4], a0: &[Tile], a1: &[Tile], b: [&[Tile]; 2], accumulate: bool) {
+        let [c0, c1, c2, c3] = dests;
+        if accumulate {
+            asm!(
+                "tileloadd tmm0, [{p0} + {s0}]",
+                "tileloadd tmm1, [{p1} + {s1}]",
+                "tileloadd tmm2, [{p2} + {s2}]",
+                "tileloadd tmm3, [{p3} + {s3}]",
+                p0 = in(reg) c0.ptr, s0 = in(reg) c0.stride, p1 = in(reg) c1.ptr, s1 = in(reg) c1.stride,
+                p2 = in(reg) c2.ptr, s2 = in(reg) c2.stride, p3 = in(reg) c3.ptr, s3 = in(reg) c3.stride,
+                options(nostack),
+            );
+        } else {
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack));
+        }
+        for (((a0, a1), b0), b1) in a0.iter().zip(a1).zip(b[0]).zip(b[1]) {
+            asm!(
+                "tileloadd tmm4, [{a0} + {s}]",
+                "tileloadd tmm6, [{b0} + {s}]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm7, [{b1} + {s}]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm5, [{a1} + {s}]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                a0 = in(reg) a0.0.as_ptr(), a1 = in(reg) a1.0.as_ptr(),
+                b0 = in(reg) b0.0.as_ptr(), b1 = in(reg) b1.0.as_ptr(), s = in(reg) 64usize,
+                options(nostack),
+            );
+        }
+        asm!(
+            "tilestored [{p0} + {s0}], tmm0",
+            "tilestored [{p1} + {s1}], tmm1",
+            "tilestored [{p2} + {s2}], tmm2",
+            "tilestored [{p3} + {s3}], tmm3",
+            p0 = in(reg) c0.ptr, s0 = in(reg) c0.stride, p1 = in(reg) c1.ptr, s1 = in(reg) c1.stride,
+            p2 = in(reg) c2.ptr, s2 = in(reg) c2.stride, p3 = in(reg) c3.ptr, s3 = in(reg) c3.stride,
+            options(nostack),
+        );
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// The vector rounding on ties, NaN, infinities, the largest finite value (which
+        /// rounds to infinity), denormals and signed zeros, against [`to_bf16`].
+        #[test]
+        fn vector_rounding_is_to_bf16() {
+            if !amx() {
+                eprintln!("SKIPPED: no AMX here, so no AVX-512 packing");
+                return;
             }
-        });
+            let values = [
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+                -(1.0 + 1.5 / 256.0),
+                f32::NAN,
+                -f32::NAN,
+                f32::from_bits(0x7f80_0001),
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                f32::from_bits(0x007f_ffff),
+                f32::from_bits(0x8000_0001),
+                0.0,
+                -0.0,
+                1e-40,
+                3.0e38,
+                -7.5,
+            ];
+            let mut lanes = [0u32; 16];
+            // SAFETY: `amx` checked the CPU.
+            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), round16(_mm512_loadu_ps(values.as_ptr()))) };
+            for (x, got) in values.iter().zip(lanes) {
+                assert_eq!(got, to_bf16(*x) as u32, "{x:e} ({:#x})", x.to_bits());
+            }
+        }
     }
 }
 
@@ -280,8 +508,8 @@ mod tests {
         assert_eq!(out[0], 0.5 + 1.0, "even + odd = 2^24 - 16777215 = 1, added to 0.5");
     }
 
-    /// Shapes at the tiles' edges and past one k block, every layout, with and without
-    /// accumulation, with ordinary values and with values that flush.
+    /// Shapes at the tiles' edges, past one k block and past one k chunk (the last), every
+    /// layout, with and without accumulation, with ordinary values and with values that flush.
     #[test]
     fn amx_has_the_bits_of_the_reference() {
         if !amx() {
@@ -289,7 +517,9 @@ mod tests {
             return;
         }
         let tiny = |n: usize, seed: u64| random(n, seed).into_iter().map(|v| v * 1e-19).collect::<Vec<f32>>();
-        for (m, k, n) in [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70), (0, 3, 2), (2, 0, 3)] {
+        for (m, k, n) in
+            [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70), (0, 3, 2), (2, 0, 3), (3, 1300, 520)]
+        {
             let d = Dims { m, k, n };
             for small in [false, true] {
                 let (a, b) = match small {
