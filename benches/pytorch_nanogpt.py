@@ -7,8 +7,8 @@ random-window batches, written again here from its description; nothing is downl
 
     # time the two reference models of `tinygpt bench` on random tokens (ms/step, tokens/s, MFU)
     python3 benches/pytorch_nanogpt.py --peak 190
-    # the same as JSON, as benches/vs_pytorch.py reads it
-    python3 benches/pytorch_nanogpt.py --json
+    # the same as JSON, as benches/vs_pytorch.py reads it; --bf16: the forward under bf16 autocast
+    python3 benches/pytorch_nanogpt.py --json [--bf16]
     # nanoGPT's CPU recipe for tiny Shakespeare, all 2000 steps: throughput and validation loss
     python3 benches/pytorch_nanogpt.py --train ../shared/data/tinyshakespeare/input.txt --seed 1337
 
@@ -105,8 +105,11 @@ def windows(data, block, batch):
     return x, y
 
 
-def step(model, opt, x, y, clip):
-    loss = model(x, y)
+def step(model, opt, x, y, clip, bf16=False):
+    # bf16: nanoGPT's mixed precision (`dtype = "bfloat16"`): the forward under autocast,
+    # f32 weights, gradients and AdamW.
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
@@ -114,7 +117,7 @@ def step(model, opt, x, y, clip):
     return loss.item()
 
 
-def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak, quiet=False):
+def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak, quiet=False, bf16=False):
     torch.manual_seed(0)
     model = GPT(vocab, block, n_layer, n_head, n_embd)
     opt = optimizer(model, 1e-3, (0.9, 0.99), 0.1)
@@ -123,7 +126,7 @@ def time_steps(name, vocab, block, n_layer, n_head, n_embd, batch, steps, peak, 
     for i in range(steps + 2):
         x, y = windows(data, block, batch)
         start = time.perf_counter()
-        step(model, opt, x, y, 1.0)
+        step(model, opt, x, y, 1.0, bf16)
         if i >= 2:  # the first two steps allocate
             times.append(time.perf_counter() - start)
     ms = statistics.median(times) * 1e3
@@ -209,6 +212,7 @@ def main():
     parser.add_argument("--train", metavar="INPUT_TXT", help="train nanoGPT's shakespeare_char recipe on it")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--json", action="store_true", help="print the step timings as one JSON document")
+    parser.add_argument("--bf16", action="store_true", help="time the step with the forward under bf16 autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
@@ -218,11 +222,12 @@ def main():
         train_shakespeare(args.train, args.seed, args.peak)
         return
     models = [
-        time_steps("shakespeare_char", 65, 64, 4, 4, 128, 12, args.steps, args.peak, args.json),
-        time_steps("gpt2-6x384", 65, 256, 6, 6, 384, 8, max(3, args.steps // 4), args.peak, args.json),
+        time_steps("shakespeare_char", 65, 64, 4, 4, 128, 12, args.steps, args.peak, args.json, args.bf16),
+        time_steps("gpt2-6x384", 65, 256, 6, 6, 384, 8, max(3, args.steps // 4), args.peak, args.json, args.bf16),
     ]
     if args.json:
-        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_capability": capability}
+        info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_capability": capability,
+                "bf16": args.bf16}
         print(json.dumps({**info, "models": models}, indent=2))
 
 

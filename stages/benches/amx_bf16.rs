@@ -9,8 +9,9 @@
 //!   destination denormals read as zero and every result's denormals flushed. Once with values
 //!   of ordinary size, once near and below f32's normal range.
 //!
-//! - Whole products of the gpt2-6x384 step's shapes on every thread: f32 (`kernels::matmul`)
-//!   against bf16 (`kernels::bf16` on AMX).
+//! - Whole products of the gpt2-6x384 and shakespeare_char steps' shapes on every thread: f32
+//!   (`kernels::matmul`) against bf16 (`kernels::bf16`, on AMX where there is AMX) and against
+//!   the plain emulation that runs where there is not.
 //!
 //! Run with `cargo bench -p stages --bench amx_bf16`. Prints figures and counts; asserts
 //! nothing. Each part says SKIPPED where the CPU or the OS lacks what it needs.
@@ -23,16 +24,14 @@ fn main() {
     products();
 }
 
-/// GFLOP/s of the f32 and the bf16 product for the step's shapes, best of five.
+/// GFLOP/s of the f32 product, the bf16 product (on AMX where there is AMX) and the bf16
+/// emulation for the step's shapes, best of five.
 fn products() {
-    use stages::nn::kernels::bf16::{amx, matmul_bf16};
-    use stages::nn::kernels::matmul::{matmul, Dims, Layout};
+    use stages::nn::kernels::bf16::{amx, matmul_bf16, matmul_bf16_emulated};
+    use stages::nn::kernels::matmul::{matmul, Dims, Layout, Product};
     use Layout::{Normal as N, Transposed as T};
-    if !amx() {
-        println!("SKIPPED: whole bf16 products (no AMX here; the portable reference is not built for speed)");
-        return;
-    }
-    println!("whole products, {} threads, bf16 on AMX:", rayon::current_num_threads());
+    let path = if amx() { "AMX" } else { "emulated: no AMX here" };
+    println!("whole products, {} threads, bf16 {path}:", rayon::current_num_threads());
     // gpt2-6x384's attention input, its gradient and weight gradient, and the MLP's input;
     // shakespeare_char's the same, and its head.
     for (m, k, n, la, lb) in [
@@ -49,22 +48,20 @@ fn products() {
         let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
         let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
         let mut out = vec![0.0f32; m * n];
-        let mut time = |bf16: bool| {
+        let mut time = |product: Product| {
             let mut best = f64::MAX;
             for _ in 0..5 {
                 let start = std::time::Instant::now();
-                match bf16 {
-                    true => matmul_bf16(&a, la, &b, lb, &mut out, d, false),
-                    false => matmul(&a, la, &b, lb, &mut out, d, false),
-                }
+                product(&a, la, &b, lb, &mut out, d, false);
                 best = best.min(start.elapsed().as_secs_f64());
             }
             2.0 * (m * n * k) as f64 / best / 1e9
         };
-        let (f32_rate, bf16_rate) = (time(false), time(true));
+        let (f32_rate, bf16_rate, emulated) = (time(matmul), time(matmul_bf16), time(matmul_bf16_emulated));
         println!(
-            "  {m}x{k}x{n} {la:?}/{lb:?}: f32 {f32_rate:.0} GFLOP/s, bf16 {bf16_rate:.0} GFLOP/s ({:.1}x)",
-            bf16_rate / f32_rate
+            "  {m}x{k}x{n} {la:?}/{lb:?}: f32 {f32_rate:.0} GFLOP/s, bf16 {bf16_rate:.0} ({:.1}x), emulated {emulated:.0} ({:.2}x)",
+            bf16_rate / f32_rate,
+            emulated / f32_rate,
         );
     }
 }

@@ -29,10 +29,12 @@ pub fn to_bf16(x: f32) -> u16 {
     }
 }
 
-/// `x` with a denormal replaced by a zero of its sign.
+/// `x` with a denormal replaced by a zero of its sign. Branch-free, so loops over it vectorize.
+#[inline(always)]
 fn flush(x: f32) -> f32 {
-    if x.is_subnormal() {
-        0.0f32.copysign(x)
+    let bits = x.to_bits();
+    if bits & 0x7f80_0000 == 0 {
+        f32::from_bits(bits & 0x8000_0000)
     } else {
         x
     }
@@ -85,7 +87,7 @@ fn check(a: &[f32], b: &[f32], out: &[f32], d: Dims) {
 }
 
 /// `out = [out +] bf16(op(a)) @ bf16(op(b))` with the bits of [`matmul_bf16_reference`]: on
-/// AMX when [`amx`] is true, on the reference otherwise.
+/// AMX when [`amx`] is true, on [`matmul_bf16_emulated`] otherwise.
 ///
 /// # Panics
 /// If a slice's length does not match its dimensions.
@@ -97,7 +99,72 @@ pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32]
         tiles::matmul(a, la, b, lb, out, d, accumulate);
         return;
     }
-    matmul_bf16_reference(a, la, b, lb, out, d, accumulate);
+    matmul_bf16_emulated(a, la, b, lb, out, d, accumulate);
+}
+
+/// Output rows per parallel task of the emulation.
+const EMULATED_ROWS: usize = 4;
+
+/// [`matmul_bf16_reference`]'s bits in plain Rust, fast enough to train on without AMX: the
+/// operands rounded once into row-major copies padded with zeros to whole k blocks, then for
+/// each output row the two chains of each block vectorized across the row's outputs. Each
+/// output goes through the reference's operations in the reference's order.
+///
+/// # Panics
+/// If a slice's length does not match its dimensions.
+pub fn matmul_bf16_emulated(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+    use rayon::prelude::*;
+    check(a, b, out, d);
+    if d.m == 0 || d.n == 0 {
+        return;
+    }
+    let kp = d.k.next_multiple_of(K_BLOCK);
+    let rounded = |x: &[f32], layout: Layout, rows: usize, cols: usize, padded_rows: usize, padded_cols: usize| {
+        let mut r = vec![0.0f32; padded_rows * padded_cols];
+        for i in 0..rows {
+            for j in 0..cols {
+                r[i * padded_cols + j] = from_bf16(to_bf16(at(x, layout, rows, cols, i, j)));
+            }
+        }
+        r
+    };
+    let (ra, rb) = (rounded(a, la, d.m, d.k, d.m, kp), rounded(b, lb, d.k, d.n, kp, d.n));
+    out.par_chunks_mut(EMULATED_ROWS * d.n).enumerate().for_each(|(r, rows)| {
+        crate::nn::kernels::with_scratch(2 * d.n, |chains| {
+            for (i, row) in rows.chunks_mut(d.n).enumerate() {
+                let a_row = &ra[(r * EMULATED_ROWS + i) * kp..][..kp];
+                emulated_row(a_row, &rb, row, chains, accumulate);
+            }
+        })
+    });
+}
+
+crate::nn::kernels::simd_fn! {
+    /// One output row: `a` (kp) against `b` (kp, n), kp a whole number of k blocks.
+    fn emulated_row(a: &[f32], b: &[f32], out: &mut [f32], chains: &mut [f32], accumulate: bool) {
+        let n = out.len();
+        let (even, odd) = chains.split_at_mut(n);
+        if !accumulate {
+            out.fill(0.0);
+        }
+        for (block, a_block) in a.chunks_exact(K_BLOCK).enumerate() {
+            even.fill(0.0);
+            odd.fill(0.0);
+            for (q, pair) in a_block.chunks_exact(2).enumerate() {
+                let p = block * K_BLOCK + 2 * q;
+                let (b0, b1) = (&b[p * n..(p + 1) * n], &b[(p + 1) * n..(p + 2) * n]);
+                for (e, y) in even.iter_mut().zip(b0) {
+                    *e = flush(pair[0].mul_add(*y, *e));
+                }
+                for (o, y) in odd.iter_mut().zip(b1) {
+                    *o = flush(pair[1].mul_add(*y, *o));
+                }
+            }
+            for ((o, e), d) in out.iter_mut().zip(even.iter()).zip(odd.iter()) {
+                *o = flush(flush(*o) + flush(e + d));
+            }
+        }
+    }
 }
 
 /// Whether products run on AMX: the CPU has AMX-BF16, Linux granted the tile state (other
@@ -464,6 +531,7 @@ mod tiles {
 mod tests {
     use super::*;
     use crate::nn::gradcheck::{on_threads, random};
+    use crate::nn::kernels::matmul::Product;
 
     #[test]
     fn rounding_to_bf16_is_to_nearest_even() {
@@ -508,18 +576,11 @@ mod tests {
         assert_eq!(out[0], 0.5 + 1.0, "even + odd = 2^24 - 16777215 = 1, added to 0.5");
     }
 
-    /// Shapes at the tiles' edges, past one k block and past one k chunk (the last), every
-    /// layout, with and without accumulation, with ordinary values and with values that flush.
-    #[test]
-    fn amx_has_the_bits_of_the_reference() {
-        if !amx() {
-            eprintln!("SKIPPED: no AMX-BF16 here (or the OS refused it); the reference runs every product");
-            return;
-        }
+    /// Every (m, k, n) of `shapes`, every layout, with and without accumulation, with ordinary
+    /// values and with values that flush: `fast` against the reference, bit for bit.
+    fn same_bits_as_the_reference(shapes: &[(usize, usize, usize)], fast: Product) {
         let tiny = |n: usize, seed: u64| random(n, seed).into_iter().map(|v| v * 1e-19).collect::<Vec<f32>>();
-        for (m, k, n) in
-            [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70), (0, 3, 2), (2, 0, 3), (3, 1300, 520)]
-        {
+        for &(m, k, n) in shapes {
             let d = Dims { m, k, n };
             for small in [false, true] {
                 let (a, b) = match small {
@@ -529,17 +590,35 @@ mod tests {
                 for la in [Layout::Normal, Layout::Transposed] {
                     for lb in [Layout::Normal, Layout::Transposed] {
                         for accumulate in [false, true] {
-                            let mut fast = random(m * n, 5);
-                            let mut reference = fast.clone();
-                            matmul_bf16(&a, la, &b, lb, &mut fast, d, accumulate);
+                            let mut got = random(m * n, 5);
+                            let mut reference = got.clone();
+                            fast(&a, la, &b, lb, &mut got, d, accumulate);
                             matmul_bf16_reference(&a, la, &b, lb, &mut reference, d, accumulate);
-                            let same = fast.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits());
+                            let same = got.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits());
                             assert!(same, "{m}x{k}x{n} {la:?} {lb:?} accumulate {accumulate} small {small}");
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Shapes at the tiles' edges, past one k block and past one k chunk (the last).
+    #[test]
+    fn amx_has_the_bits_of_the_reference() {
+        if !amx() {
+            eprintln!("SKIPPED: no AMX-BF16 here (or the OS refused it); the emulation runs every product");
+            return;
+        }
+        let shapes =
+            [(1, 1, 1), (16, 32, 16), (17, 33, 15), (40, 100, 33), (5, 64, 70), (0, 3, 2), (2, 0, 3), (3, 1300, 520)];
+        same_bits_as_the_reference(&shapes, matmul_bf16);
+    }
+
+    #[test]
+    fn the_emulation_has_the_bits_of_the_reference() {
+        let shapes = [(1, 1, 1), (4, 32, 8), (5, 33, 7), (9, 100, 33), (0, 3, 2), (2, 0, 3), (3, 70, 1)];
+        same_bits_as_the_reference(&shapes, matmul_bf16_emulated);
     }
 
     #[test]

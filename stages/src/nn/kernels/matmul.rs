@@ -52,6 +52,9 @@ fn view(data: &[f32], rows: usize, cols: usize, layout: Layout) -> ArrayView2<'_
     }
 }
 
+/// A product with [`matmul`]'s arguments: `out = [out +] op(a) @ op(b)`.
+pub type Product = fn(&[f32], Layout, &[f32], Layout, &mut [f32], Dims, bool);
+
 /// `out = op(a) @ op(b)` (or `out += ...` when `accumulate`).
 ///
 /// # Panics
