@@ -344,6 +344,15 @@ fn real_data_shakespeare_char_reaches_the_validation_loss_of_nanogpt() {
     } else {
         eprintln!("not checking the 1.90 bar: this machine trains other bits than {SHAKESPEARE_MEASURED_ON}");
     }
+    // The same recipe with bf16 weight products: the whole split's loss within 1% of f32's.
+    if !stages::nn::kernels::bf16::amx() {
+        eprintln!("SKIPPED the bf16 run: no AMX here, and its emulation would take minutes");
+        return;
+    }
+    let bf16 = sb.run_json(recipe.to_str().unwrap(), &["--set", &input, "--set", "pretrain.precision=bf16"]);
+    let bf16_whole = stage(&bf16, "evaluate")["metrics"]["val_loss"].as_f64().unwrap();
+    eprintln!("shakespeare_char in bf16: val_loss {bf16_whole} (whole split)");
+    assert!((bf16_whole - whole).abs() <= 0.01 * whole, "bf16 {bf16_whole} against f32 {whole}");
 }
 
 /// Issue 16, item 3: raising `max_steps` of a warmup-stable-decay run continues from the
