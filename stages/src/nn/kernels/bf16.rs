@@ -295,11 +295,40 @@ mod tiles {
         _mm512_store_si512(tile.0[row * 32..].as_mut_ptr().cast(), v);
     }
 
-    /// Column `col` (of 16 pairs) of a tile, one pair per row.
+    /// `rows` transposed: lane i of result j is lane j of `rows[i]` (16 x 16 32-bit lanes, in
+    /// four rounds of shuffles).
     #[inline(always)]
-    unsafe fn store_column(tile: &mut Tile, col: usize, v: __m512i) {
-        let rows = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
-        _mm512_i32scatter_epi32::<4>(tile.0.as_mut_ptr().cast::<i32>().add(col), rows, v);
+    unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
+        // Within each 128-bit lane L: t holds pairs of rows, u quads of rows, at columns 4L + c.
+        let t: [__m512i; 16] = std::array::from_fn(|x| {
+            let (a, b) = (r[x / 2 * 2], r[x / 2 * 2 + 1]);
+            if x % 2 == 0 {
+                _mm512_unpacklo_epi32(a, b)
+            } else {
+                _mm512_unpackhi_epi32(a, b)
+            }
+        });
+        // u[4g + c]: rows 4g..4g + 4 at column 4L + c, in lane L.
+        let u: [__m512i; 16] = std::array::from_fn(|x| {
+            let (g, c) = (x / 4, x % 4);
+            let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
+            if c % 2 == 0 {
+                _mm512_unpacklo_epi64(a, b)
+            } else {
+                _mm512_unpackhi_epi64(a, b)
+            }
+        });
+        std::array::from_fn(|j| {
+            let (lane, c) = (j / 4, j % 4);
+            let (x, y) = match lane / 2 {
+                0 => (_mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c])),
+                _ => (_mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c])),
+            };
+            match lane % 2 {
+                0 => _mm512_shuffle_i32x4::<0x88>(x, y),
+                _ => _mm512_shuffle_i32x4::<0xDD>(x, y),
+            }
+        })
     }
 
     /// Rows `row0..` (32, zeros past the edge) of op(a), k blocks `kb0..kb0 + blocks`: two row
@@ -325,13 +354,19 @@ mod tiles {
                 }
             }
             Layout::Transposed => {
+                // Per k block and row tile: 16 vectors of pairs, one per pair of k, across the
+                // rows; transposed, one per row.
                 let at = |p: usize, t: usize| &a[p * d.m + row0 + t * TILE..];
-                for p in (k0..k1).step_by(2) {
-                    let (kb, q) = ((p - k0) / K_BLOCK, (p - k0) % K_BLOCK / 2);
+                for (kb, p0) in (k0..k1).step_by(K_BLOCK).enumerate() {
                     for t in 0..rows.div_ceil(TILE) {
                         let len = TILE.min(rows - t * TILE);
-                        let v = pairs_across(at(p, t), (p + 1 < k1).then(|| at(p + 1, t)), len);
-                        store_column(&mut out[t * blocks + kb], q, v);
+                        let columns = std::array::from_fn(|q| match p0 + 2 * q {
+                            p if p < k1 => pairs_across(at(p, t), (p + 1 < k1).then(|| at(p + 1, t)), len),
+                            _ => _mm512_setzero_si512(),
+                        });
+                        for (i, row) in transpose(columns).into_iter().enumerate() {
+                            store_row(&mut out[t * blocks + kb], i, row);
+                        }
                     }
                 }
             }
@@ -358,10 +393,16 @@ mod tiles {
                 }
             }
             Layout::Transposed => {
-                for j in 0..cols {
-                    let col = &b[(col0 + j) * d.k..(col0 + j + 1) * d.k];
-                    for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
-                        store_column(&mut tiles[kb], j, pairs_along(&col[p..], (k1 - p).min(K_BLOCK)));
+                // Per k block: 16 vectors of pairs, one per column, across k; transposed, one
+                // per pair of k.
+                let col = |j: usize| &b[(col0 + j) * d.k..(col0 + j + 1) * d.k];
+                for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
+                    let columns = std::array::from_fn(|j| match j < cols {
+                        true => pairs_along(&col(j)[p..], (k1 - p).min(K_BLOCK)),
+                        false => _mm512_setzero_si512(),
+                    });
+                    for (q, row) in transpose(columns).into_iter().enumerate() {
+                        store_row(&mut tiles[kb], q, row);
                     }
                 }
             }
