@@ -15,11 +15,12 @@ use crate::nn::kernels::matmul::{Dims, Layout};
 /// k per block: one tile of 16 pairs.
 pub const K_BLOCK: usize = 32;
 
-/// `x` rounded to the nearest bf16, ties to even (NaN stays NaN, made quiet). Branch-free, so
-/// that loops over it vectorize.
+/// `x` rounded to the nearest bf16, ties to even, a denormal read as zero (NaN stays NaN, made
+/// quiet): what AVX512-BF16's `vcvtne2ps2bf16` computes. Branch-free, so that loops over it
+/// vectorize.
 #[inline(always)]
 pub fn to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
+    let bits = flush(x).to_bits();
     let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
     let quiet_nan = ((bits >> 16) | 0x40) as u16;
     if x.is_nan() {
@@ -186,7 +187,7 @@ mod tiles {
     use rayon::prelude::*;
     use std::arch::asm;
     use std::arch::x86_64::*;
-    use std::cell::Cell;
+    use std::cell::{Cell, RefCell};
 
     /// Rows and columns of an output tile; the kernel computes 2 x 2 of them at a time.
     const TILE: usize = 16;
@@ -198,7 +199,11 @@ mod tiles {
     /// CPUID says AMX-TILE and AMX-BF16 (and the AVX-512 the packing is compiled for), and
     /// Linux grants the tile data state.
     pub fn available() -> bool {
-        if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw")) {
+        if !(is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bf16"))
+        {
             return false;
         }
         let edx = std::arch::x86_64::__cpuid_count(7, 0).edx;
@@ -248,17 +253,6 @@ mod tiles {
 
     const ZERO: Tile = Tile([0; 512]);
 
-    /// [`to_bf16`] of 16 floats, each in the low half of a 32-bit lane.
-    #[inline(always)]
-    unsafe fn round16(v: __m512) -> __m512i {
-        let bits = _mm512_castps_si512(v);
-        let high = _mm512_srli_epi32(bits, 16);
-        let bias = _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
-        let rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
-        let quiet_nan = _mm512_or_si512(high, _mm512_set1_epi32(0x40));
-        _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), quiet_nan)
-    }
-
     /// The first `len` (at most 16) floats of `x`, zeros after.
     #[inline(always)]
     unsafe fn load(x: &[f32], len: usize) -> __m512 {
@@ -266,27 +260,35 @@ mod tiles {
         _mm512_maskz_loadu_ps(((1u32 << len) - 1) as u16, x.as_ptr())
     }
 
+    /// [`to_bf16`] of `lo` then `hi`: 32 bf16 in order.
+    #[inline(always)]
+    unsafe fn convert(lo: __m512, hi: __m512) -> __m512i {
+        // SAFETY: both are 512 bits of plain data.
+        std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
+    }
+
     /// 32 consecutive k (the first `len` of `x`, zeros after) as 16 pairs of bf16, pair q
     /// holding k = 2q in its low half and 2q + 1 in its high half.
     #[inline(always)]
     unsafe fn pairs_along(x: &[f32], len: usize) -> __m512i {
-        let lo = _mm512_cvtepi32_epi16(round16(load(x, len.min(16))));
         let hi = match len > 16 {
-            true => _mm512_cvtepi32_epi16(round16(load(&x[16..], len - 16))),
-            false => _mm256_setzero_si256(),
+            true => load(&x[16..], len - 16),
+            false => _mm512_setzero_ps(),
         };
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+        convert(load(x, len.min(16)), hi)
     }
 
     /// 16 places at two consecutive k, `x` at the even one and `y` (if any) at the odd one
     /// (the first `len` of each, zeros after), as 16 pairs of bf16.
     #[inline(always)]
     unsafe fn pairs_across(x: &[f32], y: Option<&[f32]>, len: usize) -> __m512i {
-        let even = round16(load(x, len));
-        match y {
-            Some(y) => _mm512_or_si512(even, _mm512_slli_epi32(round16(load(y, len)), 16)),
-            None => even,
-        }
+        let odd = y.map_or_else(|| _mm512_setzero_ps(), |y| load(y, len));
+        // x0 .. x15 y0 .. y15 into x0 y0 x1 y1 ...
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        _mm512_permutexvar_epi16(interleave, convert(load(x, len), odd))
     }
 
     /// Row `row` of a tile, 16 pairs.
@@ -335,20 +337,22 @@ mod tiles {
     /// tiles of `blocks` tiles each, a tile holding 16 rows of 16 pairs of bf16 (k = 2q, 2q + 1).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and BW ([`available`]).
+    /// The CPU has AVX-512F, BW, VL and BF16 ([`available`]).
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    unsafe fn pack_a(a: &[f32], la: Layout, d: Dims, row0: usize, kb0: usize, blocks: usize, out: &mut Vec<Tile>) {
-        out.clear();
-        out.resize(2 * blocks, ZERO);
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn pack_a(a: &[f32], la: Layout, d: Dims, row0: usize, kb0: usize, out: &mut [Tile]) {
+        let blocks = out.len() / 2;
         let rows = BLOCK.min(d.m - row0);
         let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + blocks) * K_BLOCK).min(d.k));
         match la {
             Layout::Normal => {
-                for i in 0..rows {
-                    let row = &a[(row0 + i) * d.k..(row0 + i + 1) * d.k];
+                for i in 0..BLOCK {
+                    let row = &a[(row0 + i.min(rows - 1)) * d.k..][..d.k];
                     for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
-                        let v = pairs_along(&row[p..], (k1 - p).min(K_BLOCK));
+                        let v = match i < rows {
+                            true => pairs_along(&row[p..], (k1 - p).min(K_BLOCK)),
+                            false => _mm512_setzero_si512(),
+                        };
                         store_row(&mut out[(i / TILE) * blocks + kb], i % TILE, v);
                     }
                 }
@@ -357,6 +361,9 @@ mod tiles {
                 // Per k block and row tile: 16 vectors of pairs, one per pair of k, across the
                 // rows; transposed, one per row.
                 let at = |p: usize, t: usize| &a[p * d.m + row0 + t * TILE..];
+                if rows <= TILE {
+                    out[blocks..].fill(ZERO);
+                }
                 for (kb, p0) in (k0..k1).step_by(K_BLOCK).enumerate() {
                     for t in 0..rows.div_ceil(TILE) {
                         let len = TILE.min(rows - t * TILE);
@@ -378,18 +385,26 @@ mod tiles {
     /// the edges).
     ///
     /// # Safety
-    /// The CPU has AVX-512F and BW ([`available`]).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    /// The CPU has AVX-512F, BW, VL and BF16 ([`available`]).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
     unsafe fn pack_b(b: &[f32], lb: Layout, d: Dims, c: usize, kb0: usize, tiles: &mut [Tile]) {
-        tiles.fill(ZERO);
+        if c * TILE >= d.n {
+            tiles.fill(ZERO);
+            return;
+        }
         let (col0, cols) = (c * TILE, TILE.min(d.n - c * TILE));
         let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + tiles.len()) * K_BLOCK).min(d.k));
         match lb {
             Layout::Normal => {
                 let at = |p: usize| &b[p * d.n + col0..];
-                for p in (k0..k1).step_by(2) {
-                    let (kb, q) = ((p - k0) / K_BLOCK, (p - k0) % K_BLOCK / 2);
-                    store_row(&mut tiles[kb], q, pairs_across(at(p), (p + 1 < k1).then(|| at(p + 1)), cols));
+                for (kb, tile) in tiles.iter_mut().enumerate() {
+                    for q in 0..TILE {
+                        let v = match k0 + kb * K_BLOCK + 2 * q {
+                            p if p < k1 => pairs_across(at(p), (p + 1 < k1).then(|| at(p + 1)), cols),
+                            _ => _mm512_setzero_si512(),
+                        };
+                        store_row(tile, q, v);
+                    }
                 }
             }
             Layout::Transposed => {
@@ -432,20 +447,64 @@ mod tiles {
         let blocks = d.k.div_ceil(K_BLOCK);
         let col_tiles = d.n.div_ceil(BLOCK) * 2;
         let chunk = (CHUNK_BYTES / (col_tiles * size_of::<Tile>())).clamp(1, blocks);
-        let mut packed_b = vec![ZERO; col_tiles * chunk];
-        for kb0 in (0..blocks).step_by(chunk) {
-            let nb = chunk.min(blocks - kb0);
-            packed_b.par_chunks_mut(chunk).enumerate().for_each(|(c, tiles)| match c * TILE < d.n {
-                // SAFETY: `amx` checked the CPU through `available`.
-                true => unsafe { pack_b(b, lb, d, c, kb0, &mut tiles[..nb]) },
-                false => tiles.fill(ZERO),
-            });
-            let accumulate = accumulate || kb0 > 0;
-            let packed_b = &packed_b;
-            out.par_chunks_mut(BLOCK * d.n).enumerate().for_each_init(Vec::new, |packed_a, (r, rows)| {
+        with_tiles(&PACKED_B, col_tiles * chunk, |packed_b| {
+            for kb0 in (0..blocks).step_by(chunk) {
+                let nb = chunk.min(blocks - kb0);
+                packed_b.par_chunks_mut(chunk).enumerate().for_each(|(c, tiles)| {
+                    // SAFETY: `amx` checked the CPU through `available`.
+                    unsafe { pack_b(b, lb, d, c, kb0, &mut tiles[..nb]) }
+                });
+                products(a, la, packed_b, chunk, out, d, kb0, nb, accumulate || kb0 > 0);
+            }
+        });
+    }
+
+    thread_local! {
+        /// Packed operands, grown once per thread and reused: b on the calling thread, a on
+        /// each thread that computes rows.
+        static PACKED_B: RefCell<Vec<Tile>> = const { RefCell::new(Vec::new()) };
+        static PACKED_A: RefCell<Vec<Tile>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `f` on the first `len` tiles of this thread's `buffer`, whatever they hold; on tiles of
+    /// its own if the buffer is in use (a product started while this thread, waiting inside
+    /// another, ran a stolen task).
+    fn with_tiles<R>(
+        buffer: &'static std::thread::LocalKey<RefCell<Vec<Tile>>>,
+        len: usize,
+        f: impl FnOnce(&mut [Tile]) -> R,
+    ) -> R {
+        buffer.with(|tiles| match tiles.try_borrow_mut() {
+            Ok(mut tiles) => {
+                if tiles.len() < len {
+                    tiles.resize(len, ZERO);
+                }
+                f(&mut tiles[..len])
+            }
+            Err(_) => f(&mut vec![ZERO; len]),
+        })
+    }
+
+    /// The output's rows, in blocks of 32 in parallel, plus their products over k blocks
+    /// `kb0..kb0 + nb` with `packed_b` (`chunk` tiles per column tile).
+    #[allow(clippy::too_many_arguments)]
+    fn products(
+        a: &[f32],
+        la: Layout,
+        packed_b: &[Tile],
+        chunk: usize,
+        out: &mut [f32],
+        d: Dims,
+        kb0: usize,
+        nb: usize,
+        accumulate: bool,
+    ) {
+        let col_tiles = packed_b.len() / chunk;
+        out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
+            with_tiles(&PACKED_A, 2 * nb, |packed_a| {
                 configure();
                 // SAFETY: as for `pack_b`.
-                unsafe { pack_a(a, la, d, r * BLOCK, kb0, nb, packed_a) };
+                unsafe { pack_a(a, la, d, r * BLOCK, kb0, packed_a) };
                 let m = rows.len() / d.n;
                 let mut staging = [[0.0f32; TILE * TILE]; 4];
                 for cb in 0..col_tiles / 2 {
@@ -476,8 +535,8 @@ mod tiles {
                         }
                     }
                 }
-            });
-        }
+            })
+        });
     }
 
     /// The 2 x 2 output tiles at `dests` (each loaded, or zeroed without `accumulate`),
@@ -532,37 +591,50 @@ mod tiles {
     mod tests {
         use super::*;
 
-        /// The vector rounding on ties, NaN, infinities, the largest finite value (which
-        /// rounds to infinity), denormals and signed zeros, against [`to_bf16`].
+        /// The vector conversions on ties, NaN, infinities, the largest finite value (which
+        /// rounds to infinity), denormals (read as zero, also where rounding would reach the
+        /// smallest normal), signed zeros and random values, against [`to_bf16`].
         #[test]
-        fn vector_rounding_is_to_bf16() {
+        fn vector_conversion_is_to_bf16() {
             if !amx() {
                 eprintln!("SKIPPED: no AMX here, so no AVX-512 packing");
                 return;
             }
-            let values = [
+            let specials = [
                 1.0 + 1.0 / 256.0,
                 1.0 + 3.0 / 256.0,
                 -(1.0 + 1.5 / 256.0),
                 f32::NAN,
                 -f32::NAN,
                 f32::from_bits(0x7f80_0001),
+                f32::from_bits(0x7fc1_2345),
                 f32::INFINITY,
                 f32::NEG_INFINITY,
                 f32::MAX,
                 f32::from_bits(0x007f_ffff),
+                f32::from_bits(0x807f_8000),
                 f32::from_bits(0x8000_0001),
+                f32::from_bits(0x0080_7fff),
                 0.0,
                 -0.0,
-                1e-40,
-                3.0e38,
-                -7.5,
             ];
-            let mut lanes = [0u32; 16];
-            // SAFETY: `amx` checked the CPU.
-            unsafe { _mm512_storeu_si512(lanes.as_mut_ptr().cast(), round16(_mm512_loadu_ps(values.as_ptr()))) };
-            for (x, got) in values.iter().zip(lanes) {
-                assert_eq!(got, to_bf16(*x) as u32, "{x:e} ({:#x})", x.to_bits());
+            let random: Vec<f32> =
+                (0..32u32).map(|i| f32::from_bits(i.wrapping_mul(0x9E37_79B9).rotate_left(7) ^ 0x1234_5678)).collect();
+            for values in [&specials[..], &random[..16], &random[16..]] {
+                let (x, y): (Vec<f32>, Vec<f32>) = (values.to_vec(), values.iter().rev().copied().collect());
+                let mut along = [0u16; 32];
+                let mut across = [0u16; 32];
+                let xy: Vec<f32> = x.iter().chain(&y).copied().collect();
+                // SAFETY: `amx` checked the CPU through `available`.
+                unsafe {
+                    _mm512_storeu_si512(along.as_mut_ptr().cast(), pairs_along(&xy, 32));
+                    _mm512_storeu_si512(across.as_mut_ptr().cast(), pairs_across(&x, Some(&y), 16));
+                }
+                for i in 0..16 {
+                    assert_eq!(along[i], to_bf16(x[i]), "{:e} ({:#x})", x[i], x[i].to_bits());
+                    assert_eq!(along[16 + i], to_bf16(y[i]));
+                    assert_eq!((across[2 * i], across[2 * i + 1]), (to_bf16(x[i]), to_bf16(y[i])));
+                }
             }
         }
     }
@@ -585,6 +657,8 @@ mod tests {
         assert!(from_bf16(to_bf16(f32::NAN)).is_nan());
         assert_eq!(to_bf16(f32::MAX), 0x7f80, "rounds up to infinity");
         assert_eq!(from_bf16(0x0001), 0.0, "a denormal reads as zero");
+        assert_eq!(to_bf16(f32::from_bits(0x007f_ffff)), 0x0000, "a denormal is zero, not rounded up to normal");
+        assert_eq!(to_bf16(f32::from_bits(0x8000_0001)), 0x8000, "a zero of its sign");
     }
 
     #[test]
