@@ -168,7 +168,7 @@ def estimate_loss(model, data, block, batch, iters):
     return statistics.fmean(model(*windows(data, block, batch)).item() for _ in range(iters))
 
 
-def train_shakespeare(path, seed, peak):
+def train_shakespeare(path, seed, peak, bf16=False):
     text = open(path, encoding="utf-8").read()
     chars = sorted(set(text))
     ids = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
@@ -191,7 +191,7 @@ def train_shakespeare(path, seed, peak):
             g["lr"] = lr_at(it, 1e-3, 1e-4, 100, max_iters)
         x, y = windows(train, block, batch)
         start = time.perf_counter()
-        loss = step(model, opt, x, y, 1.0)
+        loss = step(model, opt, x, y, 1.0, bf16)
         busy += time.perf_counter() - start
     model.eval()
     tokens = max_iters * batch * block / busy
@@ -212,14 +212,14 @@ def main():
     parser.add_argument("--train", metavar="INPUT_TXT", help="train nanoGPT's shakespeare_char recipe on it")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--json", action="store_true", help="print the step timings as one JSON document")
-    parser.add_argument("--bf16", action="store_true", help="time the step with the forward under bf16 autocast")
+    parser.add_argument("--bf16", action="store_true", help="the forward under bf16 autocast (timing and --train)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if not args.json:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}")
     if args.train:
-        train_shakespeare(args.train, args.seed, args.peak)
+        train_shakespeare(args.train, args.seed, args.peak, args.bf16)
         return
     models = [
         time_steps("shakespeare_char", 65, 64, 4, 4, 128, 12, args.steps, args.peak, args.json, args.bf16),
