@@ -185,28 +185,52 @@ fn bf16_training_has_one_set_of_bits_and_the_loss_of_f32() {
     assert_ne!(key(&other, "pretrain"), key(&default, "pretrain"));
 }
 
-/// `cache gc` while a warmup-stable-decay run is in its decay: the family's state is written,
-/// but the run's own artifact, which will name the family, is not published yet. gc must leave
-/// the state (a run holds its family), and the run must finish with it in place.
-#[test]
-fn gc_during_a_run_leaves_the_family_the_run_uses() {
-    let sb = Sandbox::new();
+/// Starts a 3000-step warmup-stable-decay run of `train.toml` (as `wsd.toml`) and waits for
+/// its decay to begin: the family's state is written, the run's own artifact (which will name
+/// the family) is not. Returns the run and the state's path.
+fn wsd_run_in_its_decay(sb: &Sandbox) -> (std::process::Child, PathBuf) {
     let text = std::fs::read_to_string(sb.path("train.toml")).unwrap();
     let long = "max_steps = 3000\nschedule = \"wsd\"\neval_interval = 0\n";
     sb.write("wsd.toml", text.replace("max_steps = 60\n", long).replace("eval_interval = 20\n", ""));
-    let mut child = sb.command().args(["run", "wsd.toml"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let child = sb.command().args(["run", "wsd.toml"]).stdout(std::process::Stdio::null()).spawn().unwrap();
     let families = sb.store().join("families");
-    let state = || -> Option<std::path::PathBuf> {
+    let state = || -> Option<PathBuf> {
         let family = std::fs::read_dir(&families).ok()?.next()?.ok()?.path();
         let mut states = std::fs::read_dir(&family).ok()?.filter_map(|e| e.ok()).map(|e| e.path());
         states.find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
     };
-    let state = poll_until("family state", state);
+    (child, poll_until("family state", state))
+}
+
+/// `cache gc` while a warmup-stable-decay run is in its decay: gc must leave the family's state
+/// (a run holds its family), and the run must finish with it in place.
+#[test]
+fn gc_during_a_run_leaves_the_family_the_run_uses() {
+    let sb = Sandbox::new();
+    let (mut child, state) = wsd_run_in_its_decay(&sb);
     assert_success(&sb.tinygpt(&["cache", "gc", "wsd.toml", "--keep-runs", "0"]));
     assert!(child.try_wait().unwrap().is_none(), "the run finished before gc; make it longer");
     assert!(state.exists(), "gc removed the family state of a running stage");
     assert!(child.wait().unwrap().success());
     assert!(state.exists(), "the finished run's family state is gone");
+}
+
+/// `cache gc` told to keep nothing, while a run is in its third stage: the artifacts the run
+/// has (the corpus, tokens and blocks that `pretrain` and then `evaluate` read) are held, so
+/// gc leaves them, the run finishes, and running the recipe again builds nothing.
+#[test]
+fn gc_keeping_nothing_during_a_run_leaves_what_the_run_reads() {
+    let sb = Sandbox::new();
+    let (mut child, _) = wsd_run_in_its_decay(&sb);
+    let objects = || std::fs::read_dir(sb.store().join("objects")).unwrap().count();
+    let before = objects();
+    assert!(before >= 3, "corpus, tokenize and pack are published ({before} artifacts)");
+    assert_success(&sb.tinygpt(&["cache", "gc", "--keep-runs", "0"]));
+    assert!(child.try_wait().unwrap().is_none(), "the run finished before gc; make it longer");
+    assert_eq!(objects(), before, "gc removed an artifact of a running recipe");
+    assert!(child.wait().unwrap().success(), "the run failed after gc");
+    let again = sb.run_json("wsd.toml", &[]);
+    assert!(ran(&again).is_empty(), "{again}");
 }
 
 /// Long enough to be interrupted: a few seconds, with a checkpoint every 10 steps.

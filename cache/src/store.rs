@@ -141,6 +141,16 @@ impl Store {
         Ok(Some(Artifact { dir, manifest }))
     }
 
+    /// A shared lock on a published artifact, for a run to hold while later stages may read it:
+    /// `gc` leaves an artifact alone while any run holds it (it needs the key's lock alone to
+    /// remove it). Then the artifact as [`Store::get`] finds it, which is `None` if it went
+    /// before the lock was taken; the lease is then dropped, since building the key takes the
+    /// key's lock itself.
+    pub fn lease(&self, key: &ContentHash) -> Result<Option<(Artifact, KeyLock)>> {
+        let lock = KeyLock::acquire_shared(&self.lock_path(key))?;
+        Ok(self.get(key)?.map(|artifact| (artifact, lock)))
+    }
+
     /// Take the key's lock without waiting; `None` if another process is building it.
     pub fn try_begin(&self, key: &ContentHash) -> Result<Option<Staging>> {
         match KeyLock::try_acquire(&self.lock_path(key))? {
@@ -349,9 +359,10 @@ impl Store {
         self.root.join("locks").join(format!("family-{family}.lock"))
     }
 
-    /// Remove every artifact whose key is not in `keep`, every family directory that no kept
-    /// artifact names and no run holds ([`Store::lease_family`]), everything in `corrupt/`, and
-    /// staging and work directories that no running process holds.
+    /// Remove every artifact whose key is not in `keep` and that no run holds
+    /// ([`Store::lease`]), every family directory that no kept artifact names and no run holds
+    /// ([`Store::lease_family`]), everything in `corrupt/`, and staging and work directories
+    /// that no running process holds.
     pub fn gc(&self, keep: &HashSet<ContentHash>) -> Result<GcReport> {
         let mut report = GcReport::default();
         let mut families = HashSet::new();
@@ -613,6 +624,22 @@ mod tests {
         assert_eq!((report.removed, report.kept), (1, 1));
         assert!(store.get(&key(7)).unwrap().is_some());
         assert!(store.get(&key(8)).unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_leaves_an_artifact_while_a_run_holds_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, key(10), "tokens", b"ids");
+        let (artifact, lease) = store.lease(&key(10)).unwrap().expect("published");
+        assert_eq!(artifact.manifest.key, key(10));
+        let report = store.gc(&HashSet::new()).unwrap();
+        assert_eq!(report.removed, 0);
+        assert!(store.get(&key(10)).unwrap().is_some(), "gc removed an artifact a run holds");
+        drop(lease);
+        store.gc(&HashSet::new()).unwrap();
+        assert!(store.get(&key(10)).unwrap().is_none(), "gc keeps an artifact nothing holds");
+        assert!(store.lease(&key(10)).unwrap().is_none(), "a lease on nothing");
     }
 
     #[test]

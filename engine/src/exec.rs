@@ -118,6 +118,9 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
     let mut outcomes: Vec<Option<StageOutcome>> = vec![None; n];
     let mut preimages: BTreeMap<String, Preimage> = BTreeMap::new();
     let mut report = RunReport::default();
+    // A shared lock on every artifact the run has, until it ends: `cache gc` from elsewhere
+    // leaves what later stages will read.
+    let mut leases = Vec::new();
     let mut ready: BinaryHeap<Reverse<StageId>> =
         (0..n).filter(|i| wanted[*i] && waiting[*i] == 0).map(Reverse).collect();
     let (tx, rx) = mpsc::channel::<(StageId, Done)>();
@@ -149,7 +152,8 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
                         });
                     }
                 }
-                if let Some(artifact) = store.get(&key)? {
+                if let Some((artifact, lease)) = store.lease(&key)? {
+                    leases.push(lease);
                     let outcome = cached_outcome(stage, key, artifact, 0.0);
                     opts.observer.stage_finished(&outcome);
                     preimages.insert(stage.name.clone(), preimage);
@@ -194,10 +198,22 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
             let (id, done) = rx.recv().expect("a worker always reports before exiting");
             running -= 1;
             match done {
-                Done::Finished(outcome) => {
-                    opts.observer.stage_finished(&outcome);
-                    complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
-                }
+                Done::Finished(outcome) => match store.lease(&outcome.key)? {
+                    Some((_, lease)) => {
+                        leases.push(lease);
+                        opts.observer.stage_finished(&outcome);
+                        complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
+                    }
+                    None => {
+                        let name = recipe.stages[id].name.clone();
+                        let message =
+                            "its artifact was removed as it was published (a `cache gc` at that moment?); run again"
+                                .to_string();
+                        opts.observer.stage_failed(&name, &message);
+                        report.failure.get_or_insert(StageFailure { stage: name, message, bad_input: false });
+                        stop = true;
+                    }
+                },
                 Done::Failed { message, bad_input } => {
                     let name = recipe.stages[id].name.clone();
                     opts.observer.stage_failed(&name, &message);
