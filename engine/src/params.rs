@@ -44,35 +44,17 @@ pub struct ParamSpec {
 }
 
 impl ParamSpec {
+    const fn new(name: &'static str, ty: ParamType, default: Default, doc: &'static str) -> Self {
+        ParamSpec { name, ty, default, hashed: true, keyed_at_default: true, doc }
+    }
     pub const fn int(name: &'static str, default: i64, min: i64, max: i64, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Int { min, max },
-            default: Default::Int(default),
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Int { min, max }, Default::Int(default), doc)
     }
     pub const fn float(name: &'static str, default: f64, min: f64, max: f64, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Float { min, max },
-            default: Default::Float(default),
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Float { min, max }, Default::Float(default), doc)
     }
     pub const fn bool(name: &'static str, default: bool, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Bool,
-            default: Default::Bool(default),
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Bool, Default::Bool(default), doc)
     }
     pub const fn choice(
         name: &'static str,
@@ -80,53 +62,25 @@ impl ParamSpec {
         options: &'static [&'static str],
         doc: &'static str,
     ) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Choice(options),
-            default: Default::Str(default),
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Choice(options), Default::Str(default), doc)
     }
     pub const fn string(name: &'static str, default: Option<&'static str>, doc: &'static str) -> Self {
         let default = match default {
             Some(s) => Default::Str(s),
             None => Default::Absent,
         };
-        ParamSpec { name, ty: ParamType::Str, default, hashed: true, keyed_at_default: true, doc }
+        Self::new(name, ParamType::Str, default, doc)
     }
     pub const fn str_list(name: &'static str, default: &'static [&'static str], doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::StrList,
-            default: Default::StrList(default),
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::StrList, Default::StrList(default), doc)
     }
     /// An optional integer with no default.
     pub const fn opt_int(name: &'static str, min: i64, max: i64, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Int { min, max },
-            default: Default::Absent,
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Int { min, max }, Default::Absent, doc)
     }
     /// An optional number with no default.
     pub const fn opt_float(name: &'static str, min: f64, max: f64, doc: &'static str) -> Self {
-        ParamSpec {
-            name,
-            ty: ParamType::Float { min, max },
-            default: Default::Absent,
-            hashed: true,
-            keyed_at_default: true,
-            doc,
-        }
+        Self::new(name, ParamType::Float { min, max }, Default::Absent, doc)
     }
     /// Mark a parameter as not part of the cache key.
     pub const fn not_hashed(mut self) -> Self {
