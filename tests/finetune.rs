@@ -75,6 +75,22 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("has no instruction template"));
 }
 
+/// LoRA with the frozen base's products in bf16: only `sft` reruns, the adapters train (in
+/// f32), and the merged model is still the base plus scale * B A to the bit.
+#[test]
+fn a_bf16_lora_fine_tune_trains_its_adapters_and_merges_them() {
+    let sb = Sandbox::new();
+    let f32_run = sb.run_json("sft.toml", &[]);
+    let run = sb.run_json("sft.toml", &["--set", "sft.precision=bf16"]);
+    assert_eq!(ran(&run), ["sft", "evaluate"], "{run}");
+    let (b16, b32) = (adapter_tensors(&artifact(&sb, &run, "sft")), adapter_tensors(&artifact(&sb, &f32_run, "sft")));
+    let name = "model.layers.0.mlp.down_proj.lora_B.weight";
+    assert!(b16.get(name).iter().any(|x| *x != 0.0), "B trained");
+    assert!(b16.get(name) != b32.get(name), "the bf16 run trained the f32 run's bits");
+    let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, false);
+    assert!(expected == merged, "merged = frozen base + scale * B A");
+}
+
 #[test]
 fn dora_writes_its_magnitudes_and_merges_them() {
     let sb = Sandbox::new();
