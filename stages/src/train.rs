@@ -239,6 +239,10 @@ pub fn train(
     let mut batches: Vec<Batch> = (0..spec.accum).map(|_| Batch::new(spec.batch, spec.t)).collect();
 
     let progress = ctx.progress();
+    let emulated = match spec.precision == Precision::Bf16 && !crate::nn::kernels::bf16::amx() {
+        true => " (bf16 emulated without AMX: about 10x slower than f32)",
+        false => "",
+    };
     progress.set_length(spec.max_steps, "steps");
     progress.set_position(state.progress.step);
     let started = Instant::now();
@@ -299,7 +303,7 @@ pub fn train(
         }
         progress.set_position(step);
         let val_note = if val.loss.is_nan() { String::new() } else { format!(" val {:.4}", val.loss) };
-        progress.set_message(&format!("loss {loss:.4}{val_note}"));
+        progress.set_message(&format!("loss {loss:.4}{val_note}{emulated}"));
         if step.is_multiple_of(spec.checkpoint_interval) && step < spec.max_steps {
             state.progress.elapsed = elapsed_before + started.elapsed().as_secs_f64();
             state.save(ctx.work_dir())?;

@@ -141,30 +141,63 @@ pub fn matmul_bf16_emulated(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &
     });
 }
 
-crate::nn::kernels::simd_fn! {
-    /// One output row: `a` (kp) against `b` (kp, n), kp a whole number of k blocks.
-    fn emulated_row(a: &[f32], b: &[f32], out: &mut [f32], chains: &mut [f32], accumulate: bool) {
-        let n = out.len();
-        let (even, odd) = chains.split_at_mut(n);
-        if !accumulate {
-            out.fill(0.0);
+/// One output row: `a` (kp) against `b` (kp, n), kp a whole number of k blocks. With AVX2+FMA
+/// where the CPU has them, else in plain Rust; the same bits.
+fn emulated_row(a: &[f32], b: &[f32], out: &mut [f32], chains: &mut [f32], accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::nn::kernels::isa() == crate::nn::kernels::Isa::Avx2Fma {
+        // SAFETY: `isa` checked that the CPU has AVX2 and FMA.
+        return unsafe { emulated_row_fma(a, b, out, chains, accumulate) };
+    }
+    emulated_row_with(a, b, out, chains, accumulate, fma_plain);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn emulated_row_fma(a: &[f32], b: &[f32], out: &mut [f32], chains: &mut [f32], accumulate: bool) {
+    emulated_row_with(a, b, out, chains, accumulate, f32::mul_add);
+}
+
+/// `x * y + e` rounded once, for `x` and `y` bf16 values, without an FMA instruction: their
+/// product is exact in f64, and so is its sum with `e` unless their exponents lie so far apart
+/// that the f32 result is `e` either way. (On aarch64 every CPU has FMA.)
+#[inline(always)]
+fn fma_plain(x: f32, y: f32, e: f32) -> f32 {
+    #[cfg(target_arch = "aarch64")]
+    return x.mul_add(y, e);
+    #[cfg(not(target_arch = "aarch64"))]
+    return (x as f64 * y as f64 + e as f64) as f32;
+}
+
+#[inline(always)]
+fn emulated_row_with(
+    a: &[f32],
+    b: &[f32],
+    out: &mut [f32],
+    chains: &mut [f32],
+    accumulate: bool,
+    fma: impl Fn(f32, f32, f32) -> f32,
+) {
+    let n = out.len();
+    let (even, odd) = chains.split_at_mut(n);
+    if !accumulate {
+        out.fill(0.0);
+    }
+    for (block, a_block) in a.chunks_exact(K_BLOCK).enumerate() {
+        even.fill(0.0);
+        odd.fill(0.0);
+        for (q, pair) in a_block.chunks_exact(2).enumerate() {
+            let p = block * K_BLOCK + 2 * q;
+            let (b0, b1) = (&b[p * n..(p + 1) * n], &b[(p + 1) * n..(p + 2) * n]);
+            for (e, y) in even.iter_mut().zip(b0) {
+                *e = flush(fma(pair[0], *y, *e));
+            }
+            for (o, y) in odd.iter_mut().zip(b1) {
+                *o = flush(fma(pair[1], *y, *o));
+            }
         }
-        for (block, a_block) in a.chunks_exact(K_BLOCK).enumerate() {
-            even.fill(0.0);
-            odd.fill(0.0);
-            for (q, pair) in a_block.chunks_exact(2).enumerate() {
-                let p = block * K_BLOCK + 2 * q;
-                let (b0, b1) = (&b[p * n..(p + 1) * n], &b[(p + 1) * n..(p + 2) * n]);
-                for (e, y) in even.iter_mut().zip(b0) {
-                    *e = flush(pair[0].mul_add(*y, *e));
-                }
-                for (o, y) in odd.iter_mut().zip(b1) {
-                    *o = flush(pair[1].mul_add(*y, *o));
-                }
-            }
-            for ((o, e), d) in out.iter_mut().zip(even.iter()).zip(odd.iter()) {
-                *o = flush(flush(*o) + flush(e + d));
-            }
+        for ((o, e), d) in out.iter_mut().zip(even.iter()).zip(odd.iter()) {
+            *o = flush(flush(*o) + flush(e + d));
         }
     }
 }
@@ -734,6 +767,29 @@ mod tests {
     fn the_emulation_has_the_bits_of_the_reference() {
         let shapes = [(1, 1, 1), (4, 32, 8), (5, 33, 7), (9, 100, 33), (0, 3, 2), (2, 0, 3), (3, 70, 1)];
         same_bits_as_the_reference(&shapes, matmul_bf16_emulated);
+    }
+
+    /// Without an FMA instruction the chains go through f64: the same bits as an FMA on bf16
+    /// values of every size, products that underflow f32 and zeros of either sign included.
+    #[test]
+    fn the_plain_chains_round_as_an_fma() {
+        let mut values: Vec<f32> = random(4096, 8).iter().map(|v| from_bf16(to_bf16(*v))).collect();
+        for (i, v) in values.iter_mut().enumerate() {
+            *v *= [1.0, 1e-20, 1e20, -1e-30, 1e-38, 3e-39][i % 6];
+            *v = from_bf16(to_bf16(*v));
+        }
+        let accumulators = [0.0f32, -0.0, 1.0, -3.5e-38, 1.2e-38, 7e30, -2.0e-20];
+        for w in values.windows(2) {
+            for e in accumulators {
+                let (fma, plain) = (w[0].mul_add(w[1], e), fma_plain(w[0], w[1], e));
+                assert_eq!(fma.to_bits(), plain.to_bits(), "{:e} * {:e} + {e:e}", w[0], w[1]);
+            }
+        }
+        let (a, b) = (&values[..64], &values[64..64 + 64 * 5]);
+        let (mut with_fma, mut without) = (random(5, 9), random(5, 9));
+        emulated_row_with(a, b, &mut with_fma, &mut [0.0; 10], true, f32::mul_add);
+        emulated_row_with(a, b, &mut without, &mut [0.0; 10], true, fma_plain);
+        assert!(with_fma.iter().zip(&without).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 
     #[test]
