@@ -197,23 +197,26 @@ pub fn run(recipe: &Recipe, store: &Store, opts: &RunOptions<'_>) -> Result<RunR
             }
             let (id, done) = rx.recv().expect("a worker always reports before exiting");
             running -= 1;
-            match done {
+            let done = match done {
                 Done::Finished(outcome) => match store.lease(&outcome.key)? {
                     Some((_, lease)) => {
                         leases.push(lease);
-                        opts.observer.stage_finished(&outcome);
-                        complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
+                        Done::Finished(outcome)
                     }
-                    None => {
-                        let name = recipe.stages[id].name.clone();
-                        let message =
-                            "its artifact was removed as it was published (a `cache gc` at that moment?); run again"
-                                .to_string();
-                        opts.observer.stage_failed(&name, &message);
-                        report.failure.get_or_insert(StageFailure { stage: name, message, bad_input: false });
-                        stop = true;
-                    }
+                    None => Done::Failed {
+                        message: "its artifact was removed as it was published (a `cache gc` at that moment?); \
+                                  run again"
+                            .to_string(),
+                        bad_input: false,
+                    },
                 },
+                other => other,
+            };
+            match done {
+                Done::Finished(outcome) => {
+                    opts.observer.stage_finished(&outcome);
+                    complete(id, *outcome, &mut artifacts, &mut outcomes, &dependents, &mut waiting, &mut ready);
+                }
                 Done::Failed { message, bad_input } => {
                     let name = recipe.stages[id].name.clone();
                     opts.observer.stage_failed(&name, &message);

@@ -11,6 +11,23 @@ pub fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
 }
 
+/// Asserts that `product` of random `a @ b^T` of shape `d` gives the same bits on 1 and on 2
+/// threads.
+pub fn same_bits_on_one_and_two_threads(
+    product: crate::nn::kernels::matmul::Product,
+    d: crate::nn::kernels::matmul::Dims,
+) {
+    use crate::nn::kernels::matmul::Layout;
+    let (a, b) = (random(d.m * d.k, 4), random(d.k * d.n, 5));
+    let run = |threads| {
+        let mut out = vec![0.0; d.m * d.n];
+        on_threads(threads, || product(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
+        out
+    };
+    let (one, two) = (run(1), run(2));
+    assert!(one.iter().zip(&two).all(|(x, y)| x.to_bits() == y.to_bits()), "1 and 2 threads differ");
+}
+
 /// Central differences of `loss` around `x`, each coordinate moved by 0.01. The loss is
 /// evaluated in f32, so the result is good to about 1e-4 absolute.
 fn numeric_gradient(x: &[f32], mut loss: impl FnMut(&[f32]) -> f64) -> Vec<f64> {

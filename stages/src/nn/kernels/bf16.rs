@@ -676,7 +676,7 @@ mod tiles {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{on_threads, random};
+    use crate::nn::gradcheck::{random, same_bits_on_one_and_two_threads};
     use crate::nn::kernels::matmul::Product;
 
     #[test]
@@ -794,13 +794,6 @@ mod tests {
 
     #[test]
     fn one_and_two_threads_give_the_same_bits() {
-        let d = Dims { m: 70, k: 90, n: 50 };
-        let (a, b) = (random(d.m * d.k, 6), random(d.k * d.n, 7));
-        let run = |threads| {
-            let mut out = vec![0.0; d.m * d.n];
-            on_threads(threads, || matmul_bf16(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
-            out
-        };
-        assert!(run(1).iter().zip(&run(2)).all(|(x, y)| x.to_bits() == y.to_bits()));
+        same_bits_on_one_and_two_threads(matmul_bf16, Dims { m: 70, k: 90, n: 50 });
     }
 }

@@ -95,7 +95,7 @@ pub fn matmul_naive(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::{on_threads, random};
+    use crate::nn::gradcheck::{random, same_bits_on_one_and_two_threads};
 
     #[test]
     fn matches_the_reference_in_every_layout() {
@@ -141,14 +141,6 @@ mod tests {
 
     #[test]
     fn one_and_two_threads_give_the_same_bits() {
-        let d = Dims { m: 300, k: 96, n: 80 };
-        let (a, b) = (random(d.m * d.k, 4), random(d.k * d.n, 5));
-        let run = |threads| {
-            let mut out = vec![0.0; d.m * d.n];
-            on_threads(threads, || matmul(&a, Layout::Normal, &b, Layout::Transposed, &mut out, d, false));
-            out
-        };
-        let (one, two) = (run(1), run(2));
-        assert!(one.iter().zip(&two).all(|(x, y)| x.to_bits() == y.to_bits()));
+        same_bits_on_one_and_two_threads(matmul, Dims { m: 300, k: 96, n: 80 });
     }
 }
