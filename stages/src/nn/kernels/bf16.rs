@@ -145,7 +145,7 @@ pub fn matmul_bf16_emulated(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &
 /// where the CPU has them, else in plain Rust; the same bits.
 fn emulated_row(a: &[f32], b: &[f32], out: &mut [f32], chains: &mut [f32], accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
-    if crate::nn::kernels::isa() == crate::nn::kernels::Isa::Avx2Fma {
+    if crate::nn::kernels::isa().has_avx2_fma() {
         // SAFETY: `isa` checked that the CPU has AVX2 and FMA.
         return unsafe { emulated_row_fma(a, b, out, chains, accumulate) };
     }

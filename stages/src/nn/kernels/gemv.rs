@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::nn::kernels::{axpy, dot, dot_tail, isa, simd_fn, sum_lanes, Isa};
+use crate::nn::kernels::{axpy, dot, dot_tail, isa, simd_fn, sum_lanes};
 
 /// Weight rows per block of the (in, out) kernel: a chunk's block is 8 KiB, at home in L1.
 const I_BLOCK: usize = 32;
@@ -50,7 +50,7 @@ pub fn rows_times_out_in(x: &[f32], rows: usize, w: &[f32], out: &mut [f32]) {
     let k = x.len() / rows.max(1);
     let n = w.len() / k.max(1);
     assert!(x.len() == rows * k && w.len() == n * k && out.len() == rows * n && rows <= MAX_ROWS, "shapes");
-    let fast = isa() == Isa::Avx2Fma;
+    let fast = isa().has_avx2_fma();
     if rows == 1 {
         for_chunks(out, CHUNK, w.len(), |c, o| dots(fast, x, &w[c * CHUNK * k..], k, 1, o));
         return;
@@ -283,7 +283,7 @@ mod tests {
     /// The AVX2 tiles compute what the portable ones do, bit for bit.
     #[test]
     fn avx2_tiles_have_the_bits_of_the_portable_ones() {
-        if isa() != Isa::Avx2Fma {
+        if !isa().has_avx2_fma() {
             eprintln!("SKIPPED: no AVX2 on this machine; the portable tiles are the only path");
             return;
         }

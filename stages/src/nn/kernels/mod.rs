@@ -26,6 +26,9 @@ use rayon::prelude::*;
 /// The instruction set the kernels run on, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// x86-64 with AVX-512 (F, BW, VL, DQ) besides AVX2 and FMA: elementwise loops compiled for
+    /// 512-bit vectors.
+    Avx512,
     /// x86-64 with AVX2 and FMA: elementwise loops compiled for 256-bit vectors.
     Avx2Fma,
     /// Plain Rust for the baseline target (NEON on aarch64, SSE2 on x86-64).
@@ -35,13 +38,20 @@ pub enum Isa {
 impl Isa {
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512 => "avx512",
             Isa::Avx2Fma => "avx2+fma",
             Isa::Portable => "portable",
         }
     }
+
+    /// AVX2 and FMA are there (they are wherever AVX-512 is).
+    pub fn has_avx2_fma(self) -> bool {
+        self != Isa::Portable
+    }
 }
 
-/// The detected [`Isa`]; `TINYGPT_SIMD=portable` forces the portable kernels. The choice never
+/// The detected [`Isa`]; `TINYGPT_SIMD=portable` forces the portable kernels, and
+/// `TINYGPT_SIMD=avx2` the AVX2 ones where there is AVX-512. The choice never
 /// changes a result's bits (each kernel computes the same operations in the same order on every
 /// path), only its speed.
 pub fn isa() -> Isa {
@@ -52,29 +62,45 @@ pub fn isa() -> Isa {
         }
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return Isa::Avx2Fma;
+            let avx512 = std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vl")
+                && std::is_x86_feature_detected!("avx512dq");
+            return if avx512 && std::env::var("TINYGPT_SIMD").is_ok_and(|v| v == "avx2") {
+                Isa::Avx2Fma
+            } else if avx512 {
+                Isa::Avx512
+            } else {
+                Isa::Avx2Fma
+            };
         }
         Isa::Portable
     })
 }
 
-/// Defines a kernel function twice, compiled for AVX2+FMA and for the baseline target, and
-/// picks one per call by [`isa`]. Rust never contracts `a * b + c` into an FMA, so both compute
-/// the same bits; the wide one is only faster. Helpers the body calls must be
-/// `#[inline(always)]`, or they stay baseline code.
+/// Defines a kernel function three times, compiled for AVX-512, for AVX2+FMA and for the
+/// baseline target, and picks one per call by [`isa`]. Rust never contracts `a * b + c` into an
+/// FMA nor reorders float operations, so all three compute the same bits; the wider ones are
+/// only faster. Helpers the body calls must be `#[inline(always)]`, or they stay baseline code.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+            unsafe fn widest($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             unsafe fn wide($($arg: $ty),*) $(-> $ret)? $body
             #[inline(always)]
             fn narrow($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(target_arch = "x86_64")]
-            if $crate::nn::kernels::isa() == $crate::nn::kernels::Isa::Avx2Fma {
+            match $crate::nn::kernels::isa() {
+                // SAFETY: `isa` checked that the CPU has these.
+                $crate::nn::kernels::Isa::Avx512 => return unsafe { widest($($arg),*) },
                 // SAFETY: `isa` checked that the CPU has AVX2 and FMA.
-                return unsafe { wide($($arg),*) };
+                $crate::nn::kernels::Isa::Avx2Fma => return unsafe { wide($($arg),*) },
+                $crate::nn::kernels::Isa::Portable => {}
             }
             narrow($($arg),*)
         }
