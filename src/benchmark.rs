@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 use stages::bench::{self, BenchModel, StepReport, Training};
-use stages::nn::linear::Precision;
+use stages::nn::kernels::Precision;
 
 use crate::output;
 

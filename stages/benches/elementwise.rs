@@ -1,6 +1,7 @@
 //! The training step's kernels other than the weight products, at the shapes of the two
-//! reference models' steps: GELU (exact, as nanoGPT), LayerNorm, attention and AdamW, forward
-//! and backward, on every thread. Microseconds per call, best of 30.
+//! reference models' steps: GELU (exact, as nanoGPT), LayerNorm, attention (in f32 and in
+//! bf16, on AMX where there is AMX) and AdamW, forward and backward, on every thread.
+//! Microseconds per call, best of 30.
 //!
 //! Run with `cargo bench -p stages --bench elementwise`; run it again with
 //! `TINYGPT_SIMD=portable` to time the portable kernels (the same bits, only slower). Prints
@@ -11,8 +12,8 @@ use std::time::Instant;
 use stages::nn::kernels::activation::{gelu_backward, gelu_forward, Gelu};
 use stages::nn::kernels::adamw::{adamw_step, AdamW};
 use stages::nn::kernels::attention::{attention_backward, attention_forward, AttnDims, QkvIn, QkvOut};
-use stages::nn::kernels::isa;
 use stages::nn::kernels::norm::{layernorm_backward, layernorm_forward};
+use stages::nn::kernels::{isa, Precision};
 
 struct Shape {
     name: &'static str,
@@ -29,7 +30,10 @@ fn main() {
         Shape { name: "shakespeare_char", batch: 12, t: 64, heads: 4, c: 128, params: 804_224 },
         Shape { name: "gpt2-6x384", batch: 8, t: 256, heads: 6, c: 384, params: 30_000_000 },
     ] {
-        run(&s);
+        // `cargo bench --bench elementwise -- NAME` times one model's shapes.
+        if std::env::args().skip(1).filter(|a| !a.starts_with('-')).all(|a| a == s.name) {
+            run(&s);
+        }
     }
 }
 
@@ -84,12 +88,16 @@ fn run(s: &Shape) {
     let pos: Vec<u32> = (0..rows).map(|r| (r % s.t) as u32).collect();
     let (mut out, mut stats) = (vec![0.0; rows * s.c], vec![0.0; s.batch * s.heads * s.t * 2]);
     let mut dqkv = vec![0.0; rows * 3 * s.c];
-    let forward = time(|| attention_forward(QkvIn::Fused(&qkv), &pos, &mut out, &mut stats, n));
-    let backward = time(|| attention_backward(&dout, QkvIn::Fused(&qkv), &pos, &stats, QkvOut::Fused(&mut dqkv), n));
-    println!(
-        "  attention, {} x {} heads of {}: forward {forward:.0} us, backward {backward:.0} us",
-        s.batch, s.heads, n.d
-    );
+    for precision in [Precision::F32, Precision::Bf16] {
+        let forward = time(|| attention_forward(QkvIn::Fused(&qkv), &pos, &mut out, &mut stats, n, precision));
+        let backward = time(|| {
+            attention_backward(&dout, QkvIn::Fused(&qkv), &pos, &stats, QkvOut::Fused(&mut dqkv), n, precision)
+        });
+        println!(
+            "  attention {precision:?}, {} x {} heads of {}: forward {forward:.0} us, backward {backward:.0} us",
+            s.batch, s.heads, n.d
+        );
+    }
 
     let opt = AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
     let grad = values(s.params, 9);

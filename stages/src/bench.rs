@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
-use crate::nn::linear::Precision;
+use crate::nn::kernels::Precision;
 use crate::nn::lora::{is_adapter, LoraConfig};
 use crate::nn::model::{Activations, Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};

@@ -66,7 +66,7 @@ impl Stage for Distill {
         "distill"
     }
     fn version(&self) -> u32 {
-        1
+        2 // 2: attention's products in bf16 when precision = "bf16"
     }
     fn about(&self) -> &'static str {
         "train a student on a teacher's cached top-k log-probabilities and the data (KD, reverse KL or GKD's JSD)"

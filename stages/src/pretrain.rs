@@ -106,7 +106,7 @@ impl Stage for Pretrain {
         "pretrain"
     }
     fn version(&self) -> u32 {
-        5 // 2: GELU through one exp, dot products in eight partial sums; 3: attention as matrix products; 4: exp without libm in GELU and SiLU; 5: attention in query blocks with exp_fast, norm statistics in four f64 lanes
+        6 // 2: GELU through one exp, dot products in eight partial sums; 3: attention as matrix products; 4: exp without libm in GELU and SiLU; 5: attention in query blocks with exp_fast, norm statistics in four f64 lanes; 6: attention's products in bf16 when precision = "bf16"
     }
     fn about(&self) -> &'static str {
         "train a gpt2 or llama model from scratch on packed blocks, with checkpoints and exact resume"

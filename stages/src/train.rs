@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::checkpoint::{DataPos, Progress, TrainState};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
-use crate::nn::linear::Precision;
+use crate::nn::kernels::Precision;
 use crate::nn::model::{Activations, Model};
 use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
 use crate::nn::params::ParamMap;

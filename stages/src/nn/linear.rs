@@ -13,11 +13,11 @@
 //! `|W_o|^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T`.
 
 use crate::nn::config::WeightLayout;
-use crate::nn::kernels::bf16::matmul_bf16;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::gemv;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
+use crate::nn::kernels::Precision;
 use crate::nn::params::{ParamId, ParamMap};
 
 /// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled, and for
@@ -114,38 +114,6 @@ pub(crate) struct AdapterScratch<'a> {
     pub(crate) dxa: &'a mut [f32],
     pub(crate) dz: &'a mut [f32],
     pub(crate) dx_drop: &'a mut [f32],
-}
-
-/// The arithmetic of a layer's weight products: its forward product and both products of
-/// backward. Adapters, attention and everything else stay f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Precision {
-    /// f32 operands and accumulation.
-    #[default]
-    F32,
-    /// Operands rounded to bf16, products accumulated in f32 as AMX-BF16 does
-    /// ([`crate::nn::kernels::bf16`]); weights, gradients and the optimizer stay f32.
-    Bf16,
-}
-
-impl Precision {
-    /// The name a recipe gives it.
-    pub fn parse(name: &str) -> Option<Self> {
-        match name {
-            "f32" => Some(Precision::F32),
-            "bf16" => Some(Precision::Bf16),
-            _ => None,
-        }
-    }
-
-    /// `out = [out +] op(a) @ op(b)` in this precision.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul(self, a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
-        match self {
-            Precision::F32 => matmul(a, la, b, lb, out, d, accumulate),
-            Precision::Bf16 => matmul_bf16(a, la, b, lb, out, d, accumulate),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug)]

@@ -22,7 +22,8 @@ use crate::nn::kernels::attention::{attention_backward, attention_forward, rope,
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
-use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear, Precision};
+use crate::nn::kernels::Precision;
+use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
@@ -136,6 +137,8 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     pub(crate) norm_f: Norm,
     pub(crate) head: Linear,
+    /// Attention's products; the linear layers carry their own.
+    attention: Precision,
 }
 
 impl Model {
@@ -229,7 +232,7 @@ impl Model {
             slot: 0,
             precision: Precision::F32,
         };
-        Model { cfg, wte, wpe, blocks, norm_f, head }
+        Model { cfg, wte, wpe, blocks, norm_f, head, attention: Precision::F32 }
     }
 
     fn attn_dims(&self, b: usize, t: usize) -> AttnDims {
@@ -248,12 +251,14 @@ impl Model {
         self
     }
 
-    /// Every weight product (the blocks' linear layers and the output head) in `precision`.
+    /// Every product (the blocks' linear layers, attention and the output head) in
+    /// `precision`.
     pub fn with_precision(mut self, precision: Precision) -> Self {
         for blk in &mut self.blocks {
             blk.for_each_linear(|lin| lin.precision = precision);
         }
         self.head.precision = precision;
+        self.attention = precision;
         self
     }
 
@@ -380,7 +385,7 @@ impl Model {
         blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, zeros_c);
         let qkv =
             self.project_qkv(blk, p, &a.n1, &batch.pos, &mut a.qkv, &mut a.q, &mut a.k, &mut a.v, &mut a.adapters);
-        attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n);
+        attention_forward(qkv, &batch.pos, &mut a.y, &mut a.att_stats, n, self.attention);
         blk.o.forward(p, &a.y, &mut a.x_mid, rows, &mut a.adapters[blk.o.slot]);
         add_assign(&mut a.x_mid, x);
         blk.norm2.forward(p, &a.x_mid, &mut a.n2, &mut a.s2, eps, zeros_c);
@@ -509,12 +514,13 @@ impl Model {
             blk.o.backward(p, grads, dx, &a.y, &xa[blk.o.slot], dxa, dtmp, rows, false);
             match blk.qkv {
                 Qkv::Fused(lin) => {
-                    attention_backward(dtmp, QkvIn::Fused(&a.qkv), pos, &a.att_stats, QkvOut::Fused(dqkv), n);
+                    let (qkv, fused) = (QkvIn::Fused(&a.qkv), QkvOut::Fused(dqkv));
+                    attention_backward(dtmp, qkv, pos, &a.att_stats, fused, n, self.attention);
                     lin.backward(p, grads, dqkv, &a.n1, &xa[lin.slot], dxa, dtmp, rows, false);
                 }
                 Qkv::Split(lq, lk, lv) => {
                     let qkv = QkvIn::Split { q: &a.q, k: &a.k, v: &a.v };
-                    attention_backward(dtmp, qkv, pos, &a.att_stats, QkvOut::Split { dq, dk, dv }, n);
+                    attention_backward(dtmp, qkv, pos, &a.att_stats, QkvOut::Split { dq, dk, dv }, n, self.attention);
                     let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
                     rope(dq, pos, self.cfg.n_head, d, theta, true);
                     rope(dk, pos, self.cfg.n_kv_head, d, theta, true);

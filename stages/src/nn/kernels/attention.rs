@@ -17,7 +17,8 @@ use rayon::prelude::*;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{s, ArrayView2, ArrayView4, ArrayView5, ArrayViewMut2, ArrayViewMut4, ArrayViewMut5, Axis};
 
-use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn, with_scratch};
+use crate::nn::kernels::bf16::product_bf16;
+use crate::nn::kernels::{axpy, dot, exp_fast, simd_fn, with_scratch, Precision};
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -166,6 +167,29 @@ pub fn check_positions(pos: &[u32], t_: usize) {
 /// skip most of the masked upper triangle (all of it above the diagonal blocks).
 const QB: usize = 32;
 
+/// `out = alpha a b + beta out`, `beta` 0 or 1: ndarray's `general_mat_mul` in f32; in bf16
+/// [`product_bf16`] (on this thread), then scaled by `alpha`, which only a product without
+/// `beta` may ask for.
+fn product(
+    precision: Precision,
+    alpha: f32,
+    a: &ArrayView2<f32>,
+    b: &ArrayView2<f32>,
+    beta: f32,
+    out: &mut ArrayViewMut2<f32>,
+) {
+    match precision {
+        Precision::F32 => general_mat_mul(alpha, a, b, beta, out),
+        Precision::Bf16 => {
+            assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "a bf16 product scales only a fresh output");
+            product_bf16(a.view(), b.view(), out.view_mut(), beta == 1.0);
+            if alpha != 1.0 {
+                out.mapv_inplace(|x| x * alpha);
+            }
+        }
+    }
+}
+
 /// `out = softmax(q k^T / sqrt(D) + mask) v`, per batch row and head, the mask causal within
 /// each example of `pos` (B, T; see the module doc); `stats` (B, H, T, 2)
 /// receives each score row's maximum and inverse sum, from which backward recomputes the
@@ -177,8 +201,17 @@ const QB: usize = 32;
 /// A block starts its keys where the example of its first row starts, so the keys of earlier
 /// examples in a packed row are skipped, not computed and discarded.
 /// A task's arithmetic does not depend on which thread runs it, so neither do the bits.
-/// [`attention_forward_plain`], one dot product at a time, is the reference.
-pub fn attention_forward(qkv: QkvIn, pos: &[u32], out: &mut [f32], stats: &mut [f32], n: AttnDims) {
+/// [`attention_forward_plain`], one dot product at a time, is the reference. In
+/// [`Precision::Bf16`] both products round their operands to bf16 ([`product_bf16`]); the
+/// softmax stays f32.
+pub fn attention_forward(
+    qkv: QkvIn,
+    pos: &[u32],
+    out: &mut [f32],
+    stats: &mut [f32],
+    n: AttnDims,
+    precision: Precision,
+) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     assert_eq!(pos.len(), n.b * n.t, "positions are (B, T)");
@@ -197,11 +230,11 @@ pub fn attention_forward(qkv: QkvIn, pos: &[u32], out: &mut [f32], stats: &mut [
                         for r0 in (0..t_).step_by(QB) {
                             let (r1, k0) = ((r0 + QB).min(t_), block_start(pos, r0));
                             let rows = &mut scratch[..(r1 - r0) * t_];
-                            scores(scale, &qh, &kh, r0, r1, k0, rows, t_);
+                            scores(precision, scale, &qh, &kh, r0, r1, k0, rows, t_);
                             causal_softmax(rows, t_, r0, &pos[r0..r1], &mut stats[r0 * 2..r1 * 2]);
                             let mut out_rows = out.slice_mut(s![r0..r1, ..]);
                             let vs = vh.slice(s![k0..r1, ..]);
-                            general_mat_mul(1.0, &seen(rows, t_, k0, r1), &vs, 0.0, &mut out_rows);
+                            product(precision, 1.0, &seen(rows, t_, k0, r1), &vs, 0.0, &mut out_rows);
                         }
                     });
                 },
@@ -214,6 +247,7 @@ pub fn attention_forward(qkv: QkvIn, pos: &[u32], out: &mut [f32], stats: &mut [
 /// rows, T wide; the other columns are left alone).
 #[allow(clippy::too_many_arguments)] // slices and dims, as every kernel
 fn scores(
+    precision: Precision,
     scale: f32,
     qh: &ArrayView2<f32>,
     kh: &ArrayView2<f32>,
@@ -224,7 +258,7 @@ fn scores(
     t_: usize,
 ) {
     let mut scores = seen_mut(rows, t_, k0, r1);
-    general_mat_mul(scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![k0..r1, ..]).t(), 0.0, &mut scores);
+    product(precision, scale, &qh.slice(s![r0..r1, ..]), &kh.slice(s![k0..r1, ..]).t(), 0.0, &mut scores);
 }
 
 /// The columns row `t` of a block sees: from its example's start `t - pos` to `t`.
@@ -233,19 +267,86 @@ fn seen_cols(t: usize, pos: u32) -> std::ops::RangeInclusive<usize> {
     t - pos as usize..=t
 }
 
+/// Rows whose sums [`causal_softmax`] runs side by side.
+const LOCKSTEP: usize = 8;
+
 simd_fn! {
     /// Softmax in place over each row of `rows` (T wide), whose first row is position `first`
     /// and whose positions in their examples are `pos`: row `t` keeps the columns it sees
     /// ([`seen_cols`]) and zeroes the rest; its maximum and inverse sum go to `stats[2i..2i + 2]`.
-    /// Max, exponentials ([`exp_fast`]) and the sum run along the row in order.
+    /// Exponentials by [`exp_fast`]. Each row's sum adds its exponentials along the row in
+    /// order, one chain per row, as a plain loop would; [`LOCKSTEP`] rows run their chains side
+    /// by side over the columns any of them sees (a column a row does not see adds 0 to its
+    /// positive sum, which changes nothing), so the chains' latencies overlap instead of adding
+    /// up. A maximum is the same whatever the order, so it runs across the row's lanes.
     fn causal_softmax(rows: &mut [f32], t_: usize, first: usize, pos: &[u32], stats: &mut [f32]) {
-        for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
-            let cols = seen_cols(first + i, pos[i]);
-            let max = row[cols.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let inv = 1.0 / exp_row(row, cols.clone(), max).iter().sum::<f32>();
-            normalize_row(row, cols, inv);
-            stats.copy_from_slice(&[max, inv]);
+        let groups = rows.chunks_mut(LOCKSTEP * t_).zip(stats.chunks_mut(2 * LOCKSTEP).zip(pos.chunks(LOCKSTEP)));
+        for (g, (group, (stats, pos))) in groups.enumerate() {
+            let first = first + g * LOCKSTEP;
+            let mut max = [0.0f32; LOCKSTEP];
+            for (i, row) in group.chunks_exact_mut(t_).enumerate() {
+                let cols = seen_cols(first + i, pos[i]);
+                max[i] = row_max(row, cols.clone());
+                exp_row(row, cols.clone(), max[i]);
+                normalize_row(row, cols, 1.0);
+            }
+            let n = group.len() / t_;
+            let (lo, hi) = (first - pos[0] as usize, first + n - 1);
+            let len = hi + 1 - lo;
+            let rows: [&[f32]; LOCKSTEP] = std::array::from_fn(|i| &group[i.min(n - 1) * t_ + lo..][..len]);
+            let mut sum = [0.0f32; LOCKSTEP];
+            for j in 0..len {
+                for (s, row) in sum.iter_mut().zip(&rows) {
+                    *s += row[j];
+                }
+            }
+            for (i, (row, stats)) in group.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
+                let inv = 1.0 / sum[i];
+                for p in &mut row[seen_cols(first + i, pos[i])] {
+                    *p *= inv;
+                }
+                stats.copy_from_slice(&[max[i], inv]);
+            }
         }
+    }
+}
+
+/// Lanes of the vectors [`exp_row`] and [`row_max`] work in.
+const LANES: usize = 16;
+
+/// Where in a row of `len` columns the whole vectors covering `cols` lie: a window of a
+/// multiple of [`LANES`] columns (or the whole row) that holds `cols`.
+#[inline(always)]
+fn window(len: usize, cols: &std::ops::RangeInclusive<usize>) -> std::ops::Range<usize> {
+    let width = (cols.end() + 1 - cols.start()).next_multiple_of(LANES).min(len);
+    let lo = (*cols.start()).min(len - width);
+    lo..lo + width
+}
+
+/// The largest of `row[cols]`, lanes across the row: the same value as a fold along it.
+#[inline(always)]
+fn row_max(row: &[f32], cols: std::ops::RangeInclusive<usize>) -> f32 {
+    let at = window(row.len(), &cols);
+    let (first, last) = (*cols.start(), *cols.end());
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    for (c, chunk) in row[at.clone()].chunks(LANES).enumerate() {
+        for (i, (l, v)) in lanes.iter_mut().zip(chunk).enumerate() {
+            let j = at.start + c * LANES + i;
+            *l = l.max(if j >= first && j <= last { *v } else { f32::NEG_INFINITY });
+        }
+    }
+    lanes.into_iter().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// [`causal_softmax`] one row at a time, the plain loops it must equal bit for bit.
+#[cfg(test)]
+fn causal_softmax_by_rows(rows: &mut [f32], t_: usize, first: usize, pos: &[u32], stats: &mut [f32]) {
+    for (i, (row, stats)) in rows.chunks_exact_mut(t_).zip(stats.chunks_exact_mut(2)).enumerate() {
+        let cols = seen_cols(first + i, pos[i]);
+        let max = row[cols.clone()].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv = 1.0 / exp_row(row, cols.clone(), max).iter().sum::<f32>();
+        normalize_row(row, cols, inv);
+        stats.copy_from_slice(&[max, inv]);
     }
 }
 
@@ -261,14 +362,15 @@ simd_fn! {
     }
 }
 
-/// `row[s] = e^(row[s] - max)` for the columns `cols` a position sees; returns them.
+/// `row[s] = e^(row[s] - max)` for the columns `cols` a position sees, and returns them; in
+/// whole vectors ([`window`]), so the columns around them hold anything after.
 #[inline(always)]
 fn exp_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>, max: f32) -> &[f32] {
-    let seen = &mut row[cols];
-    for p in seen.iter_mut() {
+    let at = window(row.len(), &cols);
+    for p in &mut row[at] {
         *p = exp_fast(*p - max);
     }
-    seen
+    &row[cols]
 }
 
 /// Scales the seen columns `cols` by `inv` and zeroes the masked ones before and after them.
@@ -304,8 +406,18 @@ simd_fn! {
 ///
 /// Each (batch row, key/value head) is one rayon task, which runs the group's query heads in
 /// head order and each head's query blocks in order, recomputing the block's probabilities,
-/// so a key/value gradient sums its terms in an order fixed by the shapes alone.
-pub fn attention_backward(dout: &[f32], qkv: QkvIn, pos: &[u32], stats: &[f32], grads: QkvOut, n: AttnDims) {
+/// so a key/value gradient sums its terms in an order fixed by the shapes alone. Its products
+/// are in `precision`, as forward's were.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(
+    dout: &[f32],
+    qkv: QkvIn,
+    pos: &[u32],
+    stats: &[f32],
+    grads: QkvOut,
+    n: AttnDims,
+    precision: Precision,
+) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Attention);
     n.check();
     assert_eq!(pos.len(), n.b * n.t, "positions are (B, T)");
@@ -339,22 +451,22 @@ pub fn attention_backward(dout: &[f32], qkv: QkvIn, pos: &[u32], stats: &[f32], 
                         let (r1, k0) = ((r0 + QB).min(t_), block_start(pos, r0));
                         let block_pos = &pos[r0..r1];
                         let probs = &mut probs[..(r1 - r0) * t_];
-                        scores(scale, &qh, &kh, r0, r1, k0, probs, t_);
+                        scores(precision, scale, &qh, &kh, r0, r1, k0, probs, t_);
                         causal_probs(probs, t_, r0, block_pos, &stats[r0 * 2..r1 * 2]);
                         let dout_rows = dout_h.slice(s![r0..r1, ..]);
                         // dV[k0..r1] += P^T dO; dP = dO V[k0..r1]^T.
                         let probs_t = seen(probs, t_, k0, r1).reversed_axes();
-                        general_mat_mul(1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![k0..r1, ..]));
+                        product(precision, 1.0, &probs_t, &dout_rows, 1.0, &mut dv.slice_mut(s![k0..r1, ..]));
                         let ds = &mut ds[..(r1 - r0) * t_];
                         let vs = vh.slice(s![k0..r1, ..]);
-                        general_mat_mul(1.0, &dout_rows, &vs.t(), 0.0, &mut seen_mut(ds, t_, k0, r1));
+                        product(precision, 1.0, &dout_rows, &vs.t(), 0.0, &mut seen_mut(ds, t_, k0, r1));
                         causal_softmax_backward(ds, probs, t_, r0, block_pos, scale);
                         let dscores = seen(ds, t_, k0, r1);
                         // dQ = dS K[k0..r1]; dK[k0..r1] += dS^T Q.
                         let ks = kh.slice(s![k0..r1, ..]);
-                        general_mat_mul(1.0, &dscores, &ks, 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
+                        product(precision, 1.0, &dscores, &ks, 0.0, &mut dq.slice_mut(s![r0..r1, ..]));
                         let q_rows = qh.slice(s![r0..r1, ..]);
-                        general_mat_mul(1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![k0..r1, ..]));
+                        product(precision, 1.0, &dscores.t(), &q_rows, 1.0, &mut dk.slice_mut(s![k0..r1, ..]));
                     }
                 }
             });
@@ -490,6 +602,7 @@ pub fn rope(x: &mut [f32], pos: &[u32], h: usize, d: usize, theta: f32, inverse:
 mod tests {
     use super::*;
     use crate::nn::gradcheck::{check, probe_loss, random};
+    use Precision::F32;
 
     /// Positions of rows that are one sequence each.
     fn whole(n: AttnDims) -> Vec<u32> {
@@ -509,12 +622,38 @@ mod tests {
     fn forward_at(q: &[f32], k: &[f32], v: &[f32], pos: &[u32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
         let mut out = vec![0.0; n.b * n.t * n.h * n.d];
         let mut stats = vec![0.0; n.b * n.h * n.t * 2];
-        attention_forward(QkvIn::Split { q, k, v }, pos, &mut out, &mut stats, n);
+        attention_forward(QkvIn::Split { q, k, v }, pos, &mut out, &mut stats, n, F32);
         (out, stats)
     }
 
     fn forward(q: &[f32], k: &[f32], v: &[f32], n: AttnDims) -> (Vec<f32>, Vec<f32>) {
         forward_at(q, k, v, &whole(n), n)
+    }
+
+    /// In bf16 both the forward and the backward products round their operands: other bits
+    /// than f32, within bf16's precision of them, on packed rows and grouped heads, fused and
+    /// split.
+    #[test]
+    fn bf16_attention_is_f32_attention_to_bf16_precision() {
+        let n = AttnDims { b: 2, t: 70, h: 4, h_kv: 2, d: 32 };
+        let pos = packed(n, &[40, 30]);
+        let (qn, kn) = (n.b * n.t * n.h * n.d, n.b * n.t * n.h_kv * n.d);
+        let (q, k, v, dout) = (random(qn, 1), random(kn, 2), random(kn, 3), random(qn, 4));
+        let run = |precision: Precision| {
+            let (mut out, mut stats) = (vec![0.0; qn], vec![0.0; n.b * n.h * n.t * 2]);
+            attention_forward(QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &mut out, &mut stats, n, precision);
+            let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
+            let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n, precision);
+            [out, dq, dk, dv]
+        };
+        let (f32s, bf16s) = (run(F32), run(Precision::Bf16));
+        for (what, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(f32s.iter().zip(&bf16s)) {
+            let scale = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = x.iter().zip(y).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(worst <= 0.02 * scale, "{what}: off by {worst} of {scale}");
+            assert!(x != y, "{what}: bf16 gave the bits of f32");
+        }
     }
 
     #[test]
@@ -548,10 +687,28 @@ mod tests {
             let (_, stats) = forward(&q, &k, &v, n);
             let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
             let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-            attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &whole(n), &stats, grads, n);
+            attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &whole(n), &stats, grads, n, F32);
             check(&format!("dq (kv heads {h_kv})"), &q, &dq, |q| probe_loss(&forward(q, &k, &v, n).0, &probe));
             check(&format!("dk (kv heads {h_kv})"), &k, &dk, |k| probe_loss(&forward(&q, k, &v, n).0, &probe));
             check(&format!("dv (kv heads {h_kv})"), &v, &dv, |v| probe_loss(&forward(&q, &k, v, n).0, &probe));
+        }
+    }
+
+    /// Rows side by side sum as rows one at a time: whole rows and packed ones, a last group
+    /// short of [`LOCKSTEP`], scores large enough that exponentials underflow.
+    #[test]
+    fn softmax_in_lockstep_has_the_bits_of_one_row_at_a_time() {
+        for (t_, first, rows, period) in [(64, 0, 32, 64), (64, 32, 32, 64), (40, 7, 19, 4), (9, 0, 9, 3), (5, 4, 1, 9)]
+        {
+            let scores: Vec<f32> = random(rows * t_, 13).iter().map(|x| x * 60.0).collect();
+            let pos: Vec<u32> = (first..first + rows).map(|t| (t % period) as u32).collect();
+            let (mut lockstep, mut stats) = (scores.clone(), vec![0.0; rows * 2]);
+            causal_softmax(&mut lockstep, t_, first, &pos, &mut stats);
+            let (mut by_rows, mut stats_by_rows) = (scores.clone(), vec![0.0; rows * 2]);
+            causal_softmax_by_rows(&mut by_rows, t_, first, &pos, &mut stats_by_rows);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&lockstep), bits(&by_rows), "T {t_}, rows {first}..{}", first + rows);
+            assert_eq!(bits(&stats), bits(&stats_by_rows));
         }
     }
 
@@ -597,7 +754,7 @@ mod tests {
             close(&out, &out_ref, "out");
             let (mut dq, mut dk, mut dv) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
             let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+            attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n, F32);
             let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![9.0; qn], vec![9.0; kn], vec![9.0; kn]);
             attention_backward_plain(&dout, &q, &k, &v, &pos, &att_ref, &mut dq_ref, &mut dk_ref, &mut dv_ref, n);
             close(&dq, &dq_ref, "dq");
@@ -617,13 +774,13 @@ mod tests {
         let (out, stats) = forward(&q, &k, &v, n);
         let (mut out_fused, mut stats_fused) = (vec![0.0; len], vec![0.0; stats.len()]);
         let pos = whole(n);
-        attention_forward(QkvIn::Fused(&fused), &pos, &mut out_fused, &mut stats_fused, n);
+        attention_forward(QkvIn::Fused(&fused), &pos, &mut out_fused, &mut stats_fused, n, F32);
         assert_eq!((&out, &stats), (&out_fused, &stats_fused));
         let (mut dq, mut dk, mut dv) = (vec![0.0; len], vec![0.0; len], vec![0.0; len]);
         let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n, F32);
         let mut dqkv = vec![9.0; 3 * len];
-        attention_backward(&dout, QkvIn::Fused(&fused), &pos, &stats, QkvOut::Fused(&mut dqkv), n);
+        attention_backward(&dout, QkvIn::Fused(&fused), &pos, &stats, QkvOut::Fused(&mut dqkv), n, F32);
         let want: Vec<f32> =
             (0..n.b * n.t).flat_map(|r| [&dq, &dk, &dv].map(|x| &x[r * c..(r + 1) * c]).concat()).collect();
         assert_eq!(dqkv, want);
@@ -677,7 +834,7 @@ mod tests {
         let (out, stats) = forward_at(&q, &k, &v, &pos, n);
         let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
         let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+        attention_backward(&dout, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n, F32);
         let (qr, kr) = (n.h * n.d, n.h_kv * n.d);
         let mut start = 0;
         for len in lens {
@@ -688,7 +845,15 @@ mod tests {
             let (mut dq1, mut dk1, mut dv1) = (vec![0.0; len * qr], vec![0.0; len * kr], vec![0.0; len * kr]);
             let grads = QkvOut::Split { dq: &mut dq1, dk: &mut dk1, dv: &mut dv1 };
             let pos1 = whole(alone);
-            attention_backward(&dout[qs.clone()], QkvIn::Split { q: q1, k: k1, v: v1 }, &pos1, &stats1, grads, alone);
+            attention_backward(
+                &dout[qs.clone()],
+                QkvIn::Split { q: q1, k: k1, v: v1 },
+                &pos1,
+                &stats1,
+                grads,
+                alone,
+                F32,
+            );
             for (what, a, b) in [("out", &out[qs.clone()], &out1[..]), ("dq", &dq[qs.clone()], &dq1[..])]
                 .into_iter()
                 .chain([("dk", &dk[ks.clone()], &dk1[..]), ("dv", &dv[ks.clone()], &dv1[..])])
@@ -708,7 +873,7 @@ mod tests {
         let (_, stats) = forward_at(&q, &k, &v, &pos, n);
         let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
         let grads = QkvOut::Split { dq: &mut dq, dk: &mut dk, dv: &mut dv };
-        attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n);
+        attention_backward(&probe, QkvIn::Split { q: &q, k: &k, v: &v }, &pos, &stats, grads, n, F32);
         check("dq (packed)", &q, &dq, |q| probe_loss(&forward_at(q, &k, &v, &pos, n).0, &probe));
         check("dk (packed)", &k, &dk, |k| probe_loss(&forward_at(&q, k, &v, &pos, n).0, &probe));
         check("dv (packed)", &v, &dv, |v| probe_loss(&forward_at(&q, &k, v, &pos, n).0, &probe));

@@ -8,7 +8,13 @@
 //! f32, so the chains are ordinary f32 arithmetic.
 //!
 //! The training stages' `precision = "bf16"` runs every weight product here
-//! ([`crate::nn::linear::Precision`]).
+//! ([`crate::nn::kernels::Precision`]); attention too.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+use std::thread::LocalKey;
+
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::nn::kernels::matmul::{Dims, Layout};
 
@@ -52,6 +58,142 @@ fn at(x: &[f32], layout: Layout, rows: usize, cols: usize, row: usize, col: usiz
         Layout::Normal => x[row * cols + col],
         Layout::Transposed => x[col * rows + row],
     }
+}
+
+/// An operand as stored: element (i, j) of op(x) is `data[i * stride + j]` (`Normal`) or
+/// `data[j * stride + i]` (`Transposed`).
+#[derive(Clone, Copy, Debug)]
+struct Operand<'a> {
+    data: &'a [f32],
+    layout: Layout,
+    stride: usize,
+}
+
+impl<'a> Operand<'a> {
+    /// op(x) of `rows` x `cols` stored without gaps.
+    fn packed(data: &'a [f32], layout: Layout, rows: usize, cols: usize) -> Self {
+        let stride = match layout {
+            Layout::Normal => cols,
+            Layout::Transposed => rows,
+        };
+        Operand { data, layout, stride }
+    }
+
+    /// The elements `v` spans, read in place: rows or columns at unit stride.
+    ///
+    /// # Panics
+    /// If neither axis has unit stride, or one has a negative stride.
+    fn of_view(v: &ArrayView2<'a, f32>) -> Self {
+        let (rows, cols) = v.dim();
+        let [s0, s1] = [0, 1].map(|axis| usize::try_from(v.strides()[axis]).expect("a view with positive strides"));
+        let (layout, stride, span) = match (rows, cols) {
+            (0, _) | (_, 0) => (Layout::Normal, cols, 0),
+            _ if cols == 1 || s1 == 1 => (Layout::Normal, s0, (rows - 1) * s0 + cols),
+            _ if rows == 1 || s0 == 1 => (Layout::Transposed, s1, (cols - 1) * s1 + rows),
+            _ => panic!("a bf16 product reads rows or columns at unit stride"),
+        };
+        // SAFETY: the view's first element and the `span` after it lie in the array the view
+        // borrows (it reaches its last element there), which nothing writes while it is shared.
+        let data = match span {
+            0 => &[][..],
+            _ => unsafe { std::slice::from_raw_parts(v.as_ptr(), span) },
+        };
+        Operand { data, layout, stride }
+    }
+
+    fn at(&self, row: usize, col: usize) -> f32 {
+        match self.layout {
+            Layout::Normal => self.data[row * self.stride + col],
+            Layout::Transposed => self.data[col * self.stride + row],
+        }
+    }
+
+    /// op(x) rounded to bf16 (as f32) into `out`, row-major `padded_cols` wide, zeros past
+    /// `rows` and `cols`.
+    fn round_into(&self, rows: usize, cols: usize, padded_cols: usize, out: &mut [f32]) {
+        out.fill(0.0);
+        if padded_cols == 0 {
+            return;
+        }
+        for (i, row) in out.chunks_exact_mut(padded_cols).take(rows).enumerate() {
+            for (j, r) in row[..cols].iter_mut().enumerate() {
+                *r = from_bf16(to_bf16(self.at(i, j)));
+            }
+        }
+    }
+}
+
+/// The output of a product: `rows` rows of `cols` floats, `stride` floats apart. Only the
+/// rows' own elements are touched, so the gaps may belong to someone else.
+struct OutRows<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    cols: usize,
+    stride: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> OutRows<'a> {
+    /// `out`, rows of `cols` without gaps.
+    fn packed(out: &'a mut [f32], cols: usize) -> Self {
+        let rows = out.len().checked_div(cols).unwrap_or(0);
+        OutRows { ptr: out.as_mut_ptr(), rows, cols, stride: cols, _borrow: PhantomData }
+    }
+
+    /// # Panics
+    /// If its columns are not at unit stride.
+    fn of_view(mut v: ArrayViewMut2<'a, f32>) -> Self {
+        let (rows, cols) = v.dim();
+        assert!(cols <= 1 || v.strides()[1] == 1, "a bf16 product writes rows at unit stride");
+        let stride = usize::try_from(v.strides()[0]).expect("a view with positive strides");
+        OutRows { ptr: v.as_mut_ptr(), rows, cols, stride, _borrow: PhantomData }
+    }
+
+    /// Its `rows` rows from row `i` on.
+    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
+    fn rows_from(&mut self, i: usize, rows: usize) -> OutRows<'_> {
+        assert!(i + rows <= self.rows, "rows {i}..{} of {}", i + rows, self.rows);
+        OutRows { ptr: self.ptr.wrapping_add(i * self.stride), rows, _borrow: PhantomData, ..*self }
+    }
+
+    /// Where element (i, j) is, for writing through.
+    #[cfg_attr(not(all(target_arch = "x86_64", target_os = "linux")), allow(dead_code))]
+    fn at(&mut self, i: usize, j: usize) -> *mut f32 {
+        assert!(i < self.rows && j < self.cols, "({i}, {j}) of {} x {}", self.rows, self.cols);
+        self.ptr.wrapping_add(i * self.stride + j)
+    }
+
+    /// Row `i`.
+    fn row(&mut self, i: usize) -> &mut [f32] {
+        assert!(i < self.rows, "row {i} of {}", self.rows);
+        // SAFETY: row `i` is `cols` elements the borrow covers, borrowed through `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(i * self.stride), self.cols) }
+    }
+}
+
+/// `f` on the first `len` elements of this thread's `buffer`, whatever they hold, grown once
+/// with `fill` and then reused; on a fresh buffer if this one is in use (a product started
+/// while this thread, waiting inside another, ran a stolen task).
+fn with_buffer<T: Copy, R>(
+    buffer: &'static LocalKey<RefCell<Vec<T>>>,
+    len: usize,
+    fill: T,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    buffer.with(|buf| match buf.try_borrow_mut() {
+        Ok(mut buf) => {
+            if buf.len() < len {
+                buf.resize(len, fill);
+            }
+            f(&mut buf[..len])
+        }
+        Err(_) => f(&mut vec![fill; len]),
+    })
+}
+
+thread_local! {
+    /// The emulation's rounded operands, grown once per thread.
+    static ROUNDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The arithmetic itself, one output at a time: the reference every path must equal.
@@ -103,6 +245,48 @@ pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32]
     matmul_bf16_emulated(a, la, b, lb, out, d, accumulate);
 }
 
+/// `out = [out +] bf16(a) @ bf16(b)` on the calling thread, for the small products of
+/// attention: `a` (m, k), `b` (k, n) and `out` (m, n) are views, read and written in place,
+/// each with rows or columns at unit stride (a transposed view is read as such). The bits of
+/// [`matmul_bf16_reference`] on copies of the operands; on AMX when [`amx`] is true.
+///
+/// # Panics
+/// If the shapes do not fit, or a view has no axis at unit stride.
+pub fn product_bf16(a: ArrayView2<f32>, b: ArrayView2<f32>, out: ArrayViewMut2<f32>, accumulate: bool) {
+    let d = Dims { m: a.nrows(), k: a.ncols(), n: b.ncols() };
+    assert!(
+        b.nrows() == d.k && out.dim() == (d.m, d.n),
+        "a bf16 product of {:?} by {:?} into {:?}",
+        a.dim(),
+        b.dim(),
+        out.dim()
+    );
+    let (a, b, mut out) = (Operand::of_view(&a), Operand::of_view(&b), OutRows::of_view(out));
+    if d.m == 0 || d.n == 0 {
+        return;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if amx() && d.k > 0 {
+        tiles::product(a, b, &mut out, d, accumulate);
+        return;
+    }
+    product_emulated(a, b, &mut out, d, accumulate);
+}
+
+/// [`product_bf16`] without AMX: the emulation's rows one after another.
+fn product_emulated(a: Operand, b: Operand, out: &mut OutRows, d: Dims, accumulate: bool) {
+    let kp = d.k.next_multiple_of(K_BLOCK);
+    with_buffer(&ROUNDED, d.m * kp + kp * d.n + 2 * d.n, 0.0, |buf| {
+        let (ra, rest) = buf.split_at_mut(d.m * kp);
+        let (rb, chains) = rest.split_at_mut(kp * d.n);
+        a.round_into(d.m, d.k, kp, ra);
+        b.round_into(d.k, d.n, d.n, rb);
+        for (i, a_row) in ra.chunks_exact(kp).enumerate() {
+            emulated_row(a_row, rb, out.row(i), chains, accumulate);
+        }
+    });
+}
+
 /// Output rows per parallel task of the emulation.
 const EMULATED_ROWS: usize = 4;
 
@@ -121,23 +305,19 @@ pub fn matmul_bf16_emulated(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &
         return;
     }
     let kp = d.k.next_multiple_of(K_BLOCK);
-    let rounded = |x: &[f32], layout: Layout, rows: usize, cols: usize, padded_rows: usize, padded_cols: usize| {
-        let mut r = vec![0.0f32; padded_rows * padded_cols];
-        for i in 0..rows {
-            for j in 0..cols {
-                r[i * padded_cols + j] = from_bf16(to_bf16(at(x, layout, rows, cols, i, j)));
-            }
-        }
-        r
-    };
-    let (ra, rb) = (rounded(a, la, d.m, d.k, d.m, kp), rounded(b, lb, d.k, d.n, kp, d.n));
-    out.par_chunks_mut(EMULATED_ROWS * d.n).enumerate().for_each(|(r, rows)| {
-        crate::nn::kernels::with_scratch(2 * d.n, |chains| {
-            for (i, row) in rows.chunks_mut(d.n).enumerate() {
-                let a_row = &ra[(r * EMULATED_ROWS + i) * kp..][..kp];
-                emulated_row(a_row, &rb, row, chains, accumulate);
-            }
-        })
+    with_buffer(&ROUNDED, d.m * kp + kp * d.n, 0.0, |buf| {
+        let (ra, rb) = buf.split_at_mut(d.m * kp);
+        Operand::packed(a, la, d.m, d.k).round_into(d.m, d.k, kp, ra);
+        Operand::packed(b, lb, d.k, d.n).round_into(d.k, d.n, d.n, rb);
+        let (ra, rb) = (&*ra, &*rb);
+        out.par_chunks_mut(EMULATED_ROWS * d.n).enumerate().for_each(|(r, rows)| {
+            crate::nn::kernels::with_scratch(2 * d.n, |chains| {
+                for (i, row) in rows.chunks_mut(d.n).enumerate() {
+                    let a_row = &ra[(r * EMULATED_ROWS + i) * kp..][..kp];
+                    emulated_row(a_row, rb, row, chains, accumulate);
+                }
+            })
+        });
     });
 }
 
@@ -373,14 +553,14 @@ mod tiles {
     /// # Safety
     /// The CPU has AVX-512F, BW, VL and BF16 ([`available`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn pack_a(a: &[f32], la: Layout, d: Dims, row0: usize, kb0: usize, out: &mut [Tile]) {
+    unsafe fn pack_a(a: Operand, d: Dims, row0: usize, kb0: usize, out: &mut [Tile]) {
         let blocks = out.len() / 2;
         let rows = BLOCK.min(d.m - row0);
         let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + blocks) * K_BLOCK).min(d.k));
-        match la {
+        match a.layout {
             Layout::Normal => {
                 for i in 0..BLOCK {
-                    let row = &a[(row0 + i.min(rows - 1)) * d.k..][..d.k];
+                    let row = &a.data[(row0 + i.min(rows - 1)) * a.stride..][..d.k];
                     for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
                         let v = match i < rows {
                             true => pairs_along(&row[p..], (k1 - p).min(K_BLOCK)),
@@ -393,7 +573,7 @@ mod tiles {
             Layout::Transposed => {
                 // Per k block and row tile: 16 vectors of pairs, one per pair of k, across the
                 // rows; transposed, one per row.
-                let at = |p: usize, t: usize| &a[p * d.m + row0 + t * TILE..];
+                let at = |p: usize, t: usize| &a.data[p * a.stride + row0 + t * TILE..];
                 if rows <= TILE {
                     out[blocks..].fill(ZERO);
                 }
@@ -420,16 +600,16 @@ mod tiles {
     /// # Safety
     /// The CPU has AVX-512F, BW, VL and BF16 ([`available`]).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn pack_b(b: &[f32], lb: Layout, d: Dims, c: usize, kb0: usize, tiles: &mut [Tile]) {
+    unsafe fn pack_b(b: Operand, d: Dims, c: usize, kb0: usize, tiles: &mut [Tile]) {
         if c * TILE >= d.n {
             tiles.fill(ZERO);
             return;
         }
         let (col0, cols) = (c * TILE, TILE.min(d.n - c * TILE));
         let (k0, k1) = (kb0 * K_BLOCK, ((kb0 + tiles.len()) * K_BLOCK).min(d.k));
-        match lb {
+        match b.layout {
             Layout::Normal => {
-                let at = |p: usize| &b[p * d.n + col0..];
+                let at = |p: usize| &b.data[p * b.stride + col0..];
                 for (kb, tile) in tiles.iter_mut().enumerate() {
                     for q in 0..TILE {
                         let v = match k0 + kb * K_BLOCK + 2 * q {
@@ -443,7 +623,7 @@ mod tiles {
             Layout::Transposed => {
                 // Per k block: 16 vectors of pairs, one per column, across k; transposed, one
                 // per pair of k.
-                let col = |j: usize| &b[(col0 + j) * d.k..(col0 + j + 1) * d.k];
+                let col = |j: usize| &b.data[(col0 + j) * b.stride..][..d.k];
                 for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
                     let columns = std::array::from_fn(|j| match j < cols {
                         true => pairs_along(&col(j)[p..], (k1 - p).min(K_BLOCK)),
@@ -463,31 +643,50 @@ mod tiles {
         stride: usize,
     }
 
-    /// Where output tile `t` (of 2 x 2) of column block `cb` is, for `m` rows of `n`: inside
-    /// the output (`Ok`, the offset of its first element), or partly or wholly past its edges
-    /// (`Err`, its first row and column and the rows and columns that exist).
-    fn place(t: usize, cb: usize, m: usize, n: usize) -> Result<usize, (usize, usize, usize, usize)> {
+    /// Where output tile `t` (of 2 x 2) of column block `cb` is, for `m` rows of `n`: its
+    /// first row and column, and the rows and columns of it that exist (16 x 16 when it lies
+    /// inside the output).
+    fn place(t: usize, cb: usize, m: usize, n: usize) -> (usize, usize, usize, usize) {
         let (i0, j0) = ((t / 2) * TILE, cb * BLOCK + (t % 2) * TILE);
-        let (h, w) = (TILE.min(m.saturating_sub(i0)), TILE.min(n.saturating_sub(j0)));
-        match (h, w) {
-            (TILE, TILE) => Ok(i0 * n + j0),
-            (_, 0) | (0, _) => Err((i0, j0, 0, 0)),
-            _ => Err((i0, j0, h, w)),
+        match (TILE.min(m.saturating_sub(i0)), TILE.min(n.saturating_sub(j0))) {
+            (0, _) | (_, 0) => (i0, j0, 0, 0),
+            (h, w) => (i0, j0, h, w),
         }
     }
 
     pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+        let (a, b) = (Operand::packed(a, la, d.m, d.k), Operand::packed(b, lb, d.k, d.n));
         let blocks = d.k.div_ceil(K_BLOCK);
         let col_tiles = d.n.div_ceil(BLOCK) * 2;
         let chunk = (CHUNK_BYTES / (col_tiles * size_of::<Tile>())).clamp(1, blocks);
-        with_tiles(&PACKED_B, col_tiles * chunk, |packed_b| {
+        with_buffer(&PACKED_B, col_tiles * chunk, ZERO, |packed_b| {
             for kb0 in (0..blocks).step_by(chunk) {
                 let nb = chunk.min(blocks - kb0);
                 packed_b.par_chunks_mut(chunk).enumerate().for_each(|(c, tiles)| {
                     // SAFETY: `amx` checked the CPU through `available`.
-                    unsafe { pack_b(b, lb, d, c, kb0, &mut tiles[..nb]) }
+                    unsafe { pack_b(b, d, c, kb0, &mut tiles[..nb]) }
                 });
-                products(a, la, packed_b, chunk, out, d, kb0, nb, accumulate || kb0 > 0);
+                let packed_b = &*packed_b;
+                out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
+                    let mut rows = OutRows::packed(rows, d.n);
+                    row_block(a, d, r, kb0, nb, packed_b, chunk, &mut rows, accumulate || kb0 > 0);
+                });
+            }
+        });
+    }
+
+    /// [`super::product_bf16`] on AMX, on this thread: every k block at once.
+    pub(super) fn product(a: Operand, b: Operand, out: &mut OutRows, d: Dims, accumulate: bool) {
+        let blocks = d.k.div_ceil(K_BLOCK);
+        let col_tiles = d.n.div_ceil(BLOCK) * 2;
+        with_buffer(&PACKED_B, col_tiles * blocks, ZERO, |packed_b| {
+            for (c, tiles) in packed_b.chunks_exact_mut(blocks).enumerate() {
+                // SAFETY: `amx` checked the CPU through `available`.
+                unsafe { pack_b(b, d, c, 0, tiles) };
+            }
+            for r in 0..d.m.div_ceil(BLOCK) {
+                let mut block = out.rows_from(r * BLOCK, BLOCK.min(d.m - r * BLOCK));
+                row_block(a, d, r, 0, blocks, packed_b, blocks, &mut block, accumulate);
             }
         });
     }
@@ -499,76 +698,53 @@ mod tiles {
         static PACKED_A: RefCell<Vec<Tile>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// `f` on the first `len` tiles of this thread's `buffer`, whatever they hold; on tiles of
-    /// its own if the buffer is in use (a product started while this thread, waiting inside
-    /// another, ran a stolen task).
-    fn with_tiles<R>(
-        buffer: &'static std::thread::LocalKey<RefCell<Vec<Tile>>>,
-        len: usize,
-        f: impl FnOnce(&mut [Tile]) -> R,
-    ) -> R {
-        buffer.with(|tiles| match tiles.try_borrow_mut() {
-            Ok(mut tiles) => {
-                if tiles.len() < len {
-                    tiles.resize(len, ZERO);
-                }
-                f(&mut tiles[..len])
-            }
-            Err(_) => f(&mut vec![ZERO; len]),
-        })
-    }
-
-    /// The output's rows, in blocks of 32 in parallel, plus their products over k blocks
+    /// Row block `r` of the output (its rows in `out`) plus its products over k blocks
     /// `kb0..kb0 + nb` with `packed_b` (`chunk` tiles per column tile).
     #[allow(clippy::too_many_arguments)]
-    fn products(
-        a: &[f32],
-        la: Layout,
-        packed_b: &[Tile],
-        chunk: usize,
-        out: &mut [f32],
+    fn row_block(
+        a: Operand,
         d: Dims,
+        r: usize,
         kb0: usize,
         nb: usize,
+        packed_b: &[Tile],
+        chunk: usize,
+        out: &mut OutRows,
         accumulate: bool,
     ) {
         let col_tiles = packed_b.len() / chunk;
-        out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
-            with_tiles(&PACKED_A, 2 * nb, |packed_a| {
-                configure();
-                // SAFETY: as for `pack_b`.
-                unsafe { pack_a(a, la, d, r * BLOCK, kb0, packed_a) };
-                let m = rows.len() / d.n;
-                let mut staging = [[0.0f32; TILE * TILE]; 4];
-                for cb in 0..col_tiles / 2 {
-                    // Tiles past the edges go through staging: copied in, and out after.
-                    for (t, stage) in staging.iter_mut().enumerate() {
-                        if let Err((i0, j0, h, w)) = place(t, cb, m, d.n) {
-                            stage.fill(0.0);
-                            for i in 0..h {
-                                stage[i * TILE..][..w].copy_from_slice(&rows[(i0 + i) * d.n + j0..][..w]);
-                            }
-                        }
-                    }
-                    let base = rows.as_mut_ptr();
-                    let dests: [Dest; 4] = std::array::from_fn(|t| match place(t, cb, m, d.n) {
-                        // SAFETY: `place` found the tile inside `rows`.
-                        Ok(at) => Dest { ptr: unsafe { base.add(at) }, stride: 4 * d.n },
-                        Err(_) => Dest { ptr: staging[t].as_mut_ptr(), stride: 4 * TILE },
-                    });
-                    let b_tiles = [&packed_b[2 * cb * chunk..][..nb], &packed_b[(2 * cb + 1) * chunk..][..nb]];
-                    // SAFETY: `configure` loaded this thread's tile configuration; every operand
-                    // is 16 rows of 64 bytes at its stride.
-                    unsafe { block_2x2(&dests, &packed_a[..nb], &packed_a[nb..], b_tiles, accumulate) };
-                    for (t, stage) in staging.iter().enumerate() {
-                        if let Err((i0, j0, h, w)) = place(t, cb, m, d.n) {
-                            for i in 0..h {
-                                rows[(i0 + i) * d.n + j0..][..w].copy_from_slice(&stage[i * TILE..][..w]);
-                            }
+        with_buffer(&PACKED_A, 2 * nb, ZERO, |packed_a| {
+            configure();
+            // SAFETY: as for `pack_b`.
+            unsafe { pack_a(a, d, r * BLOCK, kb0, packed_a) };
+            let mut staging = [[0.0f32; TILE * TILE]; 4];
+            for cb in 0..col_tiles / 2 {
+                let places: [_; 4] = std::array::from_fn(|t| place(t, cb, out.rows, d.n));
+                // Tiles past the edges go through staging: copied in, and out after.
+                for (stage, &(i0, j0, h, w)) in staging.iter_mut().zip(&places) {
+                    if (h, w) != (TILE, TILE) {
+                        stage.fill(0.0);
+                        for i in 0..h {
+                            stage[i * TILE..][..w].copy_from_slice(&out.row(i0 + i)[j0..][..w]);
                         }
                     }
                 }
-            })
+                let dests: [Dest; 4] = std::array::from_fn(|t| match places[t] {
+                    (i0, j0, TILE, TILE) => Dest { ptr: out.at(i0, j0), stride: 4 * out.stride },
+                    _ => Dest { ptr: staging[t].as_mut_ptr(), stride: 4 * TILE },
+                });
+                let b_tiles = [&packed_b[2 * cb * chunk..][..nb], &packed_b[(2 * cb + 1) * chunk..][..nb]];
+                // SAFETY: `configure` loaded this thread's tile configuration; every operand
+                // is 16 rows of 64 bytes at its stride (a whole tile's rows are `out`'s).
+                unsafe { block_2x2(&dests, &packed_a[..nb], &packed_a[nb..], b_tiles, accumulate) };
+                for (stage, &(i0, j0, h, w)) in staging.iter().zip(&places) {
+                    if (h, w) != (TILE, TILE) {
+                        for i in 0..h {
+                            out.row(i0 + i)[j0..][..w].copy_from_slice(&stage[i * TILE..][..w]);
+                        }
+                    }
+                }
+            }
         });
     }
 
@@ -795,5 +971,84 @@ mod tests {
     #[test]
     fn one_and_two_threads_give_the_same_bits() {
         same_bits_on_one_and_two_threads(matmul_bf16, Dims { m: 70, k: 90, n: 50 });
+    }
+
+    /// Views into larger arrays, as attention reads its heads: each operand normal or
+    /// transposed, the output a block of columns of wider rows whose other columns must stay
+    /// as they were. Against the reference on copies, bit for bit.
+    fn small_products_have_the_bits_of_the_reference(product: fn(Operand, Operand, &mut OutRows, Dims, bool)) {
+        use ndarray::{s, Array2};
+        for (m, k, n) in [(1, 1, 1), (32, 32, 32), (32, 64, 32), (17, 33, 50), (40, 70, 3), (64, 32, 64)] {
+            let d = Dims { m, k, n };
+            // op(x) of (rows, cols), stored 5 columns wider than it is, 2 columns in.
+            let stored = |rows: usize, cols: usize, layout: Layout, seed: u64| {
+                let (r, c) = if layout == Layout::Normal { (rows, cols) } else { (cols, rows) };
+                (Array2::from_shape_vec((r, c + 5), random(r * (c + 5), seed)).unwrap(), c)
+            };
+            fn op(x: &Array2<f32>, c: usize, layout: Layout) -> ndarray::ArrayView2<'_, f32> {
+                let v = x.slice(s![.., 2..2 + c]);
+                if layout == Layout::Normal {
+                    v
+                } else {
+                    v.reversed_axes()
+                }
+            }
+            for la in [Layout::Normal, Layout::Transposed] {
+                for lb in [Layout::Normal, Layout::Transposed] {
+                    for accumulate in [false, true] {
+                        let ((xa, sa), (xb, sb)) = (stored(m, k, la, 1), stored(k, n, lb, 2));
+                        let (a, b) = (op(&xa, sa, la), op(&xb, sb, lb));
+                        let mut wide = Array2::from_shape_vec((m, n + 7), random(m * (n + 7), 3)).unwrap();
+                        let before = wide.clone();
+                        let (ca, cb) = (a.iter().copied().collect::<Vec<_>>(), b.iter().copied().collect::<Vec<_>>());
+                        let mut want: Vec<f32> = wide.slice(s![.., 3..3 + n]).iter().copied().collect();
+                        matmul_bf16_reference(&ca, Layout::Normal, &cb, Layout::Normal, &mut want, d, accumulate);
+                        let mut out = OutRows::of_view(wide.slice_mut(s![.., 3..3 + n]));
+                        product(Operand::of_view(&a), Operand::of_view(&b), &mut out, d, accumulate);
+                        let got: Vec<f32> = wide.slice(s![.., 3..3 + n]).iter().copied().collect();
+                        let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(same, "{m}x{k}x{n} {la:?} {lb:?} accumulate {accumulate}");
+                        for cols in [s![.., ..3], s![.., 3 + n..]] {
+                            assert_eq!(wide.slice(cols), before.slice(cols), "columns outside the output changed");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_products_on_amx_have_the_bits_of_the_reference() {
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        if amx() {
+            return small_products_have_the_bits_of_the_reference(tiles::product);
+        }
+        eprintln!("SKIPPED: no AMX-BF16 here (or the OS refused it); the emulation runs every product");
+    }
+
+    #[test]
+    fn small_products_emulated_have_the_bits_of_the_reference() {
+        small_products_have_the_bits_of_the_reference(product_emulated);
+    }
+
+    #[test]
+    fn a_small_product_takes_views() {
+        use ndarray::Array2;
+        let a = Array2::from_shape_vec((3, 4), random(12, 1)).unwrap();
+        let b = Array2::from_shape_vec((5, 4), random(20, 2)).unwrap();
+        let mut out = Array2::zeros((3, 5));
+        product_bf16(a.view(), b.t(), out.view_mut(), false);
+        let mut want = vec![0.0; 15];
+        let bt: Vec<f32> = b.t().iter().copied().collect();
+        matmul_bf16_reference(
+            a.as_slice().unwrap(),
+            Layout::Normal,
+            &bt,
+            Layout::Normal,
+            &mut want,
+            Dims { m: 3, k: 4, n: 5 },
+            false,
+        );
+        assert!(out.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
     }
 }

@@ -21,7 +21,51 @@ pub mod qmatmul;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
+use matmul::{Dims, Layout};
+
 use rayon::prelude::*;
+
+/// The arithmetic of a model's products: each linear layer's forward product and both products
+/// of backward, and attention's products. Adapters, norms, softmax and everything else stay
+/// f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 operands and accumulation.
+    #[default]
+    F32,
+    /// Operands rounded to bf16, products accumulated in f32 as AMX-BF16 does
+    /// ([`crate::nn::kernels::bf16`]); weights, gradients and the optimizer stay f32.
+    Bf16,
+}
+
+impl Precision {
+    /// The name a recipe gives it.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "f32" => Some(Precision::F32),
+            "bf16" => Some(Precision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// `out = [out +] op(a) @ op(b)` in this precision.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul(
+        self,
+        a: &[f32],
+        la: Layout,
+        b: &[f32],
+        lb: Layout,
+        out: &mut [f32],
+        d: Dims,
+        accumulate: bool,
+    ) {
+        match self {
+            Precision::F32 => matmul::matmul(a, la, b, lb, out, d, accumulate),
+            Precision::Bf16 => bf16::matmul_bf16(a, la, b, lb, out, d, accumulate),
+        }
+    }
+}
 
 /// The instruction set the kernels run on, detected once per process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
