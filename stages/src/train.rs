@@ -126,7 +126,7 @@ pub const TRAIN_PARAMS: [ParamSpec; 20] = [
             "precision",
             "f32",
             &["f32", "bf16"],
-            "the weight products' operands: `bf16` rounds them to bfloat16 and accumulates in f32 as AMX does (fast on CPUs with AMX, emulated bit for bit elsewhere); weights, gradients and AdamW stay f32",
+            "the operands of the weight and attention products: `bf16` rounds them to bfloat16 and accumulates in f32 as AMX does (fast on CPUs with AMX, emulated bit for bit elsewhere); weights, gradients, softmax and AdamW stay f32",
         )
         .keyed_when_set(),
     ];
