@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use crate::nn::kernels::adamw::{adamw_step, AdamW};
+use crate::nn::kernels::adamw::{adamw_steps, AdamW, AdamWTensor};
 use crate::nn::params::ParamMap;
 
 /// Elements per chunk of the gradient-norm reduction: fixed, so the sum's bits do not depend
@@ -44,42 +44,71 @@ impl AdamWState {
     }
 
     /// One update of every trainable parameter (those whose gradient is not empty), each with
-    /// its settings in `opts` (in the map's order).
+    /// its settings in `opts` (in the map's order), all in one parallel pass.
     pub fn update(&mut self, hp: AdamW, params: &mut ParamMap, grads: &ParamMap, opts: &[TensorOpt]) {
         let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
         assert_eq!(opts.len(), params.len(), "one optimizer setting per tensor");
+        debug_assert!(
+            params.iter().zip(grads.iter()).all(|((a, _), (b, _))| a == b),
+            "gradients are not in parameter order"
+        );
         self.step += 1;
-        let tensors = params.iter_mut().zip(grads.iter()).zip(self.m.iter_mut().zip(self.v.iter_mut()));
-        for ((((name, p), (gname, g)), ((_, m), (_, v))), opt) in tensors.zip(opts) {
-            debug_assert_eq!(name, gname, "gradients are not in parameter order");
-            if g.data().is_empty() {
-                continue;
-            }
-            let hp =
-                AdamW { lr: hp.lr * opt.lr_scale, weight_decay: if opt.decay { hp.weight_decay } else { 0.0 }, ..hp };
-            adamw_step(hp, self.step, p.data_mut(), g.data(), m.data_mut(), v.data_mut());
-        }
+        let tensors = params.tensors_mut().par_iter_mut().zip(grads.tensors()).zip(self.m.tensors_mut().par_iter_mut());
+        let tensors = tensors.zip(self.v.tensors_mut().par_iter_mut()).zip(opts);
+        let trainable = tensors.filter(|((((_, g), _), _), _)| !g.data().is_empty()).map(|((((p, g), m), v), opt)| {
+            let weight_decay = if opt.decay { hp.weight_decay } else { 0.0 };
+            let opt = AdamW { lr: hp.lr * opt.lr_scale, weight_decay, ..hp };
+            AdamWTensor { opt, param: p.data_mut(), grad: g.data(), m: m.data_mut(), v: v.data_mut() }
+        });
+        adamw_steps(self.step, trainable);
     }
 }
 
-/// The L2 norm of all gradients together, summed in f64 over fixed chunks in a fixed order.
+/// Chunks whose sums [`global_norm`] runs side by side.
+const LOCKSTEP: usize = 8;
+
+/// The L2 norm of all gradients together: squares summed in f64 along each chunk of [`CHUNK`]
+/// (chunks in parallel, every tensor's at once), the chunks' sums in order per tensor, the
+/// tensors' in order.
 pub fn global_norm(grads: &ParamMap) -> f64 {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
+    let groups = grads.tensors().par_iter().flat_map(|g| g.data().par_chunks(LOCKSTEP * CHUNK));
+    let partial: Vec<f64> = groups.flat_map_iter(chunk_sums).collect();
     let mut total = 0.0f64;
-    for (_, g) in grads.iter() {
-        let partial: Vec<f64> =
-            g.data().par_chunks(CHUNK).map(|c| c.iter().map(|x| (*x as f64) * (*x as f64)).sum()).collect();
-        total += partial.iter().sum::<f64>();
+    let mut at = 0;
+    for g in grads.tensors() {
+        let n = g.data().len().div_ceil(CHUNK);
+        total += partial[at..at + n].iter().sum::<f64>();
+        at += n;
     }
     total.sqrt()
+}
+
+/// The sum of squares of each [`CHUNK`] of `x` (at most [`LOCKSTEP`] of them), each along its
+/// chunk in order from zero; the whole chunks' sums run side by side, so their latencies
+/// overlap.
+fn chunk_sums(x: &[f32]) -> impl Iterator<Item = f64> {
+    let square = |x: &f32| (*x as f64) * (*x as f64);
+    let whole = x.len() / CHUNK;
+    let chunks: [&[f32]; LOCKSTEP] =
+        std::array::from_fn(|c| &x[c.min(whole.saturating_sub(1)) * CHUNK..][..CHUNK.min(x.len())]);
+    let mut sums = [0.0f64; LOCKSTEP];
+    if whole > 0 {
+        for j in 0..CHUNK {
+            for (sum, chunk) in sums.iter_mut().zip(&chunks) {
+                *sum += square(&chunk[j]);
+            }
+        }
+    }
+    let last = x[whole * CHUNK..].iter().map(square).sum::<f64>();
+    sums.into_iter().take(whole).chain((whole < x.len().div_ceil(CHUNK)).then_some(last))
 }
 
 /// Multiply every gradient by `s` (gradient accumulation's 1/steps, clipping).
 pub fn scale(grads: &mut ParamMap, s: f32) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Optimizer);
-    for (_, g) in grads.iter_mut() {
-        g.data_mut().par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-    }
+    let chunks = grads.tensors_mut().par_iter_mut().flat_map(|g| g.data_mut().par_chunks_mut(CHUNK));
+    chunks.for_each(|c| c.iter_mut().for_each(|x| *x *= s));
 }
 
 /// Clip to a global norm of at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does
@@ -208,6 +237,29 @@ mod tests {
         let before = g.clone();
         clip_global_norm(&mut g, 10.0);
         assert_eq!(g, before, "below the limit nothing moves");
+    }
+
+    /// The norm's chunks, side by side and all tensors at once, sum as one chunk at a time in
+    /// order would: empty tensors, short ones, whole groups of chunks and a short last chunk.
+    #[test]
+    fn the_global_norm_sums_chunk_by_chunk_in_order() {
+        let sizes = [0, 3, CHUNK, LOCKSTEP * CHUNK + 5, 2 * LOCKSTEP * CHUNK + 3 * CHUNK + 1, 7];
+        let tensors: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let data: Vec<f32> = crate::nn::gradcheck::random(n, i as u64 + 1).iter().map(|x| x * 1e3).collect();
+                (format!("t{i}"), vec![n], data)
+            })
+            .collect();
+        let g = map(&tensors.iter().map(|(n, s, d)| (n.as_str(), &s[..], d.clone())).collect::<Vec<_>>());
+        let mut want = 0.0f64;
+        for (_, t) in g.iter() {
+            let partial: Vec<f64> =
+                t.data().chunks(CHUNK).map(|c| c.iter().map(|x| (*x as f64) * (*x as f64)).sum()).collect();
+            want += partial.iter().sum::<f64>();
+        }
+        assert_eq!(global_norm(&g).to_bits(), want.sqrt().to_bits());
     }
 
     #[test]

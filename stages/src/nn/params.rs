@@ -168,6 +168,13 @@ impl ParamMap {
             index: self.index.clone(),
         }
     }
+    /// The tensors in order, for passes over all of them at once.
+    pub(crate) fn tensors(&self) -> &[Tensor] {
+        &self.tensors
+    }
+    pub(crate) fn tensors_mut(&mut self) -> &mut [Tensor] {
+        &mut self.tensors
+    }
     pub fn fill_zero(&mut self) {
         for t in &mut self.tensors {
             t.data_mut().fill(0.0);

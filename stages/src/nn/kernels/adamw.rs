@@ -20,13 +20,31 @@ pub struct AdamW {
 
 /// Update `param`, `m` and `v` in place for step `step` (1-based).
 pub fn adamw_step(opt: AdamW, step: u32, param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
-    let c1 = 1.0 - opt.beta1.powi(step as i32);
-    let c2 = 1.0 - opt.beta2.powi(step as i32);
-    param
-        .par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-        .enumerate()
-        .for_each(|(chunk, (p, (m, v)))| adamw_chunk(opt, c1, c2, p, &grad[chunk * CHUNK..][..p.len()], m, v));
+    adamw_steps(step, rayon::iter::once(AdamWTensor { opt, param, grad, m, v }));
+}
+
+/// One tensor of an update: its hyperparameters, its values, gradient and moments.
+pub struct AdamWTensor<'a> {
+    pub opt: AdamW,
+    pub param: &'a mut [f32],
+    pub grad: &'a [f32],
+    pub m: &'a mut [f32],
+    pub v: &'a mut [f32],
+}
+
+/// [`adamw_step`] on every tensor of `tensors` in one parallel pass over all their chunks, so
+/// that a model of many small tensors hands out its work once, not once per tensor. Each
+/// element's arithmetic is [`adamw_step`]'s.
+pub fn adamw_steps<'a>(step: u32, tensors: impl ParallelIterator<Item = AdamWTensor<'a>>) {
+    tensors
+        .flat_map(|t| {
+            let opt = t.opt;
+            let c1 = 1.0 - opt.beta1.powi(step as i32);
+            let c2 = 1.0 - opt.beta2.powi(step as i32);
+            let chunks = t.param.par_chunks_mut(CHUNK).zip(t.grad.par_chunks(CHUNK));
+            chunks.zip(t.m.par_chunks_mut(CHUNK).zip(t.v.par_chunks_mut(CHUNK))).map(move |c| (opt, c1, c2, c))
+        })
+        .for_each(|(opt, c1, c2, ((p, g), (m, v)))| adamw_chunk(opt, c1, c2, p, g, m, v));
 }
 
 simd_fn! {
