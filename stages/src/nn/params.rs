@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::nn::quant::QMatrix;
 
 /// A dense f32 tensor, row-major.
@@ -175,10 +177,10 @@ impl ParamMap {
     pub(crate) fn tensors_mut(&mut self) -> &mut [Tensor] {
         &mut self.tensors
     }
+    /// Every tensor zeroed, all of them in one parallel pass.
     pub fn fill_zero(&mut self) {
-        for t in &mut self.tensors {
-            t.data_mut().fill(0.0);
-        }
+        let chunks = self.tensors.par_iter_mut().flat_map(|t| t.data_mut().par_chunks_mut(1 << 14));
+        chunks.for_each(|c| c.fill(0.0));
     }
     pub fn num_elements(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
