@@ -288,7 +288,7 @@ simd_fn! {
                 let cols = seen_cols(first + i, pos[i]);
                 max[i] = row_max(row, cols.clone());
                 exp_row(row, cols.clone(), max[i]);
-                normalize_row(row, cols, 1.0);
+                mask_row(row, cols);
             }
             let n = group.len() / t_;
             let (lo, hi) = (first - pos[0] as usize, first + n - 1);
@@ -376,13 +376,19 @@ fn exp_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>, max: f32) -> 
 /// Scales the seen columns `cols` by `inv` and zeroes the masked ones before and after them.
 #[inline(always)]
 fn normalize_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>, inv: f32) {
+    for p in mask_row(row, cols) {
+        *p *= inv;
+    }
+}
+
+/// Zeroes the columns of `row` outside `cols`; returns the seen ones.
+#[inline(always)]
+fn mask_row(row: &mut [f32], cols: std::ops::RangeInclusive<usize>) -> &mut [f32] {
     let (before, rest) = row.split_at_mut(*cols.start());
     let (seen, after) = rest.split_at_mut(cols.end() + 1 - cols.start());
     before.fill(0.0);
-    for p in seen {
-        *p *= inv;
-    }
     after.fill(0.0);
+    seen
 }
 
 simd_fn! {
