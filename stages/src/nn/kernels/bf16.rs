@@ -513,38 +513,43 @@ mod tiles {
 
     /// `rows` transposed: lane i of result j is lane j of `rows[i]` (16 x 16 32-bit lanes, in
     /// four rounds of shuffles).
+    ///
+    /// Plain loops, no closures: an intrinsic inside a closure (`array::from_fn`'s) is inlined
+    /// only if the closure is, and a build where it is not calls each shuffle out of line.
     #[inline(always)]
     unsafe fn transpose(r: [__m512i; 16]) -> [__m512i; 16] {
         // Within each 128-bit lane L: t holds pairs of rows, u quads of rows, at columns 4L + c.
-        let t: [__m512i; 16] = std::array::from_fn(|x| {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for x in 0..16 {
             let (a, b) = (r[x / 2 * 2], r[x / 2 * 2 + 1]);
-            if x % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
-            }
-        });
+            t[x] = match x % 2 {
+                0 => _mm512_unpacklo_epi32(a, b),
+                _ => _mm512_unpackhi_epi32(a, b),
+            };
+        }
         // u[4g + c]: rows 4g..4g + 4 at column 4L + c, in lane L.
-        let u: [__m512i; 16] = std::array::from_fn(|x| {
+        let mut u = [_mm512_setzero_si512(); 16];
+        for x in 0..16 {
             let (g, c) = (x / 4, x % 4);
             let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
-            if c % 2 == 0 {
-                _mm512_unpacklo_epi64(a, b)
-            } else {
-                _mm512_unpackhi_epi64(a, b)
-            }
-        });
-        std::array::from_fn(|j| {
+            u[x] = match c % 2 {
+                0 => _mm512_unpacklo_epi64(a, b),
+                _ => _mm512_unpackhi_epi64(a, b),
+            };
+        }
+        let mut out = [_mm512_setzero_si512(); 16];
+        for j in 0..16 {
             let (lane, c) = (j / 4, j % 4);
             let (x, y) = match lane / 2 {
                 0 => (_mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c])),
                 _ => (_mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c])),
             };
-            match lane % 2 {
+            out[j] = match lane % 2 {
                 0 => _mm512_shuffle_i32x4::<0x88>(x, y),
                 _ => _mm512_shuffle_i32x4::<0xDD>(x, y),
-            }
-        })
+            };
+        }
+        out
     }
 
     /// Rows `row0..` (32, zeros past the edge) of op(a), k blocks `kb0..kb0 + blocks`: two row
@@ -580,10 +585,13 @@ mod tiles {
                 for (kb, p0) in (k0..k1).step_by(K_BLOCK).enumerate() {
                     for t in 0..rows.div_ceil(TILE) {
                         let len = TILE.min(rows - t * TILE);
-                        let columns = std::array::from_fn(|q| match p0 + 2 * q {
-                            p if p < k1 => pairs_across(at(p, t), (p + 1 < k1).then(|| at(p + 1, t)), len),
-                            _ => _mm512_setzero_si512(),
-                        });
+                        let mut columns = [_mm512_setzero_si512(); 16];
+                        for (q, column) in columns.iter_mut().enumerate() {
+                            let p = p0 + 2 * q;
+                            if p < k1 {
+                                *column = pairs_across(at(p, t), (p + 1 < k1).then(|| at(p + 1, t)), len);
+                            }
+                        }
                         for (i, row) in transpose(columns).into_iter().enumerate() {
                             store_row(&mut out[t * blocks + kb], i, row);
                         }
@@ -625,10 +633,10 @@ mod tiles {
                 // per pair of k.
                 let col = |j: usize| &b.data[(col0 + j) * b.stride..][..d.k];
                 for (kb, p) in (k0..k1).step_by(K_BLOCK).enumerate() {
-                    let columns = std::array::from_fn(|j| match j < cols {
-                        true => pairs_along(&col(j)[p..], (k1 - p).min(K_BLOCK)),
-                        false => _mm512_setzero_si512(),
-                    });
+                    let mut columns = [_mm512_setzero_si512(); 16];
+                    for (j, column) in columns.iter_mut().enumerate().take(cols) {
+                        *column = pairs_along(&col(j)[p..], (k1 - p).min(K_BLOCK));
+                    }
                     for (q, row) in transpose(columns).into_iter().enumerate() {
                         store_row(&mut tiles[kb], q, row);
                     }
