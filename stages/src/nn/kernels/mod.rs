@@ -211,19 +211,45 @@ pub fn exp_fast(x: f32) -> f32 {
     er * two_n
 }
 
-/// `sum(f(i))` over `0..n` in f64, in four interleaved partial sums combined in a fixed order:
-/// it vectorizes (four f64 lanes), and its bits depend on the inputs only.
+/// `sum(f(cols[0][i], cols[1][i], ...))` over the columns' elements in f64, in four
+/// interleaved partial sums combined in a fixed order: it vectorizes (four f64 lanes), and
+/// its bits depend on the inputs only.
+///
+/// # Panics
+/// If the columns' lengths differ.
 #[inline(always)]
-pub fn sum_f64(n: usize, f: impl Fn(usize) -> f64) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let full = n - n % 4;
-    for i in (0..full).step_by(4) {
-        for (lane, a) in acc.iter_mut().enumerate() {
-            *a += f(i + lane);
+pub fn sum_f64<const K: usize>(cols: [&[f32]; K], f: impl Fn([f32; K]) -> f64) -> f64 {
+    let [sum] = sum_f64_rows([cols], |_, v| f(v));
+    sum
+}
+
+/// [`sum_f64`] of `R` rows side by side, `f` told the row: each row's sum has the bits of
+/// [`sum_f64`] of that row alone, and the rows' dependent chains of additions overlap.
+///
+/// # Panics
+/// If the columns' lengths differ.
+#[inline(always)]
+pub fn sum_f64_rows<const R: usize, const K: usize>(
+    rows: [[&[f32]; K]; R],
+    f: impl Fn(usize, [f32; K]) -> f64,
+) -> [f64; R] {
+    let n = rows.first().and_then(|cols| cols.first()).map_or(0, |c| c.len());
+    assert!(rows.iter().flatten().all(|c| c.len() == n), "sum_f64 over columns of different lengths");
+    let quads = rows.map(|cols| cols.map(|c| c.as_chunks::<4>().0));
+    let mut acc = [[0.0f64; 4]; R];
+    for q in 0..n / 4 {
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let quad: [&[f32; 4]; K] = std::array::from_fn(|k| &quads[r][k][q]);
+            for (lane, a) in acc.iter_mut().enumerate() {
+                *a += f(r, quad.map(|x| x[lane]));
+            }
         }
     }
-    let tail: f64 = (full..n).map(f).sum();
-    ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail
+    std::array::from_fn(|r| {
+        let tail: f64 = (n - n % 4..n).map(|i| f(r, rows[r].map(|c| c[i]))).sum();
+        let a = acc[r];
+        ((a[0] + a[2]) + (a[1] + a[3])) + tail
+    })
 }
 
 /// `sum(a[i] * b[i])` in eight interleaved partial sums, combined in a fixed order: the
@@ -290,7 +316,34 @@ mod tests {
         for n in [0, 1, 3, 4, 5, 8, 13, 128] {
             let x = crate::nn::gradcheck::random(n, 3);
             let want: f64 = x.iter().map(|v| *v as f64).sum();
-            assert!((super::sum_f64(n, |i| x[i] as f64) - want).abs() < 1e-12, "n = {n}");
+            assert!((super::sum_f64([&x], |[v]| v as f64) - want).abs() < 1e-12, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn sum_f64_rows_has_the_bits_of_four_lanes_in_order_for_each_row() {
+        // Four interleaved partial sums, each in element order, combined as (0 + 2) + (1 + 3),
+        // then the elements past the last whole four from zero.
+        let plain = |x: &[f32], y: &[f32]| {
+            let mut lanes = [0.0f64; 4];
+            let whole = x.len() / 4 * 4;
+            for i in 0..whole {
+                lanes[i % 4] += x[i] as f64 * y[i] as f64;
+            }
+            let tail: f64 = (whole..x.len()).map(|i| x[i] as f64 * y[i] as f64).sum();
+            ((lanes[0] + lanes[2]) + (lanes[1] + lanes[3])) + tail
+        };
+        for n in [0, 3, 4, 13, 128] {
+            let rows: Vec<Vec<f32>> = (0..3).map(|r| crate::nn::gradcheck::random(n, 10 + r)).collect();
+            let y = crate::nn::gradcheck::random(n, 20);
+            let scale = [1.0f32, -2.0, 0.5];
+            let sums: [f64; 3] = super::sum_f64_rows(std::array::from_fn(|r| [&rows[r][..], &y[..]]), |r, [x, y]| {
+                (x * scale[r]) as f64 * y as f64
+            });
+            for r in 0..3 {
+                let scaled: Vec<f32> = rows[r].iter().map(|x| x * scale[r]).collect();
+                assert_eq!(sums[r].to_bits(), plain(&scaled, &y).to_bits(), "n = {n}, row {r}");
+            }
         }
     }
 

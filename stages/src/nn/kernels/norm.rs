@@ -1,7 +1,7 @@
 //! LayerNorm (gpt2) and RMSNorm (llama) over the last axis of (rows, C), forward and backward.
 //!
 //! Forward saves per-row statistics for backward. Rows run in parallel; row statistics are f64
-//! sums in a fixed lane order ([`sum_f64`]); the weight and bias gradients are sums over rows,
+//! sums in a fixed lane order ([`super::sum_f64`]), [`LOCKSTEP`] rows side by side; the weight and bias gradients are sums over rows,
 //! accumulated in row order per column (columns in parallel). No bit depends on the thread
 //! count.
 
@@ -9,10 +9,13 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::{simd_fn, sum_f64};
+use super::{simd_fn, sum_f64_rows};
 
 /// Rows per parallel work item.
 const ROWS: usize = 16;
+/// Rows whose statistics' sums run side by side: each row's sum is one dependent chain of
+/// additions, too short on its own to keep the adders busy.
+const LOCKSTEP: usize = 4;
 /// Columns per parallel work item of the weight gradients.
 const COLS: usize = 64;
 
@@ -20,6 +23,13 @@ const COLS: usize = 64;
 fn block(chunk: usize, len: usize, c: usize) -> (Range<usize>, Range<usize>) {
     let rows = chunk * ROWS..chunk * ROWS + len / c;
     (rows.clone(), rows.start * c..rows.end * c)
+}
+
+/// The first rows of `0..n` in groups of [`LOCKSTEP`]: each group's rows, the last group
+/// filled up with repeats of row `n - 1` (their sums are computed and not used), and how many
+/// of them are real.
+fn lockstep_groups(n: usize) -> impl Iterator<Item = ([usize; LOCKSTEP], usize)> {
+    (0..n).step_by(LOCKSTEP).map(move |g| (std::array::from_fn(|r| (g + r).min(n - 1)), LOCKSTEP.min(n - g)))
 }
 
 /// `out = (x - mean) / sqrt(var + eps) * w + b` per row; saves `mean` and `rstd` (rows).
@@ -45,15 +55,19 @@ pub fn layernorm_forward(
 simd_fn! {
     fn layernorm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32], mean: &mut [f32], rstd: &mut [f32]) {
         let c = w.len();
-        for (r, (xr, o)) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).enumerate() {
-            let m = sum_f64(c, |i| xr[i] as f64) / c as f64;
-            let var = sum_f64(c, |i| (xr[i] as f64 - m) * (xr[i] as f64 - m)) / c as f64;
-            let s = 1.0 / (var + eps as f64).sqrt();
-            for i in 0..c {
-                o[i] = ((xr[i] as f64 - m) * s) as f32 * w[i] + b[i];
+        for (rows, real) in lockstep_groups(x.len() / c) {
+            let xs = rows.map(|r| [&x[r * c..][..c]]);
+            let m = sum_f64_rows(xs, |_, [x]| x as f64).map(|sum| sum / c as f64);
+            let var = sum_f64_rows(xs, |r, [x]| (x as f64 - m[r]) * (x as f64 - m[r])).map(|sum| sum / c as f64);
+            for (j, &r) in rows[..real].iter().enumerate() {
+                let (xr, o, m) = (xs[j][0], &mut out[r * c..][..c], m[j]);
+                let s = 1.0 / (var[j] + eps as f64).sqrt();
+                for (((o, &x), &w), &b) in o.iter_mut().zip(xr).zip(w).zip(b) {
+                    *o = ((x as f64 - m) * s) as f32 * w + b;
+                }
+                mean[r] = m as f32;
+                rstd[r] = s as f32;
             }
-            mean[r] = m as f32;
-            rstd[r] = s as f32;
         }
     }
 }
@@ -85,14 +99,19 @@ pub fn layernorm_backward(
 simd_fn! {
     fn layernorm_rows_backward(dout: &[f32], x: &[f32], w: &[f32], mean: &[f32], rstd: &[f32], dx: &mut [f32]) {
         let c = w.len();
-        let rows = x.chunks_exact(c).zip(dout.chunks_exact(c)).zip(dx.chunks_exact_mut(c));
-        for (((xr, dr), dxr), (&m, &s)) in rows.zip(mean.iter().zip(rstd)) {
-            let mean_dn = sum_f64(c, |i| (dr[i] * w[i]) as f64) / c as f64;
-            let mean_dn_n = sum_f64(c, |i| (dr[i] * w[i] * ((xr[i] - m) * s)) as f64) / c as f64;
-            let (mean_dn, mean_dn_n) = (mean_dn as f32, mean_dn_n as f32);
-            for i in 0..c {
-                let n = (xr[i] - m) * s;
-                dxr[i] = (dr[i] * w[i] - mean_dn - n * mean_dn_n) * s;
+        for (rows, real) in lockstep_groups(x.len() / c) {
+            let (xs, ds) = (rows.map(|r| &x[r * c..][..c]), rows.map(|r| &dout[r * c..][..c]));
+            let (m, s) = (rows.map(|r| mean[r]), rows.map(|r| rstd[r]));
+            let mean_dn = sum_f64_rows(ds.map(|d| [d, w]), |_, [d, w]| (d * w) as f64);
+            let inputs: [_; LOCKSTEP] = std::array::from_fn(|j| [ds[j], w, xs[j]]);
+            let mean_dn_n = sum_f64_rows(inputs, |j, [d, w, x]| (d * w * ((x - m[j]) * s[j])) as f64);
+            for (j, &r) in rows[..real].iter().enumerate() {
+                let (xr, dr, dxr, m, s) = (xs[j], ds[j], &mut dx[r * c..][..c], m[j], s[j]);
+                let (mean_dn, mean_dn_n) = ((mean_dn[j] / c as f64) as f32, (mean_dn_n[j] / c as f64) as f32);
+                for (((dx, &d), &w), &x) in dxr.iter_mut().zip(dr).zip(w).zip(xr) {
+                    let n = (x - m) * s;
+                    *dx = (d * w - mean_dn - n * mean_dn_n) * s;
+                }
             }
         }
     }
@@ -134,13 +153,17 @@ pub fn rmsnorm_forward(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &m
 simd_fn! {
     fn rmsnorm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32], rrms: &mut [f32]) {
         let c = w.len();
-        for ((xr, o), r) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)).zip(rrms.iter_mut()) {
-            let ms = sum_f64(c, |i| xr[i] as f64 * xr[i] as f64) / c as f64;
-            let s = (1.0 / (ms + eps as f64).sqrt()) as f32;
-            for i in 0..c {
-                o[i] = xr[i] * s * w[i];
+        for (rows, real) in lockstep_groups(x.len() / c) {
+            let xs = rows.map(|r| [&x[r * c..][..c]]);
+            let ms = sum_f64_rows(xs, |_, [x]| x as f64 * x as f64);
+            for (j, &r) in rows[..real].iter().enumerate() {
+                let (xr, o) = (xs[j][0], &mut out[r * c..][..c]);
+                let s = (1.0 / (ms[j] / c as f64 + eps as f64).sqrt()) as f32;
+                for ((o, &x), &w) in o.iter_mut().zip(xr).zip(w) {
+                    *o = x * s * w;
+                }
+                rrms[r] = s;
             }
-            *r = s;
         }
     }
 }
@@ -160,11 +183,16 @@ pub fn rmsnorm_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &m
 simd_fn! {
     fn rmsnorm_rows_backward(dout: &[f32], x: &[f32], w: &[f32], rrms: &[f32], dx: &mut [f32]) {
         let c = w.len();
-        let rows = x.chunks_exact(c).zip(dout.chunks_exact(c)).zip(dx.chunks_exact_mut(c));
-        for (((xr, dr), dxr), &s) in rows.zip(rrms) {
-            let mean_dn_n = sum_f64(c, |i| (dr[i] * w[i] * xr[i] * s) as f64) / c as f64;
-            for i in 0..c {
-                dxr[i] = s * (dr[i] * w[i] - xr[i] * s * mean_dn_n as f32);
+        for (rows, real) in lockstep_groups(x.len() / c) {
+            let (xs, ds, s) = (rows.map(|r| &x[r * c..][..c]), rows.map(|r| &dout[r * c..][..c]), rows.map(|r| rrms[r]));
+            let inputs: [_; LOCKSTEP] = std::array::from_fn(|j| [ds[j], w, xs[j]]);
+            let sums = sum_f64_rows(inputs, |j, [d, w, x]| (d * w * x * s[j]) as f64);
+            for (j, &r) in rows[..real].iter().enumerate() {
+                let (xr, dr, dxr, s) = (xs[j], ds[j], &mut dx[r * c..][..c], s[j]);
+                let mean_dn_n = (sums[j] / c as f64) as f32;
+                for (((dx, &d), &w), &x) in dxr.iter_mut().zip(dr).zip(w).zip(xr) {
+                    *dx = s * (d * w - x * s * mean_dn_n);
+                }
             }
         }
     }
