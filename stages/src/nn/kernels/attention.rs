@@ -184,7 +184,14 @@ fn product(
             assert!(beta == 0.0 || (beta == 1.0 && alpha == 1.0), "a bf16 product scales only a fresh output");
             product_bf16(a.view(), b.view(), out.view_mut(), beta == 1.0);
             if alpha != 1.0 {
-                out.mapv_inplace(|x| x * alpha);
+                // Row by row: each row is contiguous, the view as a whole is not (ndarray
+                // maps a strided 2-D view element by element).
+                for mut row in out.rows_mut() {
+                    match row.as_slice_mut() {
+                        Some(row) => row.iter_mut().for_each(|x| *x *= alpha),
+                        None => row.map_inplace(|x| *x *= alpha),
+                    }
+                }
             }
         }
     }
