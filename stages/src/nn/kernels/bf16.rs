@@ -529,22 +529,22 @@ mod tiles {
         }
         // u[4g + c]: rows 4g..4g + 4 at column 4L + c, in lane L.
         let mut u = [_mm512_setzero_si512(); 16];
-        for x in 0..16 {
+        for (x, u) in u.iter_mut().enumerate() {
             let (g, c) = (x / 4, x % 4);
             let (a, b) = (t[4 * g + c / 2], t[4 * g + 2 + c / 2]);
-            u[x] = match c % 2 {
+            *u = match c % 2 {
                 0 => _mm512_unpacklo_epi64(a, b),
                 _ => _mm512_unpackhi_epi64(a, b),
             };
         }
         let mut out = [_mm512_setzero_si512(); 16];
-        for j in 0..16 {
+        for (j, row) in out.iter_mut().enumerate() {
             let (lane, c) = (j / 4, j % 4);
             let (x, y) = match lane / 2 {
                 0 => (_mm512_shuffle_i32x4::<0x44>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0x44>(u[8 + c], u[12 + c])),
                 _ => (_mm512_shuffle_i32x4::<0xEE>(u[c], u[4 + c]), _mm512_shuffle_i32x4::<0xEE>(u[8 + c], u[12 + c])),
             };
-            out[j] = match lane % 2 {
+            *row = match lane % 2 {
                 0 => _mm512_shuffle_i32x4::<0x88>(x, y),
                 _ => _mm512_shuffle_i32x4::<0xDD>(x, y),
             };

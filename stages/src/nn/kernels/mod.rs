@@ -237,6 +237,7 @@ pub fn sum_f64_rows<const R: usize, const K: usize>(
     assert!(rows.iter().flatten().all(|c| c.len() == n), "sum_f64 over columns of different lengths");
     let quads = rows.map(|cols| cols.map(|c| c.as_chunks::<4>().0));
     let mut acc = [[0.0f64; 4]; R];
+    #[allow(clippy::needless_range_loop)] // q walks every row's and column's quads in step
     for q in 0..n / 4 {
         for (r, acc) in acc.iter_mut().enumerate() {
             let quad: [&[f32; 4]; K] = std::array::from_fn(|k| &quads[r][k][q]);
