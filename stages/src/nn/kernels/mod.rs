@@ -101,7 +101,8 @@ impl Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("TINYGPT_SIMD").is_ok_and(|v| v == "portable") {
+        let forced = std::env::var("TINYGPT_SIMD").ok();
+        if forced.as_deref() == Some("portable") {
             return Isa::Portable;
         }
         #[cfg(target_arch = "x86_64")]
@@ -110,13 +111,7 @@ pub fn isa() -> Isa {
                 && std::is_x86_feature_detected!("avx512bw")
                 && std::is_x86_feature_detected!("avx512vl")
                 && std::is_x86_feature_detected!("avx512dq");
-            return if avx512 && std::env::var("TINYGPT_SIMD").is_ok_and(|v| v == "avx2") {
-                Isa::Avx2Fma
-            } else if avx512 {
-                Isa::Avx512
-            } else {
-                Isa::Avx2Fma
-            };
+            return if avx512 && forced.as_deref() != Some("avx2") { Isa::Avx512 } else { Isa::Avx2Fma };
         }
         Isa::Portable
     })
