@@ -1,9 +1,9 @@
 //! LayerNorm (gpt2) and RMSNorm (llama) over the last axis of (rows, C), forward and backward.
 //!
 //! Forward saves per-row statistics for backward. Rows run in parallel; row statistics are f64
-//! sums in a fixed lane order ([`super::sum_f64`]), [`LOCKSTEP`] rows side by side; the weight and bias gradients are sums over rows,
-//! accumulated in row order per column (columns in parallel). No bit depends on the thread
-//! count.
+//! sums in a fixed lane order ([`super::sum_f64`]), [`LOCKSTEP`] rows side by side; the weight
+//! and bias gradients are sums over rows, accumulated in row order per column (columns in
+//! parallel). No bit depends on the thread count.
 
 use std::ops::Range;
 
