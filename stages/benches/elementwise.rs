@@ -25,6 +25,13 @@ struct Shape {
 }
 
 fn main() {
+    // On a thread of the pool, as a training stage runs: each kernel's parallel loop then
+    // starts on the calling thread instead of being handed to the pool from outside, a wait
+    // for a sleeping thread that would be timed with it.
+    rayon::scope(|_| shapes());
+}
+
+fn shapes() {
     println!("elementwise kernels: {}, {} threads", isa().name(), rayon::current_num_threads());
     for s in [
         Shape { name: "shakespeare_char", batch: 12, t: 64, heads: 4, c: 128, params: 804_224 },

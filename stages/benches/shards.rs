@@ -62,6 +62,12 @@ fn median(mut x: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // On a thread of the pool, as a training stage runs (engine::exec): the one pass's kernels
+    // then start their parallel loops on the calling thread, not from outside the pool.
+    rayon::scope(|_| models());
+}
+
+fn models() {
     println!("{} threads; median step times (forward + backward, ms)", rayon::current_num_threads());
     for m in reference_models() {
         for precision in [Precision::F32, Precision::Bf16] {
