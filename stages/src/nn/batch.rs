@@ -31,6 +31,10 @@ pub struct Batch {
     /// The data row each batch row was drawn from, where the loss needs more than the targets
     /// (a teacher's logits, a reference's log-probabilities); [`Batch::UNTRACKED`] otherwise (B).
     pub source: Vec<usize>,
+    /// The place of this batch's first token in the batch it was cut from ([`Batch::copy_rows_from`];
+    /// 0 for a whole batch). Draws that depend on a token's place (NEFTune's noise, adapter
+    /// dropout's masks) count from it, so a shard of a batch draws what the whole batch does.
+    pub first_token: usize,
 }
 
 /// NEFTune: uniform noise in [-1, 1] scaled by `alpha / sqrt(L * C)` added to each token's input
@@ -58,6 +62,7 @@ impl Batch {
             noise: None,
             dropout_seed: None,
             source: vec![Self::UNTRACKED; b],
+            first_token: 0,
         }
     }
     /// A batch of whole rows from ids and targets (B * T each).
@@ -85,6 +90,23 @@ impl Batch {
     pub fn row_mut(&mut self, r: usize) -> (&mut [u32], &mut [u32], &mut [u32]) {
         let span = r * self.t..(r + 1) * self.t;
         (&mut self.ids[span.clone()], &mut self.targets[span.clone()], &mut self.pos[span])
+    }
+
+    /// Make this batch rows `first..first + B` of `whole` (a shard of it): their ids, targets,
+    /// positions and sources, `whole`'s seeds, and where its tokens sit in `whole`.
+    ///
+    /// # Panics
+    /// If the rows are not `whole`'s length or run past its end.
+    pub fn copy_rows_from(&mut self, whole: &Batch, first: usize) {
+        assert!(self.t == whole.t && first + self.b <= whole.b, "a shard is whole rows of its batch");
+        let tokens = first * self.t..(first + self.b) * self.t;
+        self.ids.copy_from_slice(&whole.ids[tokens.clone()]);
+        self.targets.copy_from_slice(&whole.targets[tokens.clone()]);
+        self.pos.copy_from_slice(&whole.pos[tokens.clone()]);
+        self.source.copy_from_slice(&whole.source[first..first + self.b]);
+        self.noise = whole.noise;
+        self.dropout_seed = whole.dropout_seed;
+        self.first_token = whole.first_token + tokens.start;
     }
 
     /// # Panics

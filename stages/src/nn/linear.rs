@@ -59,6 +59,9 @@ pub(crate) struct AdapterActs {
     /// (none: no dropout, as in evaluation).
     x_drop: Vec<f32>,
     pub(crate) dropout_seed: Option<u64>,
+    /// The place of the pass's first row among the rows its batch was cut from: row `r`'s
+    /// mask is drawn as row `first_row + r`'s.
+    pub(crate) first_row: usize,
 }
 
 impl AdapterActs {
@@ -75,6 +78,7 @@ impl AdapterActs {
             gram: d(r * r),
             x_drop: if dropout { z(rows * cin) } else { Vec::new() },
             dropout_seed: None,
+            first_row: 0,
         }
     }
     pub(crate) fn floats(&self) -> usize {
@@ -87,13 +91,13 @@ impl AdapterActs {
     }
 }
 
-/// The adapter's input (rows of `cin`): `x`, or with a dropout seed, `x` after dropout,
-/// written into `x_drop`.
-fn adapter_input<'a>(x: &'a [f32], x_drop: &'a mut [f32], seed: Option<u64>, p: f32, cin: usize) -> &'a [f32] {
-    let Some(seed) = seed else { return x };
+/// The adapter's input (rows of `cin`): `x`, or with a dropout seed and the place of the first
+/// row, `x` after dropout, written into `x_drop`.
+fn adapter_input<'a>(x: &'a [f32], x_drop: &'a mut [f32], seed: Option<(u64, usize)>, p: f32, cin: usize) -> &'a [f32] {
+    let Some((seed, first_row)) = seed else { return x };
     let dropped = &mut x_drop[..x.len()];
     for (r, (out, x)) in dropped.chunks_mut(cin).zip(x.chunks(cin)).enumerate() {
-        for ((o, x), f) in out.iter_mut().zip(x).zip(dropout_row(seed, r, cin, p)) {
+        for ((o, x), f) in out.iter_mut().zip(x).zip(dropout_row(seed, first_row + r, cin, p)) {
             *o = x * f;
         }
     }
@@ -162,7 +166,7 @@ impl Linear {
         let Some(ad) = self.adapter else { return };
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
         let seed = acts.dropout_for(&ad);
-        let input = adapter_input(x, &mut acts.x_drop, seed, ad.dropout, self.cin);
+        let input = adapter_input(x, &mut acts.x_drop, seed.map(|s| (s, acts.first_row)), ad.dropout, self.cin);
         let xa = &mut acts.xa[..rows * ad.r];
         matmul(
             input,
@@ -299,7 +303,8 @@ impl Linear {
                     let dropped = &mut scratch.dx_drop[..rows * cin];
                     matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dropped, d, false);
                     for (r, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
-                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, r, cin, ad.dropout)) {
+                        let row = acts.first_row + r;
+                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
                             *dx += dd * f;
                         }
                     }

@@ -380,6 +380,7 @@ impl Model {
         for (slot, ad) in a.adapters.iter_mut().enumerate() {
             let place = (l * LINEAR_SLOTS + slot) as u64 + 1;
             ad.dropout_seed = batch.dropout_seed.map(|s| s ^ place.wrapping_mul(0x94D0_49BB_1331_11EB));
+            ad.first_row = batch.first_token;
         }
         a.x_in.copy_from_slice(x);
         blk.norm1.forward(p, x, &mut a.n1, &mut a.s1, eps, zeros_c);
@@ -552,7 +553,8 @@ fn add_embedding_noise(x: &mut [f32], batch: &Batch, alpha: f32, seed: u64, c: u
     for (start, len) in batch.examples() {
         let magnitude = alpha / ((len * c) as f32).sqrt();
         for r in start..start + len {
-            let mut rng = SplitMix64::new(seed ^ (r as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            let place = (batch.first_token + r) as u64 + 1;
+            let mut rng = SplitMix64::new(seed ^ place.wrapping_mul(0xD1B5_4A32_D192_ED03));
             for v in &mut x[r * c..(r + 1) * c] {
                 *v += (rng.unit() as f32 * 2.0 - 1.0) * magnitude;
             }
