@@ -172,6 +172,17 @@ fn a_seed_on_a_kind_that_does_not_use_one_is_refused() {
 }
 
 #[test]
+fn shards_that_do_not_divide_the_batch_are_refused() {
+    let pretrain = "seq_len = 16\n\n[stages.train]\nkind = \"pretrain\"\ndata = \"pack\"\nbatch_size = 4\nshards = 3\n";
+    refused(
+        "seq_len = 16\n",
+        pretrain,
+        &[],
+        &["stage `train`: 3 shards do not split batch_size 4", "bad.toml:22:1", "`shards`"],
+    );
+}
+
+#[test]
 fn set_is_validated_like_the_recipe() {
     let err = refused(
         "seq_len = 16",

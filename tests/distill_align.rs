@@ -231,6 +231,24 @@ fn losses_with_a_reference_need_one_when_the_recipe_is_resolved() {
     assert_eq!(stage(&plan, "dpo")["action"], "run");
 }
 
+/// Shards split a batch's rows; a loss over pairs or over a teacher's rows cannot be split so.
+#[test]
+fn distill_and_align_refuse_shards_at_plan_time() {
+    let sb = Sandbox::new();
+    for (recipe, stage, what) in
+        [("align.toml", "dpo", "a preference loss"), ("distill.toml", "student", "distillation's loss")]
+    {
+        let set = format!("{stage}.shards=2");
+        let out = sb.tinygpt(&["plan", recipe, "--set", &set]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains(&format!("{what} is not a sum over rows")) && err.contains("--set:1:"), "{err}");
+    }
+    // Their pretraining stages take shards (a cross-entropy).
+    let plan = sb.plan_json("align.toml", &["--set", "pretrain.shards=2"]);
+    assert_eq!(stage(&plan, "pretrain")["action"], "run");
+}
+
 #[test]
 fn bad_preference_rows_exit_2_naming_the_file_row_and_field() {
     let sb = Sandbox::new();

@@ -221,15 +221,23 @@ fn an_interrupted_full_fine_tune_resumes_to_the_same_bits() {
     sft_resumes_bit_identically("-INT", &["--set", "sft.adapter=none"]);
 }
 
+/// Also with each batch in two shards, where NEFTune's noise and adapter dropout draw by each
+/// token's place in the whole batch.
 #[test]
 fn one_and_two_threads_fine_tune_to_the_same_bits() {
-    let digest = |threads: &str| {
+    let digest = |threads: &str, extra: &[&str]| {
         let sb = Sandbox::new();
-        let sets = ["--set", &format!("sft.threads={threads}"), "--set", "sft.max_steps=6"];
-        let run = sb.run_json("sft.toml", &sets);
+        let mut sets =
+            vec!["--set".to_string(), format!("sft.threads={threads}"), "--set".into(), "sft.max_steps=6".into()];
+        sets.extend(extra.iter().flat_map(|s| ["--set".to_string(), s.to_string()]));
+        let run = sb.run_json("sft.toml", &sets.iter().map(String::as_str).collect::<Vec<_>>());
         sb.manifest(&key(&run, "sft"))["content_digest"].clone()
     };
-    assert_eq!(digest("1"), digest("2"));
+    assert_eq!(digest("1", &[]), digest("2", &[]));
+    let sharded = ["sft.shards=2", "sft.lora_dropout=0.1"];
+    let one = digest("1", &sharded);
+    assert_eq!(one, digest("2", &sharded));
+    assert_ne!(one, digest("1", &sharded[1..]), "2 shards trained the bits of one pass");
 }
 
 /// The instruct recipe's data on the real files, with one step of each training stage: the

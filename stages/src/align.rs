@@ -36,7 +36,9 @@ use crate::nn::preference::{Kto, Pair, PairLoss, Seq};
 use crate::nn::step::{LossMean, Objective};
 use crate::preferences::{TRAIN_FILE, VAL_FILE};
 use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
-use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
+use crate::train::{
+    self, check_train_params, check_unsharded, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS,
+};
 use crate::{concat_params, fail, MODEL, PREFERENCES, REFERENCE};
 
 pub struct Align;
@@ -60,7 +62,7 @@ const OWN_PARAMS: [ParamSpec; 8] = [
 ];
 
 const PARAMS: &[ParamSpec] =
-    &concat_params::<18, 20, 38>(concat_params::<8, 10, 18>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
+    &concat_params::<18, 21, 39>(concat_params::<8, 10, 18>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -156,7 +158,8 @@ impl Stage for Align {
     }
 
     fn check(&self, p: &Params, connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
-        check_lrs(p)?;
+        check_train_params(p)?;
+        check_unsharded(p, "a preference loss")?;
         check_lora(p)?;
         let loss = loss_of(p);
         if loss.uses_reference() && !connected.contains("reference") {

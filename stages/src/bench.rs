@@ -19,12 +19,12 @@ use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::Precision;
 use crate::nn::lora::{is_adapter, LoraConfig};
-use crate::nn::model::{Activations, Model, ModelConfig};
+use crate::nn::model::{Model, ModelConfig};
 use crate::nn::optim::{AdamWState, TensorOpt};
 use crate::nn::params::ParamMap;
 use crate::nn::profile;
 use crate::nn::rng::SplitMix64;
-use crate::nn::step::{train_step, CrossEntropy, LossMean, StepConfig, Trainable};
+use crate::nn::step::{train_step, CrossEntropy, LossMean, StepConfig, StepWork, Trainable};
 
 /// One of the two models issue 4 measures, with its batch shape.
 #[derive(Clone, Copy, Debug)]
@@ -506,17 +506,24 @@ fn median3(mut x: [f64; 3]) -> f64 {
 
 /// How [`train_steps`] trains: every weight, or with `lora_rank` LoRA adapters of that rank on
 /// every linear layer of a frozen model; with `checkpointed`, activation checkpointing; its
-/// weight products in `precision`.
-#[derive(Clone, Copy, Debug, Default)]
+/// weight products in `precision`; each batch in `shards` shards (the recipe key).
+#[derive(Clone, Copy, Debug)]
 pub struct Training {
     pub lora_rank: Option<usize>,
     pub checkpointed: bool,
     pub precision: Precision,
+    pub shards: usize,
+}
+
+impl Default for Training {
+    fn default() -> Self {
+        Training { lora_rank: None, checkpointed: false, precision: Precision::default(), shards: 1 }
+    }
 }
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
 pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, checkpointed, precision } = how;
+    let Training { lora_rank, checkpointed, precision, shards } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
@@ -534,10 +541,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             None => params.zeros_like(),
         };
         let mut opt = AdamWState::new(&grads);
-        let mut acts = match checkpointed {
-            true => Activations::checkpointed(&model, m.batch, t),
-            false => Activations::for_training(&model, m.batch, t),
-        };
+        let mut work = StepWork::new(&model, m.batch, t, shards, checkpointed, &grads);
         let mut batches = [Batch::new(m.batch, t)];
         let opts = TensorOpt::defaults(&params);
         let mut rng = SplitMix64::new(2);
@@ -546,7 +550,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             grad_clip: 1.0,
             mean: LossMean::PerMicroBatch,
         };
-        let mut step = |params: &mut _, opt: &mut _, grads: &mut _, acts: &mut _| {
+        let mut step = |params: &mut _, opt: &mut _, grads: &mut _, work: &mut _| {
             let trainable = Trainable { params, grads, opt, opts: &opts };
             for batch in &mut batches {
                 batch
@@ -555,15 +559,15 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
                     .chain(batch.targets.iter_mut())
                     .for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
             }
-            train_step(&model, trainable, acts, &batches, step_cfg, &mut CrossEntropy::default());
+            train_step(&model, trainable, work, &batches, step_cfg, &mut CrossEntropy::default());
         };
-        step(&mut params, &mut opt, &mut grads, &mut acts); // warm-up
+        step(&mut params, &mut opt, &mut grads, &mut work); // warm-up
         profile::enable(true);
         let mut times = Vec::with_capacity(m.steps);
         let start = Instant::now();
         for _ in 0..m.steps {
             let step_start = Instant::now();
-            step(&mut params, &mut opt, &mut grads, &mut acts);
+            step(&mut params, &mut opt, &mut grads, &mut work);
             times.push(step_start.elapsed().as_secs_f64());
         }
         let total = start.elapsed().as_secs_f64();
@@ -588,7 +592,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             breakdown,
             peak_bytes: status_bytes("VmHWM:"),
             baseline_bytes,
-            needed_bytes: (4 * (n_params + 3 * trainable) + acts.bytes()) as u64,
+            needed_bytes: (4 * (n_params + 3 * trainable) + work.bytes()) as u64,
         }
     })
 }
@@ -651,6 +655,10 @@ mod tests {
         if let (Some(peak), Some(base)) = (r.peak_bytes, r.baseline_bytes) {
             assert!(peak >= base, "the peak {peak} is below the resident set {base} it started from");
         }
+        // A second shard holds gradients of its own.
+        let sharded = train_steps(&m, 1, Training { shards: 2, ..Training::default() });
+        let gradients = 4 * m.cfg.init(0).num_elements() as u64;
+        assert!(sharded.needed_bytes >= r.needed_bytes + gradients, "{} vs {}", sharded.needed_bytes, r.needed_bytes);
         // LoRA keeps the frozen weights but no gradients or moments for them.
         let lora = train_steps(&m, 1, Training { lora_rank: Some(2), ..Training::default() });
         assert!(lora.needed_bytes < r.needed_bytes, "{} vs {}", lora.needed_bytes, r.needed_bytes);

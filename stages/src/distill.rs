@@ -26,7 +26,7 @@ use crate::nn::step::{LossMean, Objective};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
 use crate::pretrain::{model_config, BlockData, MODEL_PARAMS};
 use crate::teacher::{TeacherLogits, TRAIN_LOGITS};
-use crate::train::{self, check_lrs, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
+use crate::train::{self, check_train_params, check_unsharded, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, TEACHER};
 
 pub struct Distill;
@@ -44,7 +44,7 @@ const KD_PARAMS: [ParamSpec; 4] = [
 ];
 
 const OWN_PARAMS: [ParamSpec; 15] = concat_params::<4, 11, 15>(KD_PARAMS, MODEL_PARAMS);
-const PARAMS: &[ParamSpec] = &concat_params::<15, 20, 35>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<15, 21, 36>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -110,7 +110,8 @@ impl Stage for Distill {
         if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
         }
-        check_lrs(p)
+        check_train_params(p)?;
+        check_unsharded(p, "distillation's loss")
     }
 
     /// The student: the `init` model's shape when one is wired (as far as it tells), else the

@@ -26,7 +26,7 @@ use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
 use crate::nn::step::{CrossEntropy, LossMean, Objective};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
-use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, TRAIN_PARAMS};
+use crate::train::{self, check_train_params, TrainData, TrainSpec, Trainee, Validation, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, PACKED};
 
 pub struct Pretrain;
@@ -68,7 +68,7 @@ const OWN_PARAMS: [ParamSpec; 12] = concat_params::<11, 1, 12>(
     )],
 );
 
-const PARAMS: &[ParamSpec] = &concat_params::<12, 20, 32>(OWN_PARAMS, TRAIN_PARAMS);
+const PARAMS: &[ParamSpec] = &concat_params::<12, 21, 33>(OWN_PARAMS, TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] =
     &[InputSpec { name: "data", accepts: Accepts::Artifact(&[PACKED]), required: true, doc: "a `pack` stage" }];
@@ -141,7 +141,7 @@ impl Stage for Pretrain {
         if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
         }
-        check_lrs(p)
+        check_train_params(p)
     }
 
     fn output_shape(&self, p: &Params, _: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {

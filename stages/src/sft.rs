@@ -27,7 +27,7 @@ use crate::nn::batch::{Batch, EmbeddingNoise};
 use crate::nn::model::Model;
 use crate::nn::params::ParamMap;
 use crate::nn::step::{CrossEntropy, LossMean, Objective};
-use crate::train::{self, check_lrs, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
+use crate::train::{self, check_train_params, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, round, EXAMPLES, MODEL};
 
 pub struct Sft;
@@ -59,7 +59,7 @@ const OWN_PARAMS: [ParamSpec; 6] = [
 ];
 
 const PARAMS: &[ParamSpec] =
-    &concat_params::<16, 20, 36>(concat_params::<6, 10, 16>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
+    &concat_params::<16, 21, 37>(concat_params::<6, 10, 16>(OWN_PARAMS, LORA_PARAMS), TRAIN_PARAMS);
 
 const INPUTS: &[InputSpec] = &[
     InputSpec {
@@ -114,7 +114,7 @@ impl Stage for Sft {
     }
 
     fn check(&self, p: &Params, _connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
-        check_lrs(p)?;
+        check_train_params(p)?;
         check_lora(p)
     }
 

@@ -15,10 +15,10 @@ use crate::checkpoint::{DataPos, Progress, TrainState};
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
 use crate::nn::kernels::Precision;
-use crate::nn::model::{Activations, Model};
+use crate::nn::model::Model;
 use crate::nn::optim::{AdamWState, Schedule, TensorOpt};
 use crate::nn::params::ParamMap;
-use crate::nn::step::{train_step, LossMean, Objective, StepConfig, Trainable};
+use crate::nn::step::{train_step, LossMean, Objective, StepConfig, StepWork, Trainable};
 use crate::round;
 
 /// The log of a training stage's output: wall-clock figures and lines shaped by unhashed
@@ -74,11 +74,13 @@ pub struct TrainSpec {
     pub activation_checkpointing: bool,
     /// The arithmetic of the weight products, in training and its validation.
     pub precision: Precision,
+    /// Shards each micro-batch splits into ([`StepWork`]).
+    pub shards: usize,
 }
 
 /// The optimizer, schedule and logging parameters of every training stage; a stage's own
 /// table is its parameters followed by these ([`crate::concat_params`]).
-pub const TRAIN_PARAMS: [ParamSpec; 20] = [
+pub const TRAIN_PARAMS: [ParamSpec; 21] = [
         ParamSpec::int("max_steps", 2000, 1, 1 << 40, "optimizer steps"),
         ParamSpec::int("batch_size", 12, 1, 1 << 20, "sequences per micro-batch"),
         ParamSpec::int("grad_accum", 1, 1, 1 << 16, "micro-batches per optimizer step"),
@@ -129,6 +131,14 @@ pub const TRAIN_PARAMS: [ParamSpec; 20] = [
             "the operands of the weight and attention products: `bf16` rounds them to bfloat16 and accumulates in f32 as AMX does (fast on CPUs with AMX, emulated bit for bit elsewhere); weights, gradients, softmax and AdamW stay f32",
         )
         .keyed_when_set(),
+        ParamSpec::int(
+            "shards",
+            1,
+            1,
+            1 << 10,
+            "split each micro-batch into this many shards of whole rows, run side by side, each with its own activations and gradients, added in shard order: faster for small models on several cores, for the memory of one more gradient per extra shard; the bits depend on it, never on the thread count; must divide batch_size; cross-entropy stages only",
+        )
+        .keyed_when_set(),
     ];
 
 /// The learning-rate schedule the parameters ask for.
@@ -146,15 +156,34 @@ pub fn schedule(p: &Params) -> Schedule {
     }
 }
 
-/// The error `check` gives when `min_lr` is above `lr`.
-pub fn check_lrs(p: &Params) -> Result<(), engine::ParamProblem> {
+/// The errors `check` gives for the parameters of [`TRAIN_PARAMS`]: `min_lr` above `lr`, and
+/// `shards` that do not divide `batch_size`.
+pub fn check_train_params(p: &Params) -> Result<(), engine::ParamProblem> {
     if p.float("min_lr") > p.float("lr") {
         return Err(engine::ParamProblem::new(
             "min_lr",
             format!("min_lr {} is above lr {}", p.float("min_lr"), p.float("lr")),
         ));
     }
+    let (shards, batch) = (p.usize("shards"), p.usize("batch_size"));
+    if !batch.is_multiple_of(shards) {
+        return Err(engine::ParamProblem::new(
+            "shards",
+            format!("{shards} shards do not split batch_size {batch} into equal shards of whole rows"),
+        ));
+    }
     Ok(())
+}
+
+/// The error `check` gives when a stage whose objective is not a cross-entropy asks for shards.
+pub fn check_unsharded(p: &Params, objective: &str) -> Result<(), engine::ParamProblem> {
+    match p.usize("shards") {
+        1 => Ok(()),
+        n => Err(engine::ParamProblem::new(
+            "shards",
+            format!("shards = {n}: {objective} is not a sum over rows, so its batches cannot be split; remove the key"),
+        )),
+    }
 }
 
 impl TrainSpec {
@@ -181,6 +210,7 @@ impl TrainSpec {
             log_interval: p.int("log_interval") as u64,
             checkpoint_interval: p.int("checkpoint_interval") as u64,
             activation_checkpointing: p.bool("activation_checkpointing"),
+            shards: p.usize("shards"),
             precision: Precision::parse(p.str("precision")).expect("a declared choice"),
         }
     }
@@ -232,10 +262,7 @@ pub fn train(
         progress: Progress { step: 0, data: data.start(), elapsed: 0.0, log: Vec::new() },
         params: fresh,
     });
-    let mut acts = match spec.activation_checkpointing {
-        true => Activations::checkpointed(&model, spec.batch, spec.t),
-        false => Activations::for_training(&model, spec.batch, spec.t),
-    };
+    let mut work = StepWork::new(&model, spec.batch, spec.t, spec.shards, spec.activation_checkpointing, &grads);
     let mut batches: Vec<Batch> = (0..spec.accum).map(|_| Batch::new(spec.batch, spec.t)).collect();
 
     let progress = ctx.progress();
@@ -266,7 +293,7 @@ pub fn train(
             data.fill(&mut state.progress.data, batch);
         }
         let trainable = Trainable { params: &mut state.params, grads: &mut grads, opt: &mut state.opt, opts: &opts };
-        let outcome = train_step(&model, trainable, &mut acts, &batches, cfg, data.objective());
+        let outcome = train_step(&model, trainable, &mut work, &batches, cfg, data.objective());
         let (loss, norm) = (outcome.loss, outcome.grad_norm);
         if !outcome.finite() {
             return Err(StageError::msg(format!(

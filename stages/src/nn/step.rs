@@ -3,9 +3,18 @@
 //!
 //! What the step minimises is an [`Objective`]: cross-entropy on the data for pretraining and
 //! fine-tuning, a distillation or preference loss for the stages that build on them.
+//!
+//! A step can split each micro-batch into a fixed number of shards of whole rows ([`StepWork`]):
+//! each shard's forward, loss and backward run whole, shards side by side on the threads, each
+//! into its own gradients, which are then added in shard order. Small models gain (each
+//! kernel is too short to split well across threads); the bits depend on the shard count, a
+//! recipe setting, never on the thread count. Only a loss that sums over rows can be split so.
+
+use rayon::prelude::*;
 
 use crate::nn::batch::Batch;
 use crate::nn::kernels::adamw::AdamW;
+use crate::nn::kernels::add_assign;
 use crate::nn::loss::cross_entropy;
 use crate::nn::model::{Activations, Model};
 use crate::nn::optim::{clip_global_norm, global_norm, scale, AdamWState, TensorOpt};
@@ -40,6 +49,12 @@ pub trait Objective {
         batch: &Batch,
         mean_over: usize,
     ) -> f64;
+    /// The objective as a cross-entropy, when it is one: its loss is then a sum over rows,
+    /// each row's part computed from that row alone, so shards of a batch can each compute
+    /// theirs. Other objectives cannot run in shards.
+    fn as_cross_entropy(&self) -> Option<CrossEntropy> {
+        None
+    }
 }
 
 /// Cross-entropy of the batch's targets, with PaLM's z-loss.
@@ -51,6 +66,92 @@ pub struct CrossEntropy {
 impl Objective for CrossEntropy {
     fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
         cross_entropy(acts, batch, model.cfg.vocab_size, self.z_loss, mean_over)
+    }
+    fn as_cross_entropy(&self) -> Option<CrossEntropy> {
+        Some(*self)
+    }
+}
+
+/// What a step computes in: each shard's rows of the micro-batch and its activations, and
+/// for every shard after the first, its own gradients (the first shard's go straight into the
+/// trainable's). One shard reads the micro-batch itself.
+pub struct StepWork {
+    shards: Vec<Shard>,
+}
+
+struct Shard {
+    /// The shard's rows of the micro-batch (unused with a single shard, which reads the batch).
+    batch: Batch,
+    acts: Activations,
+    /// Empty for the first shard.
+    grads: ParamMap,
+    /// The summed loss of the shard's rows in the last pass.
+    loss: f64,
+}
+
+impl StepWork {
+    /// Buffers for micro-batches of `b` rows of `t` tokens split into `shards` shards, for a
+    /// model whose gradients are shaped like `grads` (empty tensors for frozen parameters);
+    /// with `checkpointed`, activation checkpointing.
+    ///
+    /// # Panics
+    /// If `shards` is 0 or does not divide `b`; recipes check it at plan time.
+    pub fn new(model: &Model, b: usize, t: usize, shards: usize, checkpointed: bool, grads: &ParamMap) -> Self {
+        assert!(shards > 0 && b.is_multiple_of(shards), "{shards} shards do not split {b} rows evenly");
+        let rows = b / shards;
+        let shards = (0..shards)
+            .map(|s| Shard {
+                batch: Batch::new(rows, t),
+                acts: match checkpointed {
+                    true => Activations::checkpointed(model, rows, t),
+                    false => Activations::for_training(model, rows, t),
+                },
+                grads: if s == 0 { ParamMap::default() } else { grads.zeros_like() },
+                loss: 0.0,
+            })
+            .collect();
+        StepWork { shards }
+    }
+    /// The bytes of the activations and of the shards' own gradients.
+    pub fn bytes(&self) -> usize {
+        self.shards.iter().map(|s| s.acts.bytes() + 4 * s.grads.num_elements()).sum()
+    }
+
+    /// Forward, loss and backward of `batch`, adding its gradients into `grads` (the first
+    /// shard's) and each later shard's own; returns the summed loss.
+    fn pass(
+        &mut self,
+        model: &Model,
+        params: &ParamMap,
+        grads: &mut ParamMap,
+        batch: &Batch,
+        objective: &mut dyn Objective,
+        mean_over: usize,
+    ) -> f64 {
+        if let [whole] = &mut self.shards[..] {
+            model.forward(params, batch, &mut whole.acts);
+            let sum = objective.loss(model, params, &mut whole.acts, batch, mean_over);
+            model.backward(params, batch, &mut whole.acts, grads);
+            return sum;
+        }
+        let ce = objective.as_cross_entropy().expect("only a cross-entropy runs in shards (checked at plan time)");
+        // Into `grads` for the first shard, into its own map for every other.
+        let run = |shard: &mut Shard, grads: Option<&mut ParamMap>| {
+            let Shard { batch, acts, grads: own, loss } = shard;
+            model.forward(params, batch, acts);
+            *loss = { ce }.loss(model, params, acts, batch, mean_over);
+            model.backward(params, batch, acts, grads.unwrap_or(own));
+        };
+        let rows = self.shards[0].batch.batch();
+        for (s, shard) in self.shards.iter_mut().enumerate() {
+            shard.batch.copy_rows_from(batch, s * rows);
+        }
+        let (first, rest) = self.shards.split_first_mut().expect("at least one shard");
+        rayon::join(
+            || run(first, Some(grads)),
+            || rest.par_iter_mut().with_max_len(1).for_each(|shard| run(shard, None)),
+        );
+        self.shards.iter().map(|s| s.loss).sum()
     }
 }
 
@@ -90,28 +191,34 @@ pub struct Trainable<'a> {
 pub fn train_step(
     model: &Model,
     t: Trainable<'_>,
-    acts: &mut Activations,
+    work: &mut StepWork,
     batches: &[Batch],
     cfg: StepConfig,
     objective: &mut dyn Objective,
 ) -> StepOutcome {
     t.grads.fill_zero();
+    for shard in &mut work.shards[1..] {
+        shard.grads.fill_zero();
+    }
     let accum = batches.len();
     let step_units: usize = batches.iter().map(|b| objective.units(b)).sum();
     let mut loss = 0.0f64;
     for batch in batches {
-        model.forward(t.params, batch, acts);
         let units = objective.units(batch);
         let mean_over = match cfg.mean {
             LossMean::PerMicroBatch => units,
             LossMean::PerStep => step_units,
         };
-        let sum = objective.loss(model, t.params, acts, batch, mean_over);
+        let sum = work.pass(model, t.params, t.grads, batch, objective, mean_over);
         loss += match cfg.mean {
             LossMean::PerMicroBatch => (sum / units.max(1) as f64) as f32 as f64,
             LossMean::PerStep => sum,
         };
-        model.backward(t.params, batch, acts, t.grads);
+    }
+    for shard in &work.shards[1..] {
+        for ((_, sum), (_, g)) in t.grads.iter_mut().zip(shard.grads.iter()) {
+            add_assign(sum.data_mut(), g.data());
+        }
     }
     match cfg.mean {
         LossMean::PerMicroBatch => {
@@ -128,4 +235,124 @@ pub fn train_step(
         t.opt.update(cfg.adamw, t.params, t.grads, t.opts);
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::batch::{EmbeddingNoise, IGNORE};
+    use crate::nn::config::{Arch, ModelConfig};
+    use crate::nn::gradcheck::{on_threads, random};
+    use crate::nn::lora::{is_adapter, LoraConfig};
+
+    /// A tiny model of `arch`, its parameters random and of a useful size, with LoRA adapters
+    /// (dropout 0.25) on every linear layer when `lora`; its gradients (adapters only with LoRA).
+    fn tiny(arch: Arch, lora: bool) -> (Model, ParamMap, ParamMap) {
+        let cfg = match arch {
+            Arch::Gpt2 => ModelConfig::gpt2(11, 8, 2, 2, 8, true),
+            Arch::Llama => ModelConfig::llama(11, 8, 2, 4, 2, 16),
+        };
+        let mut params = cfg.init(1);
+        let adapters = LoraConfig::on_every_linear(&cfg, 2, 4.0);
+        if lora {
+            adapters.add(&cfg, &mut params, 3);
+        }
+        for (i, (_, t)) in params.iter_mut().enumerate() {
+            let values = random(t.data().len(), 100 + i as u64);
+            t.data_mut().iter_mut().zip(values).for_each(|(w, r)| *w = r * 0.5);
+        }
+        let (model, grads) = match lora {
+            true => (
+                Model::with_lora_scale(cfg, &params, adapters.scale()).with_lora_dropout(0.25),
+                params.zeros_like_trainable(is_adapter),
+            ),
+            false => (Model::new(cfg, &params), params.zeros_like()),
+        };
+        (model, params, grads)
+    }
+
+    /// Four rows of packed examples with random ids, some targets ignored as prompts are, and
+    /// NEFTune's noise and adapter dropout drawn by place.
+    fn packed(seed: u64) -> Batch {
+        let (ids, targets) = (random(32, seed), random(32, seed + 1));
+        let token = |r: &f32| ((r + 1.0) * 5.49) as u32;
+        let mut batch = Batch::whole_rows(
+            8,
+            &ids.iter().map(token).collect::<Vec<_>>(),
+            &targets.iter().map(token).collect::<Vec<_>>(),
+        );
+        for r in 0..4 {
+            batch.row_mut(r).2.copy_from_slice(&[[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]][r % 2]);
+        }
+        for i in [0, 3, 4, 8, 17, 30] {
+            batch.targets[i] = IGNORE;
+        }
+        batch.noise = Some(EmbeddingNoise { alpha: 5.0, seed: 4 });
+        batch.dropout_seed = Some(9);
+        batch
+    }
+
+    /// One step of two micro-batches in `shards` shards at learning rate 0: the loss and the
+    /// gradients.
+    fn step(arch: Arch, lora: bool, mean: LossMean, shards: usize) -> (f64, ParamMap) {
+        let (model, mut params, mut grads) = tiny(arch, lora);
+        let mut opt = AdamWState::new(&grads);
+        let opts = crate::nn::optim::TensorOpt::defaults(&params);
+        let mut work = StepWork::new(&model, 4, 8, shards, false, &grads);
+        let cfg = StepConfig {
+            adamw: AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
+            grad_clip: 0.0,
+            mean,
+        };
+        let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
+        let outcome = train_step(&model, t, &mut work, &[packed(5), packed(7)], cfg, &mut CrossEntropy::default());
+        (outcome.loss, grads)
+    }
+
+    /// Shards compute the whole batch's loss and gradients up to the order of the sums over
+    /// rows: the same noise and dropout masks for every token, the same weights on the losses.
+    #[test]
+    fn a_step_in_shards_computes_what_the_whole_batch_does() {
+        for (arch, lora, mean) in [
+            (Arch::Gpt2, false, LossMean::PerMicroBatch),
+            (Arch::Llama, false, LossMean::PerStep),
+            (Arch::Gpt2, true, LossMean::PerStep),
+            (Arch::Llama, true, LossMean::PerMicroBatch),
+        ] {
+            let (loss, whole) = step(arch, lora, mean, 1);
+            for shards in [2, 4] {
+                let what = format!("{} lora {lora} {mean:?}, {shards} shards", arch.name());
+                let (sharded_loss, sharded) = step(arch, lora, mean, shards);
+                assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{what}: loss {loss} vs {sharded_loss}");
+                for ((name, w), (_, s)) in whole.iter().zip(sharded.iter()) {
+                    let largest = w.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let off = w.data().iter().zip(s.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                    assert!(off <= 1e-5 * largest, "{what}: {name} off by {off} of {largest}");
+                    assert!(w.data().is_empty() || largest > 0.0, "{what}: {name} has no gradient");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_in_shards_has_the_same_bits_on_one_and_two_threads() {
+        for (arch, lora) in [(Arch::Gpt2, false), (Arch::Llama, true)] {
+            let one = on_threads(1, || step(arch, lora, LossMean::PerStep, 2));
+            let two = on_threads(2, || step(arch, lora, LossMean::PerStep, 2));
+            assert_eq!(one.0.to_bits(), two.0.to_bits(), "{}: loss", arch.name());
+            for ((name, a), (_, b)) in one.1.iter().zip(two.1.iter()) {
+                assert!(a.data().iter().zip(b.data()).all(|(x, y)| x.to_bits() == y.to_bits()), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_shard_draws_the_noise_of_its_place_in_the_batch() {
+        let whole = packed(5);
+        let mut shard = Batch::new(2, 8);
+        shard.copy_rows_from(&whole, 2);
+        assert_eq!(shard.ids, whole.ids[16..]);
+        assert_eq!(shard.pos, whole.pos[16..]);
+        assert_eq!((shard.first_token, shard.noise, shard.dropout_seed), (16, whole.noise, whole.dropout_seed));
+    }
 }
