@@ -12,6 +12,8 @@ its step ran at that peak (its FLOPs at 100% MFU), which bounds any target on th
     python3 benches/vs_pytorch.py --python /path/to/venv/bin/python --json > figures.json
     # also tinygpt's precision = "bf16" against PyTorch in f32 and under bf16 autocast
     python3 benches/vs_pytorch.py --bf16
+    # tinygpt with each batch in 2 shards (the recipe key `shards`)
+    python3 benches/vs_pytorch.py --bf16 --shards 2
 
 Needs `torch` in the Python that runs pytorch_nanogpt.py (`--python`, default this one).
 Standard library otherwise. Prints figures; decides nothing.
@@ -46,12 +48,15 @@ def main():
         action="store_true",
         help="also compare tinygpt's precision = \"bf16\" step with PyTorch's, in f32 and under bf16 autocast",
     )
+    parser.add_argument("--shards", type=int, default=1, choices=[1, 2, 4],
+                        help="tinygpt splits each batch into this many shards (`tinygpt bench --shards`)")
     args = parser.parse_args()
     # Per label ("f32", "bf16"): tinygpt's step reports and PyTorch's step timings, per model.
     ours, theirs, peaks, cpu = {}, {}, [], None
     precisions = ["f32", "bf16"] if args.bf16 else ["f32"]
     for i in range(args.rounds):
-        t = run_json([args.tinygpt, "bench", "--json", "--no-matmul", "--steps", str(args.steps)])
+        t = run_json([args.tinygpt, "bench", "--json", "--no-matmul", "--steps", str(args.steps),
+                      "--shards", str(args.shards)])
         cpu = t["machine"].get("cpu")
         for m in t["models"]:
             ours.setdefault("f32", {}).setdefault(m["name"], []).append(m["step"])
@@ -74,10 +79,11 @@ def main():
             rows.append(compare(name, steps, theirs[torch_p][name], peak, mine_p, torch_p))
     if args.json:
         print(json.dumps({"cpu": cpu, "torch": torch_version, "peak_gflops": peak, "rounds": args.rounds,
-                          "steps": args.steps, "models": rows}, indent=2))
+                          "steps": args.steps, "shards": args.shards, "models": rows}, indent=2))
         return
+    sharded = f"; tinygpt's batches in {args.shards} shards" if args.shards > 1 else ""
     print(f"{cpu}, torch {torch_version}, FMA peak {peak:.1f} GFLOP/s; medians of {args.rounds} alternated rounds "
-          f"of {args.steps} steps (fastest in brackets)")
+          f"of {args.steps} steps (fastest in brackets){sharded}")
     head = (f"{'model':<18} {'ours':>5} {'torch':>5} {'tinygpt ms':>16} {'PyTorch ms':>16} {'speed-up':>9} "
             f"{'MFU ours':>9} {'MFU torch':>10} {'at 100% MFU':>12}")
     print(head)

@@ -37,7 +37,7 @@ impl Out {
     }
 }
 
-pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
+pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
     let mut out = Out { json: json.then(Map::new) };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads: Vec<usize> = if cores > 1 { vec![1, cores] } else { vec![1] };
@@ -77,17 +77,19 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
         out.progress("matmul shapes");
         matmuls(&mut out, &models, &threads, &peaks);
     }
-    out.text(format_args!("\ntraining on {cores} thread(s), random tokens"));
+    let trained = Training { shards, ..Training::default() };
+    let in_shards = if shards > 1 { format!(", each batch in {shards} shards") } else { String::new() };
+    out.text(format_args!("\ntraining on {cores} thread(s), random tokens{in_shards}"));
     let mut reports = Vec::new();
     for mut m in models {
         if let Some(n) = steps {
             m.steps = n.max(1);
         }
         out.progress(m.name);
-        let r = bench::train_steps(&m, cores, Training::default());
+        let r = bench::train_steps(&m, cores, trained);
         full_peak = full_peak.max(bench::fma_peak(cores));
         let mfu = r.flops_per_token * r.tokens_per_s / 1e9 / full_peak;
-        training(&out, &m, &r, mfu, full_peak);
+        training(&out, &m, &r, mfu, full_peak, shards);
         let mut model = json!({
             "name": m.name,
             "n_layer": m.cfg.n_layer,
@@ -95,13 +97,14 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
             "batch": m.batch,
             "seq_len": m.cfg.block_size,
             "threads": cores,
+            "shards": shards,
             "steps": m.steps,
             "mfu": mfu,
             "peak_gflops": full_peak,
             "step": r,
         });
         // The weight products in bf16; MFU still against the f32 FMA peak.
-        let bf16 = bench::train_steps(&m, cores, Training { precision: Precision::Bf16, ..Training::default() });
+        let bf16 = bench::train_steps(&m, cores, Training { precision: Precision::Bf16, ..trained });
         let bf16_mfu = bf16.flops_per_token * bf16.tokens_per_s / 1e9 / full_peak;
         out.text(format_args!(
             "precision = \"bf16\" ({}): median {:.1} ms/step against {:.1} in f32 ({:.2}x), {:.0} tokens/s, \
@@ -118,7 +121,7 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
         model["bf16"] = json!({"step": bf16, "mfu": bf16_mfu, "amx": stages::nn::kernels::bf16::amx()});
         // Fine-tuning the same shape with LoRA: the weight gradients and the moments of the
         // frozen model go, the adapters' small products come.
-        let lora_r8 = Training { lora_rank: Some(8), ..Training::default() };
+        let lora_r8 = Training { lora_rank: Some(8), ..trained };
         let lora = bench::train_steps(&m, cores, lora_r8);
         let lora_checkpointed = bench::train_steps(&m, cores, Training { checkpointed: true, ..lora_r8 });
         for (what, l) in [("", &lora), (" with activation checkpointing", &lora_checkpointed)] {
@@ -168,7 +171,7 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool) {
         if with_matmul && cores > 1 {
             // How the step scales, against the FMA loop, which touches no memory: the gap is
             // what the cores cost each other (shared cache and memory).
-            let one = bench::train_steps(&m, 1, Training::default());
+            let one = bench::train_steps(&m, 1, trained);
             let fma_scaling = peaks[peaks.len() - 1] / peaks[0]; // all threads against one
             let scaling = one.step_spread[1] / r.step_spread[1];
             out.text(format_args!(
@@ -216,7 +219,7 @@ fn matmuls(out: &mut Out, models: &[BenchModel], threads: &[usize], peaks: &[f64
 }
 
 /// One model's training figures: the headline, the kernel breakdown, the spread and memory.
-fn training(out: &Out, m: &BenchModel, r: &StepReport, mfu: f64, peak: f64) {
+fn training(out: &Out, m: &BenchModel, r: &StepReport, mfu: f64, peak: f64, shards: usize) {
     out.text(format_args!(
         "\n{}: {} layers x {} wide, batch {} x {}: {:.1} ms/step, {:.0} tokens/s, {:.2} MFLOP/token, MFU {:.1}% \
          (of {peak:.1} GFLOP/s, the best peak so far)",
@@ -238,6 +241,9 @@ fn training(out: &Out, m: &BenchModel, r: &StepReport, mfu: f64, peak: f64) {
         })
         .collect();
     out.table(&["kernel", "ms/step", "share"], &rows);
+    if shards > 1 {
+        out.text("(the shards run side by side: each kernel's times add up over them, and can pass the step's)");
+    }
     let [fastest, median, slowest] = r.step_spread.map(|s| s * 1e3);
     out.text(format_args!(
         "step times over {} steps: fastest {fastest:.1} ms, median {median:.1} ms, slowest {slowest:.1} ms",

@@ -136,9 +136,19 @@ pub enum Command {
         /// Print every figure as one JSON document at the end (progress goes to stderr)
         #[arg(long)]
         json: bool,
+        /// Train with each batch split into N shards, as the recipe key `shards` does (N must
+        /// divide both reference batches, 12 and 8: 1, 2 or 4)
+        #[arg(long, value_name = "N", default_value = "1", value_parser = shard_counts())]
+        shards: usize,
     },
     /// Print the reference of every stage kind (parameters, defaults, inputs) as Markdown
     Doc,
+}
+
+/// The shard counts `bench` accepts: those that divide both reference models' batches.
+fn shard_counts() -> impl clap::builder::TypedValueParser<Value = usize> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["1", "2", "4"]).map(|n| n.parse::<usize>().expect("a listed count"))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -263,8 +263,8 @@ fn dispatch(cli: Cli) -> Result<ExitCode, Fail> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Sample(args) => sample(args, &cli.cache, &registry),
-        Command::Bench { no_matmul, steps, json } => {
-            benchmark::run(!no_matmul, steps, json);
+        Command::Bench { no_matmul, steps, json, shards } => {
+            benchmark::run(!no_matmul, steps, json, shards);
             Ok(ExitCode::SUCCESS)
         }
         Command::Doc => {
