@@ -144,10 +144,12 @@ fn activation_checkpointing_trains_the_same_weights() {
 
 /// The portable kernels run on every machine here, forced, and must give the bits of the ones
 /// the CPU was detected for (AVX-512 or AVX2+FMA on x86-64), for both architectures' kernels;
-/// so must the AVX2 ones where AVX-512 was detected (elsewhere `avx2` changes nothing).
+/// so must the AVX2 ones where AVX-512 was detected (elsewhere `avx2` changes nothing); also
+/// with each batch in shards.
 #[test]
 fn the_portable_kernels_train_the_same_weights_as_the_detected_ones() {
-    for sets in [&[][..], &["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"][..]] {
+    let llama = ["--set", "pretrain.arch=llama", "--set", "pretrain.n_kv_head=1"];
+    for sets in [&[][..], &llama[..], &["--set", "pretrain.shards=2"][..]] {
         let (detected, e1) = train_with(&[], sets);
         for simd in ["portable", "avx2"] {
             let (forced, e2) = train_with(&[("TINYGPT_SIMD", simd)], sets);
