@@ -9,9 +9,10 @@
 //!   destination denormals read as zero and every result's denormals flushed. Once with values
 //!   of ordinary size, once near and below f32's normal range.
 //!
-//! - Whole products of the gpt2-6x384 and shakespeare_char steps' shapes on every thread: f32
-//!   (`kernels::matmul`) against bf16 (`kernels::bf16`, on AMX where there is AMX) and against
-//!   the plain emulation that runs where there is not.
+//! - Whole products of the gpt2-6x384 and shakespeare_char steps' shapes on every thread
+//!   (called from a pool thread, as training calls them): f32 (`kernels::matmul`) against bf16
+//!   (`kernels::bf16`, on AMX where there is AMX) and against the plain emulation that runs
+//!   where there is not.
 //!
 //! Run with `cargo bench -p stages --bench amx_bf16`. Prints figures and counts; asserts
 //! nothing. Each part says SKIPPED where the CPU or the OS lacks what it needs.
@@ -21,7 +22,9 @@ fn main() {
     x86::main();
     #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
     println!("SKIPPED: this bench asks Linux for the AMX state; x86-64 Linux only");
-    products();
+    // On a thread of the pool, as a training stage calls its products: from outside it, each
+    // call would also time handing its work to the pool and waiting.
+    rayon::scope(|_| products());
 }
 
 /// GFLOP/s of the f32 product, the bf16 product (on AMX where there is AMX) and the bf16
