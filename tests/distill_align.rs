@@ -231,20 +231,15 @@ fn losses_with_a_reference_need_one_when_the_recipe_is_resolved() {
     assert_eq!(stage(&plan, "dpo")["action"], "run");
 }
 
-/// Shards split a batch's rows; a loss over pairs or over a teacher's rows cannot be split so.
+/// Shards split a batch's rows; a preference loss compares rows and cannot be split so.
 #[test]
-fn distill_and_align_refuse_shards_at_plan_time() {
+fn align_refuses_shards_at_plan_time() {
     let sb = Sandbox::new();
-    for (recipe, stage, what) in
-        [("align.toml", "dpo", "a preference loss"), ("distill.toml", "student", "distillation's loss")]
-    {
-        let set = format!("{stage}.shards=2");
-        let out = sb.tinygpt(&["plan", recipe, "--set", &set]);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{err}");
-        assert!(err.contains(&format!("{what} is not a sum over rows")) && err.contains("--set:1:"), "{err}");
-    }
-    // Their pretraining stages take shards (a cross-entropy).
+    let out = sb.tinygpt(&["plan", "align.toml", "--set", "dpo.shards=2"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("a preference loss is not a sum over rows") && err.contains("--set:1:"), "{err}");
+    // Its pretraining stage takes shards.
     let plan = sb.plan_json("align.toml", &["--set", "pretrain.shards=2"]);
     assert_eq!(stage(&plan, "pretrain")["action"], "run");
 }
@@ -302,6 +297,8 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
                 &["teacher", "student", "generated"][..],
                 &["--set", "student.max_steps=10", "--set", "generated.temperature=1.0"][..],
             ),
+            // The student again, each batch in two shards that read their rows of the teacher's.
+            ("distill.toml", &["student"][..], &["--set", "student.max_steps=10", "--set", "student.shards=2"][..]),
             ("align.toml", &["reference", "dpo", "simpo", "eval_dpo"][..], &["--set", "dpo.max_steps=6"][..]),
         ] {
             let cmd =
@@ -313,7 +310,9 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
         }
         out
     };
-    assert_eq!(digests("1"), digests("2"));
+    let one = digests("1");
+    assert_eq!(one, digests("2"));
+    assert_ne!(one[1], one[3], "the student in two shards has the bits of one pass: the batch was not split");
 }
 
 #[test]

@@ -22,11 +22,11 @@ use crate::nn::kernels::distill::{distill_forward_backward, Distill as DistillLo
 use crate::nn::model::{Activations, Model};
 use crate::nn::optim::TensorOpt;
 use crate::nn::params::ParamMap;
-use crate::nn::step::{LossMean, Objective};
+use crate::nn::step::{LossMean, Objective, RowLoss};
 use crate::pack::{TRAIN_FILE, VAL_FILE};
 use crate::pretrain::{model_config, BlockData, MODEL_PARAMS};
 use crate::teacher::{TeacherLogits, TRAIN_LOGITS};
-use crate::train::{self, check_train_params, check_unsharded, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
+use crate::train::{self, check_train_params, TrainSpec, Trainee, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, TEACHER};
 
 pub struct Distill;
@@ -110,8 +110,7 @@ impl Stage for Distill {
         if let Some((key, problem)) = cfg.problem() {
             return Err(ParamProblem::new(key, problem));
         }
-        check_train_params(p)?;
-        check_unsharded(p, "distillation's loss")
+        check_train_params(p)
     }
 
     /// The student: the `init` model's shape when one is wired (as far as it tells), else the
@@ -205,20 +204,38 @@ struct TopKObjective {
     logprobs: Vec<f32>,
 }
 
-impl Objective for TopKObjective {
-    fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+impl TopKObjective {
+    /// Gather the teacher's top k of every row of `batch` into `ids` and `logprobs`.
+    fn gather(&mut self, batch: &Batch) {
         let per_row = batch.time() * self.teacher.k;
         for (r, &block) in batch.source.iter().enumerate() {
             let span = r * per_row..(r + 1) * per_row;
             self.teacher.block(block, &mut self.ids[span.clone()], &mut self.logprobs[span]);
         }
-        let n = batch.rows() * self.teacher.k;
-        let top = TopK { k: self.teacher.k, ids: &self.ids[..n], logprobs: &self.logprobs[..n] };
+    }
+}
+
+impl Objective for TopKObjective {
+    fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+        self.gather(batch);
+        self.shard_loss(model, acts, batch, mean_over)
+    }
+    fn rows(&mut self, batch: &Batch) -> Option<&dyn RowLoss> {
+        self.gather(batch);
+        Some(self)
+    }
+}
+
+impl RowLoss for TopKObjective {
+    fn shard_loss(&self, model: &Model, acts: &mut Activations, shard: &Batch, mean_over: usize) -> f64 {
+        let k = self.teacher.k;
+        let span = shard.first_token * k..(shard.first_token + shard.rows()) * k;
+        let top = TopK { k, ids: &self.ids[span.clone()], logprobs: &self.logprobs[span] };
         let (logits, dlogits, row_loss) = acts.loss_buffers();
         let v = model.cfg.vocab_size;
         distill_forward_backward(
             logits,
-            &batch.targets,
+            &shard.targets,
             v,
             top,
             self.loss,
@@ -226,5 +243,70 @@ impl Objective for TopKObjective {
             dlogits,
             row_loss,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::random;
+    use crate::nn::kernels::adamw::AdamW;
+    use crate::nn::model::ModelConfig;
+    use crate::nn::optim::AdamWState;
+    use crate::nn::step::{train_step, StepConfig, StepWork, Trainable};
+    use half::f16;
+
+    /// A step of the top-k loss in 2 and 4 shards gives the loss and gradients of one pass up to
+    /// rounding: each shard reads its own rows of the teacher's, which one pass gathered by
+    /// the rows' source blocks.
+    #[test]
+    fn a_distillation_step_in_shards_reads_each_rows_teacher() {
+        let (v, t, k, blocks) = (11, 8, 3, 6);
+        let cfg = ModelConfig::gpt2(v, t, 2, 2, 8, true);
+        let mut params = cfg.init(1);
+        for (i, (_, w)) in params.iter_mut().enumerate() {
+            let values = random(w.data().len(), 50 + i as u64);
+            w.data_mut().iter_mut().zip(values).for_each(|(w, r)| *w = r * 0.5);
+        }
+        let model = Model::new(cfg, &params);
+        // Each position's top 3: distinct ids, log-probabilities falling from about -0.5.
+        let positions = blocks * t;
+        let ids: Vec<u32> = (0..positions * k).map(|i| ((i / k * 5 + i % k) % v) as u32).collect();
+        let draws = random(positions * k, 9);
+        let logprobs = draws.iter().enumerate().map(|(i, r)| f16::from_f32(-0.5 - (i % k) as f32 - 0.2 * r.abs()));
+        let teacher = TeacherLogits { k, t, ids, logprobs: logprobs.collect(), lse: vec![0.0; positions] };
+        let token = |r: &f32| ((r + 1.0) * 5.49) as u32;
+        let ids: Vec<u32> = random(4 * t, 3).iter().map(token).collect();
+        let targets: Vec<u32> = random(4 * t, 4).iter().map(token).collect();
+        let mut batch = Batch::whole_rows(t, &ids, &targets);
+        batch.source.copy_from_slice(&[5, 2, 0, 3]);
+        let loss = DistillLoss { temperature: 2.0, alpha: 0.7, divergence: Divergence::Forward };
+        let step = |shards: usize| {
+            let mut objective = TopKObjective {
+                loss,
+                teacher: teacher.clone(),
+                ids: vec![0; 4 * t * k],
+                logprobs: vec![0.0; 4 * t * k],
+            };
+            let (mut params, mut grads) = (params.clone(), params.zeros_like());
+            let mut opt = AdamWState::new(&grads);
+            let opts = TensorOpt::defaults(&params);
+            let mut work = StepWork::new(&model, 4, t, shards, false, &grads);
+            let adamw = AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+            let cfg = StepConfig { adamw, grad_clip: 0.0, mean: LossMean::PerMicroBatch };
+            let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
+            let outcome = train_step(&model, t, &mut work, std::slice::from_ref(&batch), cfg, &mut objective);
+            (outcome.loss, grads)
+        };
+        let (loss, whole) = step(1);
+        for shards in [2, 4] {
+            let (sharded_loss, sharded) = step(shards);
+            assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{shards} shards: {loss} vs {sharded_loss}");
+            for ((name, w), (_, s)) in whole.iter().zip(sharded.iter()) {
+                let largest = w.data().iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let off = w.data().iter().zip(s.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(largest > 0.0 && off <= 1e-5 * largest, "{shards} shards: {name} off by {off} of {largest}");
+            }
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! each shard's forward, loss and backward run whole, shards side by side on the threads, each
 //! into its own gradients, which are then added in shard order. Small models gain (each
 //! kernel is too short to split well across threads); the bits depend on the shard count, a
-//! recipe setting, never on the thread count. Only a loss that sums over rows can be split so.
+//! recipe setting, never on the thread count. Only a loss that sums over rows ([`RowLoss`]) can
+//! be split so.
 
 use rayon::prelude::*;
 
@@ -49,12 +50,20 @@ pub trait Objective {
         batch: &Batch,
         mean_over: usize,
     ) -> f64;
-    /// The objective as a cross-entropy, when it is one: its loss is then a sum over rows,
-    /// each row's part computed from that row alone, so shards of a batch can each compute
-    /// theirs. Other objectives cannot run in shards.
-    fn as_cross_entropy(&self) -> Option<CrossEntropy> {
+    /// When the loss is a sum over rows, each row's part computed from that row alone: make
+    /// ready what the rows of the micro-batch `batch` read (a teacher's rows, say) and return
+    /// the loss as a [`RowLoss`], which shards of the batch run side by side. `None` (the
+    /// default): the objective cannot run in shards.
+    fn rows(&mut self, _batch: &Batch) -> Option<&dyn RowLoss> {
         None
     }
+}
+
+/// An objective's loss over some rows of a micro-batch ([`Objective::rows`]).
+pub trait RowLoss: Sync {
+    /// As [`Objective::loss`] for `shard`: rows of the micro-batch [`Objective::rows`] made
+    /// ready, from its token `shard.first_token` on.
+    fn shard_loss(&self, model: &Model, acts: &mut Activations, shard: &Batch, mean_over: usize) -> f64;
 }
 
 /// Cross-entropy of the batch's targets, with PaLM's z-loss.
@@ -65,10 +74,16 @@ pub struct CrossEntropy {
 
 impl Objective for CrossEntropy {
     fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
-        cross_entropy(acts, batch, model.cfg.vocab_size, self.z_loss, mean_over)
+        self.shard_loss(model, acts, batch, mean_over)
     }
-    fn as_cross_entropy(&self) -> Option<CrossEntropy> {
-        Some(*self)
+    fn rows(&mut self, _: &Batch) -> Option<&dyn RowLoss> {
+        Some(self)
+    }
+}
+
+impl RowLoss for CrossEntropy {
+    fn shard_loss(&self, model: &Model, acts: &mut Activations, shard: &Batch, mean_over: usize) -> f64 {
+        cross_entropy(acts, shard, model.cfg.vocab_size, self.z_loss, mean_over)
     }
 }
 
@@ -134,12 +149,12 @@ impl StepWork {
             model.backward(params, batch, &mut whole.acts, grads);
             return sum;
         }
-        let ce = objective.as_cross_entropy().expect("only a cross-entropy runs in shards (checked at plan time)");
+        let rows_loss = objective.rows(batch).expect("only a loss over rows runs in shards (checked at plan time)");
         // Into `grads` for the first shard, into its own map for every other.
         let run = |shard: &mut Shard, grads: Option<&mut ParamMap>| {
             let Shard { batch, acts, grads: own, loss } = shard;
             model.forward(params, batch, acts);
-            *loss = { ce }.loss(model, params, acts, batch, mean_over);
+            *loss = rows_loss.shard_loss(model, acts, batch, mean_over);
             model.backward(params, batch, acts, grads.unwrap_or(own));
         };
         let rows = self.shards[0].batch.batch();
