@@ -231,17 +231,22 @@ fn losses_with_a_reference_need_one_when_the_recipe_is_resolved() {
     assert_eq!(stage(&plan, "dpo")["action"], "run");
 }
 
-/// Shards split a batch's rows; a preference loss compares rows and cannot be split so.
+/// DPO's pairs and KTO's examples split into shards of whole groups (KTO's reference point
+/// still over the whole micro-batch): other bits than one pass, its validation loss to rounding.
 #[test]
-fn align_refuses_shards_at_plan_time() {
+fn preference_losses_run_in_shards_of_whole_pairs() {
     let sb = Sandbox::new();
-    let out = sb.tinygpt(&["plan", "align.toml", "--set", "dpo.shards=2"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("a preference loss is not a sum over rows") && err.contains("--set:1:"), "{err}");
-    // Its pretraining stage takes shards.
-    let plan = sb.plan_json("align.toml", &["--set", "pretrain.shards=2"]);
-    assert_eq!(stage(&plan, "pretrain")["action"], "run");
+    let sets = ["--set", "dpo.max_steps=6", "--set", "kto.max_steps=6"];
+    let whole = sb.run_json("align.toml", &sets);
+    let sharded = sb.run_json("align.toml", &[&sets[..], &["--set", "dpo.shards=2", "--set", "kto.shards=2"]].concat());
+    for name in ["dpo", "kto"] {
+        assert_ne!(key(&whole, name), key(&sharded, name));
+        let val = |run: &Value| stage(run, name)["metrics"]["val_loss"].as_f64().unwrap();
+        let (one_pass, in_shards) = (val(&whole), val(&sharded));
+        assert!((one_pass - in_shards).abs() <= 1e-4 * one_pass.abs().max(0.1), "{name}: {one_pass} vs {in_shards}");
+        let digest = |sb: &Sandbox, run: &Value| sb.manifest(&key(run, name))["content_digest"].clone();
+        assert_ne!(digest(&sb, &whole), digest(&sb, &sharded), "{name}: the shards trained the bits of one pass");
+    }
 }
 
 #[test]
@@ -299,6 +304,11 @@ fn one_and_two_threads_give_the_same_teacher_students_and_policies() {
             ),
             // The student again, each batch in two shards that read their rows of the teacher's.
             ("distill.toml", &["student"][..], &["--set", "student.max_steps=10", "--set", "student.shards=2"][..]),
+            (
+                "align.toml",
+                &["dpo", "kto"][..],
+                &["--set", "dpo.max_steps=6", "--set", "dpo.shards=2", "--set", "kto.shards=2"][..],
+            ),
             ("align.toml", &["reference", "dpo", "simpo", "eval_dpo"][..], &["--set", "dpo.max_steps=6"][..]),
         ] {
             let cmd =

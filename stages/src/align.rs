@@ -33,12 +33,10 @@ use crate::nn::kernels::cross_entropy::cross_entropy_forward_backward;
 use crate::nn::model::{Activations, Model};
 use crate::nn::params::ParamMap;
 use crate::nn::preference::{Kto, Pair, PairLoss, Seq};
-use crate::nn::step::{LossMean, Objective};
+use crate::nn::step::{LossMean, Objective, RowLoss};
 use crate::preferences::{TRAIN_FILE, VAL_FILE};
 use crate::reference::{load_reference, sequence_logps, PrefSplit, SeqLogps};
-use crate::train::{
-    self, check_train_params, check_unsharded, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS,
-};
+use crate::train::{self, check_train_params, TrainData, TrainSpec, Trainee, Validation, METRICS_FILE, TRAIN_PARAMS};
 use crate::{concat_params, fail, MODEL, PREFERENCES, REFERENCE};
 
 pub struct Align;
@@ -159,7 +157,6 @@ impl Stage for Align {
 
     fn check(&self, p: &Params, connected: &BTreeSet<&str>) -> Result<(), ParamProblem> {
         check_train_params(p)?;
-        check_unsharded(p, "a preference loss")?;
         check_lora(p)?;
         let loss = loss_of(p);
         if loss.uses_reference() && !connected.contains("reference") {
@@ -215,6 +212,7 @@ impl Stage for Align {
                 kl: train.kl.clone(),
                 labels: train.labels.clone(),
                 kl_pass: None,
+                z0: 0.0,
             }),
         };
         let n_groups = train.rows.rows / group;
@@ -278,8 +276,17 @@ impl Objective for PairObjective {
     fn units(&self, batch: &Batch) -> usize {
         batch.batch() / 2
     }
-
     fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+        self.shard_loss(model, acts, batch, mean_over)
+    }
+    /// A sum over pairs, and a shard holds whole pairs (`shards` divides `batch_size`, in pairs).
+    fn rows(&mut self, _: &Model, _: &ParamMap, _: &Batch) -> Option<&dyn RowLoss> {
+        Some(self)
+    }
+}
+
+impl RowLoss for PairObjective {
+    fn shard_loss(&self, model: &Model, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
         let (b, t, v) = (batch.batch(), batch.time(), model.cfg.vocab_size);
         let (logits, dlogits, row_loss) = acts.loss_buffers();
         // softmax - onehot on every target, which is -d log p(target) / d logits.
@@ -310,6 +317,8 @@ struct KtoObjective {
     labels: Vec<u8>,
     /// The forward pass of the mismatched sequences, allocated at the first step.
     kl_pass: Option<(Activations, Batch)>,
+    /// The KL reference point of the micro-batch being trained on.
+    z0: f64,
 }
 
 /// Each row's summed log-probability of its targets and their count, from the per-token losses
@@ -328,6 +337,22 @@ fn kl_point(policy: &[f64], reference: impl Iterator<Item = f64>) -> f64 {
     (sum / policy.len().max(1) as f64).max(0.0)
 }
 
+impl KtoObjective {
+    /// The KL reference point of `batch`'s examples, from a forward pass of their mismatched
+    /// sequences.
+    fn reference_point(&mut self, model: &Model, params: &ParamMap, batch: &Batch) -> f64 {
+        let (b, t) = (batch.batch(), batch.time());
+        let (kl_acts, kl_batch) =
+            self.kl_pass.get_or_insert_with(|| (Activations::inference(model, b, t), Batch::new(b, t)));
+        for (i, &source) in batch.source.iter().enumerate() {
+            self.kl.copy_row(source, kl_batch, i);
+        }
+        model.target_losses(params, kl_batch, kl_acts);
+        let (kl_logps, _) = row_logps(kl_acts.row_losses(), kl_batch);
+        kl_point(&kl_logps, batch.source.iter().map(|&s| self.reference.kl_logps[s]))
+    }
+}
+
 impl Objective for KtoObjective {
     fn units(&self, batch: &Batch) -> usize {
         batch.batch()
@@ -341,23 +366,26 @@ impl Objective for KtoObjective {
         batch: &Batch,
         mean_over: usize,
     ) -> f64 {
-        let (b, t, v) = (batch.batch(), batch.time(), model.cfg.vocab_size);
-        let (kl_acts, kl_batch) =
-            self.kl_pass.get_or_insert_with(|| (Activations::inference(model, b, t), Batch::new(b, t)));
-        for (i, &source) in batch.source.iter().enumerate() {
-            self.kl.copy_row(source, kl_batch, i);
-        }
-        model.target_losses(params, kl_batch, kl_acts);
-        let (kl_logps, _) = row_logps(kl_acts.row_losses(), kl_batch);
-        let z0 = kl_point(&kl_logps, batch.source.iter().map(|&s| self.reference.kl_logps[s]));
+        self.z0 = self.reference_point(model, params, batch);
+        self.shard_loss(model, acts, batch, mean_over)
+    }
+    /// A sum over examples once the micro-batch's reference point is known.
+    fn rows(&mut self, model: &Model, params: &ParamMap, batch: &Batch) -> Option<&dyn RowLoss> {
+        self.z0 = self.reference_point(model, params, batch);
+        Some(self)
+    }
+}
 
+impl RowLoss for KtoObjective {
+    fn shard_loss(&self, model: &Model, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
+        let (t, v) = (batch.time(), model.cfg.vocab_size);
         let (logits, dlogits, row_loss) = acts.loss_buffers();
         cross_entropy_forward_backward(logits, &batch.targets, v, 0.0, 1.0, dlogits, row_loss);
         let (logps, tokens) = row_logps(row_loss, batch);
         let mut total = 0.0;
         for (row, &source) in batch.source.iter().enumerate() {
             let seq = Seq { logp: logps[row], ref_logp: self.reference.logps[source], tokens: tokens[row] };
-            let (l, g) = self.loss.loss(&seq, z0, self.labels[source] == 1);
+            let (l, g) = self.loss.loss(&seq, self.z0, self.labels[source] == 1);
             total += l;
             let scale = (-g / mean_over.max(1) as f64) as f32;
             dlogits[row * t * v..(row + 1) * t * v].iter_mut().for_each(|d| *d *= scale);
@@ -589,6 +617,7 @@ mod tests {
             kl: kl_rows.clone(),
             labels: labels.clone(),
             kl_pass: None,
+            z0: 0.0,
         };
         let mut acts = Activations::for_training(&model, b, t);
         let mut grads = params.zeros_like();
@@ -619,6 +648,82 @@ mod tests {
                 p.get_mut(name).copy_from_slice(x);
                 loss_of(&p)
             });
+        }
+    }
+
+    /// The policy's loss and gradients of one step in `shards` shards, its learning rate 0.
+    fn sharded_step(
+        objective: &mut dyn Objective,
+        model: &Model,
+        p: &ParamMap,
+        batch: &Batch,
+        shards: usize,
+    ) -> (f64, ParamMap) {
+        use crate::nn::kernels::adamw::AdamW;
+        use crate::nn::optim::{AdamWState, TensorOpt};
+        use crate::nn::step::{train_step, StepConfig, StepWork, Trainable};
+        let (mut params, mut grads) = (p.clone(), p.zeros_like());
+        let mut opt = AdamWState::new(&grads);
+        let opts = TensorOpt::defaults(&params);
+        let mut work = StepWork::new(model, batch.batch(), batch.time(), shards, false, &grads);
+        let adamw = AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+        let cfg = StepConfig { adamw, grad_clip: 0.0, mean: LossMean::PerStep };
+        let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
+        let outcome = train_step(model, t, &mut work, std::slice::from_ref(batch), cfg, objective);
+        (outcome.loss, grads)
+    }
+
+    /// DPO over pairs and KTO over examples, in 2 shards of whole pairs: the loss and gradients
+    /// of one pass up to rounding (KTO's reference point taken over the whole micro-batch).
+    #[test]
+    fn preference_steps_in_shards_compute_what_one_pass_does() {
+        let cfg = ModelConfig::llama(11, 6, 1, 2, 2, 8);
+        let params = cfg.init(5);
+        let model = Model::new(cfg, &params);
+        let (b, t) = (4, 6);
+        let mut batch = Batch::new(b, t);
+        let mut kl = Batch::new(b, t);
+        for r in 0..b {
+            for (x, shift) in [(&mut batch, 0), (&mut kl, 5)] {
+                let (ids, targets, _) = x.row_mut(r);
+                for k in 0..t {
+                    ids[k] = ((r * 7 + k * 3 + shift) % 11) as u32;
+                    targets[k] = if k < 2 { IGNORE } else { ((r + k * 5 + shift) % 11) as u32 };
+                }
+            }
+            batch.source[r] = r;
+        }
+        let kl = Rows { t, rows: b, ids: kl.ids.clone(), targets: kl.targets.clone(), pos: kl.pos.clone() };
+        let reference = SeqLogps {
+            logps: vec![-9.0, -11.0, -8.5, -7.0],
+            tokens: vec![4; 4],
+            kl_logps: vec![-20.0, -21.0, -19.0, -22.0],
+        };
+        let kto = || KtoObjective {
+            loss: Kto { beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5 },
+            reference: reference.clone(),
+            kl: kl.clone(),
+            labels: vec![1, 0, 1, 0],
+            kl_pass: None,
+            z0: 0.0,
+        };
+        let dpo = || PairObjective {
+            loss: PairLoss::Dpo { beta: 2.0, label_smoothing: 0.1 },
+            reference: Some(reference.clone()),
+        };
+        for (what, objectives) in [
+            ("dpo", [Box::new(dpo()) as Box<dyn Objective>, Box::new(dpo())]),
+            ("kto", [Box::new(kto()) as Box<dyn Objective>, Box::new(kto())]),
+        ] {
+            let [mut one, mut two] = objectives;
+            let (loss, whole) = sharded_step(one.as_mut(), &model, &params, &batch, 1);
+            let (sharded_loss, sharded) = sharded_step(two.as_mut(), &model, &params, &batch, 2);
+            assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{what}: {loss} vs {sharded_loss}");
+            for ((name, w), (_, s)) in whole.iter().zip(sharded.iter()) {
+                let largest = w.data().iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                let off = w.data().iter().zip(s.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(off <= 1e-5 * largest, "{what}: {name} off by {off} of {largest}");
+            }
         }
     }
 }

@@ -220,7 +220,7 @@ impl Objective for TopKObjective {
         self.gather(batch);
         self.shard_loss(model, acts, batch, mean_over)
     }
-    fn rows(&mut self, batch: &Batch) -> Option<&dyn RowLoss> {
+    fn rows(&mut self, _: &Model, _: &ParamMap, batch: &Batch) -> Option<&dyn RowLoss> {
         self.gather(batch);
         Some(self)
     }

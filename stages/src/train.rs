@@ -136,7 +136,7 @@ pub const TRAIN_PARAMS: [ParamSpec; 21] = [
             1,
             1,
             1 << 10,
-            "split each micro-batch into this many shards of whole rows, run side by side, each with its own activations and gradients, added in shard order: faster for small models on several cores, for the memory of one more gradient per extra shard; the bits depend on it, never on the thread count; must divide batch_size; not for `align`, whose losses compare rows",
+            "split each micro-batch into this many shards of whole rows, run side by side, each with its own activations and gradients, added in shard order: faster for small models on several cores, for the memory of one more gradient per extra shard; the bits depend on it, never on the thread count; must divide batch_size",
         )
         .keyed_when_set(),
     ];
@@ -173,17 +173,6 @@ pub fn check_train_params(p: &Params) -> Result<(), engine::ParamProblem> {
         ));
     }
     Ok(())
-}
-
-/// The error `check` gives when a stage whose loss is not a sum over rows asks for shards.
-pub fn check_unsharded(p: &Params, objective: &str) -> Result<(), engine::ParamProblem> {
-    match p.usize("shards") {
-        1 => Ok(()),
-        n => Err(engine::ParamProblem::new(
-            "shards",
-            format!("shards = {n}: {objective} is not a sum over rows, so its batches cannot be split; remove the key"),
-        )),
-    }
 }
 
 impl TrainSpec {

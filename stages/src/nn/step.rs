@@ -50,11 +50,12 @@ pub trait Objective {
         batch: &Batch,
         mean_over: usize,
     ) -> f64;
-    /// When the loss is a sum over rows, each row's part computed from that row alone: make
-    /// ready what the rows of the micro-batch `batch` read (a teacher's rows, say) and return
-    /// the loss as a [`RowLoss`], which shards of the batch run side by side. `None` (the
-    /// default): the objective cannot run in shards.
-    fn rows(&mut self, _batch: &Batch) -> Option<&dyn RowLoss> {
+    /// When the loss is a sum over rows (or over groups of rows that a shard holds whole), each
+    /// part computed from its rows alone: make ready what the rows of the micro-batch `batch`
+    /// read (a teacher's rows, a reference point over the whole batch) and return the loss as a
+    /// [`RowLoss`], which shards of the batch run side by side. `None` (the default): the
+    /// objective cannot run in shards.
+    fn rows(&mut self, _model: &Model, _params: &ParamMap, _batch: &Batch) -> Option<&dyn RowLoss> {
         None
     }
 }
@@ -76,7 +77,7 @@ impl Objective for CrossEntropy {
     fn loss(&mut self, model: &Model, _: &ParamMap, acts: &mut Activations, batch: &Batch, mean_over: usize) -> f64 {
         self.shard_loss(model, acts, batch, mean_over)
     }
-    fn rows(&mut self, _: &Batch) -> Option<&dyn RowLoss> {
+    fn rows(&mut self, _: &Model, _: &ParamMap, _: &Batch) -> Option<&dyn RowLoss> {
         Some(self)
     }
 }
@@ -149,7 +150,7 @@ impl StepWork {
             model.backward(params, batch, &mut whole.acts, grads);
             return sum;
         }
-        let rows_loss = objective.rows(batch).expect("only a loss over rows runs in shards (checked at plan time)");
+        let rows_loss = objective.rows(model, params, batch).expect("the stage's loss runs in shards");
         // Into `grads` for the first shard, into its own map for every other.
         let run = |shard: &mut Shard, grads: Option<&mut ParamMap>| {
             let Shard { batch, acts, grads: own, loss } = shard;
