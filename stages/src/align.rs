@@ -521,7 +521,7 @@ impl PairStats {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nn::gradcheck::check_relative;
+    use crate::nn::gradcheck::{assert_maps_close, check_relative};
     use crate::nn::model::ModelConfig;
 
     /// The objective's gradient through the whole model matches finite differences of the
@@ -719,11 +719,7 @@ mod tests {
             let (loss, whole) = sharded_step(one.as_mut(), &model, &params, &batch, 1);
             let (sharded_loss, sharded) = sharded_step(two.as_mut(), &model, &params, &batch, 2);
             assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{what}: {loss} vs {sharded_loss}");
-            for ((name, w), (_, s)) in whole.iter().zip(sharded.iter()) {
-                let largest = w.data().iter().fold(0.0f32, |m, x| m.max(x.abs()));
-                let off = w.data().iter().zip(s.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                assert!(off <= 1e-5 * largest, "{what}: {name} off by {off} of {largest}");
-            }
+            assert_maps_close(what, &whole, &sharded, 1e-5);
         }
     }
 }

@@ -75,3 +75,20 @@ pub fn check_relative(name: &str, x: &[f32], analytic: &[f32], loss: impl FnMut(
     let relative = diff.sqrt() / norm.sqrt().max(1e-12);
     assert!(relative < 1e-2, "{name}: relative error {relative:.2e} between analytic and finite-difference gradients");
 }
+
+/// Asserts that each tensor of `other` is within `tol` times the largest magnitude of the same
+/// tensor of `reference` (gradients that differ only in the order of their sums), and that every
+/// non-empty tensor of `reference` is not all zeros.
+pub fn assert_maps_close(
+    what: &str,
+    reference: &crate::nn::params::ParamMap,
+    other: &crate::nn::params::ParamMap,
+    tol: f32,
+) {
+    for ((name, r), (_, o)) in reference.iter().zip(other.iter()) {
+        let largest = r.data().iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let off = r.data().iter().zip(o.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(r.data().is_empty() || largest > 0.0, "{what}: {name} is all zeros");
+        assert!(off <= tol * largest, "{what}: {name} off by {off} of {largest}");
+    }
+}

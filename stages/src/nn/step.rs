@@ -258,7 +258,7 @@ mod tests {
     use super::*;
     use crate::nn::batch::{EmbeddingNoise, IGNORE};
     use crate::nn::config::{Arch, ModelConfig};
-    use crate::nn::gradcheck::{on_threads, random};
+    use crate::nn::gradcheck::{assert_maps_close, on_threads, random};
     use crate::nn::lora::{is_adapter, LoraConfig};
 
     /// A tiny model of `arch`, its parameters random and of a useful size, with LoRA adapters
@@ -340,12 +340,7 @@ mod tests {
                 let what = format!("{} lora {lora} {mean:?}, {shards} shards", arch.name());
                 let (sharded_loss, sharded) = step(arch, lora, mean, shards);
                 assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{what}: loss {loss} vs {sharded_loss}");
-                for ((name, w), (_, s)) in whole.iter().zip(sharded.iter()) {
-                    let largest = w.data().iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    let off = w.data().iter().zip(s.data()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-                    assert!(off <= 1e-5 * largest, "{what}: {name} off by {off} of {largest}");
-                    assert!(w.data().is_empty() || largest > 0.0, "{what}: {name} has no gradient");
-                }
+                assert_maps_close(&what, &whole, &sharded, 1e-5);
             }
         }
     }
