@@ -150,7 +150,9 @@ impl StepWork {
             model.backward(params, batch, &mut whole.acts, grads);
             return sum;
         }
-        let rows_loss = objective.rows(model, params, batch).expect("the stage's loss runs in shards");
+        let rows_loss = objective
+            .rows(model, params, batch)
+            .expect("an objective without `rows` ran in shards: its stage must refuse `shards` at plan time");
         // Into `grads` for the first shard, into its own map for every other.
         let run = |shard: &mut Shard, grads: Option<&mut ParamMap>| {
             let Shard { batch, acts, grads: own, loss } = shard;
