@@ -523,6 +523,7 @@ mod tests {
     use super::*;
     use crate::nn::gradcheck::{assert_maps_close, check_relative};
     use crate::nn::model::ModelConfig;
+    use crate::nn::step::step_at_lr_zero;
 
     /// The objective's gradient through the whole model matches finite differences of the
     /// pair loss computed from forward passes alone.
@@ -582,12 +583,9 @@ mod tests {
         }
     }
 
-    /// KTO's gradient through the model, its KL reference point held fixed (it is detached).
-    #[test]
-    fn kto_gradients_through_the_model_match_finite_differences() {
-        let cfg = ModelConfig::llama(11, 6, 1, 2, 2, 8);
-        let params = cfg.init(4);
-        let model = Model::new(cfg, &params);
+    /// Four rows of 6 tokens (a prompt of 2, then the response), each its own source, the
+    /// mismatched sequences KTO's reference point reads, and the reference's log-probabilities.
+    fn kto_fixture() -> (Batch, Rows, SeqLogps) {
         let (b, t) = (4, 6);
         let mut batch = Batch::new(b, t);
         let mut kl = Batch::new(b, t);
@@ -601,24 +599,41 @@ mod tests {
             }
             batch.source[r] = r;
         }
-        let as_rows =
-            |x: &Batch| Rows { t, rows: b, ids: x.ids.clone(), targets: x.targets.clone(), pos: x.pos.clone() };
-        let (rows, kl_rows) = (as_rows(&batch), as_rows(&kl));
         let reference = SeqLogps {
             logps: vec![-9.0, -11.0, -8.5, -7.0],
             tokens: vec![4; 4],
             kl_logps: vec![-20.0, -21.0, -19.0, -22.0],
         };
-        let kto = Kto { beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5 };
-        let labels = vec![1, 0, 1, 0];
-        let mut objective = KtoObjective {
-            loss: kto,
+        (batch, as_rows(&kl), reference)
+    }
+
+    /// KTO with desirable and undesirable examples alternating, over the fixture's sequences.
+    fn kto_objective(kl: &Rows, reference: &SeqLogps) -> KtoObjective {
+        KtoObjective {
+            loss: Kto { beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5 },
             reference: reference.clone(),
-            kl: kl_rows.clone(),
-            labels: labels.clone(),
+            kl: kl.clone(),
+            labels: vec![1, 0, 1, 0],
             kl_pass: None,
             z0: 0.0,
-        };
+        }
+    }
+
+    fn as_rows(x: &Batch) -> Rows {
+        Rows { t: x.time(), rows: x.batch(), ids: x.ids.clone(), targets: x.targets.clone(), pos: x.pos.clone() }
+    }
+
+    /// KTO's gradient through the model, its KL reference point held fixed (it is detached).
+    #[test]
+    fn kto_gradients_through_the_model_match_finite_differences() {
+        let cfg = ModelConfig::llama(11, 6, 1, 2, 2, 8);
+        let params = cfg.init(4);
+        let model = Model::new(cfg, &params);
+        let (batch, kl_rows, reference) = kto_fixture();
+        let (b, t) = (batch.batch(), batch.time());
+        let rows = as_rows(&batch);
+        let mut objective = kto_objective(&kl_rows, &reference);
+        let (kto, labels) = (objective.loss, objective.labels.clone());
         let mut acts = Activations::for_training(&model, b, t);
         let mut grads = params.zeros_like();
         model.forward(&params, &batch, &mut acts);
@@ -651,28 +666,6 @@ mod tests {
         }
     }
 
-    /// The policy's loss and gradients of one step in `shards` shards, its learning rate 0.
-    fn sharded_step(
-        objective: &mut dyn Objective,
-        model: &Model,
-        p: &ParamMap,
-        batch: &Batch,
-        shards: usize,
-    ) -> (f64, ParamMap) {
-        use crate::nn::kernels::adamw::AdamW;
-        use crate::nn::optim::{AdamWState, TensorOpt};
-        use crate::nn::step::{train_step, StepConfig, StepWork, Trainable};
-        let (mut params, mut grads) = (p.clone(), p.zeros_like());
-        let mut opt = AdamWState::new(&grads);
-        let opts = TensorOpt::defaults(&params);
-        let mut work = StepWork::new(model, batch.batch(), batch.time(), shards, false, &grads);
-        let adamw = AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
-        let cfg = StepConfig { adamw, grad_clip: 0.0, mean: LossMean::PerStep };
-        let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
-        let outcome = train_step(model, t, &mut work, std::slice::from_ref(batch), cfg, objective);
-        (outcome.loss, grads)
-    }
-
     /// DPO over pairs and KTO over examples, in 2 shards of whole pairs: the loss and gradients
     /// of one pass up to rounding (KTO's reference point taken over the whole micro-batch).
     #[test]
@@ -680,33 +673,8 @@ mod tests {
         let cfg = ModelConfig::llama(11, 6, 1, 2, 2, 8);
         let params = cfg.init(5);
         let model = Model::new(cfg, &params);
-        let (b, t) = (4, 6);
-        let mut batch = Batch::new(b, t);
-        let mut kl = Batch::new(b, t);
-        for r in 0..b {
-            for (x, shift) in [(&mut batch, 0), (&mut kl, 5)] {
-                let (ids, targets, _) = x.row_mut(r);
-                for k in 0..t {
-                    ids[k] = ((r * 7 + k * 3 + shift) % 11) as u32;
-                    targets[k] = if k < 2 { IGNORE } else { ((r + k * 5 + shift) % 11) as u32 };
-                }
-            }
-            batch.source[r] = r;
-        }
-        let kl = Rows { t, rows: b, ids: kl.ids.clone(), targets: kl.targets.clone(), pos: kl.pos.clone() };
-        let reference = SeqLogps {
-            logps: vec![-9.0, -11.0, -8.5, -7.0],
-            tokens: vec![4; 4],
-            kl_logps: vec![-20.0, -21.0, -19.0, -22.0],
-        };
-        let kto = || KtoObjective {
-            loss: Kto { beta: 0.3, desirable_weight: 1.0, undesirable_weight: 1.5 },
-            reference: reference.clone(),
-            kl: kl.clone(),
-            labels: vec![1, 0, 1, 0],
-            kl_pass: None,
-            z0: 0.0,
-        };
+        let (batch, kl, reference) = kto_fixture();
+        let kto = || kto_objective(&kl, &reference);
         let dpo = || PairObjective {
             loss: PairLoss::Dpo { beta: 2.0, label_smoothing: 0.1 },
             reference: Some(reference.clone()),
@@ -716,8 +684,24 @@ mod tests {
             ("kto", [Box::new(kto()) as Box<dyn Objective>, Box::new(kto())]),
         ] {
             let [mut one, mut two] = objectives;
-            let (loss, whole) = sharded_step(one.as_mut(), &model, &params, &batch, 1);
-            let (sharded_loss, sharded) = sharded_step(two.as_mut(), &model, &params, &batch, 2);
+            let (loss, whole) = step_at_lr_zero(
+                &model,
+                &params,
+                &params,
+                std::slice::from_ref(&batch),
+                LossMean::PerStep,
+                1,
+                one.as_mut(),
+            );
+            let (sharded_loss, sharded) = step_at_lr_zero(
+                &model,
+                &params,
+                &params,
+                std::slice::from_ref(&batch),
+                LossMean::PerStep,
+                2,
+                two.as_mut(),
+            );
             assert!((loss - sharded_loss).abs() <= 1e-6 * loss.abs(), "{what}: {loss} vs {sharded_loss}");
             assert_maps_close(what, &whole, &sharded, 1e-5);
         }

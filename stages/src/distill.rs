@@ -250,10 +250,8 @@ impl RowLoss for TopKObjective {
 mod tests {
     use super::*;
     use crate::nn::gradcheck::{assert_maps_close, random};
-    use crate::nn::kernels::adamw::AdamW;
     use crate::nn::model::ModelConfig;
-    use crate::nn::optim::AdamWState;
-    use crate::nn::step::{train_step, StepConfig, StepWork, Trainable};
+    use crate::nn::step::step_at_lr_zero;
     use half::f16;
 
     /// A step of the top-k loss in 2 and 4 shards gives the loss and gradients of one pass up to
@@ -288,15 +286,8 @@ mod tests {
                 ids: vec![0; 4 * t * k],
                 logprobs: vec![0.0; 4 * t * k],
             };
-            let (mut params, mut grads) = (params.clone(), params.zeros_like());
-            let mut opt = AdamWState::new(&grads);
-            let opts = TensorOpt::defaults(&params);
-            let mut work = StepWork::new(&model, 4, t, shards, false, &grads);
-            let adamw = AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
-            let cfg = StepConfig { adamw, grad_clip: 0.0, mean: LossMean::PerMicroBatch };
-            let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
-            let outcome = train_step(&model, t, &mut work, std::slice::from_ref(&batch), cfg, &mut objective);
-            (outcome.loss, grads)
+            let batches = std::slice::from_ref(&batch);
+            step_at_lr_zero(&model, &params, &params, batches, LossMean::PerMicroBatch, shards, &mut objective)
         };
         let (loss, whole) = step(1);
         for shards in [2, 4] {

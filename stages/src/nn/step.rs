@@ -255,6 +255,29 @@ pub fn train_step(
     outcome
 }
 
+/// For tests: one step over `batches` in `shards` shards at learning rate 0, from `params` with
+/// gradients shaped like `grads`: the loss and the gradients.
+#[cfg(test)]
+pub(crate) fn step_at_lr_zero(
+    model: &Model,
+    params: &ParamMap,
+    grads: &ParamMap,
+    batches: &[Batch],
+    mean: LossMean,
+    shards: usize,
+    objective: &mut dyn Objective,
+) -> (f64, ParamMap) {
+    let (mut params, mut grads) = (params.clone(), grads.zeros_like());
+    let mut opt = AdamWState::new(&grads);
+    let opts = TensorOpt::defaults(&params);
+    let mut work = StepWork::new(model, batches[0].batch(), batches[0].time(), shards, false, &grads);
+    let adamw = AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 };
+    let cfg = StepConfig { adamw, grad_clip: 0.0, mean };
+    let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
+    let outcome = train_step(model, t, &mut work, batches, cfg, objective);
+    (outcome.loss, grads)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,18 +336,9 @@ mod tests {
     /// One step of two micro-batches in `shards` shards at learning rate 0: the loss and the
     /// gradients.
     fn step(arch: Arch, lora: bool, mean: LossMean, shards: usize) -> (f64, ParamMap) {
-        let (model, mut params, mut grads) = tiny(arch, lora);
-        let mut opt = AdamWState::new(&grads);
-        let opts = crate::nn::optim::TensorOpt::defaults(&params);
-        let mut work = StepWork::new(&model, 4, 8, shards, false, &grads);
-        let cfg = StepConfig {
-            adamw: AdamW { lr: 0.0, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
-            grad_clip: 0.0,
-            mean,
-        };
-        let t = Trainable { params: &mut params, grads: &mut grads, opt: &mut opt, opts: &opts };
-        let outcome = train_step(&model, t, &mut work, &[packed(5), packed(7)], cfg, &mut CrossEntropy::default());
-        (outcome.loss, grads)
+        let (model, params, grads) = tiny(arch, lora);
+        let batches = [packed(5), packed(7)];
+        step_at_lr_zero(&model, &params, &grads, &batches, mean, shards, &mut CrossEntropy::default())
     }
 
     /// Shards compute the whole batch's loss and gradients up to the order of the sums over
