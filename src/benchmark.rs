@@ -136,8 +136,20 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
                 100.0 * l.needed_bytes as f64 / r.needed_bytes as f64
             ));
         }
+        // Every weight frozen and no adapter: what a LoRA step would take if its adapters'
+        // products cost nothing.
+        let frozen = bench::train_steps(&m, cores, Training { frozen: true, ..trained });
+        out.text(format_args!(
+            "every weight frozen, no adapter: median {:.1} ms/step ({:.2}x every weight's speed), the bound of \
+             an adapter's step; LoRA's adapters took {:.1} ms of its {:.1}",
+            frozen.step_spread[1] * 1e3,
+            r.step_spread[1] / frozen.step_spread[1],
+            lora.seconds_in("adapters") * 1e3,
+            lora.step_seconds * 1e3,
+        ));
         model["lora_r8"] = json!(lora);
         model["lora_r8_checkpointed"] = json!(lora_checkpointed);
+        model["frozen"] = json!(frozen);
         let decode = bench::decode_speeds(&m.cfg, 128, cores);
         let f32_rate = decode[0].tokens_per_s;
         let rows: Vec<Vec<String>> = decode
@@ -236,6 +248,8 @@ fn training(out: &Out, m: &BenchModel, r: &StepReport, mfu: f64, peak: f64, shar
     let rows: Vec<Vec<String>> = r
         .breakdown
         .iter()
+        // A step without adapters has no adapters' row to show.
+        .filter(|(name, s)| *name != "adapters" || *s > 0.0)
         .map(|(name, s)| {
             vec![name.to_string(), format!("{:.2}", s * 1e3), format!("{:.1}%", 100.0 * s / r.step_seconds)]
         })

@@ -505,11 +505,14 @@ fn median3(mut x: [f64; 3]) -> f64 {
 }
 
 /// How [`train_steps`] trains: every weight, or with `lora_rank` LoRA adapters of that rank on
-/// every linear layer of a frozen model; with `checkpointed`, activation checkpointing; its
-/// weight products in `precision`; each batch in `shards` shards (the recipe key).
+/// every linear layer of a frozen model, or with `frozen` no weight at all (forward and the
+/// input gradients only: the step an adapter's approaches as its own products cost nothing);
+/// with `checkpointed`, activation checkpointing; its weight products in `precision`; each
+/// batch in `shards` shards (the recipe key).
 #[derive(Clone, Copy, Debug)]
 pub struct Training {
     pub lora_rank: Option<usize>,
+    pub frozen: bool,
     pub checkpointed: bool,
     pub precision: Precision,
     pub shards: usize,
@@ -517,13 +520,13 @@ pub struct Training {
 
 impl Default for Training {
     fn default() -> Self {
-        Training { lora_rank: None, checkpointed: false, precision: Precision::default(), shards: 1 }
+        Training { lora_rank: None, frozen: false, checkpointed: false, precision: Precision::default(), shards: 1 }
     }
 }
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
 pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, checkpointed, precision, shards } = how;
+    let Training { lora_rank, frozen, checkpointed, precision, shards } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
@@ -537,6 +540,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
         let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
             .with_precision(precision);
         let mut grads = match lora {
+            _ if frozen => params.zeros_like_trainable(|_| false),
             Some(_) => params.zeros_like_trainable(is_adapter),
             None => params.zeros_like(),
         };
@@ -665,6 +669,10 @@ mod tests {
         // Checkpointing holds one block's activations and every block's input (three layers).
         let deep = BenchModel { cfg: ModelConfig::gpt2(11, 8, 3, 2, 16, false), ..m };
         let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), ..Training::default() });
+        assert!(lora.seconds_in("adapters") > 0.0, "the adapters' products are timed as theirs");
+        let frozen = train_steps(&deep, 1, Training { frozen: true, ..Training::default() });
+        assert!(frozen.needed_bytes < lora.needed_bytes, "{} vs {}", frozen.needed_bytes, lora.needed_bytes);
+        assert_eq!(frozen.seconds_in("adapters"), 0.0);
         let both = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: true, ..Training::default() });
         assert!(both.needed_bytes < lora.needed_bytes, "{} vs {}", both.needed_bytes, lora.needed_bytes);
     }

@@ -19,6 +19,7 @@ use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::kernels::Precision;
 use crate::nn::params::{ParamId, ParamMap};
+use crate::nn::profile;
 
 /// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled, and for
 /// DoRA a magnitude (out).
@@ -164,6 +165,7 @@ impl Linear {
             WeightLayout::InOut => gemv::rows_times_in_out(x, rows, p.at(self.w), out),
         }
         let Some(ad) = self.adapter else { return };
+        let _time = profile::scope(profile::Kind::Adapter);
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
         let seed = acts.dropout_for(&ad);
         let input = adapter_input(x, &mut acts.x_drop, seed.map(|s| (s, acts.first_row)), ad.dropout, self.cin);
@@ -279,6 +281,7 @@ impl Linear {
             }
         }
         if let Some(ad) = self.adapter {
+            let _time = profile::scope(profile::Kind::Adapter);
             let (xa, dxa) = (&acts.xa[..rows * ad.r], &mut scratch.dxa[..rows * ad.r]);
             // dB += dout^T (scale x A^T): (out, rows) x (rows, r).
             if !g.at(ad.b).is_empty() {

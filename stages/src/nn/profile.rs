@@ -1,14 +1,19 @@
 //! Time spent per kind of kernel, for `tinygpt bench`'s breakdown of a training step.
 //!
 //! Off by default: a disabled [`scope`] costs one relaxed atomic load. Kernels are called from
-//! one thread (their parallelism is inside), so scopes never overlap and the times add up.
+//! one thread (their parallelism is inside), so scopes never overlap and the times add up. A
+//! scope opened inside another on the same thread is not timed: the outer one's kind counts
+//! it (an adapter's products count as the adapter's, not as matmuls).
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Matmul,
+    /// LoRA adapters' rank-r products.
+    Adapter,
     Attention,
     CrossEntropy,
     Norm,
@@ -16,8 +21,9 @@ pub enum Kind {
     Optimizer,
 }
 
-pub const KINDS: [(Kind, &str); 6] = [
+pub const KINDS: [(Kind, &str); 7] = [
     (Kind::Matmul, "matmuls"),
+    (Kind::Adapter, "adapters"),
     (Kind::Attention, "attention"),
     (Kind::CrossEntropy, "softmax + cross-entropy"),
     (Kind::Norm, "norms"),
@@ -26,7 +32,7 @@ pub const KINDS: [(Kind, &str); 6] = [
 ];
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+static NANOS: [AtomicU64; KINDS.len()] = [const { AtomicU64::new(0) }; KINDS.len()];
 
 /// Start (or stop) recording, clearing what was recorded.
 pub fn enable(on: bool) {
@@ -37,21 +43,30 @@ pub fn enable(on: bool) {
 }
 
 /// Seconds recorded per kind since [`enable`].
-pub fn seconds() -> [(Kind, &'static str, f64); 6] {
+pub fn seconds() -> [(Kind, &'static str, f64); KINDS.len()] {
     KINDS.map(|(k, name)| (k, name, NANOS[k as usize].load(Ordering::Relaxed) as f64 / 1e9))
 }
 
-/// Times the enclosing block when recording is on.
+thread_local! {
+    /// Whether a timed scope is open on this thread.
+    static OPEN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Times the enclosing block when recording is on and no other scope is open on this thread.
 pub struct Scope(Option<(Kind, Instant)>);
 
 pub fn scope(kind: Kind) -> Scope {
-    Scope(ENABLED.load(Ordering::Relaxed).then(|| (kind, Instant::now())))
+    if !ENABLED.load(Ordering::Relaxed) || OPEN.replace(true) {
+        return Scope(None);
+    }
+    Scope(Some((kind, Instant::now())))
 }
 
 impl Drop for Scope {
     fn drop(&mut self) {
         if let Some((kind, start)) = self.0 {
             NANOS[kind as usize].fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            OPEN.set(false);
         }
     }
 }
