@@ -7,7 +7,7 @@ use stages::model_io::{load_model, load_safetensors};
 use stages::nn::lora::LoraConfig;
 use stages::nn::params::ParamMap;
 
-use crate::util::{artifact, interrupt_run, key, ran, stage, Sandbox};
+use crate::util::{artifact, assert_success, interrupt_run, key, ran, stage, Sandbox};
 
 /// The sft stage's adapter tensors under their in-map names (PEFT's without its prefix).
 fn adapter_tensors(dir: &std::path::Path) -> ParamMap {
@@ -76,7 +76,9 @@ fn lora_fine_tuning_writes_a_peft_adapter_and_the_merged_model() {
 }
 
 /// LoRA with the frozen base's products in bf16: only `sft` reruns, the adapters train (in
-/// f32), and the merged model is still the base plus scale * B A to the bit.
+/// f32, block by block inside the base's products), to the same bits with the portable
+/// kernels (the emulation where AMX would run), and the merged model is still the base plus
+/// scale * B A to the bit.
 #[test]
 fn a_bf16_lora_fine_tune_trains_its_adapters_and_merges_them() {
     let sb = Sandbox::new();
@@ -87,6 +89,16 @@ fn a_bf16_lora_fine_tune_trains_its_adapters_and_merges_them() {
     let name = "model.layers.0.mlp.down_proj.lora_B.weight";
     assert!(b16.get(name).iter().any(|x| *x != 0.0), "B trained");
     assert!(b16.get(name) != b32.get(name), "the bf16 run trained the f32 run's bits");
+    let portable = Sandbox::new();
+    let out = portable
+        .command()
+        .env("TINYGPT_SIMD", "portable")
+        .args(["run", "sft.toml", "--json", "--set", "sft.precision=bf16"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let emulated = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
+    assert!(emulated.get(name) == b16.get(name), "the portable kernels trained other adapters");
     let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, false);
     assert!(expected == merged, "merged = frozen base + scale * B A");
 }

@@ -15,11 +15,13 @@
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::gemv;
-use crate::nn::kernels::matmul::{matmul, Dims, Layout};
+use crate::nn::kernels::matmul::{matmul, matmul_here, then_blocks, then_rows, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::kernels::Precision;
+use crate::nn::kernels::{add_to, with_scratch};
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::profile;
+use rayon::prelude::*;
 
 /// A LoRA adapter on a linear layer: `lora_A` (r, in) and `lora_B` (out, r), scaled, and for
 /// DoRA a magnitude (out).
@@ -114,11 +116,18 @@ fn dropout_row(seed: u64, row: usize, cin: usize, p: f32) -> impl Iterator<Item 
 }
 
 /// Backward's scratch for adapters: `d(x A^T)` (rows, r), DoRA's rescaled output gradient
-/// (rows, out), and the gradient of the dropped input (rows, in), sized for the widest layer.
+/// (rows, out), the gradient of the dropped input (rows, in), and each block of rows' part of
+/// a LoRA layer's gradients ([`lora_partial`] per block), sized for the widest layer.
 pub(crate) struct AdapterScratch<'a> {
     pub(crate) dxa: &'a mut [f32],
     pub(crate) dz: &'a mut [f32],
     pub(crate) dx_drop: &'a mut [f32],
+    pub(crate) partials: &'a mut [f32],
+}
+
+/// Floats of one block's part of a LoRA layer's gradients: `B`'s (out, r), then `A`'s (r, in).
+pub(crate) fn lora_partial(r: usize, cin: usize, cout: usize) -> usize {
+    r * (cin + cout)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -156,8 +165,12 @@ impl Linear {
             assert!(self.adapter.is_none(), "an adapter on a quantized layer");
             return qmatmul(x, rows, q, out);
         }
+        let many_rows = rows > gemv::MAX_ROWS || self.precision != Precision::F32;
+        if let Some(ad) = self.adapter.filter(|ad| ad.magnitude.is_none() && many_rows) {
+            return self.product_with_lora(p, x, out, rows, acts, ad);
+        }
         match self.layout {
-            _ if rows > gemv::MAX_ROWS || self.precision != Precision::F32 => {
+            _ if many_rows => {
                 let d = Dims { m: rows, k: self.cin, n: self.cout };
                 self.precision.matmul(x, Layout::Normal, p.at(self.w), self.w_layout(), out, d, false);
             }
@@ -194,6 +207,47 @@ impl Linear {
         }
     }
 
+    /// [`Self::product`] of a LoRA layer: each block of rows gets its adapter's term in the
+    /// task that computed its product, while the block's input and output are in cache:
+    /// `xa = s x A^T`, then `out += xa B^T`.
+    fn product_with_lora(
+        &self,
+        p: &ParamMap,
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        acts: &mut AdapterActs,
+        ad: Adapter,
+    ) {
+        let (cin, cout, r) = (self.cin, self.cout, ad.r);
+        let seed = acts.dropout_for(&ad).map(|s| (s, acts.first_row));
+        let AdapterActs { xa, x_drop, .. } = acts;
+        let input = {
+            let _time = profile::scope(profile::Kind::Adapter);
+            adapter_input(x, x_drop, seed, ad.dropout, cin)
+        };
+        let (a, b) = (p.at(ad.a), p.at(ad.b));
+        let blocks = xa[..rows * r].par_chunks_mut(then_rows(rows) * r);
+        let d = Dims { m: rows, k: cin, n: cout };
+        self.precision.matmul_then(
+            x,
+            Layout::Normal,
+            p.at(self.w),
+            self.w_layout(),
+            out,
+            d,
+            false,
+            blocks,
+            |first, out, xa| {
+                let n = out.len() / cout;
+                let input = &input[first * cin..][..n * cin];
+                matmul_here(input, Layout::Normal, a, Layout::Transposed, xa, Dims { m: n, k: cin, n: r }, false);
+                xa.iter_mut().for_each(|v| *v *= ad.scale);
+                matmul_here(xa, Layout::Normal, b, Layout::Transposed, out, Dims { m: n, k: r, n: cout }, true);
+            },
+        );
+    }
+
     /// Each output's `|W_o + s (B A)_o|` into the first half of `acts.norm_and_factor`.
     fn dora_norms(&self, p: &ParamMap, ad: Adapter, acts: &mut AdapterActs) {
         let (cin, cout, r) = (self.cin, self.cout, ad.r);
@@ -220,6 +274,87 @@ impl Linear {
                 }
             }
             acts.norm_and_factor[o] = (w_sq + 2.0 * s * cross + s * s * quad).max(0.0).sqrt().max(1e-12) as f32;
+        }
+    }
+
+    /// `dx = [dx +] dout W^T` of a LoRA layer with its adapter's backward, each block of rows in
+    /// the task that computed its product, while the block's `dout` and `dx` are in cache:
+    /// `dxa = s dout B`, `dx += dxa A` (through the dropout's mask when there was one), and the
+    /// block's part of the adapter's gradients, `dout^T xa` and `dxa^T x`, added to theirs
+    /// block by block in order after the product.
+    #[allow(clippy::too_many_arguments)]
+    fn input_gradient_with_lora(
+        &self,
+        p: &ParamMap,
+        g: &mut ParamMap,
+        dout: &[f32],
+        x: &[f32],
+        acts: &AdapterActs,
+        (dxa, partials): (&mut [f32], &mut [f32]),
+        dx: &mut [f32],
+        rows: usize,
+        add_dx: bool,
+        ad: Adapter,
+    ) {
+        let (cin, cout, r) = (self.cin, self.cout, ad.r);
+        let (train_a, train_b) = (!g.at(ad.a).is_empty(), !g.at(ad.b).is_empty());
+        let seed = acts.dropout_for(&ad);
+        let input = if seed.is_some() { &acts.x_drop[..rows * cin] } else { x };
+        let (xa, a, b) = (&acts.xa[..rows * r], p.at(ad.a), p.at(ad.b));
+        let part = lora_partial(r, cin, cout);
+        let partials = &mut partials[..then_blocks(rows) * part];
+        let blocks = dxa[..rows * r].par_chunks_mut(then_rows(rows) * r).zip(partials.par_chunks_mut(part));
+        let dx_layout = match self.layout {
+            WeightLayout::OutIn => Layout::Normal,
+            WeightLayout::InOut => Layout::Transposed,
+        };
+        let d = Dims { m: rows, k: cout, n: cin };
+        self.precision.matmul_then(
+            dout,
+            Layout::Normal,
+            p.at(self.w),
+            dx_layout,
+            dx,
+            d,
+            add_dx,
+            blocks,
+            |first, dx, (dxa, partial)| {
+                let n = dx.len() / cin;
+                let (dout, xa, input) =
+                    (&dout[first * cout..][..n * cout], &xa[first * r..][..n * r], &input[first * cin..][..n * cin]);
+                let (db, da) = partial.split_at_mut(r * cout);
+                if train_b {
+                    matmul_here(dout, Layout::Transposed, xa, Layout::Normal, db, Dims { m: cout, k: n, n: r }, false);
+                }
+                matmul_here(dout, Layout::Normal, b, Layout::Normal, dxa, Dims { m: n, k: cout, n: r }, false);
+                dxa.iter_mut().for_each(|v| *v *= ad.scale);
+                if train_a {
+                    matmul_here(dxa, Layout::Transposed, input, Layout::Normal, da, Dims { m: r, k: n, n: cin }, false);
+                }
+                let d = Dims { m: n, k: r, n: cin };
+                match seed {
+                    None => matmul_here(dxa, Layout::Normal, a, Layout::Normal, dx, d, true),
+                    Some(seed) => with_scratch(n * cin, |dropped| {
+                        matmul_here(dxa, Layout::Normal, a, Layout::Normal, dropped, d, false);
+                        for (i, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
+                            let row = acts.first_row + first + i;
+                            for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
+                                *dx += dd * f;
+                            }
+                        }
+                    }),
+                }
+            },
+        );
+        let _time = profile::scope(profile::Kind::Adapter);
+        for partial in partials.chunks(part) {
+            let (db, da) = partial.split_at(r * cout);
+            if train_b {
+                add_to(g.at_mut(ad.b), db);
+            }
+            if train_a {
+                add_to(g.at_mut(ad.a), da);
+            }
         }
     }
 
@@ -267,7 +402,15 @@ impl Linear {
             WeightLayout::InOut => Layout::Transposed,
         };
         let prec = self.precision;
-        prec.matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, Dims { m: rows, k: cout, n: cin }, add_dx);
+        let d = Dims { m: rows, k: cout, n: cin };
+        let lora = self.adapter.filter(|ad| ad.magnitude.is_none());
+        match lora {
+            Some(ad) => {
+                let lora_scratch = (&mut *scratch.dxa, &mut *scratch.partials);
+                self.input_gradient_with_lora(p, g, dout, x, acts, lora_scratch, dx, rows, add_dx, ad)
+            }
+            None => prec.matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, d, add_dx),
+        }
         if !g.at(self.w).is_empty() {
             match self.layout {
                 WeightLayout::OutIn => {
@@ -280,7 +423,7 @@ impl Linear {
                 }
             }
         }
-        if let Some(ad) = self.adapter {
+        if let Some(ad) = self.adapter.filter(|_| lora.is_none()) {
             let _time = profile::scope(profile::Kind::Adapter);
             let (xa, dxa) = (&acts.xa[..rows * ad.r], &mut scratch.dxa[..rows * ad.r]);
             // dB += dout^T (scale x A^T): (out, rows) x (rows, r).
@@ -329,7 +472,16 @@ mod tests {
     }
 
     fn layer_with(layout: WeightLayout, dora: bool, dropout: f32) -> (Linear, ParamMap) {
-        let (cin, cout, r) = (5, 4, 2);
+        layer_sized(layout, dora, dropout, (5, 4, 2))
+    }
+
+    /// A layer of `cin` inputs and `cout` outputs with a rank-`r` adapter, random values.
+    fn layer_sized(
+        layout: WeightLayout,
+        dora: bool,
+        dropout: f32,
+        (cin, cout, r): (usize, usize, usize),
+    ) -> (Linear, ParamMap) {
         let mut p = ParamMap::default();
         let shape = if layout == WeightLayout::OutIn { [cout, cin] } else { [cin, cout] };
         p.insert("w", Tensor::from_vec(&shape, random(cin * cout, 1)));
@@ -423,7 +575,9 @@ mod tests {
                 let (_, acts) = forward(&lin, &p, &x, rows);
                 let mut g = p.zeros_like_trainable(|n| n != "w");
                 let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * 2], vec![0.0; rows * 4], vec![0.0; rows * 5]);
-                let mut scratch = AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop };
+                let mut partials = vec![0.0; then_blocks(rows) * lora_partial(2, 5, 4)];
+                let mut scratch =
+                    AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop, partials: &mut partials };
                 let mut dx = vec![0.0; rows * 5];
                 lin.backward(&p, &mut g, &probe, &x, &acts, &mut scratch, &mut dx, rows, false);
                 let factors: Vec<f32> = if dora { acts.norm_and_factor[4..].to_vec() } else { vec![1.0; 4] };
@@ -477,6 +631,117 @@ mod tests {
         assert_eq!(forward(&lin, &p, &x, rows).0, dropped, "the mask is a function of the seed");
     }
 
+    /// Over many rows a LoRA layer runs its adapter block by block inside the weight's
+    /// products; forward and backward still compute `x W + s x A^T B^T` and its gradients
+    /// (against plain f64 products, in each layout and precision, with and without dropout), and
+    /// the gradients summed over the blocks have the same bits on one and two threads.
+    #[test]
+    fn a_lora_layer_over_many_blocks_computes_the_plain_products() {
+        use crate::nn::gradcheck::on_threads;
+        let (cin, cout, r, rows) = (40, 24, 4, 300);
+        assert!(crate::nn::kernels::matmul::then_blocks(rows) > 2, "several blocks");
+        for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+            for precision in [Precision::F32, Precision::Bf16] {
+                for dropout in [0.0, 0.3] {
+                    let (lin, p) = layer_sized(layout, false, dropout, (cin, cout, r));
+                    let lin = Linear { precision, ..lin };
+                    let ad = lin.adapter.unwrap();
+                    let (x, dout) = (random(rows * cin, 11), random(rows * cout, 12));
+                    let shape = AdapterShape { r, cin, cout, dora: false, dropout: dropout > 0.0 };
+                    let run = |threads| {
+                        on_threads(threads, || {
+                            let mut acts = AdapterActs::new(rows, shape);
+                            acts.dropout_seed = Some(5);
+                            acts.first_row = 7;
+                            let mut out = vec![0.0; rows * cout];
+                            lin.product(&p, &x, &mut out, rows, &mut acts);
+                            let mut g = p.zeros_like_trainable(|n| n == "a" || n == "bb");
+                            let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * r], vec![], vec![0.0; rows * cin]);
+                            let mut partials = vec![0.0; then_blocks(rows) * lora_partial(r, cin, cout)];
+                            let mut scratch = AdapterScratch {
+                                dxa: &mut dxa,
+                                dz: &mut dz,
+                                dx_drop: &mut dx_drop,
+                                partials: &mut partials,
+                            };
+                            let mut dx = vec![0.0; rows * cin];
+                            lin.backward(&p, &mut g, &dout, &x, &acts, &mut scratch, &mut dx, rows, false);
+                            (out, dx, g.get("a").to_vec(), g.get("bb").to_vec(), acts.x_drop.clone())
+                        })
+                    };
+                    let (out, dx, da, db, x_drop) = run(1);
+                    let label = format!("{layout:?}, {precision:?}, dropout {dropout}");
+                    let two = run(2);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        (bits(&dx), bits(&da), bits(&db)),
+                        (bits(&two.1), bits(&two.2), bits(&two.3)),
+                        "{label}"
+                    );
+                    // The reference in f64; the weight's products from bf16-rounded operands in bf16.
+                    let round = |v: f32| match precision {
+                        Precision::F32 => v as f64,
+                        Precision::Bf16 => {
+                            use crate::nn::kernels::bf16::{from_bf16, to_bf16};
+                            from_bf16(to_bf16(v)) as f64
+                        }
+                    };
+                    let w = |i: usize, o: usize| {
+                        let w = p.get("w");
+                        round(if layout == WeightLayout::OutIn { w[o * cin + i] } else { w[i * cout + o] })
+                    };
+                    let input = if dropout > 0.0 { &x_drop[..] } else { &x[..] };
+                    let (a, b, s) = (p.get("a"), p.get("bb"), ad.scale as f64);
+                    let xa = |n: usize, j: usize| {
+                        (0..cin).map(|i| input[n * cin + i] as f64 * a[j * cin + i] as f64).sum::<f64>() * s
+                    };
+                    let dxa = |n: usize, j: usize| {
+                        (0..cout).map(|o| dout[n * cout + o] as f64 * b[o * r + j] as f64).sum::<f64>() * s
+                    };
+                    let close = |what: &str, got: f32, want: f64| {
+                        assert!(
+                            (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{what} ({label}): {got} vs {want}"
+                        );
+                    };
+                    for n in (0..rows).step_by(7) {
+                        let xan: Vec<f64> = (0..r).map(|j| xa(n, j)).collect();
+                        let dxan: Vec<f64> = (0..r).map(|j| dxa(n, j)).collect();
+                        for o in 0..cout {
+                            let base: f64 = (0..cin).map(|i| round(x[n * cin + i]) * w(i, o)).sum();
+                            let lora: f64 = (0..r).map(|j| xan[j] * b[o * r + j] as f64).sum();
+                            close("out", out[n * cout + o], base + lora);
+                        }
+                        for i in 0..cin {
+                            let base: f64 = (0..cout).map(|o| round(dout[n * cout + o]) * w(i, o)).sum();
+                            let lora: f64 = (0..r).map(|j| dxan[j] * a[j * cin + i] as f64).sum();
+                            let kept = if dropout > 0.0 {
+                                if x_drop[n * cin + i] == 0.0 && x[n * cin + i] != 0.0 {
+                                    0.0
+                                } else {
+                                    1.0 / (1.0 - dropout as f64)
+                                }
+                            } else {
+                                1.0
+                            };
+                            close("dx", dx[n * cin + i], base + lora * kept);
+                        }
+                    }
+                    for j in 0..r {
+                        for o in 0..cout {
+                            let want: f64 = (0..rows).map(|n| dout[n * cout + o] as f64 * xa(n, j)).sum();
+                            close("dB", db[o * r + j], want);
+                        }
+                        for i in (0..cin).step_by(3) {
+                            let want: f64 = (0..rows).map(|n| dxa(n, j) * input[n * cin + i] as f64).sum();
+                            close("dA", da[j * cin + i], want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// A bf16 layer's forward product and both backward products are those of the operands
     /// rounded to bf16, summed exactly up to f32 rounding; the bias stays f32.
     #[test]
@@ -496,7 +761,7 @@ mod tests {
             lin.forward(&p, &x, &mut out, rows, &mut AdapterActs::default());
             let mut g = p.zeros_like_trainable(|n| n == "w" || n == "b");
             let mut dx = vec![0.0; rows * cin];
-            let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [] };
+            let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [], partials: &mut [] };
             lin.backward(&p, &mut g, &dout, &x, &AdapterActs::default(), &mut scratch, &mut dx, rows, false);
             let close = |what: &str, got: f32, want: f64| {
                 assert!((got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{what} {layout:?}: {got} vs {want}");

@@ -21,9 +21,10 @@ use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
+use crate::nn::kernels::matmul::then_blocks;
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::nn::kernels::Precision;
-use crate::nn::linear::{Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
+use crate::nn::linear::{lora_partial, Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
@@ -470,12 +471,13 @@ impl Model {
             dxa,
             dz,
             dx_drop,
+            lora_partials,
             scratch_c,
             zeros_c,
             no_adapter,
             ..
         } = acts;
-        let dxa = &mut AdapterScratch { dxa, dz, dx_drop };
+        let dxa = &mut AdapterScratch { dxa, dz, dx_drop, partials: lora_partials };
 
         self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
@@ -639,6 +641,8 @@ pub struct Activations {
     dz: Vec<f32>,
     /// The gradient of a dropped adapter input (B * T, in).
     dx_drop: Vec<f32>,
+    /// Each block of rows' part of a LoRA layer's gradients ([`lora_partial`]).
+    lora_partials: Vec<f32>,
     /// The buffers of a layer without adapter (the head).
     no_adapter: AdapterActs,
     zeros_c: Vec<f32>,
@@ -726,6 +730,8 @@ impl Activations {
             dxa: g(rows * adapters.iter().map(|a| a.r).max().unwrap_or(0)),
             dz: g(rows * adapters.iter().filter(|a| a.dora).map(|a| a.cout).max().unwrap_or(0)),
             dx_drop: g(rows * adapters.iter().filter(|a| a.dropout).map(|a| a.cin).max().unwrap_or(0)),
+            lora_partials: g(then_blocks(rows)
+                * adapters.iter().filter(|a| !a.dora).map(|a| lora_partial(a.r, a.cin, a.cout)).max().unwrap_or(0)),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             scratch_c: z(c),
@@ -799,6 +805,7 @@ impl Activations {
             &self.dxa,
             &self.dz,
             &self.dx_drop,
+            &self.lora_partials,
             &self.zeros_c,
             &self.scratch_c,
         ]

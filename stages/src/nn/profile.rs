@@ -12,7 +12,8 @@ use std::time::Instant;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Matmul,
-    /// LoRA adapters' rank-r products.
+    /// LoRA adapters' work outside the weight products (an adapter's rank-r products run
+    /// inside its layer's, block by block, and count as matmuls).
     Adapter,
     Attention,
     CrossEntropy,

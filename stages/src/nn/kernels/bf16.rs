@@ -16,7 +16,7 @@ use std::thread::LocalKey;
 
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use crate::nn::kernels::matmul::{Dims, Layout};
+use crate::nn::kernels::matmul::{then_blocks, then_rows, Dims, Layout};
 
 /// k per block: one tile of 16 pairs.
 pub const K_BLOCK: usize = 32;
@@ -243,6 +243,44 @@ pub fn matmul_bf16(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32]
         return;
     }
     matmul_bf16_emulated(a, la, b, lb, out, d, accumulate);
+}
+
+/// [`matmul_bf16`], then `then(first_row, rows, context)` on each block of [`then_rows`] output
+/// rows, as [`super::matmul::matmul_then`] does: on AMX in the task that finished the block,
+/// while it is in cache; without AMX after the whole product. The product has
+/// [`matmul_bf16`]'s bits.
+///
+/// # Panics
+/// If a slice's length does not match its dimensions, or `contexts` has not one item per block.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_bf16_then<C: Send>(
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    out: &mut [f32],
+    d: Dims,
+    accumulate: bool,
+    contexts: impl rayon::iter::IndexedParallelIterator<Item = C>,
+    then: impl Fn(usize, &mut [f32], C) + Sync + Send,
+) {
+    use rayon::prelude::*;
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
+    check(a, b, out, d);
+    assert_eq!(contexts.len(), then_blocks(d.m), "one context per block of rows");
+    if d.m == 0 || d.n == 0 {
+        return;
+    }
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    if amx() && d.k > 0 {
+        tiles::matmul_then(a, la, b, lb, out, d, accumulate, contexts, then);
+        return;
+    }
+    matmul_bf16_emulated(a, la, b, lb, out, d, accumulate);
+    let rows = then_rows(d.m);
+    out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {
+        then(i * rows, block, context);
+    });
 }
 
 /// `out = [out +] bf16(a) @ bf16(b)` on the calling thread, for the small products of
@@ -663,6 +701,60 @@ mod tiles {
     }
 
     pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+        by_chunks(a, la, b, lb, d, |a, kb0, nb, packed_b, chunk, _| {
+            out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
+                let mut rows = OutRows::packed(rows, d.n);
+                row_block(a, d, r, kb0, nb, packed_b, chunk, &mut rows, accumulate || kb0 > 0);
+            });
+        });
+    }
+
+    /// [`matmul`], then `then` on each block of [`then_rows`] rows in the task that finished
+    /// it (see [`super::matmul_bf16_then`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_then<C: Send>(
+        a: &[f32],
+        la: Layout,
+        b: &[f32],
+        lb: Layout,
+        out: &mut [f32],
+        d: Dims,
+        accumulate: bool,
+        contexts: impl IndexedParallelIterator<Item = C>,
+        then: impl Fn(usize, &mut [f32], C) + Sync + Send,
+    ) {
+        let rows = then_rows(d.m);
+        debug_assert_eq!(rows % BLOCK, 0, "blocks of whole AMX row blocks");
+        let mut contexts = Some(contexts);
+        by_chunks(a, la, b, lb, d, |a, kb0, nb, packed_b, chunk, last| {
+            let acc = accumulate || kb0 > 0;
+            if !last {
+                out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
+                    row_block(a, d, r, kb0, nb, packed_b, chunk, &mut OutRows::packed(rows, d.n), acc);
+                });
+                return;
+            }
+            let contexts = contexts.take().expect("one last chunk");
+            out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {
+                for (j, sub) in block.chunks_mut(BLOCK * d.n).enumerate() {
+                    let r = i * rows / BLOCK + j;
+                    row_block(a, d, r, kb0, nb, packed_b, chunk, &mut OutRows::packed(sub, d.n), acc);
+                }
+                then(i * rows, block, context);
+            });
+        });
+    }
+
+    /// `pass(a, kb0, nb, packed_b, chunk, last)` for each chunk of k blocks, `b`'s tiles for it
+    /// packed: the products over them are the pass's to run.
+    fn by_chunks(
+        a: &[f32],
+        la: Layout,
+        b: &[f32],
+        lb: Layout,
+        d: Dims,
+        mut pass: impl FnMut(Operand, usize, usize, &[Tile], usize, bool),
+    ) {
         let (a, b) = (Operand::packed(a, la, d.m, d.k), Operand::packed(b, lb, d.k, d.n));
         let blocks = d.k.div_ceil(K_BLOCK);
         let col_tiles = d.n.div_ceil(BLOCK) * 2;
@@ -674,11 +766,7 @@ mod tiles {
                     // SAFETY: `amx` checked the CPU through `available`.
                     unsafe { pack_b(b, d, c, kb0, &mut tiles[..nb]) }
                 });
-                let packed_b = &*packed_b;
-                out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
-                    let mut rows = OutRows::packed(rows, d.n);
-                    row_block(a, d, r, kb0, nb, packed_b, chunk, &mut rows, accumulate || kb0 > 0);
-                });
+                pass(a, kb0, nb, packed_b, chunk, kb0 + nb == blocks);
             }
         });
     }

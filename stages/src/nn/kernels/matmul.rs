@@ -7,6 +7,7 @@
 
 use ndarray::parallel::prelude::*;
 use ndarray::{linalg::general_mat_mul, s, ArrayView2, ArrayViewMut2, Axis};
+use rayon::prelude::*;
 
 /// Rows of the output per parallel work item, at most; the rows are split into equal blocks
 /// (130 rows are two blocks of 65, not 128 and 2). Fewer, taller blocks pack the other
@@ -77,6 +78,66 @@ pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: 
     });
 }
 
+/// Rows per block of [`matmul_then`] for a product of `m` rows: blocks of at most
+/// `ROW_BLOCK` rows, at least `MIN_BLOCKS` of them where there are rows enough, a whole number
+/// of 32 (the row block of the AMX kernel, [`super::bf16`]). A function of `m` alone, so sums
+/// over the blocks do not depend on the thread count.
+pub fn then_rows(m: usize) -> usize {
+    let blocks = m.div_ceil(ROW_BLOCK).max(MIN_BLOCKS);
+    m.div_ceil(blocks).next_multiple_of(32)
+}
+
+/// How many blocks [`matmul_then`] cuts `m` rows into.
+pub fn then_blocks(m: usize) -> usize {
+    m.div_ceil(then_rows(m).max(1))
+}
+
+/// [`matmul`], then `then(first_row, rows, context)` on each block of [`then_rows`] output
+/// rows, as soon as the block is done and while it is in cache, each block with its own item
+/// of `contexts` (one per block). The product has [`matmul`]'s bits.
+///
+/// # Panics
+/// If a slice's length does not match its dimensions, or `contexts` has not one item per block.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_then<C: Send>(
+    a: &[f32],
+    la: Layout,
+    b: &[f32],
+    lb: Layout,
+    out: &mut [f32],
+    d: Dims,
+    accumulate: bool,
+    contexts: impl IndexedParallelIterator<Item = C>,
+    then: impl Fn(usize, &mut [f32], C) + Sync + Send,
+) {
+    let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
+    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
+    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
+    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+    assert_eq!(contexts.len(), then_blocks(d.m), "one context per block of rows");
+    if d.n == 0 {
+        return;
+    }
+    let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    let rows = then_rows(d.m);
+    out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {
+        let (first, height) = (i * rows, block.len() / d.n);
+        let mut view = ArrayViewMut2::from_shape((height, d.n), &mut *block).expect("checked");
+        general_mat_mul(1.0, &a.slice(s![first..first + height, ..]), &b, beta, &mut view);
+        then(first, block, context);
+    });
+}
+
+/// [`matmul`] on the calling thread: a block's small products inside a parallel task.
+pub fn matmul_here(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
+    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
+    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
+    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+    let mut out = ArrayViewMut2::from_shape((d.m, d.n), out).expect("checked");
+    general_mat_mul(1.0, &view(a, d.m, d.k, la), &view(b, d.k, d.n, lb), if accumulate { 1.0 } else { 0.0 }, &mut out);
+}
+
 /// The reference: three loops, f64 accumulation.
 pub fn matmul_naive(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
@@ -142,5 +203,45 @@ mod tests {
     #[test]
     fn one_and_two_threads_give_the_same_bits() {
         same_bits_on_one_and_two_threads(matmul, Dims { m: 300, k: 96, n: 80 });
+    }
+
+    /// `matmul_then`'s blocks tile the rows in order, whole numbers of 32 rows but the last,
+    /// each passed to `then` once with its context, after its product; the products have
+    /// `matmul`'s bits, in f32 and in bf16.
+    #[test]
+    fn matmul_then_runs_then_once_per_block_after_the_product() {
+        use crate::nn::kernels::Precision;
+        for m in [1, 3, 33, 100, 300, 1024] {
+            let d = Dims { m, k: 40, n: 24 };
+            let (a, b) = (random(m * d.k, 1), random(d.k * d.n, 2));
+            let rows = then_rows(m);
+            assert!(rows.is_multiple_of(32) && then_blocks(m) == m.div_ceil(rows), "m = {m}");
+            for precision in [Precision::F32, Precision::Bf16] {
+                let mut plain = random(m * d.n, 3);
+                let mut fused = plain.clone();
+                precision.matmul(&a, Layout::Normal, &b, Layout::Transposed, &mut plain, d, true);
+                let mut seen = vec![(usize::MAX, 0, false); then_blocks(m)];
+                let expected = &plain;
+                precision.matmul_then(
+                    &a,
+                    Layout::Normal,
+                    &b,
+                    Layout::Transposed,
+                    &mut fused,
+                    d,
+                    true,
+                    seen.par_iter_mut(),
+                    |first, block, slot| {
+                        let done = block.iter().zip(&expected[first * d.n..]).all(|(x, y)| x.to_bits() == y.to_bits());
+                        *slot = (first, block.len() / d.n, done);
+                    },
+                );
+                assert!(plain.iter().zip(&fused).all(|(x, y)| x.to_bits() == y.to_bits()), "m = {m}, {precision:?}");
+                for (i, (first, height, done)) in seen.into_iter().enumerate() {
+                    assert_eq!((first, height), (i * rows, rows.min(m - i * rows)), "m = {m}, block {i}");
+                    assert!(done, "block {i} of m = {m} ({precision:?}) was not done when `then` saw it");
+                }
+            }
+        }
     }
 }

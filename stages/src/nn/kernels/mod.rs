@@ -65,6 +65,28 @@ impl Precision {
             Precision::Bf16 => bf16::matmul_bf16(a, la, b, lb, out, d, accumulate),
         }
     }
+
+    /// [`Self::matmul`], then `then(first_row, rows, context)` on each block of
+    /// [`matmul::then_rows`] output rows with its item of `contexts`
+    /// ([`matmul::matmul_then`], [`bf16::matmul_bf16_then`]).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn matmul_then<C: Send>(
+        self,
+        a: &[f32],
+        la: Layout,
+        b: &[f32],
+        lb: Layout,
+        out: &mut [f32],
+        d: Dims,
+        accumulate: bool,
+        contexts: impl IndexedParallelIterator<Item = C>,
+        then: impl Fn(usize, &mut [f32], C) + Sync + Send,
+    ) {
+        match self {
+            Precision::F32 => matmul::matmul_then(a, la, b, lb, out, d, accumulate, contexts, then),
+            Precision::Bf16 => bf16::matmul_bf16_then(a, la, b, lb, out, d, accumulate, contexts, then),
+        }
+    }
 }
 
 /// The instruction set the kernels run on, detected once per process.
