@@ -147,6 +147,16 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
             lora.step_spread[1] * 1e3,
             lora.step_spread[1] / frozen.step_spread[1],
         ));
+        // LoRA with the frozen base's products in bf16, against every weight in bf16.
+        let lora_bf16 = bench::train_steps(&m, cores, Training { precision: Precision::Bf16, ..lora_r8 });
+        out.text(format_args!(
+            "LoRA r=8 with precision = \"bf16\": median {:.1} ms/step against {:.1} for every weight in bf16 \
+             ({:.2}x its speed)",
+            lora_bf16.step_spread[1] * 1e3,
+            bf16.step_spread[1] * 1e3,
+            bf16.step_spread[1] / lora_bf16.step_spread[1],
+        ));
+        model["lora_r8_bf16"] = json!(lora_bf16);
         model["lora_r8"] = json!(lora);
         model["lora_r8_checkpointed"] = json!(lora_checkpointed);
         model["frozen"] = json!(frozen);
