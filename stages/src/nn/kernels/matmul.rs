@@ -115,7 +115,7 @@ pub fn matmul_then<C: Send>(
     assert_eq!(b.len(), d.k * d.n, "b is not k * n");
     assert_eq!(out.len(), d.m * d.n, "out is not m * n");
     assert_eq!(contexts.len(), then_blocks(d.m), "one context per block of rows");
-    if d.n == 0 {
+    if d.m == 0 || d.n == 0 {
         return;
     }
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
@@ -211,11 +211,11 @@ mod tests {
     #[test]
     fn matmul_then_runs_then_once_per_block_after_the_product() {
         use crate::nn::kernels::Precision;
-        for m in [1, 3, 33, 100, 300, 1024] {
+        for m in [0, 1, 3, 33, 100, 300, 1024] {
             let d = Dims { m, k: 40, n: 24 };
             let (a, b) = (random(m * d.k, 1), random(d.k * d.n, 2));
             let rows = then_rows(m);
-            assert!(rows.is_multiple_of(32) && then_blocks(m) == m.div_ceil(rows), "m = {m}");
+            assert!(rows.is_multiple_of(32) && then_blocks(m) == m.div_ceil(rows.max(1)), "m = {m}");
             for precision in [Precision::F32, Precision::Bf16] {
                 let mut plain = random(m * d.n, 3);
                 let mut fused = plain.clone();
