@@ -144,10 +144,20 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
+    /// How the weight reads as (in, out), the forward product's right operand.
     fn w_layout(&self) -> Layout {
         match self.layout {
             WeightLayout::OutIn => Layout::Transposed,
             WeightLayout::InOut => Layout::Normal,
+        }
+    }
+
+    /// How the weight reads as (out, in), the input gradient's right operand (and DoRA's `W A^T`
+    /// left one).
+    fn w_transposed_layout(&self) -> Layout {
+        match self.layout {
+            WeightLayout::OutIn => Layout::Normal,
+            WeightLayout::InOut => Layout::Transposed,
         }
     }
 
@@ -253,10 +263,7 @@ impl Linear {
         let (cin, cout, r) = (self.cin, self.cout, ad.r);
         let (w, a, b) = (p.at(self.w), p.at(ad.a), p.at(ad.b));
         // W's rows (outputs) against A's rows: (out, in) x (in, r).
-        let wa_layout = match self.layout {
-            WeightLayout::OutIn => Layout::Normal,
-            WeightLayout::InOut => Layout::Transposed,
-        };
+        let wa_layout = self.w_transposed_layout();
         matmul(w, wa_layout, a, Layout::Transposed, &mut acts.wa, Dims { m: cout, k: cin, n: r }, false);
         matmul(a, Layout::Normal, a, Layout::Transposed, &mut acts.gram, Dims { m: r, k: cin, n: r }, false);
         let s = ad.scale as f64;
@@ -304,10 +311,7 @@ impl Linear {
         let part = lora_partial(r, cin, cout);
         let partials = &mut partials[..then_blocks(rows) * part];
         let blocks = dxa[..rows * r].par_chunks_mut(then_rows(rows) * r).zip(partials.par_chunks_mut(part));
-        let dx_layout = match self.layout {
-            WeightLayout::OutIn => Layout::Normal,
-            WeightLayout::InOut => Layout::Transposed,
-        };
+        let dx_layout = self.w_transposed_layout();
         let d = Dims { m: rows, k: cout, n: cin };
         self.precision.matmul_then(
             dout,
@@ -397,10 +401,7 @@ impl Linear {
             }
             None => dout,
         };
-        let dx_layout = match self.layout {
-            WeightLayout::OutIn => Layout::Normal,
-            WeightLayout::InOut => Layout::Transposed,
-        };
+        let dx_layout = self.w_transposed_layout();
         let prec = self.precision;
         let d = Dims { m: rows, k: cout, n: cin };
         let lora = self.adapter.filter(|ad| ad.magnitude.is_none());
