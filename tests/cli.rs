@@ -25,8 +25,8 @@ fn every_command_has_help() {
 }
 
 /// `bench --json`: one JSON document on stdout with the machine, and per reference model the
-/// step, its LoRA twin (its adapters timed as theirs, also in bf16) and the same step with
-/// every weight frozen, decoding speeds and speculative decoding; progress on stderr.
+/// step, its LoRA twin (also in bf16) and the same step with every weight frozen, decoding
+/// speeds and speculative decoding; progress on stderr.
 #[test]
 fn bench_json_reports_every_section_as_numbers() {
     let sb = Sandbox::new();

@@ -639,7 +639,8 @@ pub struct Activations {
     /// (B * T, out).
     dxa: Vec<f32>,
     dz: Vec<f32>,
-    /// The gradient of a dropped adapter input (B * T, in).
+    /// The gradient of a dropped adapter input (B * T, in), for DoRA (a LoRA layer's blocks
+    /// use the kernels' per-thread scratch).
     dx_drop: Vec<f32>,
     /// Each block of rows' part of a LoRA layer's gradients ([`lora_partial`]).
     lora_partials: Vec<f32>,
@@ -729,7 +730,7 @@ impl Activations {
             dg: g(rows * f),
             dxa: g(rows * adapters.iter().map(|a| a.r).max().unwrap_or(0)),
             dz: g(rows * adapters.iter().filter(|a| a.dora).map(|a| a.cout).max().unwrap_or(0)),
-            dx_drop: g(rows * adapters.iter().filter(|a| a.dropout).map(|a| a.cin).max().unwrap_or(0)),
+            dx_drop: g(rows * adapters.iter().filter(|a| a.dropout && a.dora).map(|a| a.cin).max().unwrap_or(0)),
             lora_partials: g(then_blocks(rows)
                 * adapters.iter().filter(|a| !a.dora).map(|a| lora_partial(a.r, a.cin, a.cout)).max().unwrap_or(0)),
             no_adapter: AdapterActs::default(),
