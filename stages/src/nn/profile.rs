@@ -3,7 +3,8 @@
 //! Off by default: a disabled [`scope`] costs one relaxed atomic load. Kernels are called from
 //! one thread (their parallelism is inside), so scopes never overlap and the times add up. A
 //! scope opened inside another on the same thread is not timed: the outer one's kind counts
-//! it (an adapter's products count as the adapter's, not as matmuls).
+//! it (DoRA's adapter products, run apart from the weight's, count as `adapters`, not as
+//! matmuls).
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
