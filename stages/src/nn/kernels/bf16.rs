@@ -702,10 +702,24 @@ mod tiles {
 
     pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
         by_chunks(a, la, b, lb, d, |a, kb0, nb, packed_b, chunk, _| {
-            out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
-                let mut rows = OutRows::packed(rows, d.n);
-                row_block(a, d, r, kb0, nb, packed_b, chunk, &mut rows, accumulate || kb0 > 0);
-            });
+            every_row_block(a, d, kb0, nb, packed_b, chunk, out, accumulate || kb0 > 0);
+        });
+    }
+
+    /// [`row_block`] of every block of `out`'s rows, on the pool.
+    #[allow(clippy::too_many_arguments)]
+    fn every_row_block(
+        a: Operand,
+        d: Dims,
+        kb0: usize,
+        nb: usize,
+        packed_b: &[Tile],
+        chunk: usize,
+        out: &mut [f32],
+        accumulate: bool,
+    ) {
+        out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
+            row_block(a, d, r, kb0, nb, packed_b, chunk, &mut OutRows::packed(rows, d.n), accumulate);
         });
     }
 
@@ -729,10 +743,7 @@ mod tiles {
         by_chunks(a, la, b, lb, d, |a, kb0, nb, packed_b, chunk, last| {
             let acc = accumulate || kb0 > 0;
             if !last {
-                out.par_chunks_mut(BLOCK * d.n).enumerate().for_each(|(r, rows)| {
-                    row_block(a, d, r, kb0, nb, packed_b, chunk, &mut OutRows::packed(rows, d.n), acc);
-                });
-                return;
+                return every_row_block(a, d, kb0, nb, packed_b, chunk, out, acc);
             }
             let contexts = contexts.take().expect("one last chunk");
             out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {

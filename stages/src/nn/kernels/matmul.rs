@@ -56,15 +56,20 @@ fn view(data: &[f32], rows: usize, cols: usize, layout: Layout) -> ArrayView2<'_
 /// A product with [`matmul`]'s arguments: `out = [out +] op(a) @ op(b)`.
 pub type Product = fn(&[f32], Layout, &[f32], Layout, &mut [f32], Dims, bool);
 
+/// The operands' lengths against their dimensions.
+fn check(a: &[f32], b: &[f32], out: &[f32], d: Dims) {
+    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
+    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
+    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+}
+
 /// `out = op(a) @ op(b)` (or `out += ...` when `accumulate`).
 ///
 /// # Panics
 /// If a slice's length does not match its dimensions.
 pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
-    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
-    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
-    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+    check(a, b, out, d);
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
     let beta = if accumulate { 1.0 } else { 0.0 };
     let (rows, cols) = grid(d);
@@ -111,9 +116,7 @@ pub fn matmul_then<C: Send>(
     then: impl Fn(usize, &mut [f32], C) + Sync + Send,
 ) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
-    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
-    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
-    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+    check(a, b, out, d);
     assert_eq!(contexts.len(), then_blocks(d.m), "one context per block of rows");
     if d.m == 0 || d.n == 0 {
         return;
@@ -131,9 +134,7 @@ pub fn matmul_then<C: Send>(
 
 /// [`matmul`] on the calling thread: a block's small products inside a parallel task.
 pub fn matmul_here(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
-    assert_eq!(a.len(), d.m * d.k, "a is not m * k");
-    assert_eq!(b.len(), d.k * d.n, "b is not k * n");
-    assert_eq!(out.len(), d.m * d.n, "out is not m * n");
+    check(a, b, out, d);
     let mut out = ArrayViewMut2::from_shape((d.m, d.n), out).expect("checked");
     general_mat_mul(1.0, &view(a, d.m, d.k, la), &view(b, d.k, d.n, lb), if accumulate { 1.0 } else { 0.0 }, &mut out);
 }
