@@ -136,11 +136,11 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
                 100.0 * l.needed_bytes as f64 / r.needed_bytes as f64
             ));
         }
-        // Every weight frozen and no adapter: what a LoRA step would take if its adapters'
-        // products cost nothing.
+        // Every weight frozen, a rank-1 adapter on the first layer only: what a LoRA step would
+        // take if its adapters' products cost nothing.
         let frozen = bench::train_steps(&m, cores, Training { frozen: true, ..trained });
         out.text(format_args!(
-            "every weight frozen, no adapter: median {:.1} ms/step ({:.2}x every weight's speed), the bound of \
+            "every weight frozen, a rank-1 adapter on the first layer only: median {:.1} ms/step ({:.2}x every weight's speed), the bound of \
              an adapter's step; LoRA r=8's is {:.1} ms, {:.2}x the bound's time",
             frozen.step_spread[1] * 1e3,
             r.step_spread[1] / frozen.step_spread[1],

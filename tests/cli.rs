@@ -48,7 +48,6 @@ fn bench_json_reports_every_section_as_numbers() {
         assert!(needed("frozen") < needed("lora_r8"), "{m}");
         assert!(m["lora_r8_bf16"]["step_seconds"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["lora_r8"]["breakdown"]["adapters"].as_f64().unwrap() > 0.0, "{m}");
-        assert_eq!(m["frozen"]["breakdown"]["adapters"], 0.0, "{m}");
         let weights: Vec<&str> =
             m["decode"].as_array().unwrap().iter().map(|d| d["weights"].as_str().unwrap()).collect();
         assert_eq!(weights, ["f32", "int8", "int4"]);

@@ -130,6 +130,45 @@ pub(crate) fn lora_partial(r: usize, cin: usize, cout: usize) -> usize {
     r * (cin + cout)
 }
 
+/// What a layer's backward does with the gradient of its input.
+pub(crate) enum InputGradient<'a> {
+    /// Writes it into the slice.
+    Write(&'a mut [f32]),
+    /// Adds it into the slice.
+    Add(&'a mut [f32]),
+    /// Leaves it: nothing below the layer trains.
+    Skip,
+}
+
+impl<'a> InputGradient<'a> {
+    /// `Write(dx)` when `needed`, else `Skip`.
+    pub(crate) fn write_if(needed: bool, dx: &'a mut [f32]) -> Self {
+        if needed {
+            InputGradient::Write(dx)
+        } else {
+            InputGradient::Skip
+        }
+    }
+
+    /// `Add(dx)` when `needed`, else `Skip`.
+    pub(crate) fn add_if(needed: bool, dx: &'a mut [f32]) -> Self {
+        if needed {
+            InputGradient::Add(dx)
+        } else {
+            InputGradient::Skip
+        }
+    }
+
+    /// The slice and whether to add into it; none for `Skip`.
+    fn target(self) -> Option<(&'a mut [f32], bool)> {
+        match self {
+            InputGradient::Write(dx) => Some((dx, false)),
+            InputGradient::Add(dx) => Some((dx, true)),
+            InputGradient::Skip => None,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Linear {
     pub(crate) w: ParamId,
@@ -144,6 +183,12 @@ pub(crate) struct Linear {
 }
 
 impl Linear {
+    /// Whether `g` holds a gradient for the layer's weight, bias or adapter.
+    pub(crate) fn trains(&self, g: &ParamMap) -> bool {
+        let adapter = self.adapter.iter().flat_map(|ad| [Some(ad.a), Some(ad.b), ad.magnitude]);
+        [Some(self.w), self.b].into_iter().chain(adapter).flatten().any(|id| !g.at(id).is_empty())
+    }
+
     /// How the weight reads as (in, out), the forward product's right operand.
     fn w_layout(&self) -> Layout {
         match self.layout {
@@ -288,7 +333,8 @@ impl Linear {
     /// the task that computed its product, while the block's `dout` and `dx` are in cache:
     /// `dxa = s dout B`, `dx += dxa A` (through the dropout's mask when there was one), and the
     /// block's part of the adapter's gradients, `dout^T xa` and `dxa^T x`, added to theirs
-    /// block by block in order after the product.
+    /// block by block in order after the product. Without `dx`, the same blocks without the
+    /// product.
     #[allow(clippy::too_many_arguments)]
     fn input_gradient_with_lora(
         &self,
@@ -298,9 +344,8 @@ impl Linear {
         x: &[f32],
         acts: &AdapterActs,
         (dxa, partials): (&mut [f32], &mut [f32]),
-        dx: &mut [f32],
+        dx: Option<(&mut [f32], bool)>,
         rows: usize,
-        add_dx: bool,
         ad: Adapter,
     ) {
         let (cin, cout, r) = (self.cin, self.cout, ad.r);
@@ -311,45 +356,59 @@ impl Linear {
         let part = lora_partial(r, cin, cout);
         let partials = &mut partials[..then_blocks(rows) * part];
         let blocks = dxa[..rows * r].par_chunks_mut(then_rows(rows) * r).zip(partials.par_chunks_mut(part));
-        let dx_layout = self.w_transposed_layout();
-        let d = Dims { m: rows, k: cout, n: cin };
-        self.precision.matmul_then(
-            dout,
-            Layout::Normal,
-            p.at(self.w),
-            dx_layout,
-            dx,
-            d,
-            add_dx,
-            blocks,
-            |first, dx, (dxa, partial)| {
-                let n = dx.len() / cin;
-                let (dout, xa, input) =
-                    (&dout[first * cout..][..n * cout], &xa[first * r..][..n * r], &input[first * cin..][..n * cin]);
-                let (db, da) = partial.split_at_mut(r * cout);
-                if train_b {
-                    matmul_here(dout, Layout::Transposed, xa, Layout::Normal, db, Dims { m: cout, k: n, n: r }, false);
-                }
-                matmul_here(dout, Layout::Normal, b, Layout::Normal, dxa, Dims { m: n, k: cout, n: r }, false);
-                dxa.iter_mut().for_each(|v| *v *= ad.scale);
-                if train_a {
-                    matmul_here(dxa, Layout::Transposed, input, Layout::Normal, da, Dims { m: r, k: n, n: cin }, false);
-                }
-                let d = Dims { m: n, k: r, n: cin };
-                match seed {
-                    None => matmul_here(dxa, Layout::Normal, a, Layout::Normal, dx, d, true),
-                    Some(seed) => with_scratch(n * cin, |dropped| {
-                        matmul_here(dxa, Layout::Normal, a, Layout::Normal, dropped, d, false);
-                        for (i, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
-                            let row = acts.first_row + first + i;
-                            for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
-                                *dx += dd * f;
-                            }
+        let block = |first: usize, dx: Option<&mut [f32]>, (dxa, partial): (&mut [f32], &mut [f32])| {
+            let n = dxa.len() / r;
+            let (dout, xa, input) =
+                (&dout[first * cout..][..n * cout], &xa[first * r..][..n * r], &input[first * cin..][..n * cin]);
+            let (db, da) = partial.split_at_mut(r * cout);
+            if train_b {
+                matmul_here(dout, Layout::Transposed, xa, Layout::Normal, db, Dims { m: cout, k: n, n: r }, false);
+            }
+            if !train_a && dx.is_none() {
+                return;
+            }
+            matmul_here(dout, Layout::Normal, b, Layout::Normal, dxa, Dims { m: n, k: cout, n: r }, false);
+            dxa.iter_mut().for_each(|v| *v *= ad.scale);
+            if train_a {
+                matmul_here(dxa, Layout::Transposed, input, Layout::Normal, da, Dims { m: r, k: n, n: cin }, false);
+            }
+            let Some(dx) = dx else { return };
+            let d = Dims { m: n, k: r, n: cin };
+            match seed {
+                None => matmul_here(dxa, Layout::Normal, a, Layout::Normal, dx, d, true),
+                Some(seed) => with_scratch(n * cin, |dropped| {
+                    matmul_here(dxa, Layout::Normal, a, Layout::Normal, dropped, d, false);
+                    for (i, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
+                        let row = acts.first_row + first + i;
+                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
+                            *dx += dd * f;
                         }
-                    }),
-                }
-            },
-        );
+                    }
+                }),
+            }
+        };
+        match dx {
+            Some((dx, add_dx)) => {
+                let d = Dims { m: rows, k: cout, n: cin };
+                let w_layout = self.w_transposed_layout();
+                self.precision.matmul_then(
+                    dout,
+                    Layout::Normal,
+                    p.at(self.w),
+                    w_layout,
+                    dx,
+                    d,
+                    add_dx,
+                    blocks,
+                    |first, dx, c| block(first, Some(dx), c),
+                );
+            }
+            None => {
+                let _time = profile::scope(profile::Kind::Adapter);
+                let height = then_rows(rows);
+                blocks.enumerate().for_each(|(i, c)| block(i * height, None, c));
+            }
+        }
         let _time = profile::scope(profile::Kind::Adapter);
         for partial in partials.chunks(part) {
             let (db, da) = partial.split_at(r * cout);
@@ -362,8 +421,9 @@ impl Linear {
         }
     }
 
-    /// Writes (or with `add_dx`, adds into) `dx`; adds into the gradients of the weight, bias
-    /// and adapter that are not frozen. `acts` is what forward saved for this layer.
+    /// Writes, adds or skips the input's gradient as `dx` says; adds into the gradients of the
+    /// weight, bias and adapter that are not frozen. `acts` is what forward saved for this
+    /// layer.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &self,
@@ -373,10 +433,10 @@ impl Linear {
         x: &[f32],
         acts: &AdapterActs,
         scratch: &mut AdapterScratch<'_>,
-        dx: &mut [f32],
+        dx: InputGradient<'_>,
         rows: usize,
-        add_dx: bool,
     ) {
+        let mut dx = dx.target();
         let (cin, cout) = (self.cin, self.cout);
         if let Some(b) = self.b.filter(|b| !g.at(*b).is_empty()) {
             bias_backward(dout, g.at_mut(b));
@@ -401,16 +461,19 @@ impl Linear {
             }
             None => dout,
         };
-        let dx_layout = self.w_transposed_layout();
         let prec = self.precision;
-        let d = Dims { m: rows, k: cout, n: cin };
         let lora = self.adapter.filter(|ad| ad.magnitude.is_none());
-        match lora {
-            Some(ad) => {
+        match (lora, &mut dx) {
+            (Some(ad), _) => {
                 let lora_scratch = (&mut *scratch.dxa, &mut *scratch.partials);
-                self.input_gradient_with_lora(p, g, dout, x, acts, lora_scratch, dx, rows, add_dx, ad)
+                let dx = dx.as_mut().map(|(dx, add)| (&mut **dx, *add));
+                self.input_gradient_with_lora(p, g, dout, x, acts, lora_scratch, dx, rows, ad)
             }
-            None => prec.matmul(dout, Layout::Normal, p.at(self.w), dx_layout, dx, d, add_dx),
+            (None, Some((dx, add_dx))) => {
+                let d = Dims { m: rows, k: cout, n: cin };
+                prec.matmul(dout, Layout::Normal, p.at(self.w), self.w_transposed_layout(), dx, d, *add_dx)
+            }
+            (None, None) => {}
         }
         if !g.at(self.w).is_empty() {
             match self.layout {
@@ -443,6 +506,7 @@ impl Linear {
                 let d = Dims { m: ad.r, k: rows, n: cin };
                 matmul(dxa, Layout::Transposed, input, Layout::Normal, g.at_mut(ad.a), d, true);
             }
+            let Some((dx, _)) = dx else { return };
             let d = Dims { m: rows, k: ad.r, n: cin };
             match seed {
                 None => matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, d, true),
@@ -580,7 +644,7 @@ mod tests {
                 let mut scratch =
                     AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop, partials: &mut partials };
                 let mut dx = vec![0.0; rows * 5];
-                lin.backward(&p, &mut g, &probe, &x, &acts, &mut scratch, &mut dx, rows, false);
+                lin.backward(&p, &mut g, &probe, &x, &acts, &mut scratch, InputGradient::Write(&mut dx), rows);
                 let factors: Vec<f32> = if dora { acts.norm_and_factor[4..].to_vec() } else { vec![1.0; 4] };
                 // The forward with the norm factors fixed: the plain LoRA layer, scaled.
                 let fixed = |p: &ParamMap, x: &[f32]| -> f64 {
@@ -666,7 +730,16 @@ mod tests {
                                 partials: &mut partials,
                             };
                             let mut dx = vec![0.0; rows * cin];
-                            lin.backward(&p, &mut g, &dout, &x, &acts, &mut scratch, &mut dx, rows, false);
+                            lin.backward(
+                                &p,
+                                &mut g,
+                                &dout,
+                                &x,
+                                &acts,
+                                &mut scratch,
+                                InputGradient::Write(&mut dx),
+                                rows,
+                            );
                             (out, dx, g.get("a").to_vec(), g.get("bb").to_vec(), acts.x_drop.clone())
                         })
                     };
@@ -763,7 +836,16 @@ mod tests {
             let mut g = p.zeros_like_trainable(|n| n == "w" || n == "b");
             let mut dx = vec![0.0; rows * cin];
             let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [], partials: &mut [] };
-            lin.backward(&p, &mut g, &dout, &x, &AdapterActs::default(), &mut scratch, &mut dx, rows, false);
+            lin.backward(
+                &p,
+                &mut g,
+                &dout,
+                &x,
+                &AdapterActs::default(),
+                &mut scratch,
+                InputGradient::Write(&mut dx),
+                rows,
+            );
             let close = |what: &str, got: f32, want: f64| {
                 assert!((got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{what} {layout:?}: {got} vs {want}");
             };

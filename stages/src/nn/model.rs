@@ -24,7 +24,7 @@ use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
 use crate::nn::kernels::matmul::then_blocks;
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::nn::kernels::Precision;
-use crate::nn::linear::{lora_partial, Adapter, AdapterActs, AdapterScratch, AdapterShape, Linear};
+use crate::nn::linear::{lora_partial, Adapter, AdapterActs, AdapterScratch, AdapterShape, InputGradient, Linear};
 use crate::nn::lora;
 use crate::nn::params::{ParamId, ParamMap};
 use crate::nn::rng::SplitMix64;
@@ -60,8 +60,14 @@ impl Norm {
         }
     }
 
-    /// Writes `dx`; adds into the weight (and bias) gradients unless the weight is frozen.
-    /// `scratch` (C) takes the bias gradient of a LayerNorm without bias.
+    /// Whether `g` holds a gradient for the norm's weight or bias.
+    fn trains(&self, g: &ParamMap) -> bool {
+        [Some(self.w), self.b].into_iter().flatten().any(|id| !g.at(id).is_empty())
+    }
+
+    /// Writes `dx`; adds into the weight and bias gradients that are not frozen. `scratch` (C)
+    /// takes the column sums of a LayerNorm's absent or frozen bias (or frozen weight) when the
+    /// other trains.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -81,10 +87,11 @@ impl Norm {
             rmsnorm_backward(dout, x, w, &s.rstd, dx, dw, c);
             return;
         }
-        let (dw, db) = match (frozen, self.b) {
-            (true, _) => (&mut [][..], &mut [][..]),
-            (false, Some(b)) => g.pair_mut(self.w, b),
-            (false, None) => (g.at_mut(self.w), scratch),
+        let (dw, db) = match self.b.map(|b| (b, !g.at(b).is_empty())) {
+            None | Some((_, false)) if frozen => (&mut [][..], &mut [][..]),
+            None | Some((_, false)) => (g.at_mut(self.w), scratch),
+            Some((b, true)) if frozen => (scratch, g.at_mut(b)),
+            Some((b, true)) => g.pair_mut(self.w, b),
         };
         layernorm_backward(dout, x, w, &s.mean, &s.rstd, dx, dw, db, c);
     }
@@ -115,7 +122,41 @@ pub(crate) struct Block {
     mlp: Mlp,
 }
 
+/// The places of a block's operations in forward order, from a block's first place: backward
+/// stops below the first place that trains ([`Model::first_trainable`]).
+const NORM1: usize = 0;
+const QKV: usize = 1;
+const ATTN_OUT: usize = 3;
+const NORM2: usize = 4;
+const MLP_IN: usize = 5;
+const MLP_OUT: usize = 7;
+/// Places per block: the above, attention (2) and the MLP's activation (6).
+const PLACES_PER_BLOCK: usize = 8;
+
 impl Block {
+    /// The first place, in forward order ([`NORM1`] ...), of an operation whose parameters `g`
+    /// trains.
+    fn first_trainable(&self, g: &ParamMap) -> Option<usize> {
+        let qkv = match &self.qkv {
+            Qkv::Fused(l) => l.trains(g),
+            Qkv::Split(q, k, v) => [q, k, v].iter().any(|l| l.trains(g)),
+        };
+        let (mlp_in, mlp_out) = match &self.mlp {
+            Mlp::Gelu { fc, proj } => (fc.trains(g), proj.trains(g)),
+            Mlp::SwiGlu { gate, up, down } => (gate.trains(g) || up.trains(g), down.trains(g)),
+        };
+        [
+            (NORM1, self.norm1.trains(g)),
+            (QKV, qkv),
+            (ATTN_OUT, self.o.trains(g)),
+            (NORM2, self.norm2.trains(g)),
+            (MLP_IN, mlp_in),
+            (MLP_OUT, mlp_out),
+        ]
+        .into_iter()
+        .find_map(|(place, trains)| trains.then_some(place))
+    }
+
     fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
         match &mut self.qkv {
             Qkv::Fused(l) => f(l),
@@ -438,10 +479,34 @@ impl Model {
         (sum / n.max(1) as f64) as f32
     }
 
+    /// The places of the final norm and the head, after every block's (the embeddings are at 0).
+    fn final_places(&self) -> (usize, usize) {
+        let norm_f = 1 + self.blocks.len() * PLACES_PER_BLOCK;
+        (norm_f, norm_f + 1)
+    }
+
+    /// The first place, in forward order, of an operation whose parameters `grads` trains: 0 for
+    /// the embeddings, then each block's places ([`PLACES_PER_BLOCK`] from `1 + l *
+    /// PLACES_PER_BLOCK`), the final norm's and the head's; none when nothing trains.
+    fn first_trainable(&self, grads: &ParamMap) -> Option<usize> {
+        let trains = |id: ParamId| !grads.at(id).is_empty();
+        let (norm_f, head) = self.final_places();
+        let blocks = self.blocks.iter().enumerate();
+        (trains(self.wte) || self.wpe.is_some_and(trains))
+            .then_some(0)
+            .or_else(|| {
+                blocks.filter_map(|(l, blk)| blk.first_trainable(grads).map(|op| 1 + l * PLACES_PER_BLOCK + op)).next()
+            })
+            .or_else(|| self.norm_f.trains(grads).then_some(norm_f))
+            .or_else(|| self.head.trains(grads).then_some(head))
+    }
+
     /// Backward from the logits' gradient a loss wrote into [`Activations::loss_buffers`] after
     /// [`Model::forward`] of the same batch: adds every gradient whose tensor in `grads` is not
     /// empty (a map made by [`ParamMap::zeros_like`] or [`ParamMap::zeros_like_trainable`] of
-    /// `p`).
+    /// `p`). It stops below the first operation in forward order that trains: the gradients of
+    /// inputs nothing below needs are not computed (with LoRA, the first layer's input
+    /// gradient; with every parameter frozen, everything).
     ///
     /// # Panics
     /// If `acts` are inference activations.
@@ -479,10 +544,22 @@ impl Model {
         } = acts;
         let dxa = &mut AdapterScratch { dxa, dz, dx_drop, partials: lora_partials };
 
-        self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dtmp, rows, false);
+        // The input of the operation at `place` needs its gradient when something before it trains.
+        let first = self.first_trainable(grads);
+        let below = |place: usize| first.is_some_and(|first| first < place);
+        let (norm_f_place, head_place) = self.final_places();
+        let dn_f = InputGradient::write_if(below(head_place), dtmp);
+        self.head.backward(p, grads, dlogits, nf, no_adapter, dxa, dn_f, rows);
+        if !below(head_place) {
+            return;
+        }
         self.norm_f.backward(p, grads, dtmp, x, sf, dx, scratch_c);
+        if !below(norm_f_place) {
+            return;
+        }
         let last = self.blocks.len() - 1;
         for (l, blk) in self.blocks.iter().enumerate().rev() {
+            let needed = |op: usize| below(1 + l * PLACES_PER_BLOCK + op);
             let a: &BlockActs = match block_inputs.get(l) {
                 None => &blocks[l],
                 // Checkpointed: the last block's intermediates are still those forward left;
@@ -498,28 +575,64 @@ impl Model {
             };
             // dx holds d(block output) = d(x_mid + mlp(norm2(x_mid))).
             let xa = &a.adapters;
+            let (mlp_out, mlp_in) = (needed(MLP_OUT), needed(MLP_IN));
             match blk.mlp {
                 Mlp::Gelu { fc, proj } => {
-                    proj.backward(p, grads, dx, &a.g, &xa[proj.slot], dxa, dg, rows, false);
+                    proj.backward(p, grads, dx, &a.g, &xa[proj.slot], dxa, InputGradient::write_if(mlp_out, dg), rows);
+                    if !mlp_out {
+                        return;
+                    }
                     gelu_backward(self.cfg.gelu, dg, &a.h, dh);
-                    fc.backward(p, grads, dh, &a.n2, &xa[fc.slot], dxa, dtmp, rows, false);
+                    fc.backward(p, grads, dh, &a.n2, &xa[fc.slot], dxa, InputGradient::write_if(mlp_in, dtmp), rows);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
-                    down.backward(p, grads, dx, &a.g, &xa[down.slot], dxa, dg, rows, false);
+                    down.backward(p, grads, dx, &a.g, &xa[down.slot], dxa, InputGradient::write_if(mlp_out, dg), rows);
+                    if !mlp_out {
+                        return;
+                    }
                     swiglu_backward(dg, &a.h, &a.u, dh, du);
-                    gate.backward(p, grads, dh, &a.n2, &xa[gate.slot], dxa, dtmp, rows, false);
-                    up.backward(p, grads, du, &a.n2, &xa[up.slot], dxa, dtmp, rows, true);
+                    gate.backward(
+                        p,
+                        grads,
+                        dh,
+                        &a.n2,
+                        &xa[gate.slot],
+                        dxa,
+                        InputGradient::write_if(mlp_in, dtmp),
+                        rows,
+                    );
+                    up.backward(p, grads, du, &a.n2, &xa[up.slot], dxa, InputGradient::add_if(mlp_in, dtmp), rows);
                 }
             }
+            if !mlp_in {
+                return;
+            }
             blk.norm2.backward(p, grads, dtmp, &a.x_mid, &a.s2, dn, scratch_c);
+            if !needed(NORM2) {
+                return;
+            }
             add_assign(dx, dn); // d x_mid
 
-            blk.o.backward(p, grads, dx, &a.y, &xa[blk.o.slot], dxa, dtmp, rows, false);
+            let attn_out = needed(ATTN_OUT);
+            blk.o.backward(p, grads, dx, &a.y, &xa[blk.o.slot], dxa, InputGradient::write_if(attn_out, dtmp), rows);
+            if !attn_out {
+                return;
+            }
+            let qkv_in = needed(QKV);
             match blk.qkv {
                 Qkv::Fused(lin) => {
                     let (qkv, fused) = (QkvIn::Fused(&a.qkv), QkvOut::Fused(dqkv));
                     attention_backward(dtmp, qkv, pos, &a.att_stats, fused, n, self.attention);
-                    lin.backward(p, grads, dqkv, &a.n1, &xa[lin.slot], dxa, dtmp, rows, false);
+                    lin.backward(
+                        p,
+                        grads,
+                        dqkv,
+                        &a.n1,
+                        &xa[lin.slot],
+                        dxa,
+                        InputGradient::write_if(qkv_in, dtmp),
+                        rows,
+                    );
                 }
                 Qkv::Split(lq, lk, lv) => {
                     let qkv = QkvIn::Split { q: &a.q, k: &a.k, v: &a.v };
@@ -527,12 +640,18 @@ impl Model {
                     let (d, theta) = (self.cfg.head_dim(), self.cfg.rope_theta);
                     rope(dq, pos, self.cfg.n_head, d, theta, true);
                     rope(dk, pos, self.cfg.n_kv_head, d, theta, true);
-                    lq.backward(p, grads, dq, &a.n1, &xa[lq.slot], dxa, dtmp, rows, false);
-                    lk.backward(p, grads, dk, &a.n1, &xa[lk.slot], dxa, dtmp, rows, true);
-                    lv.backward(p, grads, dv, &a.n1, &xa[lv.slot], dxa, dtmp, rows, true);
+                    lq.backward(p, grads, dq, &a.n1, &xa[lq.slot], dxa, InputGradient::write_if(qkv_in, dtmp), rows);
+                    lk.backward(p, grads, dk, &a.n1, &xa[lk.slot], dxa, InputGradient::add_if(qkv_in, dtmp), rows);
+                    lv.backward(p, grads, dv, &a.n1, &xa[lv.slot], dxa, InputGradient::add_if(qkv_in, dtmp), rows);
                 }
             }
+            if !qkv_in {
+                return;
+            }
             blk.norm1.backward(p, grads, dtmp, &a.x_in, &a.s1, dn, scratch_c);
+            if !needed(NORM1) {
+                return;
+            }
             add_assign(dx, dn); // d x_in
         }
         if !grads.at(self.wte).is_empty() {
@@ -994,20 +1113,28 @@ mod tests {
 
     #[test]
     fn frozen_parameters_get_no_gradient_and_inputs_still_do() {
-        let cfg = tiny(Arch::Llama, 0);
-        let params = random_params(&cfg);
-        let model = Model::new(cfg, &params);
-        let batch = random_batch(&cfg, 2, 4, 5);
-        let mut acts = Activations::new(&cfg, 2, 4);
-        let mut all = params.zeros_like();
-        forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut all);
-        // Freeze everything but the first layer's q_proj: its gradient needs the input gradient
-        // to flow back through every frozen layer above it.
-        let only = "model.layers.0.self_attn.q_proj.weight";
-        let mut some = params.zeros_like_trainable(|name| name == only);
-        forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut some);
-        assert_eq!(some.get(only), all.get(only));
-        assert!(some.iter().filter(|(n, _)| *n != only).all(|(_, g)| g.data().is_empty()));
+        for (arch, variant) in VARIANTS {
+            let cfg = tiny(arch, variant);
+            let lora = lora_on_everything(&cfg, false, false);
+            let params = adapted(&cfg, &lora);
+            let model = Model::with_lora_scale(cfg, &params, lora.scale());
+            let batch = random_batch(&cfg, 2, 4, 5);
+            let mut acts = Activations::for_training(&model, 2, 4);
+            let mut all = params.zeros_like();
+            forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut all);
+            // Each parameter alone, then the adapters: backward stops below the first that
+            // trains, and the input gradient flows back to it through every frozen layer above.
+            let names: Vec<String> = params.iter().map(|(name, _)| name.to_string()).collect();
+            let alone = names.iter().map(|only| Box::new(move |name: &str| name == only) as Box<dyn Fn(&str) -> bool>);
+            for trains in alone.chain([Box::new(crate::nn::lora::is_adapter) as Box<dyn Fn(&str) -> bool>]) {
+                let mut some = params.zeros_like_trainable(&trains);
+                forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut some);
+                for ((name, got), (_, want)) in some.iter().zip(all.iter()) {
+                    let want = if trains(name) { want.data() } else { &[] };
+                    assert_eq!(got.data(), want, "{name} ({} {variant})", arch.name());
+                }
+            }
+        }
     }
 
     fn lora_on_everything(cfg: &ModelConfig, rslora: bool, dora: bool) -> LoraConfig {
