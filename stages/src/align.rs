@@ -123,7 +123,9 @@ impl Stage for Align {
         "align"
     }
     fn version(&self) -> u32 {
-        3 // 2: attention's products in bf16 when precision = "bf16"; 3: LoRA gradients summed by blocks of rows
+        // 2: attention's products in bf16 when precision = "bf16"; 3: LoRA gradients summed by
+        // blocks of rows; 4: in f32, blocks of up to 256 rows
+        4
     }
     fn about(&self) -> &'static str {
         "preference-tune a policy with DPO, IPO, SimPO or ORPO, in full or with LoRA adapters"

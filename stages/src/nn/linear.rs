@@ -15,7 +15,7 @@
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::gemv;
-use crate::nn::kernels::matmul::{matmul, matmul_here, then_blocks, then_rows, Dims, Layout};
+use crate::nn::kernels::matmul::{matmul, matmul_here, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::kernels::Precision;
 use crate::nn::kernels::{add_to, with_scratch};
@@ -282,7 +282,7 @@ impl Linear {
             adapter_input(x, x_drop, seed, ad.dropout, cin)
         };
         let (a, b) = (p.at(ad.a), p.at(ad.b));
-        let blocks = xa[..rows * r].par_chunks_mut(then_rows(rows) * r);
+        let blocks = xa[..rows * r].par_chunks_mut(self.precision.then_rows(rows) * r);
         let d = Dims { m: rows, k: cin, n: cout };
         self.precision.matmul_then(
             x,
@@ -354,8 +354,9 @@ impl Linear {
         let input = if seed.is_some() { &acts.x_drop[..rows * cin] } else { x };
         let (xa, a, b) = (&acts.xa[..rows * r], p.at(ad.a), p.at(ad.b));
         let part = lora_partial(r, cin, cout);
-        let partials = &mut partials[..then_blocks(rows) * part];
-        let blocks = dxa[..rows * r].par_chunks_mut(then_rows(rows) * r).zip(partials.par_chunks_mut(part));
+        let partials = &mut partials[..self.precision.then_blocks(rows) * part];
+        let blocks =
+            dxa[..rows * r].par_chunks_mut(self.precision.then_rows(rows) * r).zip(partials.par_chunks_mut(part));
         let block = |first: usize, dx: Option<&mut [f32]>, (dxa, partial): (&mut [f32], &mut [f32])| {
             let n = dxa.len() / r;
             let (dout, xa, input) =
@@ -405,7 +406,7 @@ impl Linear {
             }
             None => {
                 let _time = profile::scope(profile::Kind::Adapter);
-                let height = then_rows(rows);
+                let height = self.precision.then_rows(rows);
                 blocks.enumerate().for_each(|(i, c)| block(i * height, None, c));
             }
         }
@@ -640,7 +641,7 @@ mod tests {
                 let (_, acts) = forward(&lin, &p, &x, rows);
                 let mut g = p.zeros_like_trainable(|n| n != "w");
                 let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * 2], vec![0.0; rows * 4], vec![0.0; rows * 5]);
-                let mut partials = vec![0.0; then_blocks(rows) * lora_partial(2, 5, 4)];
+                let mut partials = vec![0.0; lin.precision.then_blocks(rows) * lora_partial(2, 5, 4)];
                 let mut scratch =
                     AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop, partials: &mut partials };
                 let mut dx = vec![0.0; rows * 5];
@@ -704,7 +705,7 @@ mod tests {
     fn a_lora_layer_over_many_blocks_computes_the_plain_products() {
         use crate::nn::gradcheck::on_threads;
         let (cin, cout, r, rows) = (40, 24, 4, 300);
-        assert!(crate::nn::kernels::matmul::then_blocks(rows) > 2, "several blocks");
+        assert!(Precision::F32.then_blocks(rows) > 2 && Precision::Bf16.then_blocks(rows) > 2, "several blocks");
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
             for precision in [Precision::F32, Precision::Bf16] {
                 for dropout in [0.0, 0.3] {
@@ -722,7 +723,7 @@ mod tests {
                             lin.product(&p, &x, &mut out, rows, &mut acts);
                             let mut g = p.zeros_like_trainable(|n| n == "a" || n == "bb");
                             let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * r], vec![], vec![0.0; rows * cin]);
-                            let mut partials = vec![0.0; then_blocks(rows) * lora_partial(r, cin, cout)];
+                            let mut partials = vec![0.0; precision.then_blocks(rows) * lora_partial(r, cin, cout)];
                             let mut scratch = AdapterScratch {
                                 dxa: &mut dxa,
                                 dz: &mut dz,

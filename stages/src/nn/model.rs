@@ -21,7 +21,6 @@ use crate::nn::kernels::add_assign;
 use crate::nn::kernels::attention::{attention_backward, attention_forward, rope, AttnDims, QkvIn, QkvOut};
 use crate::nn::kernels::cross_entropy::target_losses;
 use crate::nn::kernels::embedding::{embedding_backward, embedding_forward};
-use crate::nn::kernels::matmul::then_blocks;
 use crate::nn::kernels::norm::{layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward};
 use crate::nn::kernels::Precision;
 use crate::nn::linear::{lora_partial, Adapter, AdapterActs, AdapterScratch, AdapterShape, InputGradient, Linear};
@@ -850,7 +849,12 @@ impl Activations {
             dxa: g(rows * adapters.iter().map(|a| a.r).max().unwrap_or(0)),
             dz: g(rows * adapters.iter().filter(|a| a.dora).map(|a| a.cout).max().unwrap_or(0)),
             dx_drop: g(rows * adapters.iter().filter(|a| a.dropout && a.dora).map(|a| a.cin).max().unwrap_or(0)),
-            lora_partials: g(then_blocks(rows)
+            // As many blocks as either precision cuts the rows into.
+            lora_partials: g([Precision::F32, Precision::Bf16]
+                .map(|p| p.then_blocks(rows))
+                .into_iter()
+                .max()
+                .unwrap_or(0)
                 * adapters.iter().filter(|a| !a.dora).map(|a| lora_partial(a.r, a.cin, a.cout)).max().unwrap_or(0)),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),

@@ -9,22 +9,27 @@ use ndarray::parallel::prelude::*;
 use ndarray::{linalg::general_mat_mul, s, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-/// Rows of the output per parallel work item, at most; the rows are split into equal blocks
-/// (130 rows are two blocks of 65, not 128 and 2). Fewer, taller blocks pack the other
-/// operand fewer times: 128 measured 5 to 10% faster steps than 64 (docs/bench.md).
-const ROW_BLOCK: usize = 128;
-/// Work items a product should offer: one with fewer row blocks also splits its columns.
+/// Work items a product should offer.
 const MIN_BLOCKS: usize = 4;
 /// Columns per block are a multiple of this (matrixmultiply's widest micro-tile).
 const COL_ALIGN: usize = 16;
+/// Rows of a block are a multiple of this, the least that gives a block whole micro-tiles.
+const ROW_ALIGN: usize = 16;
 
-/// Rows and columns per block of the output grid for this shape.
+/// Rows and columns per block of the output grid for this shape: [`MIN_BLOCKS`] blocks, cut
+/// so as to copy the least. Each call packs its rows of `a` (m/R rows by k) and its columns
+/// of `b` (k by n/C) afresh, so a grid of R row blocks and C column blocks copies
+/// `k (m C + n R)` floats; the grid with the fewest (ties: more row blocks) wins. On
+/// gpt2-6x384's step this packs each weight four times per product instead of sixteen
+/// (docs/bench.md).
 fn grid(d: Dims) -> (usize, usize) {
-    let row_blocks = d.m.div_ceil(ROW_BLOCK).max(1);
-    let rows = d.m.div_ceil(row_blocks).max(1);
-    let col_blocks = MIN_BLOCKS.div_ceil(row_blocks).min(d.n.div_ceil(4 * COL_ALIGN)).max(1);
-    let cols = d.n.div_ceil(col_blocks).next_multiple_of(COL_ALIGN).max(1);
-    (rows, cols)
+    let (most_rows, most_cols) = (d.m.div_ceil(ROW_ALIGN).max(1), d.n.div_ceil(COL_ALIGN).max(1));
+    let (r, c) = (1..=MIN_BLOCKS)
+        .map(|r| (r, MIN_BLOCKS.div_ceil(r)))
+        .filter(|&(r, c)| r <= most_rows && c <= most_cols)
+        .min_by_key(|&(r, c)| (d.m * c + d.n * r, std::cmp::Reverse(r)))
+        .unwrap_or((1, 1));
+    (d.m.div_ceil(r).max(1), d.n.div_ceil(c).next_multiple_of(COL_ALIGN).max(1))
 }
 
 /// How an operand is stored.
@@ -83,22 +88,27 @@ pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: 
     });
 }
 
-/// Rows per block of [`matmul_then`] for a product of `m` rows: blocks of at most
-/// `ROW_BLOCK` rows, at least `MIN_BLOCKS` of them where there are rows enough, a whole number
-/// of 32 (the row block of the AMX kernel, [`super::bf16`]). A function of `m` alone, so sums
-/// over the blocks do not depend on the thread count.
-pub fn then_rows(m: usize) -> usize {
-    let blocks = m.div_ceil(ROW_BLOCK).max(MIN_BLOCKS);
+/// The most rows per block of [`matmul_then`] in f32: each block packs the whole of `b` again,
+/// and taller blocks pack it less often, while each block's output should still sit in cache
+/// for `then` (on gpt2-6x384, 256 rows measured 3% faster LoRA steps than 128; docs/bench.md).
+pub const THEN_ROWS: usize = 256;
+
+/// Rows per block of a `matmul_then` of `m` rows whose blocks are at most `most` rows: at
+/// least [`MIN_BLOCKS`] blocks where there are rows enough, a whole number of 32 (the row
+/// block of the AMX kernel, [`super::bf16`]). A function of the shape alone, so sums over
+/// the blocks do not depend on the thread count.
+pub fn then_rows(m: usize, most: usize) -> usize {
+    let blocks = m.div_ceil(most).max(MIN_BLOCKS);
     m.div_ceil(blocks).next_multiple_of(32)
 }
 
-/// How many blocks [`matmul_then`] cuts `m` rows into.
-pub fn then_blocks(m: usize) -> usize {
-    m.div_ceil(then_rows(m).max(1))
+/// How many blocks of [`then_rows`] a product of `m` rows is cut into.
+pub fn then_blocks(m: usize, most: usize) -> usize {
+    m.div_ceil(then_rows(m, most).max(1))
 }
 
 /// [`matmul`], then `then(first_row, rows, context)` on each block of [`then_rows`] output
-/// rows, as soon as the block is done and while it is in cache, each block with its own item
+/// rows (at most [`THEN_ROWS`]), as soon as the block is done and while it is in cache, each block with its own item
 /// of `contexts` (one per block). The product has [`matmul`]'s bits.
 ///
 /// # Panics
@@ -117,13 +127,13 @@ pub fn matmul_then<C: Send>(
 ) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Matmul);
     check(a, b, out, d);
-    assert_eq!(contexts.len(), then_blocks(d.m), "one context per block of rows");
+    assert_eq!(contexts.len(), then_blocks(d.m, THEN_ROWS), "one context per block of rows");
     if d.m == 0 || d.n == 0 {
         return;
     }
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
     let beta = if accumulate { 1.0 } else { 0.0 };
-    let rows = then_rows(d.m);
+    let rows = then_rows(d.m, THEN_ROWS);
     out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {
         let (first, height) = (i * rows, block.len() / d.n);
         let mut view = ArrayViewMut2::from_shape((height, d.n), &mut *block).expect("checked");
@@ -180,12 +190,17 @@ mod tests {
         }
     }
 
+    /// Four blocks, cut where they pack the fewest floats `m C + n R` (per unit of k).
     #[test]
-    fn the_grid_splits_few_rows_evenly_and_then_columns() {
-        assert_eq!(grid(Dims { m: 768, k: 128, n: 384 }), (128, 384), "6 row blocks: whole rows");
+    fn the_grid_packs_the_least() {
+        // gpt2-6x384's step: forward (R = C = 2: 6400 against 6656 for four row blocks) and a
+        // weight's gradient (four column blocks: 2688 against 3072 for 2 x 2).
+        assert_eq!(grid(Dims { m: 2048, k: 384, n: 1152 }), (1024, 576));
+        assert_eq!(grid(Dims { m: 384, k: 2048, n: 1152 }), (384, 288));
+        assert_eq!(grid(Dims { m: 768, k: 128, n: 384 }), (192, 384), "a tie goes to more row blocks");
         assert_eq!(grid(Dims { m: 130, k: 768, n: 128 }), (65, 64), "2 even row blocks, 2 column blocks");
         assert_eq!(grid(Dims { m: 65, k: 768, n: 384 }), (65, 96), "1 row block, 4 column blocks");
-        assert_eq!(grid(Dims { m: 3, k: 5, n: 7 }), (3, 16), "too narrow to split");
+        assert_eq!(grid(Dims { m: 3, k: 5, n: 7 }), (3, 16), "too small to split");
     }
 
     #[test]
@@ -215,13 +230,14 @@ mod tests {
         for m in [0, 1, 3, 33, 100, 300, 1024] {
             let d = Dims { m, k: 40, n: 24 };
             let (a, b) = (random(m * d.k, 1), random(d.k * d.n, 2));
-            let rows = then_rows(m);
-            assert!(rows.is_multiple_of(32) && then_blocks(m) == m.div_ceil(rows.max(1)), "m = {m}");
             for precision in [Precision::F32, Precision::Bf16] {
+                let rows = precision.then_rows(m);
+                let blocks = precision.then_blocks(m);
+                assert!(rows.is_multiple_of(32) && blocks == m.div_ceil(rows.max(1)), "m = {m}");
                 let mut plain = random(m * d.n, 3);
                 let mut fused = plain.clone();
                 precision.matmul(&a, Layout::Normal, &b, Layout::Transposed, &mut plain, d, true);
-                let mut seen = vec![(usize::MAX, 0, false); then_blocks(m)];
+                let mut seen = vec![(usize::MAX, 0, false); blocks];
                 let expected = &plain;
                 precision.matmul_then(
                     &a,

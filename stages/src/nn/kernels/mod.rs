@@ -66,8 +66,25 @@ impl Precision {
         }
     }
 
+    /// Rows per block of [`Self::matmul_then`] for a product of `m` rows.
+    pub(crate) fn then_rows(self, m: usize) -> usize {
+        matmul::then_rows(m, self.then_most())
+    }
+
+    /// Blocks of [`Self::then_rows`] in a product of `m` rows.
+    pub(crate) fn then_blocks(self, m: usize) -> usize {
+        matmul::then_blocks(m, self.then_most())
+    }
+
+    fn then_most(self) -> usize {
+        match self {
+            Precision::F32 => matmul::THEN_ROWS,
+            Precision::Bf16 => bf16::THEN_ROWS,
+        }
+    }
+
     /// [`Self::matmul`], then `then(first_row, rows, context)` on each block of
-    /// [`matmul::then_rows`] output rows with its item of `contexts`
+    /// [`Self::then_rows`] output rows with its item of `contexts`
     /// ([`matmul::matmul_then`], [`bf16::matmul_bf16_then`]).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn matmul_then<C: Send>(
