@@ -9,23 +9,25 @@ use ndarray::parallel::prelude::*;
 use ndarray::{linalg::general_mat_mul, s, ArrayView2, ArrayViewMut2, Axis};
 use rayon::prelude::*;
 
-/// Work items a product should offer.
+/// Work items a product should offer at least: two per thread, and no fewer than this.
 const MIN_BLOCKS: usize = 4;
 /// Columns per block are a multiple of this (matrixmultiply's widest micro-tile).
 const COL_ALIGN: usize = 16;
 /// Rows of a block are a multiple of this, the least that gives a block whole micro-tiles.
 const ROW_ALIGN: usize = 16;
 
-/// Rows and columns per block of the output grid for this shape: [`MIN_BLOCKS`] blocks, cut
-/// so as to copy the least. Each call packs its rows of `a` (m/R rows by k) and its columns
-/// of `b` (k by n/C) afresh, so a grid of R row blocks and C column blocks copies
-/// `k (m C + n R)` floats; the grid with the fewest (ties: more row blocks) wins. On
-/// gpt2-6x384's step this packs each weight four times per product instead of sixteen
-/// (docs/bench.md).
-fn grid(d: Dims) -> (usize, usize) {
+/// Rows and columns per block of the output grid for this shape on `threads` threads: two
+/// blocks per thread (at least [`MIN_BLOCKS`]), cut so as to copy the least. Each call packs
+/// its rows of `a` (m/R rows by k) and its columns of `b` (k by n/C) afresh, so a grid of R
+/// row blocks and C column blocks copies `k (m C + n R)` floats; the grid with the fewest
+/// (ties: more row blocks) wins. On gpt2-6x384's step on two threads this packs each weight
+/// two to four times per product instead of sixteen (docs/bench.md). The grid does not
+/// change the bits, so it may follow the thread count.
+fn grid(d: Dims, threads: usize) -> (usize, usize) {
+    let blocks = (2 * threads).max(MIN_BLOCKS);
     let (most_rows, most_cols) = (d.m.div_ceil(ROW_ALIGN).max(1), d.n.div_ceil(COL_ALIGN).max(1));
-    let (r, c) = (1..=MIN_BLOCKS)
-        .map(|r| (r, MIN_BLOCKS.div_ceil(r)))
+    let (r, c) = (1..=blocks)
+        .map(|r| (r, blocks.div_ceil(r)))
         .filter(|&(r, c)| r <= most_rows && c <= most_cols)
         .min_by_key(|&(r, c)| (d.m * c + d.n * r, std::cmp::Reverse(r)))
         .unwrap_or((1, 1));
@@ -77,7 +79,7 @@ pub fn matmul(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: 
     check(a, b, out, d);
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
     let beta = if accumulate { 1.0 } else { 0.0 };
-    let (rows, cols) = grid(d);
+    let (rows, cols) = grid(d, rayon::current_num_threads());
     let mut out = ArrayViewMut2::from_shape((d.m, d.n), out).expect("checked");
     out.axis_chunks_iter_mut(Axis(0), rows).into_par_iter().enumerate().for_each(|(i, mut out_rows)| {
         let a_rows = a.slice(s![i * rows..i * rows + out_rows.nrows(), ..]);
@@ -190,30 +192,39 @@ mod tests {
         }
     }
 
-    /// Four blocks, cut where they pack the fewest floats `m C + n R` (per unit of k).
+    /// Two blocks per thread (at least four), cut where they pack the fewest floats `m C + n R`
+    /// (per unit of k).
     #[test]
     fn the_grid_packs_the_least() {
-        // gpt2-6x384's step: forward (R = C = 2: 6400 against 6656 for four row blocks) and a
-        // weight's gradient (four column blocks: 2688 against 3072 for 2 x 2).
-        assert_eq!(grid(Dims { m: 2048, k: 384, n: 1152 }), (1024, 576));
-        assert_eq!(grid(Dims { m: 384, k: 2048, n: 1152 }), (384, 288));
-        assert_eq!(grid(Dims { m: 768, k: 128, n: 384 }), (192, 384), "a tie goes to more row blocks");
-        assert_eq!(grid(Dims { m: 130, k: 768, n: 128 }), (65, 64), "2 even row blocks, 2 column blocks");
-        assert_eq!(grid(Dims { m: 65, k: 768, n: 384 }), (65, 96), "1 row block, 4 column blocks");
-        assert_eq!(grid(Dims { m: 3, k: 5, n: 7 }), (3, 16), "too small to split");
+        // gpt2-6x384's step on two threads: forward (R = C = 2: 6400 against 6656 for four row
+        // blocks) and a weight's gradient (four column blocks: 2688 against 3072 for 2 x 2).
+        assert_eq!(grid(Dims { m: 2048, k: 384, n: 1152 }, 2), (1024, 576));
+        assert_eq!(grid(Dims { m: 384, k: 2048, n: 1152 }, 2), (384, 288));
+        assert_eq!(grid(Dims { m: 768, k: 128, n: 384 }, 1), (192, 384), "a tie goes to more row blocks");
+        assert_eq!(grid(Dims { m: 130, k: 768, n: 128 }, 2), (65, 64), "2 even row blocks, 2 column blocks");
+        assert_eq!(grid(Dims { m: 65, k: 768, n: 384 }, 2), (65, 96), "1 row block, 4 column blocks");
+        assert_eq!(grid(Dims { m: 3, k: 5, n: 7 }, 2), (3, 16), "too small to split");
+        // Eight threads: sixteen blocks, 4 x 4 (12800 against 13312 for 8 x 2).
+        assert_eq!(grid(Dims { m: 2048, k: 384, n: 1152 }, 8), (512, 288));
     }
 
     #[test]
     fn every_grid_gives_the_same_bits() {
-        // matrixmultiply sums each element over all of k the same way whatever block holds it.
+        // matrixmultiply sums each element over all of k the same way whatever block holds it,
+        // and the grid follows the thread count.
         let d = Dims { m: 130, k: 300, n: 200 };
         let (a, b) = (random(d.m * d.k, 6), random(d.k * d.n, 7));
         let mut whole = vec![0.0; d.m * d.n];
         let mut c = ArrayViewMut2::from_shape((d.m, d.n), &mut whole[..]).unwrap();
         general_mat_mul(1.0, &view(&a, d.m, d.k, Layout::Transposed), &view(&b, d.k, d.n, Layout::Normal), 0.0, &mut c);
-        let mut blocked = vec![0.0; d.m * d.n];
-        matmul(&a, Layout::Transposed, &b, Layout::Normal, &mut blocked, d, false);
-        assert!(whole.iter().zip(&blocked).all(|(x, y)| x.to_bits() == y.to_bits()));
+        for threads in [1, 2, 3, 8] {
+            assert_ne!(grid(d, threads), (d.m, d.n), "a grid of one block");
+            let mut blocked = vec![0.0; d.m * d.n];
+            crate::nn::gradcheck::on_threads(threads, || {
+                matmul(&a, Layout::Transposed, &b, Layout::Normal, &mut blocked, d, false)
+            });
+            assert!(whole.iter().zip(&blocked).all(|(x, y)| x.to_bits() == y.to_bits()), "{threads} threads");
+        }
     }
 
     #[test]
