@@ -1117,9 +1117,9 @@ mod tests {
 
     #[test]
     fn frozen_parameters_get_no_gradient_and_inputs_still_do() {
-        for (arch, variant) in VARIANTS {
+        for ((arch, variant), dora) in VARIANTS.into_iter().flat_map(|v| [(v, false), (v, true)]) {
             let cfg = tiny(arch, variant);
-            let lora = lora_on_everything(&cfg, false, false);
+            let lora = lora_on_everything(&cfg, false, dora);
             let params = adapted(&cfg, &lora);
             let model = Model::with_lora_scale(cfg, &params, lora.scale());
             let batch = random_batch(&cfg, 2, 4, 5);
@@ -1135,7 +1135,7 @@ mod tests {
                 forward_backward(&model, &params, &batch, 0.0, &mut acts, &mut some);
                 for ((name, got), (_, want)) in some.iter().zip(all.iter()) {
                     let want = if trains(name) { want.data() } else { &[] };
-                    assert_eq!(got.data(), want, "{name} ({} {variant})", arch.name());
+                    assert_eq!(got.data(), want, "{name} ({} {variant}, dora {dora})", arch.name());
                 }
             }
         }
