@@ -582,7 +582,8 @@ impl Model {
                         return;
                     }
                     gelu_backward(self.cfg.gelu, dg, &a.h, dh);
-                    fc.backward(p, grads, dh, &a.n2, &xa[fc.slot], dxa, InputGradient::write_if(mlp_in, dtmp), rows);
+                    let dn2 = InputGradient::write_if(mlp_in, dtmp);
+                    fc.backward(p, grads, dh, &a.n2, &xa[fc.slot], dxa, dn2, rows);
                 }
                 Mlp::SwiGlu { gate, up, down } => {
                     down.backward(p, grads, dx, &a.g, &xa[down.slot], dxa, InputGradient::write_if(mlp_out, dg), rows);
@@ -590,17 +591,10 @@ impl Model {
                         return;
                     }
                     swiglu_backward(dg, &a.h, &a.u, dh, du);
-                    gate.backward(
-                        p,
-                        grads,
-                        dh,
-                        &a.n2,
-                        &xa[gate.slot],
-                        dxa,
-                        InputGradient::write_if(mlp_in, dtmp),
-                        rows,
-                    );
-                    up.backward(p, grads, du, &a.n2, &xa[up.slot], dxa, InputGradient::add_if(mlp_in, dtmp), rows);
+                    let dn2 = InputGradient::write_if(mlp_in, dtmp);
+                    gate.backward(p, grads, dh, &a.n2, &xa[gate.slot], dxa, dn2, rows);
+                    let dn2 = InputGradient::add_if(mlp_in, dtmp);
+                    up.backward(p, grads, du, &a.n2, &xa[up.slot], dxa, dn2, rows);
                 }
             }
             if !mlp_in {
@@ -622,16 +616,8 @@ impl Model {
                 Qkv::Fused(lin) => {
                     let (qkv, fused) = (QkvIn::Fused(&a.qkv), QkvOut::Fused(dqkv));
                     attention_backward(dtmp, qkv, pos, &a.att_stats, fused, n, self.attention);
-                    lin.backward(
-                        p,
-                        grads,
-                        dqkv,
-                        &a.n1,
-                        &xa[lin.slot],
-                        dxa,
-                        InputGradient::write_if(qkv_in, dtmp),
-                        rows,
-                    );
+                    let dn1 = InputGradient::write_if(qkv_in, dtmp);
+                    lin.backward(p, grads, dqkv, &a.n1, &xa[lin.slot], dxa, dn1, rows);
                 }
                 Qkv::Split(lq, lk, lv) => {
                     let qkv = QkvIn::Split { q: &a.q, k: &a.k, v: &a.v };
