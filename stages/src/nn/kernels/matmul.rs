@@ -110,8 +110,8 @@ pub fn then_blocks(m: usize, most: usize) -> usize {
 }
 
 /// [`matmul`], then `then(first_row, rows, context)` on each block of [`then_rows`] output
-/// rows (at most [`THEN_ROWS`]), as soon as the block is done and while it is in cache, each block with its own item
-/// of `contexts` (one per block). The product has [`matmul`]'s bits.
+/// rows (at most [`THEN_ROWS`]), as soon as the block is done and while it is in cache, each
+/// block with its own item of `contexts` (one per block). The product has [`matmul`]'s bits.
 ///
 /// # Panics
 /// If a slice's length does not match its dimensions, or `contexts` has not one item per block.
