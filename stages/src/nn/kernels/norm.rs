@@ -72,7 +72,11 @@ simd_fn! {
     }
 }
 
-/// Gradients of [`layernorm_forward`]: writes `dx`, adds into `dw` and `db`.
+/// Gradients of [`layernorm_forward`]: writes `dx`, adds into `dw` and `db`, which are both
+/// empty (no column sums) or both `c` long.
+///
+/// # Panics
+/// If only one of `dw` and `db` is empty: the column sums fill both or neither.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
     dout: &[f32],
@@ -86,6 +90,7 @@ pub fn layernorm_backward(
     c: usize,
 ) {
     let _time = crate::nn::profile::scope(crate::nn::profile::Kind::Norm);
+    assert_eq!(dw.len(), db.len(), "the weight's and the bias's gradients: both or neither");
     dx.par_chunks_mut(ROWS * c).enumerate().for_each(|(chunk, dx)| {
         let (rows, at) = block(chunk, dx.len(), c);
         layernorm_rows_backward(&dout[at.clone()], &x[at], &w[..c], &mean[rows.clone()], &rstd[rows], dx);
@@ -218,6 +223,17 @@ mod tests {
 
     const ROWS_: usize = 5;
     const C: usize = 7;
+
+    /// The weight's column sums without the bias's would be silently dropped (they run side by
+    /// side), so the kernel refuses them.
+    #[test]
+    #[should_panic(expected = "both or neither")]
+    fn a_layernorm_weight_gradient_without_the_bias_is_refused() {
+        let (x, w, dout) = (random(ROWS_ * C, 1), random(C, 2), random(ROWS_ * C, 3));
+        let (mean, rstd) = (vec![0.0; ROWS_], vec![1.0; ROWS_]);
+        let (mut dx, mut dw) = (vec![0.0; ROWS_ * C], vec![0.0; C]);
+        layernorm_backward(&dout, &x, &w, &mean, &rstd, &mut dx, &mut dw, &mut [], C);
+    }
 
     #[test]
     fn layernorm_normalizes_and_its_backward_matches_finite_differences() {
