@@ -140,8 +140,9 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         // take if its adapters' products cost nothing.
         let frozen = bench::train_steps(&m, cores, Training { frozen: true, ..trained });
         out.text(format_args!(
-            "every weight frozen, a rank-1 adapter on the first layer only: median {:.1} ms/step ({:.2}x every weight's speed), the bound of \
-             an adapter's step; LoRA r=8's is {:.1} ms, {:.2}x the bound's time",
+            "every weight frozen, a rank-1 adapter on the first layer only: median {:.1} ms/step \
+             ({:.2}x every weight's speed), the bound of an adapter's step; LoRA r=8's is {:.1} ms, \
+             {:.2}x the bound's time",
             frozen.step_spread[1] * 1e3,
             r.step_spread[1] / frozen.step_spread[1],
             lora.step_spread[1] * 1e3,

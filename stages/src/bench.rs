@@ -508,9 +508,8 @@ fn median3(mut x: [f64; 3]) -> f64 {
 /// every linear layer of a frozen model, or with `frozen` (and no rank) a frozen model with a
 /// rank-1 adapter on its first linear layer only (forward and the input gradients down to
 /// that layer, as far as adapters on every layer need them: the step an adapter's approaches
-/// as its own products cost nothing);
-/// with `checkpointed`, activation checkpointing; its weight products in `precision`; each
-/// batch in `shards` shards (the recipe key).
+/// as its own products cost nothing); with `checkpointed`, activation checkpointing; its
+/// weight products in `precision`; each batch in `shards` shards (the recipe key).
 #[derive(Clone, Copy, Debug)]
 pub struct Training {
     pub lora_rank: Option<usize>,

@@ -115,6 +115,16 @@ fn dropout_row(seed: u64, row: usize, cin: usize, p: f32) -> impl Iterator<Item 
     (0..cin).map(move |_| if (rng.unit() as f32) < p { 0.0 } else { keep })
 }
 
+/// `dx += dropped * mask` for the rows of `dx` (`cin` wide), row `i` through the mask of the
+/// pass's row `first_row + i`, as [`adapter_input`] drew it in forward.
+fn add_through_dropout(dx: &mut [f32], dropped: &[f32], (seed, first_row): (u64, usize), p: f32, cin: usize) {
+    for (i, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
+        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, first_row + i, cin, p)) {
+            *dx += dd * f;
+        }
+    }
+}
+
 /// Backward's scratch for adapters: `d(x A^T)` (rows, r), DoRA's rescaled output gradient
 /// (rows, out), the gradient of the dropped input (rows, in), and each block of rows' part of
 /// a LoRA layer's gradients ([`lora_partial`] per block), sized for the widest layer.
@@ -379,12 +389,7 @@ impl Linear {
                 None => matmul_here(dxa, Layout::Normal, a, Layout::Normal, dx, d, true),
                 Some(seed) => with_scratch(n * cin, |dropped| {
                     matmul_here(dxa, Layout::Normal, a, Layout::Normal, dropped, d, false);
-                    for (i, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
-                        let row = acts.first_row + first + i;
-                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
-                            *dx += dd * f;
-                        }
-                    }
+                    add_through_dropout(dx, dropped, (seed, acts.first_row + first), ad.dropout, cin);
                 }),
             }
         };
@@ -514,12 +519,7 @@ impl Linear {
                 Some(seed) => {
                     let dropped = &mut scratch.dx_drop[..rows * cin];
                     matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dropped, d, false);
-                    for (r, (dx, dd)) in dx.chunks_mut(cin).zip(dropped.chunks(cin)).enumerate() {
-                        let row = acts.first_row + r;
-                        for ((dx, dd), f) in dx.iter_mut().zip(dd).zip(dropout_row(seed, row, cin, ad.dropout)) {
-                            *dx += dd * f;
-                        }
-                    }
+                    add_through_dropout(dx, dropped, (seed, acts.first_row), ad.dropout, cin);
                 }
             }
         }
@@ -731,16 +731,8 @@ mod tests {
                                 partials: &mut partials,
                             };
                             let mut dx = vec![0.0; rows * cin];
-                            lin.backward(
-                                &p,
-                                &mut g,
-                                &dout,
-                                &x,
-                                &acts,
-                                &mut scratch,
-                                InputGradient::Write(&mut dx),
-                                rows,
-                            );
+                            let dx_out = InputGradient::Write(&mut dx);
+                            lin.backward(&p, &mut g, &dout, &x, &acts, &mut scratch, dx_out, rows);
                             (out, dx, g.get("a").to_vec(), g.get("bb").to_vec(), acts.x_drop.clone())
                         })
                     };
@@ -837,16 +829,8 @@ mod tests {
             let mut g = p.zeros_like_trainable(|n| n == "w" || n == "b");
             let mut dx = vec![0.0; rows * cin];
             let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [], partials: &mut [] };
-            lin.backward(
-                &p,
-                &mut g,
-                &dout,
-                &x,
-                &AdapterActs::default(),
-                &mut scratch,
-                InputGradient::Write(&mut dx),
-                rows,
-            );
+            let dx_out = InputGradient::Write(&mut dx);
+            lin.backward(&p, &mut g, &dout, &x, &AdapterActs::default(), &mut scratch, dx_out, rows);
             let close = |what: &str, got: f32, want: f64| {
                 assert!((got as f64 - want).abs() <= 1e-6 * (1.0 + want.abs()), "{what} {layout:?}: {got} vs {want}");
             };
