@@ -6,6 +6,17 @@
 
 pub struct SplitMix64(u64);
 
+/// The state's step.
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The output function of a state.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl SplitMix64 {
     pub fn new(seed: u64) -> Self {
         SplitMix64(seed)
@@ -17,11 +28,15 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GOLDEN);
+        mix(self.0)
+    }
+
+    /// Value `i` (from 0) of the stream `SplitMix64::new(seed)` draws, without drawing the
+    /// ones before it.
+    #[inline(always)]
+    pub fn at(seed: u64, i: u64) -> u64 {
+        mix(seed.wrapping_add(i.wrapping_add(1).wrapping_mul(GOLDEN)))
     }
 
     /// Uniform in `0..n` (Lemire's multiply-shift; the tiny bias is irrelevant here).
@@ -63,6 +78,16 @@ mod tests {
         let mut r = SplitMix64::new(0);
         assert_eq!(r.next_u64(), 0xE220_A839_7B1D_CDAF);
         assert_eq!(r.next_u64(), 0x6E78_9E6A_A1B9_65F4);
+    }
+
+    #[test]
+    fn at_is_the_streams_value_at_that_place() {
+        for seed in [0, 1, u64::MAX, 0xC2B2_AE3D_27D4_EB4F] {
+            let mut r = SplitMix64::new(seed);
+            for i in 0..100 {
+                assert_eq!(SplitMix64::at(seed, i), r.next_u64(), "seed {seed}, value {i}");
+            }
+        }
     }
 
     #[test]
