@@ -124,7 +124,12 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         let lora_r8 = Training { lora_rank: Some(8), ..trained };
         let lora = bench::train_steps(&m, cores, lora_r8);
         let lora_checkpointed = bench::train_steps(&m, cores, Training { checkpointed: true, ..lora_r8 });
-        for (what, l) in [("", &lora), (" with activation checkpointing", &lora_checkpointed)] {
+        let lora_dropout = bench::train_steps(&m, cores, Training { lora_dropout: 0.1, ..lora_r8 });
+        for (what, l) in [
+            ("", &lora),
+            (" with activation checkpointing", &lora_checkpointed),
+            (" with lora_dropout = 0.1", &lora_dropout),
+        ] {
             out.text(format_args!(
                 "LoRA r=8 on every linear layer{what}: median {:.1} ms/step against {:.1} for every weight \
                  ({:.2}x its speed); needs {} against {} ({:.0}%)",
@@ -160,6 +165,7 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         model["lora_r8_bf16"] = json!(lora_bf16);
         model["lora_r8"] = json!(lora);
         model["lora_r8_checkpointed"] = json!(lora_checkpointed);
+        model["lora_r8_dropout"] = json!(lora_dropout);
         model["frozen"] = json!(frozen);
         let decode = bench::decode_speeds(&m.cfg, 128, cores);
         let f32_rate = decode[0].tokens_per_s;

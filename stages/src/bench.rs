@@ -509,10 +509,12 @@ fn median3(mut x: [f64; 3]) -> f64 {
 /// rank-1 adapter on its first linear layer only (forward and the input gradients down to
 /// that layer, as far as adapters on every layer need them: the step an adapter's approaches
 /// as its own products cost nothing); with `checkpointed`, activation checkpointing; its
-/// weight products in `precision`; each batch in `shards` shards (the recipe key).
+/// weight products in `precision`; each batch in `shards` shards (the recipe key); the
+/// adapters' inputs dropped with probability `lora_dropout` (the recipe key; 0: none).
 #[derive(Clone, Copy, Debug)]
 pub struct Training {
     pub lora_rank: Option<usize>,
+    pub lora_dropout: f32,
     pub frozen: bool,
     pub checkpointed: bool,
     pub precision: Precision,
@@ -521,13 +523,20 @@ pub struct Training {
 
 impl Default for Training {
     fn default() -> Self {
-        Training { lora_rank: None, frozen: false, checkpointed: false, precision: Precision::default(), shards: 1 }
+        Training {
+            lora_rank: None,
+            lora_dropout: 0.0,
+            frozen: false,
+            checkpointed: false,
+            precision: Precision::default(),
+            shards: 1,
+        }
     }
 }
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
 pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, frozen, checkpointed, precision, shards } = how;
+    let Training { lora_rank, lora_dropout, frozen, checkpointed, precision, shards } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
@@ -546,7 +555,8 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             params.insert(b_name(&first.path), Tensor::zeros(&[first.cout, 1]));
         }
         let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
-            .with_precision(precision);
+            .with_precision(precision)
+            .with_lora_dropout(lora_dropout);
         let mut grads =
             if frozen || lora.is_some() { params.zeros_like_trainable(is_adapter) } else { params.zeros_like() };
         let mut opt = AdamWState::new(&grads);
@@ -567,6 +577,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
                     .iter_mut()
                     .chain(batch.targets.iter_mut())
                     .for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
+                batch.dropout_seed = (lora_dropout > 0.0).then(|| rng.next_u64());
             }
             train_step(&model, trainable, work, &batches, step_cfg, &mut CrossEntropy::default());
         };
@@ -671,6 +682,9 @@ mod tests {
         // LoRA keeps the frozen weights but no gradients or moments for them.
         let lora = train_steps(&m, 1, Training { lora_rank: Some(2), ..Training::default() });
         assert!(lora.needed_bytes < r.needed_bytes, "{} vs {}", lora.needed_bytes, r.needed_bytes);
+        // Dropout on the adapters' inputs keeps no dropped copy of them.
+        let dropout = train_steps(&m, 1, Training { lora_rank: Some(2), lora_dropout: 0.1, ..Training::default() });
+        assert_eq!(dropout.needed_bytes, lora.needed_bytes);
         // Checkpointing holds one block's activations and every block's input (three layers).
         let deep = BenchModel { cfg: ModelConfig::gpt2(11, 8, 3, 2, 16, false), ..m };
         let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), ..Training::default() });
