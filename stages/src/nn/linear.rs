@@ -102,14 +102,14 @@ impl AdapterActs {
 fn adapter_input<'a>(x: &'a [f32], x_drop: &'a mut [f32], seed: Option<(u64, usize)>, p: f32, cin: usize) -> &'a [f32] {
     let Some((seed, first_row)) = seed else { return x };
     let dropped = &mut x_drop[..x.len()];
-    DropoutMask::new(p).apply(x, dropped, (seed, first_row), cin, false);
+    dropout_rows(x, dropped, cin, (seed, first_row), DropoutMask::new(p), false);
     dropped
 }
 
 /// `dx += dropped * mask` for the rows of `dx` (`cin` wide), row `i` through the mask of the
 /// pass's row `first_row + i`, as [`adapter_input`] drew it in forward.
 fn add_through_dropout(dx: &mut [f32], dropped: &[f32], place: (u64, usize), p: f32, cin: usize) {
-    DropoutMask::new(p).apply(dropped, dx, place, cin, true);
+    dropout_rows(dropped, dx, cin, place, DropoutMask::new(p), true);
 }
 
 /// Inverted dropout of probability `p`: each element of row `row` draws `u`, the next value
@@ -145,18 +145,14 @@ impl DropoutMask {
     fn uniform(bits: u64) -> f32 {
         (bits as f64 / (1u64 << 53) as f64) as f32
     }
-
-    /// `out = x * mask` (or `out += x * mask` when `add`) for rows of `cin`, row `i` through
-    /// the mask of row `first_row + i` drawn from `seed`.
-    fn apply(self, x: &[f32], out: &mut [f32], (seed, first_row): (u64, usize), cin: usize, add: bool) {
-        dropout_rows(x, out, cin, (seed, first_row), (self.below, self.keep), add);
-    }
 }
 
 simd_fn! {
-    /// [`DropoutMask::apply`]'s loop: 64-bit lanes for the draws where the machine has them.
-    fn dropout_rows(x: &[f32], out: &mut [f32], cin: usize, place: (u64, usize), mask: (u64, f32), add: bool) {
-        let ((seed, first_row), (below, keep)) = (place, mask);
+    /// `out = x * mask` (or `out += x * mask` when `add`) for rows of `cin`, row `i` through
+    /// the mask of row `first_row + i` drawn from `seed`; 64-bit lanes for the draws where the
+    /// machine has them.
+    fn dropout_rows(x: &[f32], out: &mut [f32], cin: usize, place: (u64, usize), mask: DropoutMask, add: bool) {
+        let ((seed, first_row), DropoutMask { below, keep }) = (place, mask);
         for (r, (out, x)) in out.chunks_mut(cin).zip(x.chunks(cin)).enumerate() {
             let start = seed ^ ((first_row + r) as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
             for (i, (out, x)) in out.iter_mut().zip(x).enumerate() {
@@ -643,6 +639,9 @@ mod tests {
         (lin, p)
     }
 
+    /// The dropout seed of [`forward`], a training pass.
+    const SEED: u64 = 17;
+
     fn forward(lin: &Linear, p: &ParamMap, x: &[f32], rows: usize) -> (Vec<f32>, AdapterActs) {
         let ad = lin.adapter.unwrap();
         let shape = AdapterShape {
@@ -653,7 +652,7 @@ mod tests {
             dropout: ad.dropout > 0.0,
         };
         let mut acts = AdapterActs::new(rows, shape);
-        acts.dropout_seed = Some(17);
+        acts.dropout_seed = Some(SEED);
         let mut out = vec![0.0; rows * lin.cout];
         lin.forward(p, x, &mut out, rows, &mut acts);
         (out, acts)
@@ -746,10 +745,10 @@ mod tests {
         }
     }
 
-    /// The adapter's input after dropout, as forward drew it with the seed [`forward`] sets.
+    /// The adapter's input after dropout, as [`forward`] draws it.
     fn dropped(x: &[f32], first_row: usize, p: f32, cin: usize) -> Vec<f32> {
         let mut out = vec![0.0; x.len()];
-        adapter_input(x, &mut out, Some((17, first_row)), p, cin);
+        adapter_input(x, &mut out, Some((SEED, first_row)), p, cin);
         out
     }
 
@@ -767,7 +766,7 @@ mod tests {
             }
             let (seed, row, cin) = (99, 3, 37);
             let mut factors = vec![0.0; cin];
-            mask.apply(&vec![1.0; cin], &mut factors, (seed, row), cin, false);
+            dropout_rows(&vec![1.0; cin], &mut factors, cin, (seed, row), mask, false);
             let mut stream = SplitMix64::new(seed ^ (row as u64 + 1).wrapping_mul(0xC2B2_AE3D_27D4_EB4F));
             for (i, f) in factors.iter().enumerate() {
                 let want = if (stream.unit() as f32) < p { 0.0 } else { 1.0 / (1.0 - p) };
