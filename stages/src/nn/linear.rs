@@ -7,10 +7,12 @@
 //! element's place, so it is the same whatever the thread count, and backward draws it again
 //! rather than keeping it.
 //!
-//! DoRA (Liu et al. 2024) as PEFT computes it: `out = m / |W + s B A| * (x W^T + s x A^T B^T)
-//! + b`, the norm taken over each output row of the adapted weight and treated as a constant
-//! in backward (PEFT detaches it). The norm is found without forming `W + s B A`:
-//! `|W_o|^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T`.
+//! DoRA (Liu et al. 2024) as PEFT computes it:
+//! `out = m / |W + s B A| * (x W^T + s x A^T B^T) + b`, the norm taken over each output row of
+//! the adapted weight and treated as a constant in backward (PEFT detaches it). The norm is
+//! found without forming `W + s B A`: `|W_o|^2 + 2 s B_o . (W A^T)_o + s^2 B_o (A A^T) B_o^T`.
+//! With the norms constant, DoRA's backward is LoRA's on the output gradient scaled per
+//! output, so both run in the same blocks of rows.
 
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
@@ -44,7 +46,6 @@ pub(crate) struct AdapterShape {
     pub(crate) cin: usize,
     pub(crate) cout: usize,
     pub(crate) dora: bool,
-    pub(crate) dropout: bool,
 }
 
 /// What a linear layer's adapter keeps between forward and backward, sized for its shape.
@@ -59,10 +60,6 @@ pub(crate) struct AdapterActs {
     /// DoRA scratch: `W A^T` (out, r) and `A A^T` (r, r).
     wa: Vec<f32>,
     gram: Vec<f32>,
-    /// DoRA with dropout: the adapter's input after dropout (rows, in), which its backward
-    /// reads. A LoRA layer keeps none: each block of rows draws its mask again where it needs
-    /// it (the mask is a function of the seed and the row).
-    x_drop: Vec<f32>,
     /// The seed of this pass's dropout mask (none: no dropout, as in evaluation).
     pub(crate) dropout_seed: Option<u64>,
     /// The place of the pass's first row among the rows its batch was cut from: row `r`'s
@@ -73,7 +70,7 @@ pub(crate) struct AdapterActs {
 impl AdapterActs {
     /// Buffers for `rows` rows through a layer with an adapter of this shape (`r` 0: none).
     pub(crate) fn new(rows: usize, shape: AdapterShape) -> Self {
-        let AdapterShape { r, cin, cout, dora, dropout } = shape;
+        let AdapterShape { r, cout, dora, .. } = shape;
         let z = |n: usize| vec![0.0f32; n];
         let d = |n: usize| if dora { z(n) } else { Vec::new() };
         AdapterActs {
@@ -82,13 +79,12 @@ impl AdapterActs {
             norm_and_factor: d(2 * cout),
             wa: d(cout * r),
             gram: d(r * r),
-            x_drop: if dropout && dora { z(rows * cin) } else { Vec::new() },
             dropout_seed: None,
             first_row: 0,
         }
     }
     pub(crate) fn floats(&self) -> usize {
-        self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len() + self.x_drop.len()
+        self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len()
     }
 
     /// The seed of this pass's dropout mask, when `ad` drops its input and the pass trains.
@@ -163,17 +159,25 @@ simd_fn! {
     }
 }
 
+/// DoRA's rescaling of a block of outputs (rows of `factors.len()`): the block kept in `z`,
+/// then each output multiplied by its factor `m_o / |W_o + s (B A)_o|`.
+fn dora_rescale(out: &mut [f32], z: &mut [f32], factors: &[f32]) {
+    z.copy_from_slice(out);
+    for row in out.chunks_mut(factors.len()) {
+        row.iter_mut().zip(factors).for_each(|(o, f)| *o *= f);
+    }
+}
+
 /// Backward's scratch for adapters: `d(x A^T)` (rows, r), DoRA's rescaled output gradient
-/// (rows, out), the gradient of the dropped input (rows, in), and each block of rows' part of
-/// a LoRA layer's gradients ([`lora_partial`] per block), sized for the widest layer.
+/// (rows, out), and each block of rows' part of an adapter's gradients ([`lora_partial`] per
+/// block), sized for the widest layer.
 pub(crate) struct AdapterScratch<'a> {
     pub(crate) dxa: &'a mut [f32],
     pub(crate) dz: &'a mut [f32],
-    pub(crate) dx_drop: &'a mut [f32],
     pub(crate) partials: &'a mut [f32],
 }
 
-/// Floats of one block's part of a LoRA layer's gradients: `B`'s (out, r), then `A`'s (r, in).
+/// Floats of one block's part of an adapter's gradients: `B`'s (out, r), then `A`'s (r, in).
 pub(crate) fn lora_partial(r: usize, cin: usize, cout: usize) -> usize {
     r * (cin + cout)
 }
@@ -269,8 +273,8 @@ impl Linear {
             return qmatmul(x, rows, q, out);
         }
         let many_rows = rows > gemv::MAX_ROWS || self.precision != Precision::F32;
-        if let Some(ad) = self.adapter.filter(|ad| ad.magnitude.is_none() && many_rows) {
-            return self.product_with_lora(p, x, out, rows, acts, ad);
+        if let Some(ad) = self.adapter.filter(|_| many_rows) {
+            return self.product_with_adapter(p, x, out, rows, acts, ad);
         }
         match self.layout {
             _ if many_rows => {
@@ -284,16 +288,8 @@ impl Linear {
         let _time = profile::scope(profile::Kind::Adapter);
         // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
         let seed = acts.dropout_for(&ad).map(|s| (s, acts.first_row));
-        // A LoRA layer over a few rows drops its input into a buffer of this call's own.
-        let mut own = Vec::new();
-        let x_drop = match (seed, acts.x_drop.is_empty()) {
-            (Some(_), true) => {
-                own.resize(x.len(), 0.0);
-                &mut own[..]
-            }
-            _ => &mut acts.x_drop[..],
-        };
-        let input = adapter_input(x, x_drop, seed, ad.dropout, self.cin);
+        let mut dropped = vec![0.0; if seed.is_some() { x.len() } else { 0 }];
+        let input = adapter_input(x, &mut dropped, seed, ad.dropout, self.cin);
         let xa = &mut acts.xa[..rows * ad.r];
         matmul(
             input,
@@ -307,22 +303,16 @@ impl Linear {
         xa.iter_mut().for_each(|v| *v *= ad.scale);
         matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: rows, k: ad.r, n: self.cout }, true);
         if let Some(m) = ad.magnitude {
-            self.dora_norms(p, ad, acts);
-            let (norms, factors) = acts.norm_and_factor.split_at_mut(self.cout);
-            for ((f, n), m) in factors.iter_mut().zip(norms.iter()).zip(p.at(m)) {
-                *f = m / n;
-            }
-            acts.z[..rows * self.cout].copy_from_slice(out);
-            for row in out.chunks_mut(self.cout) {
-                row.iter_mut().zip(factors.iter()).for_each(|(o, f)| *o *= f);
-            }
+            self.dora_factors(p, ad, m, acts);
+            dora_rescale(out, &mut acts.z[..rows * self.cout], &acts.norm_and_factor[self.cout..]);
         }
     }
 
-    /// [`Self::product`] of a LoRA layer: each block of rows gets its adapter's term in the
+    /// [`Self::product`] over many rows: each block of rows gets its adapter's term in the
     /// task that computed its product, while the block's input and output are in cache:
-    /// `xa = s x A^T` (of the block's input after dropout, when it drops), then `out += xa B^T`.
-    fn product_with_lora(
+    /// `xa = s x A^T` (of the block's input after dropout, when it drops), then `out += xa B^T`,
+    /// and for DoRA, the block kept as `z` and rescaled per output.
+    fn product_with_adapter(
         &self,
         p: &ParamMap,
         x: &[f32],
@@ -333,8 +323,17 @@ impl Linear {
     ) {
         let (cin, cout, r) = (self.cin, self.cout, ad.r);
         let seed = acts.dropout_for(&ad).map(|s| (s, acts.first_row));
+        if let Some(m) = ad.magnitude {
+            self.dora_factors(p, ad, m, acts);
+        }
         let (a, b) = (p.at(ad.a), p.at(ad.b));
-        let blocks = acts.xa[..rows * r].par_chunks_mut(self.precision.then_rows(rows) * r);
+        let height = self.precision.then_rows(rows);
+        let z_blocks: Vec<&mut [f32]> = match ad.magnitude {
+            Some(_) => acts.z[..rows * cout].chunks_mut(height * cout).collect(),
+            None => (0..self.precision.then_blocks(rows)).map(|_| &mut [][..]).collect(),
+        };
+        let factors: &[f32] = if ad.magnitude.is_some() { &acts.norm_and_factor[cout..] } else { &[] };
+        let blocks = acts.xa[..rows * r].par_chunks_mut(height * r).zip(z_blocks);
         let d = Dims { m: rows, k: cin, n: cout };
         self.precision.matmul_then(
             x,
@@ -345,7 +344,7 @@ impl Linear {
             d,
             false,
             blocks,
-            |first, out, xa| {
+            |first, out, (xa, z)| {
                 let n = out.len() / cout;
                 let x = &x[first * cin..][..n * cin];
                 let times_a = |input: &[f32], xa: &mut [f32]| {
@@ -359,8 +358,22 @@ impl Linear {
                 }
                 xa.iter_mut().for_each(|v| *v *= ad.scale);
                 matmul_here(xa, Layout::Normal, b, Layout::Transposed, out, Dims { m: n, k: r, n: cout }, true);
+                if ad.magnitude.is_some() {
+                    dora_rescale(out, z, factors);
+                }
             },
         );
+    }
+
+    /// DoRA's norms and factors into `acts.norm_and_factor`: each output's norm
+    /// `|W_o + s (B A)_o|`, then its factor `m_o / norm`.
+    fn dora_factors(&self, p: &ParamMap, ad: Adapter, m: ParamId, acts: &mut AdapterActs) {
+        let _time = profile::scope(profile::Kind::Adapter);
+        self.dora_norms(p, ad, acts);
+        let (norms, factors) = acts.norm_and_factor.split_at_mut(self.cout);
+        for ((f, n), m) in factors.iter_mut().zip(norms.iter()).zip(p.at(m)) {
+            *f = m / n;
+        }
     }
 
     /// Each output's `|W_o + s (B A)_o|` into the first half of `acts.norm_and_factor`.
@@ -372,31 +385,32 @@ impl Linear {
         matmul(w, wa_layout, a, Layout::Transposed, &mut acts.wa, Dims { m: cout, k: cin, n: r }, false);
         matmul(a, Layout::Normal, a, Layout::Transposed, &mut acts.gram, Dims { m: r, k: cin, n: r }, false);
         let s = ad.scale as f64;
-        for o in 0..cout {
+        let (wa, gram) = (&acts.wa, &acts.gram);
+        acts.norm_and_factor[..cout].par_iter_mut().enumerate().for_each(|(o, norm)| {
             let w_sq: f64 = match self.layout {
                 WeightLayout::OutIn => w[o * cin..(o + 1) * cin].iter().map(|x| (*x as f64).powi(2)).sum(),
                 WeightLayout::InOut => (0..cin).map(|i| (w[i * cout + o] as f64).powi(2)).sum(),
             };
             let bo = &b[o * r..(o + 1) * r];
-            let cross: f64 = bo.iter().zip(&acts.wa[o * r..(o + 1) * r]).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let cross: f64 = bo.iter().zip(&wa[o * r..(o + 1) * r]).map(|(x, y)| *x as f64 * *y as f64).sum();
             let mut quad = 0.0f64;
             for j in 0..r {
                 for k in 0..r {
-                    quad += bo[j] as f64 * acts.gram[j * r + k] as f64 * bo[k] as f64;
+                    quad += bo[j] as f64 * gram[j * r + k] as f64 * bo[k] as f64;
                 }
             }
-            acts.norm_and_factor[o] = (w_sq + 2.0 * s * cross + s * s * quad).max(0.0).sqrt().max(1e-12) as f32;
-        }
+            *norm = (w_sq + 2.0 * s * cross + s * s * quad).max(0.0).sqrt().max(1e-12) as f32;
+        });
     }
 
-    /// `dx = [dx +] dout W^T` of a LoRA layer with its adapter's backward, each block of rows in
-    /// the task that computed its product, while the block's `dout` and `dx` are in cache:
+    /// `dx = [dx +] dout W^T` of a layer with an adapter, with the adapter's backward (DoRA's on
+    /// its rescaled `dout`), each block of rows in the task that computed its product, while the block's `dout` and `dx` are in cache:
     /// `dxa = s dout B`, `dx += dxa A` (through the dropout's mask when there was one), and the
     /// block's part of the adapter's gradients, `dout^T xa` and `dxa^T x` (`x` dropped again
     /// with forward's mask), added to theirs block by block in order after the product. Without
     /// `dx`, the same blocks without the product.
     #[allow(clippy::too_many_arguments)]
-    fn input_gradient_with_lora(
+    fn input_gradient_with_adapter(
         &self,
         p: &ParamMap,
         g: &mut ParamMap,
@@ -512,30 +526,37 @@ impl Linear {
         // DoRA: the product's gradient is dout scaled per output; the magnitude's is dout . z / norm.
         let dout: &[f32] = match self.adapter.and_then(|ad| ad.magnitude) {
             Some(m) => {
+                let _time = profile::scope(profile::Kind::Adapter);
                 let (norms, factors) = acts.norm_and_factor.split_at(cout);
+                let z = &acts.z[..rows * cout];
                 if !g.at(m).is_empty() {
-                    let dm = g.at_mut(m);
-                    for (drow, zrow) in dout.chunks(cout).zip(acts.z.chunks(cout)) {
-                        for o in 0..cout {
-                            dm[o] += drow[o] * zrow[o] / norms[o];
+                    // Each task a run of outputs, summed over the rows in order.
+                    let width = cout.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
+                    g.at_mut(m).par_chunks_mut(width).enumerate().for_each(|(i, dm)| {
+                        let first = i * width;
+                        let norms = &norms[first..first + dm.len()];
+                        for (drow, zrow) in dout.chunks(cout).zip(z.chunks(cout)) {
+                            let (drow, zrow) = (&drow[first..first + dm.len()], &zrow[first..first + dm.len()]);
+                            for (((dm, d), z), n) in dm.iter_mut().zip(drow).zip(zrow).zip(norms) {
+                                *dm += d * z / n;
+                            }
                         }
-                    }
+                    });
                 }
                 let dz = &mut scratch.dz[..rows * cout];
-                for (dzrow, drow) in dz.chunks_mut(cout).zip(dout.chunks(cout)) {
+                dz.par_chunks_mut(cout).zip(dout.par_chunks(cout)).for_each(|(dzrow, drow)| {
                     dzrow.iter_mut().zip(drow).zip(factors).for_each(|((z, d), f)| *z = d * f);
-                }
+                });
                 dz
             }
             None => dout,
         };
         let prec = self.precision;
-        let lora = self.adapter.filter(|ad| ad.magnitude.is_none());
-        match (lora, &mut dx) {
+        match (self.adapter, &mut dx) {
             (Some(ad), _) => {
-                let lora_scratch = (&mut *scratch.dxa, &mut *scratch.partials);
+                let adapter_scratch = (&mut *scratch.dxa, &mut *scratch.partials);
                 let dx = dx.as_mut().map(|(dx, add)| (&mut **dx, *add));
-                self.input_gradient_with_lora(p, g, dout, x, acts, lora_scratch, dx, rows, ad)
+                self.input_gradient_with_adapter(p, g, dout, x, acts, adapter_scratch, dx, rows, ad)
             }
             (None, Some((dx, add_dx))) => {
                 let d = Dims { m: rows, k: cout, n: cin };
@@ -552,36 +573,6 @@ impl Linear {
                 WeightLayout::InOut => {
                     let d = Dims { m: cin, k: rows, n: cout };
                     prec.matmul(x, Layout::Transposed, dout, Layout::Normal, g.at_mut(self.w), d, true);
-                }
-            }
-        }
-        if let Some(ad) = self.adapter.filter(|_| lora.is_none()) {
-            let _time = profile::scope(profile::Kind::Adapter);
-            let (xa, dxa) = (&acts.xa[..rows * ad.r], &mut scratch.dxa[..rows * ad.r]);
-            // dB += dout^T (scale x A^T): (out, rows) x (rows, r).
-            if !g.at(ad.b).is_empty() {
-                let d = Dims { m: cout, k: rows, n: ad.r };
-                matmul(dout, Layout::Transposed, xa, Layout::Normal, g.at_mut(ad.b), d, true);
-            }
-            // d(x A^T) = scale * dout B: (rows, out) x (out, r).
-            matmul(dout, Layout::Normal, p.at(ad.b), Layout::Normal, dxa, Dims { m: rows, k: cout, n: ad.r }, false);
-            dxa.iter_mut().for_each(|v| *v *= ad.scale);
-            // dA += d(x A^T)^T x: (r, rows) x (rows, in); dx += d(x A^T) A: (rows, r) x (r, in),
-            // through the dropout's mask when there was one.
-            let seed = acts.dropout_for(&ad);
-            let input = if seed.is_some() { &acts.x_drop[..rows * cin] } else { x };
-            if !g.at(ad.a).is_empty() {
-                let d = Dims { m: ad.r, k: rows, n: cin };
-                matmul(dxa, Layout::Transposed, input, Layout::Normal, g.at_mut(ad.a), d, true);
-            }
-            let Some((dx, _)) = dx else { return };
-            let d = Dims { m: rows, k: ad.r, n: cin };
-            match seed {
-                None => matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dx, d, true),
-                Some(seed) => {
-                    let dropped = &mut scratch.dx_drop[..rows * cin];
-                    matmul(dxa, Layout::Normal, p.at(ad.a), Layout::Normal, dropped, d, false);
-                    add_through_dropout(dx, dropped, (seed, acts.first_row), ad.dropout, cin);
                 }
             }
         }
@@ -644,13 +635,7 @@ mod tests {
 
     fn forward(lin: &Linear, p: &ParamMap, x: &[f32], rows: usize) -> (Vec<f32>, AdapterActs) {
         let ad = lin.adapter.unwrap();
-        let shape = AdapterShape {
-            r: 2,
-            cin: lin.cin,
-            cout: lin.cout,
-            dora: ad.magnitude.is_some(),
-            dropout: ad.dropout > 0.0,
-        };
+        let shape = AdapterShape { r: 2, cin: lin.cin, cout: lin.cout, dora: ad.magnitude.is_some() };
         let mut acts = AdapterActs::new(rows, shape);
         acts.dropout_seed = Some(SEED);
         let mut out = vec![0.0; rows * lin.cout];
@@ -706,10 +691,9 @@ mod tests {
                 let probe = random(rows * 4, 8);
                 let (_, acts) = forward(&lin, &p, &x, rows);
                 let mut g = p.zeros_like_trainable(|n| n != "w");
-                let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * 2], vec![0.0; rows * 4], vec![0.0; rows * 5]);
+                let (mut dxa, mut dz) = (vec![0.0; rows * 2], vec![0.0; rows * 4]);
                 let mut partials = vec![0.0; lin.precision.then_blocks(rows) * lora_partial(2, 5, 4)];
-                let mut scratch =
-                    AdapterScratch { dxa: &mut dxa, dz: &mut dz, dx_drop: &mut dx_drop, partials: &mut partials };
+                let mut scratch = AdapterScratch { dxa: &mut dxa, dz: &mut dz, partials: &mut partials };
                 let mut dx = vec![0.0; rows * 5];
                 lin.backward(&p, &mut g, &probe, &x, &acts, &mut scratch, InputGradient::Write(&mut dx), rows);
                 let factors: Vec<f32> = if dora { acts.norm_and_factor[4..].to_vec() } else { vec![1.0; 4] };
@@ -784,7 +768,7 @@ mod tests {
         assert!((4..=16).contains(&zeros), "about half of 20 inputs dropped: {zeros}");
         assert!(x_drop.iter().zip(&x).all(|(d, x)| *d == 0.0 || *d == 2.0 * x), "kept ones scaled by 1/(1-p)");
         let (dropped, acts) = forward(&lin, &p, &x, rows);
-        assert!(acts.x_drop.is_empty(), "a LoRA layer keeps no dropped copy of its input");
+        assert_eq!(acts.floats(), rows * 2, "the layer keeps x A^T only, no dropped copy of its input");
         let mut xa = vec![0.0; rows * 2];
         let d = Dims { m: rows, k: 5, n: 2 };
         matmul_naive(&x_drop, Layout::Normal, p.get("a"), Layout::Transposed, &mut xa, d, false);
@@ -792,7 +776,7 @@ mod tests {
         for (got, want) in acts.xa.iter().zip(&xa) {
             assert!((got - want * scale).abs() < 1e-6, "x A^T of the dropped input: {got} vs {}", want * scale);
         }
-        let shape = AdapterShape { r: 2, cin: 5, cout: 4, dora: false, dropout: true };
+        let shape = AdapterShape { r: 2, cin: 5, cout: 4, dora: false };
         let mut eval = AdapterActs::new(rows, shape);
         let mut out = vec![0.0; rows * 4];
         lin.forward(&p, &x, &mut out, rows, &mut eval);
@@ -802,23 +786,24 @@ mod tests {
         assert_eq!(forward(&lin, &p, &x, rows).0, dropped, "the mask is a function of the seed");
     }
 
-    /// Over many rows a LoRA layer runs its adapter block by block inside the weight's
-    /// products; forward and backward still compute `x W + s x A^T B^T` and its gradients
-    /// (against plain f64 products, in each layout and precision, with and without dropout), and
-    /// the gradients summed over the blocks have the same bits on one and two threads.
+    /// Over many rows a LoRA or DoRA layer runs its adapter block by block inside the weight's
+    /// products; forward and backward still compute `x W + s x A^T B^T` (DoRA: rescaled per
+    /// output) and its gradients (against plain f64 products, in each layout and precision,
+    /// with and without dropout), keeping no copy of the input, and the gradients summed over
+    /// the blocks have the same bits on one and two threads.
     #[test]
-    fn a_lora_layer_over_many_blocks_computes_the_plain_products() {
+    fn an_adapter_over_many_blocks_computes_the_plain_products() {
         use crate::nn::gradcheck::on_threads;
         let (cin, cout, r, rows) = (40, 24, 4, 300);
         assert!(Precision::F32.then_blocks(rows) > 2 && Precision::Bf16.then_blocks(rows) > 2, "several blocks");
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
             for precision in [Precision::F32, Precision::Bf16] {
-                for dropout in [0.0, 0.3] {
-                    let (lin, p) = layer_sized(layout, false, dropout, (cin, cout, r));
+                for (dora, dropout) in [(false, 0.0), (false, 0.3), (true, 0.0), (true, 0.3)] {
+                    let (lin, p) = layer_sized(layout, dora, dropout, (cin, cout, r));
                     let lin = Linear { precision, ..lin };
                     let ad = lin.adapter.unwrap();
                     let (x, dout) = (random(rows * cin, 11), random(rows * cout, 12));
-                    let shape = AdapterShape { r, cin, cout, dora: false, dropout: dropout > 0.0 };
+                    let shape = AdapterShape { r, cin, cout, dora };
                     let run = |threads| {
                         on_threads(threads, || {
                             let mut acts = AdapterActs::new(rows, shape);
@@ -826,31 +811,27 @@ mod tests {
                             acts.first_row = 7;
                             let mut out = vec![0.0; rows * cout];
                             lin.product(&p, &x, &mut out, rows, &mut acts);
-                            let mut g = p.zeros_like_trainable(|n| n == "a" || n == "bb");
-                            let (mut dxa, mut dz, mut dx_drop) = (vec![0.0; rows * r], vec![], vec![0.0; rows * cin]);
+                            let kept = rows * r + if dora { rows * cout + 2 * cout + cout * r + r * r } else { 0 };
+                            assert_eq!(acts.floats(), kept, "x A^T (DoRA: z, norms, W A^T, A A^T), no dropped input");
+                            let mut g = p.zeros_like_trainable(|n| ["a", "bb", "m"].contains(&n));
+                            let (mut dxa, mut dz) = (vec![0.0; rows * r], vec![0.0; rows * cout]);
                             let mut partials = vec![0.0; precision.then_blocks(rows) * lora_partial(r, cin, cout)];
-                            let mut scratch = AdapterScratch {
-                                dxa: &mut dxa,
-                                dz: &mut dz,
-                                dx_drop: &mut dx_drop,
-                                partials: &mut partials,
-                            };
+                            let mut scratch = AdapterScratch { dxa: &mut dxa, dz: &mut dz, partials: &mut partials };
                             let mut dx = vec![0.0; rows * cin];
                             let dx_out = InputGradient::Write(&mut dx);
                             lin.backward(&p, &mut g, &dout, &x, &acts, &mut scratch, dx_out, rows);
-                            assert!(acts.x_drop.is_empty(), "a LoRA layer keeps no dropped copy of its input");
-                            (out, dx, g.get("a").to_vec(), g.get("bb").to_vec())
+                            (out, dx, g.get("a").to_vec(), g.get("bb").to_vec(), g.get("m").to_vec())
                         })
                     };
-                    let (out, dx, da, db) = run(1);
+                    let (out, dx, da, db, dm) = run(1);
                     let mut x_drop = vec![0.0; rows * cin];
                     adapter_input(&x, &mut x_drop, Some((5, 7)), dropout, cin);
-                    let label = format!("{layout:?}, {precision:?}, dropout {dropout}");
+                    let label = format!("{layout:?}, {precision:?}, DoRA {dora}, dropout {dropout}");
                     let two = run(2);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
-                        (bits(&dx), bits(&da), bits(&db)),
-                        (bits(&two.1), bits(&two.2), bits(&two.3)),
+                        (bits(&dx), bits(&da), bits(&db), bits(&dm)),
+                        (bits(&two.1), bits(&two.2), bits(&two.3), bits(&two.4)),
                         "{label}"
                     );
                     // The reference in f64; the weight's products from bf16-rounded operands in bf16.
@@ -863,32 +844,55 @@ mod tests {
                     };
                     let w = |i: usize, o: usize| {
                         let w = p.get("w");
-                        round(if layout == WeightLayout::OutIn { w[o * cin + i] } else { w[i * cout + o] })
+                        if layout == WeightLayout::OutIn {
+                            w[o * cin + i]
+                        } else {
+                            w[i * cout + o]
+                        }
                     };
                     let input = if dropout > 0.0 { &x_drop[..] } else { &x[..] };
                     let (a, b, s) = (p.get("a"), p.get("bb"), ad.scale as f64);
+                    // DoRA's norms of the adapted weight's rows, and its factors (LoRA: 1).
+                    let norms: Vec<f64> = (0..cout)
+                        .map(|o| {
+                            let adapted = |i: usize| {
+                                w(i, o) as f64
+                                    + s * (0..r).map(|j| b[o * r + j] as f64 * a[j * cin + i] as f64).sum::<f64>()
+                            };
+                            (0..cin).map(|i| adapted(i).powi(2)).sum::<f64>().sqrt()
+                        })
+                        .collect();
+                    let factor = |o: usize| if dora { p.get("m")[o] as f64 / norms[o] } else { 1.0 };
                     let xa = |n: usize, j: usize| {
                         (0..cin).map(|i| input[n * cin + i] as f64 * a[j * cin + i] as f64).sum::<f64>() * s
                     };
-                    let dxa = |n: usize, j: usize| {
-                        (0..cout).map(|o| dout[n * cout + o] as f64 * b[o * r + j] as f64).sum::<f64>() * s
-                    };
+                    // The adapted product's gradient: dout, rescaled for DoRA.
+                    let dz = |n: usize, o: usize| (dout[n * cout + o] as f64 * factor(o)) as f32;
+                    let dxa =
+                        |n: usize, j: usize| (0..cout).map(|o| dz(n, o) as f64 * b[o * r + j] as f64).sum::<f64>() * s;
                     let close = |what: &str, got: f32, want: f64| {
                         assert!(
                             (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()),
                             "{what} ({label}): {got} vs {want}"
                         );
                     };
-                    for n in (0..rows).step_by(7) {
+                    let mut want_dm = vec![0.0f64; cout];
+                    for n in 0..rows {
                         let xan: Vec<f64> = (0..r).map(|j| xa(n, j)).collect();
-                        let dxan: Vec<f64> = (0..r).map(|j| dxa(n, j)).collect();
                         for o in 0..cout {
-                            let base: f64 = (0..cin).map(|i| round(x[n * cin + i]) * w(i, o)).sum();
+                            let base: f64 = (0..cin).map(|i| round(x[n * cin + i]) * round(w(i, o))).sum();
                             let lora: f64 = (0..r).map(|j| xan[j] * b[o * r + j] as f64).sum();
-                            close("out", out[n * cout + o], base + lora);
+                            want_dm[o] += dout[n * cout + o] as f64 * (base + lora) / norms[o];
+                            if n % 7 == 0 {
+                                close("out", out[n * cout + o], (base + lora) * factor(o));
+                            }
                         }
+                        if n % 7 != 0 {
+                            continue;
+                        }
+                        let dxan: Vec<f64> = (0..r).map(|j| dxa(n, j)).collect();
                         for i in 0..cin {
-                            let base: f64 = (0..cout).map(|o| round(dout[n * cout + o]) * w(i, o)).sum();
+                            let base: f64 = (0..cout).map(|o| round(dz(n, o)) * round(w(i, o))).sum();
                             let lora: f64 = (0..r).map(|j| dxan[j] * a[j * cin + i] as f64).sum();
                             let kept = if dropout > 0.0 {
                                 if x_drop[n * cin + i] == 0.0 && x[n * cin + i] != 0.0 {
@@ -904,12 +908,17 @@ mod tests {
                     }
                     for j in 0..r {
                         for o in 0..cout {
-                            let want: f64 = (0..rows).map(|n| dout[n * cout + o] as f64 * xa(n, j)).sum();
+                            let want: f64 = (0..rows).map(|n| dz(n, o) as f64 * xa(n, j)).sum();
                             close("dB", db[o * r + j], want);
                         }
                         for i in (0..cin).step_by(3) {
                             let want: f64 = (0..rows).map(|n| dxa(n, j) * input[n * cin + i] as f64).sum();
                             close("dA", da[j * cin + i], want);
+                        }
+                    }
+                    if dora {
+                        for o in 0..cout {
+                            close("dm", dm[o], want_dm[o]);
                         }
                     }
                 }
@@ -936,7 +945,7 @@ mod tests {
             lin.forward(&p, &x, &mut out, rows, &mut AdapterActs::default());
             let mut g = p.zeros_like_trainable(|n| n == "w" || n == "b");
             let mut dx = vec![0.0; rows * cin];
-            let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], dx_drop: &mut [], partials: &mut [] };
+            let mut scratch = AdapterScratch { dxa: &mut [], dz: &mut [], partials: &mut [] };
             let dx_out = InputGradient::Write(&mut dx);
             lin.backward(&p, &mut g, &dout, &x, &AdapterActs::default(), &mut scratch, dx_out, rows);
             let close = |what: &str, got: f32, want: f64| {

@@ -310,13 +310,8 @@ impl Model {
         if let Some(mut blk) = self.blocks.first().copied() {
             blk.for_each_linear(|lin| {
                 if let Some(ad) = lin.adapter {
-                    shapes[lin.slot] = AdapterShape {
-                        r: ad.r,
-                        cin: lin.cin,
-                        cout: lin.cout,
-                        dora: ad.magnitude.is_some(),
-                        dropout: ad.dropout > 0.0,
-                    };
+                    shapes[lin.slot] =
+                        AdapterShape { r: ad.r, cin: lin.cin, cout: lin.cout, dora: ad.magnitude.is_some() };
                 }
             });
         }
@@ -534,14 +529,13 @@ impl Model {
             dg,
             dxa,
             dz,
-            dx_drop,
             lora_partials,
             scratch_c,
             zeros_c,
             no_adapter,
             ..
         } = acts;
-        let dxa = &mut AdapterScratch { dxa, dz, dx_drop, partials: lora_partials };
+        let dxa = &mut AdapterScratch { dxa, dz, partials: lora_partials };
 
         // The input of the operation at `place` needs its gradient when something before it trains.
         let first = self.first_trainable(grads);
@@ -743,10 +737,7 @@ pub struct Activations {
     /// (B * T, out).
     dxa: Vec<f32>,
     dz: Vec<f32>,
-    /// The gradient of a dropped adapter input (B * T, in), for DoRA (a LoRA layer's blocks
-    /// use the kernels' per-thread scratch).
-    dx_drop: Vec<f32>,
-    /// Each block of rows' part of a LoRA layer's gradients ([`lora_partial`]).
+    /// Each block of rows' part of an adapter's gradients ([`lora_partial`]).
     lora_partials: Vec<f32>,
     /// The buffers of a layer without adapter (the head).
     no_adapter: AdapterActs,
@@ -834,14 +825,13 @@ impl Activations {
             dg: g(rows * f),
             dxa: g(rows * adapters.iter().map(|a| a.r).max().unwrap_or(0)),
             dz: g(rows * adapters.iter().filter(|a| a.dora).map(|a| a.cout).max().unwrap_or(0)),
-            dx_drop: g(rows * adapters.iter().filter(|a| a.dropout && a.dora).map(|a| a.cin).max().unwrap_or(0)),
             // As many blocks as either precision cuts the rows into.
             lora_partials: g([Precision::F32, Precision::Bf16]
                 .map(|p| p.then_blocks(rows))
                 .into_iter()
                 .max()
                 .unwrap_or(0)
-                * adapters.iter().filter(|a| !a.dora).map(|a| lora_partial(a.r, a.cin, a.cout)).max().unwrap_or(0)),
+                * adapters.iter().map(|a| lora_partial(a.r, a.cin, a.cout)).max().unwrap_or(0)),
             no_adapter: AdapterActs::default(),
             zeros_c: z(c),
             scratch_c: z(c),
@@ -914,7 +904,6 @@ impl Activations {
             &self.dg,
             &self.dxa,
             &self.dz,
-            &self.dx_drop,
             &self.lora_partials,
             &self.zeros_c,
             &self.scratch_c,
