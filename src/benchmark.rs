@@ -125,13 +125,19 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         let lora = bench::train_steps(&m, cores, lora_r8);
         let lora_checkpointed = bench::train_steps(&m, cores, Training { checkpointed: true, ..lora_r8 });
         let lora_dropout = bench::train_steps(&m, cores, Training { lora_dropout: 0.1, ..lora_r8 });
+        // DoRA: LoRA's products, each output rescaled, and the adapted product kept for backward.
+        let dora_r8 = Training { dora: true, ..lora_r8 };
+        let dora = bench::train_steps(&m, cores, dora_r8);
+        let dora_dropout = bench::train_steps(&m, cores, Training { lora_dropout: 0.1, ..dora_r8 });
         for (what, l) in [
-            ("", &lora),
-            (" with activation checkpointing", &lora_checkpointed),
-            (" with lora_dropout = 0.1", &lora_dropout),
+            ("LoRA r=8 on every linear layer", &lora),
+            ("LoRA r=8 on every linear layer with activation checkpointing", &lora_checkpointed),
+            ("LoRA r=8 on every linear layer with lora_dropout = 0.1", &lora_dropout),
+            ("DoRA r=8 on every linear layer", &dora),
+            ("DoRA r=8 on every linear layer with lora_dropout = 0.1", &dora_dropout),
         ] {
             out.text(format_args!(
-                "LoRA r=8 on every linear layer{what}: median {:.1} ms/step against {:.1} for every weight \
+                "{what}: median {:.1} ms/step against {:.1} for every weight \
                  ({:.2}x its speed); needs {} against {} ({:.0}%)",
                 l.step_spread[1] * 1e3,
                 r.step_spread[1] * 1e3,
@@ -166,6 +172,8 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         model["lora_r8"] = json!(lora);
         model["lora_r8_checkpointed"] = json!(lora_checkpointed);
         model["lora_r8_dropout"] = json!(lora_dropout);
+        model["dora_r8"] = json!(dora);
+        model["dora_r8_dropout"] = json!(dora_dropout);
         model["frozen"] = json!(frozen);
         let decode = bench::decode_speeds(&m.cfg, 128, cores);
         let f32_rate = decode[0].tokens_per_s;

@@ -25,8 +25,9 @@ fn every_command_has_help() {
 }
 
 /// `bench --json`: one JSON document on stdout with the machine, and per reference model the
-/// step, its LoRA twin (also in bf16, and with dropout) and the same step with every weight frozen, decoding
-/// speeds and speculative decoding; progress on stderr.
+/// step, its LoRA twin (also in bf16, and with dropout), DoRA's (with and without dropout) and
+/// the same step with every weight frozen, decoding speeds and speculative decoding; progress
+/// on stderr.
 #[test]
 fn bench_json_reports_every_section_as_numbers() {
     let sb = Sandbox::new();
@@ -46,6 +47,8 @@ fn bench_json_reports_every_section_as_numbers() {
         assert!(needed("lora_r8") < step["needed_bytes"].as_u64().unwrap(), "{m}");
         assert!(needed("lora_r8_checkpointed") < needed("lora_r8"), "{m}");
         assert_eq!(needed("lora_r8_dropout"), needed("lora_r8"), "dropout keeps no copy of the inputs: {m}");
+        assert!(needed("dora_r8") > needed("lora_r8"), "DoRA keeps its adapted products: {m}");
+        assert_eq!(needed("dora_r8_dropout"), needed("dora_r8"), "dropout keeps no copy of the inputs: {m}");
         assert!(needed("frozen") < needed("lora_r8"), "{m}");
         assert!(m["lora_r8_bf16"]["step_seconds"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["lora_r8"]["breakdown"]["adapters"].as_f64().unwrap() > 0.0, "{m}");

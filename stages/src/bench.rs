@@ -510,11 +510,13 @@ fn median3(mut x: [f64; 3]) -> f64 {
 /// that layer, as far as adapters on every layer need them: the step an adapter's approaches
 /// as its own products cost nothing); with `checkpointed`, activation checkpointing; its
 /// weight products in `precision`; each batch in `shards` shards (the recipe key); the
-/// adapters' inputs dropped with probability `lora_dropout` (the recipe key; 0: none).
+/// adapters' inputs dropped with probability `lora_dropout` (the recipe key; 0: none); with
+/// `dora` (and a rank), DoRA adapters.
 #[derive(Clone, Copy, Debug)]
 pub struct Training {
     pub lora_rank: Option<usize>,
     pub lora_dropout: f32,
+    pub dora: bool,
     pub frozen: bool,
     pub checkpointed: bool,
     pub precision: Precision,
@@ -526,6 +528,7 @@ impl Default for Training {
         Training {
             lora_rank: None,
             lora_dropout: 0.0,
+            dora: false,
             frozen: false,
             checkpointed: false,
             precision: Precision::default(),
@@ -536,14 +539,14 @@ impl Default for Training {
 
 /// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
 pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, lora_dropout, frozen, checkpointed, precision, shards } = how;
+    let Training { lora_rank, lora_dropout, dora, frozen, checkpointed, precision, shards } = how;
     pool(threads).install(|| {
         reset_peak();
         let baseline_bytes = status_bytes("VmRSS:");
         let cfg = m.cfg;
         let t = cfg.block_size;
         let mut params = cfg.init(1);
-        let lora = lora_rank.map(|r| LoraConfig::on_every_linear(&cfg, r, 2.0 * r as f32));
+        let lora = lora_rank.map(|r| LoraConfig { dora, ..LoraConfig::on_every_linear(&cfg, r, 2.0 * r as f32) });
         if let Some(lora) = &lora {
             lora.add(&cfg, &mut params, 2);
         }
@@ -685,6 +688,12 @@ mod tests {
         // Dropout on the adapters' inputs keeps no dropped copy of them.
         let dropout = train_steps(&m, 1, Training { lora_rank: Some(2), lora_dropout: 0.1, ..Training::default() });
         assert_eq!(dropout.needed_bytes, lora.needed_bytes);
+        // DoRA keeps each adapted product for its magnitude's gradient, and with dropout no more.
+        let dora = train_steps(&m, 1, Training { lora_rank: Some(2), dora: true, ..Training::default() });
+        assert!(dora.needed_bytes > lora.needed_bytes, "{} vs {}", dora.needed_bytes, lora.needed_bytes);
+        let dora_with_dropout = Training { lora_rank: Some(2), dora: true, lora_dropout: 0.1, ..Training::default() };
+        let dora_dropout = train_steps(&m, 1, dora_with_dropout);
+        assert_eq!(dora_dropout.needed_bytes, dora.needed_bytes);
         // Checkpointing holds one block's activations and every block's input (three layers).
         let deep = BenchModel { cfg: ModelConfig::gpt2(11, 8, 3, 2, 16, false), ..m };
         let lora = train_steps(&deep, 1, Training { lora_rank: Some(2), ..Training::default() });
