@@ -109,9 +109,21 @@ pub fn then_blocks(m: usize, most: usize) -> usize {
     m.div_ceil(then_rows(m, most).max(1))
 }
 
+/// Column pieces per block of a [`matmul_then`] on `threads` threads: one, unless its blocks
+/// of rows are fewer than two per thread; then as many as make two tasks per thread, in whole
+/// micro-tiles. The blocks of rows are fixed by the shape (what `then` sums over them must
+/// not depend on the thread count); the pieces only share out each block's product, whose
+/// bits do not depend on them.
+fn then_pieces(d: Dims, threads: usize) -> usize {
+    let blocks = then_blocks(d.m, THEN_ROWS).max(1);
+    (2 * threads).div_ceil(blocks).clamp(1, d.n.div_ceil(COL_ALIGN).max(1))
+}
+
 /// [`matmul`], then `then(first_row, rows, context)` on each block of [`then_rows`] output
 /// rows (at most [`THEN_ROWS`]), as soon as the block is done and while it is in cache, each
-/// block with its own item of `contexts` (one per block). The product has [`matmul`]'s bits.
+/// block with its own item of `contexts` (one per block). On more threads than the blocks
+/// keep busy, each block's product is shared out in column pieces ([`then_pieces`]). The
+/// product has [`matmul`]'s bits.
 ///
 /// # Panics
 /// If a slice's length does not match its dimensions, or `contexts` has not one item per block.
@@ -136,10 +148,19 @@ pub fn matmul_then<C: Send>(
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));
     let beta = if accumulate { 1.0 } else { 0.0 };
     let rows = then_rows(d.m, THEN_ROWS);
+    let cols = d.n.div_ceil(then_pieces(d, rayon::current_num_threads())).next_multiple_of(COL_ALIGN);
     out.par_chunks_mut(rows * d.n).zip(contexts).enumerate().for_each(|(i, (block, context))| {
         let (first, height) = (i * rows, block.len() / d.n);
         let mut view = ArrayViewMut2::from_shape((height, d.n), &mut *block).expect("checked");
-        general_mat_mul(1.0, &a.slice(s![first..first + height, ..]), &b, beta, &mut view);
+        let a_rows = a.slice(s![first..first + height, ..]);
+        if cols >= d.n {
+            general_mat_mul(1.0, &a_rows, &b, beta, &mut view);
+        } else {
+            view.axis_chunks_iter_mut(Axis(1), cols).into_par_iter().enumerate().for_each(|(j, mut piece)| {
+                let b_cols = b.slice(s![.., j * cols..j * cols + piece.ncols()]);
+                general_mat_mul(1.0, &a_rows, &b_cols, beta, &mut piece);
+            });
+        }
         then(first, block, context);
     });
 }
@@ -227,6 +248,19 @@ mod tests {
         }
     }
 
+    /// One piece per block where the blocks give two tasks per thread (gpt2-6x384's 2,048 rows,
+    /// eight blocks, on two or four threads); beyond, enough pieces for two tasks per thread,
+    /// as far as the columns go.
+    #[test]
+    fn then_pieces_keep_every_thread_busy() {
+        let d = Dims { m: 2048, k: 384, n: 1152 };
+        assert_eq!(then_blocks(d.m, THEN_ROWS), 8);
+        assert_eq!((then_pieces(d, 1), then_pieces(d, 2), then_pieces(d, 4)), (1, 1, 1));
+        assert_eq!((then_pieces(d, 8), then_pieces(d, 16), then_pieces(d, 32)), (2, 4, 8));
+        assert_eq!(then_pieces(Dims { m: 100, k: 8, n: 40 }, 16), 3, "no more pieces than micro-tiles");
+        assert_eq!(then_pieces(Dims { m: 0, k: 8, n: 0 }, 16), 1);
+    }
+
     #[test]
     fn one_and_two_threads_give_the_same_bits() {
         same_bits_on_one_and_two_threads(matmul, Dims { m: 300, k: 96, n: 80 });
@@ -234,9 +268,16 @@ mod tests {
 
     /// `matmul_then`'s blocks tile the rows in order, whole numbers of 32 rows but the last,
     /// each passed to `then` once with its context, after its product; the products have
-    /// `matmul`'s bits, in f32 and in bf16.
+    /// `matmul`'s bits, in f32 and in bf16, on one thread and on more than the blocks keep
+    /// busy (each block's product then in column pieces).
     #[test]
     fn matmul_then_runs_then_once_per_block_after_the_product() {
+        for threads in [1, 2, 16] {
+            crate::nn::gradcheck::on_threads(threads, matmul_then_blocks_on_this_pool);
+        }
+    }
+
+    fn matmul_then_blocks_on_this_pool() {
         use crate::nn::kernels::Precision;
         for m in [0, 1, 3, 33, 100, 300, 1024] {
             let d = Dims { m, k: 40, n: 24 };
