@@ -404,7 +404,8 @@ impl Linear {
     }
 
     /// `dx = [dx +] dout W^T` of a layer with an adapter, with the adapter's backward (DoRA's on
-    /// its rescaled `dout`), each block of rows in the task that computed its product, while the block's `dout` and `dx` are in cache:
+    /// its rescaled `dout`), each block of rows in the task that computed its product, while
+    /// the block's `dout` and `dx` are in cache:
     /// `dxa = s dout B`, `dx += dxa A` (through the dropout's mask when there was one), and the
     /// block's part of the adapter's gradients, `dout^T xa` and `dxa^T x` (`x` dropped again
     /// with forward's mask), added to theirs block by block in order after the product. Without
@@ -530,7 +531,8 @@ impl Linear {
                 let (norms, factors) = acts.norm_and_factor.split_at(cout);
                 let z = &acts.z[..rows * cout];
                 if !g.at(m).is_empty() {
-                    // Each task a run of outputs, summed over the rows in order.
+                    // Each task a run of outputs, each summed over the rows in order: the
+                    // same bits on any number of threads.
                     let width = cout.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
                     g.at_mut(m).par_chunks_mut(width).enumerate().for_each(|(i, dm)| {
                         let first = i * width;
