@@ -286,32 +286,51 @@ impl Linear {
         }
         let Some(ad) = self.adapter else { return };
         let _time = profile::scope(profile::Kind::Adapter);
-        // (rows, in) x (in, r) -> (rows, r), scaled; then (rows, r) x (r, out) added.
         let seed = acts.dropout_for(&ad).map(|s| (s, acts.first_row));
-        let mut dropped = vec![0.0; if seed.is_some() { x.len() } else { 0 }];
-        let input = adapter_input(x, &mut dropped, seed, ad.dropout, self.cin);
-        let xa = &mut acts.xa[..rows * ad.r];
-        matmul(
-            input,
-            Layout::Normal,
-            p.at(ad.a),
-            Layout::Transposed,
-            xa,
-            Dims { m: rows, k: self.cin, n: ad.r },
-            false,
-        );
-        xa.iter_mut().for_each(|v| *v *= ad.scale);
-        matmul(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: rows, k: ad.r, n: self.cout }, true);
         if let Some(m) = ad.magnitude {
             self.dora_factors(p, ad, m, acts);
-            dora_rescale(out, &mut acts.z[..rows * self.cout], &acts.norm_and_factor[self.cout..]);
+        }
+        let factors: &[f32] = if ad.magnitude.is_some() { &acts.norm_and_factor[self.cout..] } else { &[] };
+        let z: &mut [f32] = if ad.magnitude.is_some() { &mut acts.z[..rows * self.cout] } else { &mut [] };
+        self.add_adapter_term(p, ad, x, out, &mut acts.xa[..rows * ad.r], z, factors, seed);
+    }
+
+    /// The adapter's term on rows of `x` whose products are in `out`, on the calling thread:
+    /// `xa = s x A^T` (of the rows after dropout, when `seed` gives the mask and the place of
+    /// the first row), then `out += xa B^T`, and for DoRA (`factors` not empty) the rows kept
+    /// in `z` and rescaled per output.
+    #[allow(clippy::too_many_arguments)]
+    fn add_adapter_term(
+        &self,
+        p: &ParamMap,
+        ad: Adapter,
+        x: &[f32],
+        out: &mut [f32],
+        xa: &mut [f32],
+        z: &mut [f32],
+        factors: &[f32],
+        seed: Option<(u64, usize)>,
+    ) {
+        let (cin, cout, r, n) = (self.cin, self.cout, ad.r, xa.len() / ad.r);
+        let times_a = |input: &[f32], xa: &mut [f32]| {
+            matmul_here(input, Layout::Normal, p.at(ad.a), Layout::Transposed, xa, Dims { m: n, k: cin, n: r }, false)
+        };
+        match seed {
+            None => times_a(x, xa),
+            Some(place) => {
+                with_scratch(n * cin, |dropped| times_a(adapter_input(x, dropped, Some(place), ad.dropout, cin), xa))
+            }
+        }
+        xa.iter_mut().for_each(|v| *v *= ad.scale);
+        matmul_here(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: n, k: r, n: cout }, true);
+        if !factors.is_empty() {
+            dora_rescale(out, z, factors);
         }
     }
 
-    /// [`Self::product`] over many rows: each block of rows gets its adapter's term in the
-    /// task that computed its product, while the block's input and output are in cache:
-    /// `xa = s x A^T` (of the block's input after dropout, when it drops), then `out += xa B^T`,
-    /// and for DoRA, the block kept as `z` and rescaled per output.
+    /// [`Self::product`] over many rows: each block of rows gets its adapter's term
+    /// ([`Self::add_adapter_term`]) in the task that computed its product, while the block's
+    /// input and output are in cache.
     fn product_with_adapter(
         &self,
         p: &ParamMap,
@@ -326,7 +345,6 @@ impl Linear {
         if let Some(m) = ad.magnitude {
             self.dora_factors(p, ad, m, acts);
         }
-        let (a, b) = (p.at(ad.a), p.at(ad.b));
         let height = self.precision.then_rows(rows);
         let z_blocks: Vec<&mut [f32]> = match ad.magnitude {
             Some(_) => acts.z[..rows * cout].chunks_mut(height * cout).collect(),
@@ -345,22 +363,9 @@ impl Linear {
             false,
             blocks,
             |first, out, (xa, z)| {
-                let n = out.len() / cout;
-                let x = &x[first * cin..][..n * cin];
-                let times_a = |input: &[f32], xa: &mut [f32]| {
-                    matmul_here(input, Layout::Normal, a, Layout::Transposed, xa, Dims { m: n, k: cin, n: r }, false)
-                };
-                match seed {
-                    None => times_a(x, xa),
-                    Some((seed, first_row)) => with_scratch(n * cin, |dropped| {
-                        times_a(adapter_input(x, dropped, Some((seed, first_row + first)), ad.dropout, cin), xa)
-                    }),
-                }
-                xa.iter_mut().for_each(|v| *v *= ad.scale);
-                matmul_here(xa, Layout::Normal, b, Layout::Transposed, out, Dims { m: n, k: r, n: cout }, true);
-                if ad.magnitude.is_some() {
-                    dora_rescale(out, z, factors);
-                }
+                let x = &x[first * cin..][..out.len() / cout * cin];
+                let place = seed.map(|(seed, first_row)| (seed, first_row + first));
+                self.add_adapter_term(p, ad, x, out, xa, z, factors, place);
             },
         );
     }
