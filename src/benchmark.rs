@@ -138,10 +138,11 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         ] {
             out.text(format_args!(
                 "{what}: median {:.1} ms/step against {:.1} for every weight \
-                 ({:.2}x its speed); needs {} against {} ({:.0}%)",
+                 ({:.2}x its speed, {:.2}x its FLOPs); needs {} against {} ({:.0}%)",
                 l.step_spread[1] * 1e3,
                 r.step_spread[1] * 1e3,
                 r.step_spread[1] / l.step_spread[1],
+                r.flops_per_token / l.flops_per_token,
                 output::human_bytes(l.needed_bytes),
                 output::human_bytes(r.needed_bytes),
                 100.0 * l.needed_bytes as f64 / r.needed_bytes as f64
@@ -152,10 +153,11 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
         let frozen = bench::train_steps(&m, cores, Training { frozen: true, ..trained });
         out.text(format_args!(
             "every weight frozen, a rank-1 adapter on the first layer only: median {:.1} ms/step \
-             ({:.2}x every weight's speed), the bound of an adapter's step; LoRA r=8's is {:.1} ms, \
-             {:.2}x the bound's time",
+             ({:.2}x every weight's speed, {:.2}x its FLOPs), the bound of an adapter's step; LoRA r=8's \
+             is {:.1} ms, {:.2}x the bound's time",
             frozen.step_spread[1] * 1e3,
             r.step_spread[1] / frozen.step_spread[1],
+            r.flops_per_token / frozen.flops_per_token,
             lora.step_spread[1] * 1e3,
             lora.step_spread[1] / frozen.step_spread[1],
         ));

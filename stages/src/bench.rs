@@ -299,7 +299,9 @@ pub struct StepReport {
     /// move the mean, and the spread shows it.
     pub step_spread: [f64; 3],
     pub tokens_per_s: f64,
-    /// nanoGPT's estimate: 6 N + 12 L H D T per token, N without position embeddings.
+    /// The model FLOPs of the step's forward and backward per token
+    /// ([`Model::flops_per_token`]: nanoGPT's `6 N + 12 L H D T` when every weight trains;
+    /// fewer for frozen weights; recomputation not counted).
     pub flops_per_token: f64,
     /// Seconds per step in each kind of kernel, and "other" (the rest of the step).
     #[serde(serialize_with = "as_map")]
@@ -605,8 +607,7 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
         breakdown.push(("other", (step_seconds - known).max(0.0)));
         let n_params = params.num_elements();
         let trainable = grads.num_elements();
-        let non_position = n_params - cfg.block_size * cfg.n_embd;
-        let flops_per_token = 6.0 * non_position as f64 + 12.0 * (cfg.n_layer * cfg.n_head * cfg.head_dim() * t) as f64;
+        let flops_per_token = model.flops_per_token(&params, &grads, t);
         StepReport {
             step_seconds,
             step_spread,
@@ -702,5 +703,10 @@ mod tests {
         assert!(frozen.needed_bytes < lora.needed_bytes, "{} vs {}", frozen.needed_bytes, lora.needed_bytes);
         let both = train_steps(&deep, 1, Training { lora_rank: Some(2), checkpointed: true, ..Training::default() });
         assert!(both.needed_bytes < lora.needed_bytes, "{} vs {}", both.needed_bytes, lora.needed_bytes);
+        // Each step's FLOPs are its own: frozen weights skip their gradients, adapters add
+        // theirs, and recomputation is not counted.
+        let full = train_steps(&deep, 1, Training::default());
+        assert!(frozen.flops_per_token < lora.flops_per_token && lora.flops_per_token < full.flops_per_token);
+        assert_eq!(both.flops_per_token, lora.flops_per_token);
     }
 }

@@ -132,28 +132,44 @@ const MLP_OUT: usize = 7;
 /// Places per block: the above, attention (2) and the MLP's activation (6).
 const PLACES_PER_BLOCK: usize = 8;
 
+/// An operation of a block that has parameters.
+#[derive(Clone, Copy)]
+enum Op {
+    Norm(Norm),
+    Linear(Linear),
+}
+
+impl Op {
+    fn trains(&self, g: &ParamMap) -> bool {
+        match self {
+            Op::Norm(n) => n.trains(g),
+            Op::Linear(l) => l.trains(g),
+        }
+    }
+}
+
 impl Block {
+    /// The operations with parameters, each with its place ([`NORM1`] ...), in forward order.
+    fn ops(&self) -> Vec<(usize, Op)> {
+        let mut ops = vec![(NORM1, Op::Norm(self.norm1))];
+        match self.qkv {
+            Qkv::Fused(l) => ops.push((QKV, Op::Linear(l))),
+            Qkv::Split(q, k, v) => ops.extend([q, k, v].map(|l| (QKV, Op::Linear(l)))),
+        }
+        ops.extend([(ATTN_OUT, Op::Linear(self.o)), (NORM2, Op::Norm(self.norm2))]);
+        match self.mlp {
+            Mlp::Gelu { fc, proj } => ops.extend([(MLP_IN, Op::Linear(fc)), (MLP_OUT, Op::Linear(proj))]),
+            Mlp::SwiGlu { gate, up, down } => {
+                ops.extend([(MLP_IN, Op::Linear(gate)), (MLP_IN, Op::Linear(up)), (MLP_OUT, Op::Linear(down))])
+            }
+        }
+        ops
+    }
+
     /// The first place, in forward order ([`NORM1`] ...), of an operation whose parameters `g`
     /// trains.
     fn first_trainable(&self, g: &ParamMap) -> Option<usize> {
-        let qkv = match &self.qkv {
-            Qkv::Fused(l) => l.trains(g),
-            Qkv::Split(q, k, v) => [q, k, v].iter().any(|l| l.trains(g)),
-        };
-        let (mlp_in, mlp_out) = match &self.mlp {
-            Mlp::Gelu { fc, proj } => (fc.trains(g), proj.trains(g)),
-            Mlp::SwiGlu { gate, up, down } => (gate.trains(g) || up.trains(g), down.trains(g)),
-        };
-        [
-            (NORM1, self.norm1.trains(g)),
-            (QKV, qkv),
-            (ATTN_OUT, self.o.trains(g)),
-            (NORM2, self.norm2.trains(g)),
-            (MLP_IN, mlp_in),
-            (MLP_OUT, mlp_out),
-        ]
-        .into_iter()
-        .find_map(|(place, trains)| trains.then_some(place))
+        self.ops().into_iter().find_map(|(place, op)| op.trains(g).then_some(place))
     }
 
     fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
@@ -493,6 +509,52 @@ impl Model {
             })
             .or_else(|| self.norm_f.trains(grads).then_some(norm_f))
             .or_else(|| self.head.trains(grads).then_some(head))
+    }
+
+    /// The floating-point operations per token of a training step on sequences of `t` tokens
+    /// that trains what `grads` holds, counted as nanoGPT's `6 N + 12 L H D T` is, but only
+    /// for the work [`Model::backward`] does: each parameter element costs 2 in forward, 2 in
+    /// its operation's input gradient and 2 in its own gradient, each of the last two only
+    /// when backward computes it; each layer's attention costs `4 H D T` in forward and
+    /// `8 H D T` in backward. Position embeddings cost nothing, a token embedding tied to the
+    /// head costs as the head, an untied one has no input gradient. A step that trains
+    /// everything of gpt2 costs nanoGPT's estimate exactly; a LoRA step loses its frozen
+    /// weights' gradients and the input gradients below its first adapter, and adds its
+    /// adapters' six per element.
+    pub fn flops_per_token(&self, p: &ParamMap, grads: &ParamMap, t: usize) -> f64 {
+        let first = self.first_trainable(grads);
+        let below = |place: usize| first.is_some_and(|first| first < place);
+        let cost = |id: ParamId, input_gradient: bool| {
+            let (n, trains) = (p.at(id).len(), !grads.at(id).is_empty());
+            2 * n * (1 + usize::from(input_gradient) + usize::from(trains))
+        };
+        let linear = |lin: &Linear, place: usize| {
+            let dx = below(place);
+            let base = [Some(lin.w), lin.b].into_iter().flatten().map(|id| cost(id, dx)).sum::<usize>();
+            // B's input is `x A^T`, whose gradient backward needs for A's as well.
+            base + lin.adapter.map_or(0, |ad| {
+                let dxa = dx || !grads.at(ad.a).is_empty();
+                cost(ad.a, dx) + cost(ad.b, dxa) + ad.magnitude.map_or(0, |m| cost(m, dxa))
+            })
+        };
+        let norm =
+            |n: &Norm, place: usize| [Some(n.w), n.b].into_iter().flatten().map(|id| cost(id, below(place))).sum();
+        let (norm_f_place, head_place) = self.final_places();
+        let attention = self.cfg.n_head * self.cfg.head_dim() * t;
+        let blocks: usize = (self.blocks.iter().enumerate())
+            .map(|(l, blk)| {
+                let place = |op: usize| 1 + l * PLACES_PER_BLOCK + op;
+                let params: usize = (blk.ops().iter())
+                    .map(|(op, o)| match o {
+                        Op::Norm(n) => norm(n, place(*op)),
+                        Op::Linear(lin) => linear(lin, place(*op)),
+                    })
+                    .sum();
+                params + 4 * attention + if below(place(ATTN_OUT)) { 8 * attention } else { 0 }
+            })
+            .sum();
+        let embedding = if self.head.w == self.wte { 0 } else { cost(self.wte, false) };
+        (embedding + blocks + norm(&self.norm_f, norm_f_place) + linear(&self.head, head_place)) as f64
     }
 
     /// Backward from the logits' gradient a loss wrote into [`Activations::loss_buffers`] after
@@ -1112,6 +1174,51 @@ mod tests {
                     let want = if trains(name) { want.data() } else { &[] };
                     assert_eq!(got.data(), want, "{name} ({} {variant}, dora {dora})", arch.name());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_costs_the_flops_its_backward_does() {
+        let size = |p: &ParamMap, name: &str| p.get(name).len();
+        for (arch, variant) in [(Arch::Gpt2, 0), (Arch::Llama, 0)] {
+            let cfg = tiny(arch, variant);
+            let t = cfg.block_size;
+            let attention = cfg.n_layer * cfg.n_head * cfg.head_dim() * t;
+            let params = random_params(&cfg);
+            let model = Model::new(cfg, &params);
+            // Every weight trains: nanoGPT's 6 N + 12 L H D T, N without gpt2's position
+            // table; llama's untied embedding has no input gradient.
+            let (n, full) = match arch {
+                Arch::Gpt2 => {
+                    let n = params.num_elements() - size(&params, "transformer.wpe.weight");
+                    (n, 6 * n)
+                }
+                Arch::Llama => {
+                    (params.num_elements(), 6 * params.num_elements() - 2 * size(&params, "model.embed_tokens.weight"))
+                }
+            };
+            assert_eq!(model.flops_per_token(&params, &params.zeros_like(), t), (full + 12 * attention) as f64);
+            // Nothing trains: forward only.
+            let none = params.zeros_like_trainable(|_| false);
+            assert_eq!(model.flops_per_token(&params, &none, t), (2 * n + 4 * attention) as f64);
+            if arch == Arch::Llama {
+                continue;
+            }
+            // LoRA (or DoRA) on every linear layer: the frozen base costs 4 per element, less 2
+            // for the first layer's norm and projection, whose input gradients nothing needs;
+            // the adapters cost 6, less 2 for the first projection's A.
+            for dora in [false, true] {
+                let lora = lora_on_everything(&cfg, false, dora);
+                let adapted = adapted(&cfg, &lora);
+                let model = Model::with_lora_scale(cfg, &adapted, lora.scale());
+                let grads = adapted.zeros_like_trainable(crate::nn::lora::is_adapter);
+                let adapters = adapted.num_elements() - params.num_elements();
+                let first =
+                    ["ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_attn.lora_A.weight"];
+                let below: usize = first.iter().map(|name| size(&adapted, &format!("transformer.h.0.{name}"))).sum();
+                let want = 4 * n + 6 * adapters - 2 * below + 12 * attention;
+                assert_eq!(model.flops_per_token(&adapted, &grads, t), want as f64, "dora {dora}");
             }
         }
     }
