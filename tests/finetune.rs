@@ -116,6 +116,19 @@ fn dora_writes_its_magnitudes_and_merges_them() {
     assert_eq!(adapters.tensor("model.layers.0.mlp.up_proj.lora_magnitude_vector").shape(), [96]);
     let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, true);
     assert!(expected == merged, "merged = m * (W + s B A) / |W + s B A|");
+    // DoRA's own loops (norms, magnitude gradient) give the same bits with the portable kernels.
+    let portable = Sandbox::new();
+    let out = portable
+        .command()
+        .env("TINYGPT_SIMD", "portable")
+        .args(["run", "sft.toml", "--json", "--set", "sft.use_dora=true"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let emulated = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
+    for (name, t) in adapters.iter() {
+        assert!(emulated.get(name) == t.data(), "{name} differs with TINYGPT_SIMD=portable");
+    }
 }
 
 #[test]

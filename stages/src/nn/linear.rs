@@ -159,6 +159,31 @@ simd_fn! {
     }
 }
 
+simd_fn! {
+    /// DoRA's magnitude gradient for the outputs `first..first + dm.len()` of rows `cout`
+    /// wide: `dm_o += dout_io z_io / norm_o` for each row `i` in order.
+    fn add_magnitude_gradient(dm: &mut [f32], dout: &[f32], z: &[f32], norms: &[f32], first: usize, cout: usize) {
+        for (drow, zrow) in dout.chunks(cout).zip(z.chunks(cout)) {
+            let (drow, zrow) = (&drow[first..first + dm.len()], &zrow[first..first + dm.len()]);
+            for (((dm, d), z), n) in dm.iter_mut().zip(drow).zip(zrow).zip(norms) {
+                *dm += d * z / n;
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// `sq_j += w_ij^2` in f64 for the rows `i` of `w` (each `width` wide) in order, `j` from
+    /// column `first`: the squared norms of a run of columns, as many at once as the lanes hold.
+    fn add_column_squares(sq: &mut [f64], w: &[f32], first: usize, width: usize) {
+        for row in w.chunks(width) {
+            for (s, x) in sq.iter_mut().zip(&row[first..]) {
+                *s += *x as f64 * *x as f64;
+            }
+        }
+    }
+}
+
 /// DoRA's rescaling of a block of outputs (rows of `factors.len()`): the block kept in `z`,
 /// then each output multiplied by its factor `m_o / |W_o + s (B A)_o|`.
 fn dora_rescale(out: &mut [f32], z: &mut [f32], factors: &[f32]) {
@@ -391,20 +416,33 @@ impl Linear {
         matmul(a, Layout::Normal, a, Layout::Transposed, &mut acts.gram, Dims { m: r, k: cin, n: r }, false);
         let s = ad.scale as f64;
         let (wa, gram) = (&acts.wa, &acts.gram);
-        acts.norm_and_factor[..cout].par_iter_mut().enumerate().for_each(|(o, norm)| {
-            let w_sq: f64 = match self.layout {
-                WeightLayout::OutIn => w[o * cin..(o + 1) * cin].iter().map(|x| (*x as f64).powi(2)).sum(),
-                WeightLayout::InOut => (0..cin).map(|i| (w[i * cout + o] as f64).powi(2)).sum(),
-            };
-            let bo = &b[o * r..(o + 1) * r];
-            let cross: f64 = bo.iter().zip(&wa[o * r..(o + 1) * r]).map(|(x, y)| *x as f64 * *y as f64).sum();
-            let mut quad = 0.0f64;
-            for j in 0..r {
-                for k in 0..r {
-                    quad += bo[j] as f64 * gram[j * r + k] as f64 * bo[k] as f64;
+        // Runs of outputs: (in, out) weights give each run's squared norms row by row, a column
+        // per lane; every output's sum still runs over its inputs in order.
+        const RUN: usize = 64;
+        acts.norm_and_factor[..cout].par_chunks_mut(RUN).enumerate().for_each(|(i, norms)| {
+            let first = i * RUN;
+            let mut w_sq = [0.0f64; RUN];
+            let w_sq = &mut w_sq[..norms.len()];
+            match self.layout {
+                WeightLayout::OutIn => {
+                    for (sq, row) in w_sq.iter_mut().zip(w[first * cin..].chunks(cin)) {
+                        *sq = row.iter().map(|x| *x as f64 * *x as f64).sum();
+                    }
                 }
+                WeightLayout::InOut => add_column_squares(w_sq, w, first, cout),
             }
-            *norm = (w_sq + 2.0 * s * cross + s * s * quad).max(0.0).sqrt().max(1e-12) as f32;
+            for (j, (norm, w_sq)) in norms.iter_mut().zip(w_sq).enumerate() {
+                let o = first + j;
+                let bo = &b[o * r..(o + 1) * r];
+                let cross: f64 = bo.iter().zip(&wa[o * r..(o + 1) * r]).map(|(x, y)| *x as f64 * *y as f64).sum();
+                let mut quad = 0.0f64;
+                for j in 0..r {
+                    for k in 0..r {
+                        quad += bo[j] as f64 * gram[j * r + k] as f64 * bo[k] as f64;
+                    }
+                }
+                *norm = (*w_sq + 2.0 * s * cross + s * s * quad).max(0.0).sqrt().max(1e-12) as f32;
+            }
         });
     }
 
@@ -541,13 +579,7 @@ impl Linear {
                     let width = cout.div_ceil(2 * rayon::current_num_threads()).next_multiple_of(16);
                     g.at_mut(m).par_chunks_mut(width).enumerate().for_each(|(i, dm)| {
                         let first = i * width;
-                        let norms = &norms[first..first + dm.len()];
-                        for (drow, zrow) in dout.chunks(cout).zip(z.chunks(cout)) {
-                            let (drow, zrow) = (&drow[first..first + dm.len()], &zrow[first..first + dm.len()]);
-                            for (((dm, d), z), n) in dm.iter_mut().zip(drow).zip(zrow).zip(norms) {
-                                *dm += d * z / n;
-                            }
-                        }
+                        add_magnitude_gradient(dm, dout, z, &norms[first..first + dm.len()], first, cout);
                     });
                 }
                 let dz = &mut scratch.dz[..rows * cout];
@@ -801,7 +833,7 @@ mod tests {
     #[test]
     fn an_adapter_over_many_blocks_computes_the_plain_products() {
         use crate::nn::gradcheck::on_threads;
-        let (cin, cout, r, rows) = (40, 24, 4, 300);
+        let (cin, cout, r, rows) = (40, 72, 4, 300);
         assert!(Precision::F32.then_blocks(rows) > 2 && Precision::Bf16.then_blocks(rows) > 2, "several blocks");
         for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
             for precision in [Precision::F32, Precision::Bf16] {
