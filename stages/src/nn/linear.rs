@@ -416,8 +416,9 @@ impl Linear {
         matmul(a, Layout::Normal, a, Layout::Transposed, &mut acts.gram, Dims { m: r, k: cin, n: r }, false);
         let s = ad.scale as f64;
         let (wa, gram) = (&acts.wa, &acts.gram);
-        // Runs of outputs: (in, out) weights give each run's squared norms row by row, a column
-        // per lane; every output's sum still runs over its inputs in order.
+        // Runs of outputs, each output's squared norm summed over its inputs in order: (in, out)
+        // weights row by row, a column per lane; (out, in) weights eight rows at a time, eight
+        // independent chains of additions.
         const RUN: usize = 64;
         acts.norm_and_factor[..cout].par_chunks_mut(RUN).enumerate().for_each(|(i, norms)| {
             let first = i * RUN;
@@ -425,8 +426,12 @@ impl Linear {
             let w_sq = &mut w_sq[..norms.len()];
             match self.layout {
                 WeightLayout::OutIn => {
-                    for (sq, row) in w_sq.iter_mut().zip(w[first * cin..].chunks(cin)) {
-                        *sq = row.iter().map(|x| *x as f64 * *x as f64).sum();
+                    for (sq, rows) in w_sq.chunks_mut(8).zip(w[first * cin..].chunks(8 * cin)) {
+                        for i in 0..cin {
+                            for (sq, row) in sq.iter_mut().zip(rows.chunks(cin)) {
+                                *sq += row[i] as f64 * row[i] as f64;
+                            }
+                        }
                     }
                 }
                 WeightLayout::InOut => add_column_squares(w_sq, w, first, cout),
