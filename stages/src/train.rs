@@ -256,7 +256,7 @@ pub fn train(
 
     let progress = ctx.progress();
     let emulated = match spec.precision == Precision::Bf16 && !crate::nn::kernels::bf16::amx() {
-        true => " (bf16 emulated without AMX: about 10x slower than f32)",
+        true => " (bf16 emulated without AMX: several times slower than f32 here; `tinygpt bench` measures both)",
         false => "",
     };
     progress.set_length(spec.max_steps, "steps");
