@@ -125,9 +125,9 @@ fn dora_writes_its_magnitudes_and_merges_them() {
         .output()
         .unwrap();
     assert_success(&out);
-    let emulated = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
+    let portable_adapters = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
     for (name, t) in adapters.iter() {
-        assert!(emulated.get(name) == t.data(), "{name} differs with TINYGPT_SIMD=portable");
+        assert!(portable_adapters.get(name) == t.data(), "{name} differs with TINYGPT_SIMD=portable");
     }
 }
 

@@ -420,24 +420,23 @@ impl Linear {
         // weights row by row, a column per lane; (out, in) weights eight rows at a time, eight
         // independent chains of additions.
         const RUN: usize = 64;
-        acts.norm_and_factor[..cout].par_chunks_mut(RUN).enumerate().for_each(|(i, norms)| {
-            let first = i * RUN;
+        acts.norm_and_factor[..cout].par_chunks_mut(RUN).enumerate().for_each(|(run, norms)| {
+            let first = run * RUN;
             let mut w_sq = [0.0f64; RUN];
             let w_sq = &mut w_sq[..norms.len()];
             match self.layout {
                 WeightLayout::OutIn => {
-                    for (sq, rows) in w_sq.chunks_mut(8).zip(w[first * cin..].chunks(8 * cin)) {
+                    for (sums, rows) in w_sq.chunks_mut(8).zip(w[first * cin..].chunks(8 * cin)) {
                         for i in 0..cin {
-                            for (sq, row) in sq.iter_mut().zip(rows.chunks(cin)) {
-                                *sq += row[i] as f64 * row[i] as f64;
+                            for (sum, row) in sums.iter_mut().zip(rows.chunks(cin)) {
+                                *sum += row[i] as f64 * row[i] as f64;
                             }
                         }
                     }
                 }
                 WeightLayout::InOut => add_column_squares(w_sq, w, first, cout),
             }
-            for (j, (norm, w_sq)) in norms.iter_mut().zip(w_sq).enumerate() {
-                let o = first + j;
+            for (o, (norm, w_sq)) in (first..).zip(norms.iter_mut().zip(w_sq)) {
                 let bo = &b[o * r..(o + 1) * r];
                 let cross: f64 = bo.iter().zip(&wa[o * r..(o + 1) * r]).map(|(x, y)| *x as f64 * *y as f64).sum();
                 let mut quad = 0.0f64;
