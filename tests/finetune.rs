@@ -217,6 +217,14 @@ fn bad_instruction_rows_exit_2_naming_the_file_row_and_field() {
     let out = sb.tinygpt(&["plan", "sft.toml", "--set", "sft.lora_targets=[\"q_prj\"]"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`q_prj` is not a linear module"));
+    // A module of the other architecture: refused when the recipe is resolved, at its line.
+    let recipe = std::fs::read_to_string(sb.path("sft.toml")).unwrap();
+    sb.write("gpt2_targets.toml", recipe.replace("[stages.sft]\n", "[stages.sft]\nlora_targets = [\"c_attn\"]\n"));
+    let out = sb.tinygpt(&["plan", "gpt2_targets.toml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("the model has no module `c_attn`") && err.contains("q_proj"), "{err}");
+    assert!(err.contains("gpt2_targets.toml:") && err.contains("lora_targets = [\"c_attn\"]"), "{err}");
 }
 
 /// Run the recipe's upstream stages, then a long sft interrupted by `sig`, then again: the

@@ -3,7 +3,8 @@
 //! and the output (the merged model, and the adapter in PEFT's layout).
 
 use engine::{ParamProblem, ParamSpec, Params, StageCtx, StageError};
-use serde_json::json;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 use crate::fail;
 use crate::model_io::save_safetensors;
@@ -57,6 +58,30 @@ pub fn check_lora(p: &Params) -> Result<(), ParamProblem> {
         }
     }
     Ok(())
+}
+
+/// `lora_targets` against the linear modules of the model wired to `model`, when its stage
+/// tells them when the recipe is resolved ([`crate::quantize::plan_shape`]): a module of the
+/// other architecture is refused before anything runs.
+pub fn check_lora_targets(p: &Params, upstream: &BTreeMap<&str, &Value>) -> Result<(), ParamProblem> {
+    let Some(linears) = upstream.get("model").and_then(|shape| shape["linears"].as_object()) else {
+        return Ok(());
+    };
+    if p.str("adapter") != "lora" {
+        return Ok(());
+    }
+    // `transformer.h.0.attn.c_attn.weight` is module `c_attn`.
+    let mut modules: Vec<&str> =
+        linears.keys().filter_map(|name| name.strip_suffix(".weight")?.rsplit('.').next()).collect();
+    modules.sort_unstable();
+    modules.dedup();
+    match p.str_list("lora_targets").iter().find(|t| *t != "all-linear" && !modules.contains(&t.as_str())) {
+        Some(missing) => Err(ParamProblem::new(
+            "lora_targets",
+            format!("the model has no module `{missing}` (its linear modules: {})", modules.join(", ")),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// How a model is fine-tuned: in full, or through adapters (and then from which start).

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
 
-use crate::adapters::{check_lora, FineTune, Setup, LORA_PARAMS};
+use crate::adapters::{check_lora, check_lora_targets, FineTune, Setup, LORA_PARAMS};
 use crate::arrow_io::TokenMeta;
 use crate::batches::EpochOrder;
 use crate::checkpoint::DataPos;
@@ -176,6 +176,9 @@ impl Stage for Align {
         Ok(())
     }
 
+    fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
+        check_lora_targets(p, upstream)
+    }
     /// The model keeps its input's shape (adapters merge into the same matrices).
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
         crate::quantize::shape_of_input(upstream, "model")
