@@ -225,6 +225,11 @@ fn bad_instruction_rows_exit_2_naming_the_file_row_and_field() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("the model has no module `c_attn`") && err.contains("q_proj"), "{err}");
     assert!(err.contains("gpt2_targets.toml:") && err.contains("lora_targets = [\"c_attn\"]"), "{err}");
+    // Rows longer than the model's block size: refused when the recipe is resolved too.
+    let out = sb.tinygpt(&["plan", "sft.toml", "--set", "sft.seq_len=4096"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("seq_len 4096 is longer than the model's block size"), "{err}");
 }
 
 /// Run the recipe's upstream stages, then a long sft interrupted by `sig`, then again: the

@@ -119,7 +119,10 @@ impl Stage for Distill {
         if upstream.contains_key("init") {
             crate::quantize::shape_of_input(upstream, "init")
         } else {
-            crate::quantize::plan_shape(&model_config(p, 2, p.opt_usize("block_size").unwrap_or(1)))
+            crate::quantize::plan_shape(
+                &model_config(p, 2, p.opt_usize("block_size").unwrap_or(1)),
+                p.opt_usize("block_size"),
+            )
         }
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

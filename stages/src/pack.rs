@@ -10,8 +10,9 @@
 //! and their number goes into the block file's metadata: training and evaluation feed them as
 //! inputs but never predict them (their targets are ignored), and windows leave them out.
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
+use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
+use std::collections::BTreeMap;
 
 use crate::arrow_io::{read_docs, write_blocks, Blocks, TokenDocs, TokenMeta};
 use crate::nn::rng::SplitMix64;
@@ -73,6 +74,9 @@ impl Stage for Pack {
     }
     fn uses_seed(&self) -> bool {
         true
+    }
+    fn output_shape(&self, p: &Params, _: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        json!({ "seq_len": p.usize("seq_len") })
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

@@ -297,15 +297,26 @@ fn indivisible(name: &str, cols: usize, group_size: usize) -> String {
 
 /// What a model stage tells of its output when the recipe is resolved
 /// ([`engine::Stage::output_shape`]): the input width of each matrix `quantize` may take, by
-/// name, the blocks' linear layers (`linears`) apart from the embedding tables (`tables`).
-pub(crate) fn plan_shape(cfg: &ModelConfig) -> Value {
+/// name, the blocks' linear layers (`linears`) apart from the embedding tables (`tables`), and
+/// the block size when the recipe fixes it (`block_size`, else absent).
+pub(crate) fn plan_shape(cfg: &ModelConfig, block_size: Option<usize>) -> Value {
     let linears: Map<String, Value> = targets(cfg, false).into_iter().map(|t| (t.name, json!(t.cols))).collect();
     let tables: Map<String, Value> = targets(cfg, true)
         .into_iter()
         .filter(|t| !linears.contains_key(&t.name))
         .map(|t| (t.name, json!(t.cols)))
         .collect();
-    json!({ "linears": linears, "tables": tables })
+    let mut shape = json!({ "linears": linears, "tables": tables });
+    if let Some(block_size) = block_size {
+        shape["block_size"] = json!(block_size);
+    }
+    shape
+}
+
+/// A number the stage wired to `slot` tells of its output (`block_size` of a model,
+/// `seq_len` of packed data), if it tells it.
+pub(crate) fn told(upstream: &BTreeMap<&str, &Value>, slot: &str, key: &str) -> Option<usize> {
+    upstream.get(slot)?.get(key)?.as_u64().map(|n| n as usize)
 }
 
 /// The shape the stage wired to `slot` tells ([`plan_shape`] or `Null`), for a stage whose
@@ -366,7 +377,7 @@ mod tests {
     /// refuses a group its widths do not hold, unless asked to keep such matrices.
     #[test]
     fn model_stages_tell_their_widths_and_quantize_checks_them() {
-        let shape = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 16, false));
+        let shape = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 16, false), Some(8));
         assert_eq!(shape["linears"]["transformer.h.0.attn.c_attn.weight"], 16);
         assert_eq!(shape["linears"]["transformer.h.0.mlp.c_proj.weight"], 64);
         assert_eq!(shape["tables"]["transformer.wte.weight"], 16);
@@ -390,12 +401,41 @@ mod tests {
         assert!(
             quantize(&[("group_size", ParamValue::Int(32)), ("indivisible", ParamValue::Str("keep".into()))]).is_ok()
         );
-        let wide = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 64, false));
+        let wide = plan_shape(&ModelConfig::gpt2(11, 8, 1, 2, 64, false), None);
         let upstream = BTreeMap::from([("model", &wide)]);
         let check = |pairs: &[(&str, ParamValue)]| {
             Quantize.check_shapes(&Params::from_defaults(Quantize.params(), pairs), &upstream)
         };
         assert!(check(&[("group_size", ParamValue::Int(64))]).is_ok());
         assert!(check(&[("group_size", ParamValue::Int(128))]).is_err(), "64-wide layers");
+    }
+
+    /// Packed data tells its `seq_len`, a pretrained model its block size (the parameter, else
+    /// the data's), and what does not fit is refused when the recipe is resolved: a block size
+    /// under the data's `seq_len`, an sft `seq_len` over the model's block size.
+    #[test]
+    fn lengths_travel_with_the_shapes_and_what_does_not_fit_is_refused() {
+        use crate::{pack::Pack, pretrain::Pretrain, sft::Sft};
+        let with = |stage: &dyn Stage, pairs: &[(&str, ParamValue)]| Params::from_defaults(stage.params(), pairs);
+        let packed = Pack.output_shape(&with(&Pack, &[("seq_len", ParamValue::Int(64))]), &BTreeMap::new());
+        let data = BTreeMap::from([("data", &packed)]);
+        let block =
+            |pairs: &[(&str, ParamValue)]| Pretrain.output_shape(&with(&Pretrain, pairs), &data)["block_size"].clone();
+        assert_eq!(block(&[]), 64, "the data's seq_len");
+        assert_eq!(block(&[("block_size", ParamValue::Int(128))]), 128);
+        assert!(Pretrain.output_shape(&with(&Pretrain, &[]), &BTreeMap::new()).get("block_size").is_none());
+        let short = Pretrain.check_shapes(&with(&Pretrain, &[("block_size", ParamValue::Int(32))]), &data).unwrap_err();
+        assert_eq!(short.key, "block_size");
+        assert!(short.message.contains("block_size 32 is shorter than the data's seq_len 64"), "{}", short.message);
+        assert!(Pretrain.check_shapes(&with(&Pretrain, &[("block_size", ParamValue::Int(64))]), &data).is_ok());
+
+        let model = Pretrain.output_shape(&with(&Pretrain, &[]), &data);
+        let upstream = BTreeMap::from([("model", &model)]);
+        let sft = |seq_len| Sft.check_shapes(&with(&Sft, &[("seq_len", ParamValue::Int(seq_len))]), &upstream);
+        assert!(sft(64).is_ok());
+        let long = sft(65).unwrap_err();
+        assert_eq!(long.key, "seq_len");
+        assert!(long.message.contains("seq_len 65 is longer than the model's block size 64"), "{}", long.message);
+        assert_eq!(Sft.output_shape(&with(&Sft, &[]), &upstream)["block_size"], 64, "fine-tuning keeps the shape");
     }
 }

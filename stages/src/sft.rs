@@ -121,6 +121,10 @@ impl Stage for Sft {
     }
 
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
+        let seq_len = p.usize("seq_len");
+        if let Some(block_size) = crate::quantize::told(upstream, "model", "block_size").filter(|b| seq_len > *b) {
+            return Err(ParamProblem::new("seq_len", too_long(seq_len, block_size)));
+        }
         check_lora_targets(p, upstream)
     }
     /// The model keeps its input's shape (adapters merge into the same matrices).
@@ -132,10 +136,7 @@ impl Stage for Sft {
         let ModelOverData { cfg, mut params, eot, data, .. } = model_over_data(ctx)?;
         let seq_len = p.usize("seq_len");
         if seq_len > cfg.block_size {
-            return Err(StageError::msg(format!(
-                "seq_len {seq_len} is longer than the model's block size {}: lower `seq_len`",
-                cfg.block_size
-            )));
+            return Err(StageError::msg(too_long(seq_len, cfg.block_size)));
         }
         let layout = Layout {
             t: seq_len,
@@ -221,4 +222,9 @@ impl TrainData for ExampleData {
     fn validate(&mut self, model: &Model, params: &ParamMap, max_batches: usize) -> Result<Validation, StageError> {
         Ok(Validation::loss(rows_loss(model, params, &self.val, self.val_batch, Some(max_batches), |_| Ok(()))?.0))
     }
+}
+
+/// `seq_len` longer than the model's block size.
+fn too_long(seq_len: usize, block_size: usize) -> String {
+    format!("seq_len {seq_len} is longer than the model's block size {block_size}: lower `seq_len`")
 }
