@@ -113,16 +113,29 @@ impl Stage for Distill {
         check_train_params(p)
     }
 
+    /// A student whose block size (the `init` model's, else `block_size`) is shorter than the
+    /// teacher's data's `seq_len` is refused before anything runs.
+    fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
+        let (key, block_size) = match upstream.contains_key("init") {
+            true => ("init", crate::quantize::told(upstream, "init", "block_size")),
+            false => ("block_size", p.opt_usize("block_size")),
+        };
+        match (block_size, crate::quantize::told(upstream, "teacher", "seq_len")) {
+            (Some(block_size), Some(t)) if block_size < t => {
+                Err(ParamProblem::new(key, student_too_short(block_size, t)))
+            }
+            _ => Ok(()),
+        }
+    }
     /// The student: the `init` model's shape when one is wired (as far as it tells), else the
-    /// one the parameters describe.
+    /// one the parameters describe (its block size: `block_size`, else the data's `seq_len`).
     fn output_shape(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
         if upstream.contains_key("init") {
             crate::quantize::shape_of_input(upstream, "init")
         } else {
-            crate::quantize::plan_shape(
-                &model_config(p, 2, p.opt_usize("block_size").unwrap_or(1)),
-                p.opt_usize("block_size"),
-            )
+            let block_size =
+                p.opt_usize("block_size").or_else(|| crate::quantize::told(upstream, "teacher", "seq_len"));
+            crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
         }
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
@@ -144,10 +157,7 @@ impl Stage for Distill {
             }
         };
         if cfg.block_size < t {
-            return Err(StageError::msg(format!(
-                "the student's block size {} is shorter than the data's seq_len {t}",
-                cfg.block_size
-            )));
+            return Err(StageError::msg(student_too_short(cfg.block_size, t)));
         }
         let logits = TeacherLogits::read(&teacher.path(TRAIN_LOGITS))?;
         let train = read_blocks(&teacher.path(TRAIN_FILE))?;
@@ -247,6 +257,11 @@ impl RowLoss for TopKObjective {
             row_loss,
         )
     }
+}
+
+/// A student's block size shorter than the data's `seq_len`.
+fn student_too_short(block_size: usize, seq_len: usize) -> String {
+    format!("the student's block size {block_size} is shorter than the data's seq_len {seq_len}")
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 //! `tinygpt sample --temperature 0` writes for the same prompt, and nothing depends on the
 //! thread count.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
@@ -76,6 +76,21 @@ impl Stage for Generate {
     fn output(&self) -> engine::ArtifactType {
         PACKED
     }
+    /// Prompts and continuations longer than the model's block size are refused before
+    /// anything runs, when the model's stage tells it.
+    fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
+        let positions = p.usize("prompt_tokens") + p.usize("new_tokens") - 1;
+        match crate::quantize::told(upstream, "model", "block_size") {
+            Some(block_size) if positions > block_size => {
+                Err(ParamProblem::new("new_tokens", too_many_positions(positions, block_size)))
+            }
+            _ => Ok(()),
+        }
+    }
+    /// Blocks of the data's `seq_len`, as `pack` cut them.
+    fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        crate::quantize::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
+    }
     fn uses_seed(&self) -> bool {
         true
     }
@@ -108,12 +123,7 @@ impl Stage for Generate {
             eot,
         };
         if spec.capacity() > cfg.block_size {
-            return Err(StageError::msg(format!(
-                "prompt_tokens + new_tokens - 1 = {} positions do not fit the model's block size {}: \
-                 lower `new_tokens` or `prompt_tokens`",
-                spec.capacity(),
-                cfg.block_size
-            )));
+            return Err(StageError::msg(too_many_positions(spec.capacity(), cfg.block_size)));
         }
         let model = Model::new(cfg, &params);
         let mut seeds = SplitMix64::new(ctx.seed());
@@ -279,6 +289,14 @@ pub fn continue_all(
         progress(done)?;
     }
     Ok(out)
+}
+
+/// Prompts and continuations that do not fit the model's block size.
+fn too_many_positions(positions: usize, block_size: usize) -> String {
+    format!(
+        "prompt_tokens + new_tokens - 1 = {positions} positions do not fit the model's block size {block_size}: \
+         lower `new_tokens` or `prompt_tokens`"
+    )
 }
 
 #[cfg(test)]

@@ -437,5 +437,25 @@ mod tests {
         assert_eq!(long.key, "seq_len");
         assert!(long.message.contains("seq_len 65 is longer than the model's block size 64"), "{}", long.message);
         assert_eq!(Sft.output_shape(&with(&Sft, &[]), &upstream)["block_size"], 64, "fine-tuning keeps the shape");
+
+        // Generated continuations must fit the model; the teacher keeps its data's seq_len, and
+        // a student must hold it.
+        use crate::{distill::Distill, generate_data::Generate, teacher::Teacher};
+        let wired = BTreeMap::from([("model", &model), ("data", &packed)]);
+        let generate = |new| Generate.check_shapes(&with(&Generate, &[("new_tokens", ParamValue::Int(new))]), &wired);
+        assert!(generate(57).is_ok(), "8 prompt tokens + 57 - 1 = 64 positions");
+        assert_eq!(generate(58).unwrap_err().key, "new_tokens");
+        assert_eq!(Generate.output_shape(&with(&Generate, &[]), &wired)["seq_len"], 64);
+        let teacher = Teacher.output_shape(&with(&Teacher, &[]), &wired);
+        assert_eq!(teacher["seq_len"], 64);
+        let from_teacher = BTreeMap::from([("teacher", &teacher)]);
+        let student = |pairs: &[(&str, ParamValue)]| Distill.check_shapes(&with(&Distill, pairs), &from_teacher);
+        assert!(student(&[]).is_ok(), "the data's seq_len by default");
+        assert_eq!(Distill.output_shape(&with(&Distill, &[]), &from_teacher)["block_size"], 64);
+        let short = student(&[("block_size", ParamValue::Int(32))]).unwrap_err();
+        assert!(short.message.contains("block size 32 is shorter than the data's seq_len 64"), "{}", short.message);
+        let small = Pretrain.output_shape(&with(&Pretrain, &[("block_size", ParamValue::Int(32))]), &BTreeMap::new());
+        let init = BTreeMap::from([("teacher", &teacher), ("init", &small)]);
+        assert_eq!(Distill.check_shapes(&with(&Distill, &[]), &init).unwrap_err().key, "init");
     }
 }

@@ -10,7 +10,7 @@
 //! `val.arrow`), the tokenizer and `meta.json`, so a student needs no other input, and
 //! `teacher.json` (top_k, vocabulary, the teacher's shape).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use engine::{Accepts, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
@@ -66,6 +66,10 @@ impl Stage for Teacher {
     }
     fn output(&self) -> engine::ArtifactType {
         TEACHER
+    }
+    /// The packed data's `seq_len`, which the teacher's logits keep.
+    fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
+        crate::quantize::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
     }
     fn vocabulary(&self) -> engine::Vocabulary {
         engine::Vocabulary::From("model")
