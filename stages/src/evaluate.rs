@@ -8,8 +8,9 @@
 //! tokens decode to (special tokens count zero bytes), so models with different tokenizers
 //! compare on the same footing.
 
-use engine::{Accepts, Input, InputSpec, Metrics, ParamSpec, Stage, StageCtx, StageError};
+use engine::{Accepts, Input, InputSpec, Metrics, ParamProblem, ParamSpec, Params, Stage, StageCtx, StageError};
 use serde_json::json;
+use std::collections::BTreeMap;
 
 use crate::arrow_io::read_blocks;
 use crate::arrow_io::read_examples;
@@ -119,6 +120,17 @@ impl Stage for Evaluate {
     fn uses_seed(&self) -> bool {
         true
     }
+    /// Packed blocks longer than the model's block size are refused before anything runs,
+    /// when both stages tell their lengths.
+    fn check_shapes(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
+        let told = |slot, key| crate::quantize::told(upstream, slot, key);
+        match (told("data", "seq_len"), told("model", "block_size")) {
+            (Some(t), Some(block_size)) if t > block_size => {
+                Err(ParamProblem::new("data", blocks_too_long(t, block_size)))
+            }
+            _ => Ok(()),
+        }
+    }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let Input::Artifact { artifact: model_dir, stage: model_stage, .. } = ctx.required_input("model") else {
@@ -201,10 +213,7 @@ fn evaluate_blocks(
     let p = ctx.params();
     let t = blocks.width - 1;
     if t > lm.cfg().block_size {
-        return Err(StageError::msg(format!(
-            "the data's blocks hold {t} tokens, more than the model's block size {}",
-            lm.cfg().block_size
-        )));
+        return Err(StageError::msg(blocks_too_long(t, lm.cfg().block_size)));
     }
     if let Some(bad) = blocks.tokens.iter().find(|id| **id as usize >= lm.cfg().vocab_size) {
         return Err(StageError::msg(format!(
@@ -470,4 +479,9 @@ fn loss_metrics(val_loss: f64, bits_per_byte: f64, tokens: usize, samples: usize
         ("val_tokens".into(), json!(tokens)),
         ("samples".into(), json!(samples)),
     ])
+}
+
+/// Packed blocks longer than the model's block size.
+fn blocks_too_long(t: usize, block_size: usize) -> String {
+    format!("the data's blocks hold {t} tokens, more than the model's block size {block_size}")
 }

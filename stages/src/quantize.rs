@@ -457,5 +457,16 @@ mod tests {
         let small = Pretrain.output_shape(&with(&Pretrain, &[("block_size", ParamValue::Int(32))]), &BTreeMap::new());
         let init = BTreeMap::from([("teacher", &teacher), ("init", &small)]);
         assert_eq!(Distill.check_shapes(&with(&Distill, &[]), &init).unwrap_err().key, "init");
+        // Evaluation on packed blocks longer than the model's block size.
+        let evaluate = crate::evaluate::Evaluate;
+        let none = with(&evaluate, &[]);
+        assert!(evaluate.check_shapes(&none, &BTreeMap::from([("model", &model), ("data", &packed)])).is_ok());
+        let long = evaluate.check_shapes(&none, &BTreeMap::from([("model", &small), ("data", &packed)])).unwrap_err();
+        assert_eq!(long.key, "data");
+        assert!(
+            long.message.contains("blocks hold 64 tokens, more than the model's block size 32"),
+            "{}",
+            long.message
+        );
     }
 }
