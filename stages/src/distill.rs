@@ -117,10 +117,10 @@ impl Stage for Distill {
     /// teacher's data's `seq_len` is refused before anything runs.
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
         let (key, block_size) = match upstream.contains_key("init") {
-            true => ("init", crate::quantize::told(upstream, "init", "block_size")),
+            true => ("init", crate::told(upstream, "init", "block_size")),
             false => ("block_size", p.opt_usize("block_size")),
         };
-        match (block_size, crate::quantize::told(upstream, "teacher", "seq_len")) {
+        match (block_size, crate::told(upstream, "teacher", "seq_len")) {
             (Some(block_size), Some(t)) if block_size < t => {
                 Err(ParamProblem::new(key, student_too_short(block_size, t)))
             }
@@ -133,8 +133,7 @@ impl Stage for Distill {
         if upstream.contains_key("init") {
             crate::quantize::shape_of_input(upstream, "init")
         } else {
-            let block_size =
-                p.opt_usize("block_size").or_else(|| crate::quantize::told(upstream, "teacher", "seq_len"));
+            let block_size = p.opt_usize("block_size").or_else(|| crate::told(upstream, "teacher", "seq_len"));
             crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
         }
     }

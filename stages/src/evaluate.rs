@@ -123,7 +123,7 @@ impl Stage for Evaluate {
     /// Packed blocks longer than the model's block size are refused before anything runs,
     /// when both stages tell their lengths.
     fn check_shapes(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
-        let told = |slot, key| crate::quantize::told(upstream, slot, key);
+        let told = |slot, key| crate::told(upstream, slot, key);
         match (told("data", "seq_len"), told("model", "block_size")) {
             (Some(t), Some(block_size)) if t > block_size => {
                 Err(ParamProblem::new("data", blocks_too_long(t, block_size)))

@@ -80,7 +80,7 @@ impl Stage for Generate {
     /// anything runs, when the model's stage tells it.
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
         let positions = p.usize("prompt_tokens") + p.usize("new_tokens") - 1;
-        match crate::quantize::told(upstream, "model", "block_size") {
+        match crate::told(upstream, "model", "block_size") {
             Some(block_size) if positions > block_size => {
                 Err(ParamProblem::new("new_tokens", too_many_positions(positions, block_size)))
             }
@@ -89,7 +89,7 @@ impl Stage for Generate {
     }
     /// Blocks of the data's `seq_len`, as `pack` cut them.
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        crate::quantize::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
+        crate::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
     }
     fn uses_seed(&self) -> bool {
         true

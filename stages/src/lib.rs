@@ -126,3 +126,14 @@ pub(crate) const fn concat_params<const A: usize, const B: usize, const N: usize
     }
     out
 }
+
+/// A length the stage wired to `slot` tells of its output when the recipe is resolved
+/// ([`engine::Stage::output_shape`]: `block_size` of a model, `seq_len` of packed data), if it
+/// tells it.
+pub(crate) fn told(
+    upstream: &std::collections::BTreeMap<&str, &serde_json::Value>,
+    slot: &str,
+    key: &str,
+) -> Option<usize> {
+    upstream.get(slot)?.get(key)?.as_u64().map(|n| n as usize)
+}

@@ -147,7 +147,7 @@ impl Stage for Pretrain {
     /// A `block_size` the recipe sets shorter than the data's `seq_len` is refused before
     /// anything runs.
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
-        match (p.opt_usize("block_size"), crate::quantize::told(upstream, "data", "seq_len")) {
+        match (p.opt_usize("block_size"), crate::told(upstream, "data", "seq_len")) {
             (Some(block_size), Some(seq_len)) if block_size < seq_len => Err(ParamProblem::new(
                 "block_size",
                 format!("block_size {block_size} is shorter than the data's seq_len {seq_len}: raise `block_size` or lower the data's `seq_len`"),
@@ -157,7 +157,7 @@ impl Stage for Pretrain {
     }
     /// The widths, and the block size: the parameter, else the data's `seq_len`.
     fn output_shape(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        let block_size = p.opt_usize("block_size").or_else(|| crate::quantize::told(upstream, "data", "seq_len"));
+        let block_size = p.opt_usize("block_size").or_else(|| crate::told(upstream, "data", "seq_len"));
         crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

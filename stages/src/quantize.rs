@@ -313,12 +313,6 @@ pub(crate) fn plan_shape(cfg: &ModelConfig, block_size: Option<usize>) -> Value 
     shape
 }
 
-/// A number the stage wired to `slot` tells of its output (`block_size` of a model,
-/// `seq_len` of packed data), if it tells it.
-pub(crate) fn told(upstream: &BTreeMap<&str, &Value>, slot: &str, key: &str) -> Option<usize> {
-    upstream.get(slot)?.get(key)?.as_u64().map(|n| n as usize)
-}
-
 /// The shape the stage wired to `slot` tells ([`plan_shape`] or `Null`), for a stage whose
 /// output model has its input's shape.
 pub(crate) fn shape_of_input(upstream: &BTreeMap<&str, &Value>, slot: &str) -> Value {

@@ -122,7 +122,7 @@ impl Stage for Sft {
 
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
         let seq_len = p.usize("seq_len");
-        if let Some(block_size) = crate::quantize::told(upstream, "model", "block_size").filter(|b| seq_len > *b) {
+        if let Some(block_size) = crate::told(upstream, "model", "block_size").filter(|b| seq_len > *b) {
             return Err(ParamProblem::new("seq_len", too_long(seq_len, block_size)));
         }
         check_lora_targets(p, upstream)
