@@ -148,10 +148,9 @@ impl Stage for Pretrain {
     /// anything runs.
     fn check_shapes(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> Result<(), ParamProblem> {
         match (p.opt_usize("block_size"), crate::told(upstream, "data", "seq_len")) {
-            (Some(block_size), Some(seq_len)) if block_size < seq_len => Err(ParamProblem::new(
-                "block_size",
-                format!("block_size {block_size} is shorter than the data's seq_len {seq_len}: raise `block_size` or lower the data's `seq_len`"),
-            )),
+            (Some(block_size), Some(seq_len)) if block_size < seq_len => {
+                Err(ParamProblem::new("block_size", block_too_short(block_size, seq_len)))
+            }
             _ => Ok(()),
         }
     }
@@ -169,10 +168,7 @@ impl Stage for Pretrain {
         let seq_len = meta.seq_len.ok_or_else(|| StageError::msg("the data's meta.json has no seq_len"))?;
         let cfg = model_config(p, meta.vocab_size as usize, seq_len);
         if cfg.block_size < seq_len {
-            return Err(StageError::msg(format!(
-                "block_size {} is shorter than the data's seq_len {seq_len}: raise `block_size` or lower `pack.seq_len`",
-                cfg.block_size
-            )));
+            return Err(StageError::msg(block_too_short(cfg.block_size, seq_len)));
         }
         let train = read_blocks(&artifact.path(TRAIN_FILE))?;
         let val = read_blocks(&artifact.path(VAL_FILE))?;
@@ -239,6 +235,11 @@ impl<O: Objective> TrainData for BlockData<O> {
         let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
         Ok(Validation::loss(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean))
     }
+}
+
+/// A block size shorter than the data's `seq_len`.
+fn block_too_short(block_size: usize, seq_len: usize) -> String {
+    format!("block_size {block_size} is shorter than the data's seq_len {seq_len}: raise `block_size` or lower the data's `seq_len`")
 }
 
 #[cfg(test)]

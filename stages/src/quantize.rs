@@ -405,8 +405,9 @@ mod tests {
     }
 
     /// Packed data tells its `seq_len`, a pretrained model its block size (the parameter, else
-    /// the data's), and what does not fit is refused when the recipe is resolved: a block size
-    /// under the data's `seq_len`, an sft `seq_len` over the model's block size.
+    /// the data's), and what does not fit is refused when the recipe is resolved: a pretrain's
+    /// or a student's block size under the data's `seq_len`, an sft `seq_len`, generated
+    /// prompts and continuations, or evaluated blocks over the model's block size.
     #[test]
     fn lengths_travel_with_the_shapes_and_what_does_not_fit_is_refused() {
         use crate::{pack::Pack, pretrain::Pretrain, sft::Sft};
