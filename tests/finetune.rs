@@ -89,18 +89,23 @@ fn a_bf16_lora_fine_tune_trains_its_adapters_and_merges_them() {
     let name = "model.layers.0.mlp.down_proj.lora_B.weight";
     assert!(b16.get(name).iter().any(|x| *x != 0.0), "B trained");
     assert!(b16.get(name) != b32.get(name), "the bf16 run trained the f32 run's bits");
-    let portable = Sandbox::new();
-    let out = portable
-        .command()
-        .env("TINYGPT_SIMD", "portable")
-        .args(["run", "sft.toml", "--json", "--set", "sft.precision=bf16"])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let emulated = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
+    let emulated = portable_adapters("sft.precision=bf16");
     assert!(emulated.get(name) == b16.get(name), "the portable kernels trained other adapters");
     let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, false);
     assert!(expected == merged, "merged = frozen base + scale * B A");
+}
+
+/// The adapters `sft.toml` trains with `set` in a fresh sandbox on the portable kernels.
+fn portable_adapters(set: &str) -> ParamMap {
+    let sb = Sandbox::new();
+    let out = sb
+        .command()
+        .env("TINYGPT_SIMD", "portable")
+        .args(["run", "sft.toml", "--json", "--set", set])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    adapter_tensors(&artifact(&sb, &serde_json::from_slice(&out.stdout).unwrap(), "sft"))
 }
 
 #[test]
@@ -117,17 +122,9 @@ fn dora_writes_its_magnitudes_and_merges_them() {
     let (expected, merged) = merged_from_adapter(&sb, &run, 4, 8.0, true);
     assert!(expected == merged, "merged = m * (W + s B A) / |W + s B A|");
     // DoRA's own loops (norms, magnitude gradient) give the same bits with the portable kernels.
-    let portable = Sandbox::new();
-    let out = portable
-        .command()
-        .env("TINYGPT_SIMD", "portable")
-        .args(["run", "sft.toml", "--json", "--set", "sft.use_dora=true"])
-        .output()
-        .unwrap();
-    assert_success(&out);
-    let portable_adapters = adapter_tensors(&artifact(&portable, &serde_json::from_slice(&out.stdout).unwrap(), "sft"));
+    let portable = portable_adapters("sft.use_dora=true");
     for (name, t) in adapters.iter() {
-        assert!(portable_adapters.get(name) == t.data(), "{name} differs with TINYGPT_SIMD=portable");
+        assert!(portable.get(name) == t.data(), "{name} differs with TINYGPT_SIMD=portable");
     }
 }
 

@@ -315,8 +315,10 @@ impl Linear {
         if let Some(m) = ad.magnitude {
             self.dora_factors(p, ad, m, acts);
         }
-        let factors: &[f32] = if ad.magnitude.is_some() { &acts.norm_and_factor[self.cout..] } else { &[] };
-        let z: &mut [f32] = if ad.magnitude.is_some() { &mut acts.z[..rows * self.cout] } else { &mut [] };
+        let (z, factors): (&mut [f32], &[f32]) = match ad.magnitude {
+            Some(_) => (&mut acts.z[..rows * self.cout], &acts.norm_and_factor[self.cout..]),
+            None => (&mut [], &[]),
+        };
         self.add_adapter_term(p, ad, x, out, &mut acts.xa[..rows * ad.r], z, factors, seed);
     }
 

@@ -149,27 +149,29 @@ impl Op {
 }
 
 impl Block {
-    /// The operations with parameters, each with its place ([`NORM1`] ...), in forward order.
-    fn ops(&self) -> Vec<(usize, Op)> {
-        let mut ops = vec![(NORM1, Op::Norm(self.norm1))];
-        match self.qkv {
-            Qkv::Fused(l) => ops.push((QKV, Op::Linear(l))),
-            Qkv::Split(q, k, v) => ops.extend([q, k, v].map(|l| (QKV, Op::Linear(l)))),
-        }
-        ops.extend([(ATTN_OUT, Op::Linear(self.o)), (NORM2, Op::Norm(self.norm2))]);
-        match self.mlp {
-            Mlp::Gelu { fc, proj } => ops.extend([(MLP_IN, Op::Linear(fc)), (MLP_OUT, Op::Linear(proj))]),
-            Mlp::SwiGlu { gate, up, down } => {
-                ops.extend([(MLP_IN, Op::Linear(gate)), (MLP_IN, Op::Linear(up)), (MLP_OUT, Op::Linear(down))])
-            }
-        }
-        ops
+    /// The operations with parameters, each with its place ([`NORM1`] ...), in forward order
+    /// (without allocating: backward asks on every step).
+    fn ops(&self) -> impl Iterator<Item = (usize, Op)> {
+        let qkv = match self.qkv {
+            Qkv::Fused(l) => [Some(l), None, None],
+            Qkv::Split(q, k, v) => [Some(q), Some(k), Some(v)],
+        };
+        let (mlp_in, mlp_out) = match self.mlp {
+            Mlp::Gelu { fc, proj } => ([Some(fc), None], proj),
+            Mlp::SwiGlu { gate, up, down } => ([Some(gate), Some(up)], down),
+        };
+        let at = |place: usize| move |l: Option<Linear>| l.map(|l| (place, Op::Linear(l)));
+        std::iter::once((NORM1, Op::Norm(self.norm1)))
+            .chain(qkv.into_iter().filter_map(at(QKV)))
+            .chain([(ATTN_OUT, Op::Linear(self.o)), (NORM2, Op::Norm(self.norm2))])
+            .chain(mlp_in.into_iter().filter_map(at(MLP_IN)))
+            .chain(std::iter::once((MLP_OUT, Op::Linear(mlp_out))))
     }
 
     /// The first place, in forward order ([`NORM1`] ...), of an operation whose parameters `g`
     /// trains.
     fn first_trainable(&self, g: &ParamMap) -> Option<usize> {
-        self.ops().into_iter().find_map(|(place, op)| op.trains(g).then_some(place))
+        self.ops().find_map(|(place, op)| op.trains(g).then_some(place))
     }
 
     fn for_each_linear(&mut self, mut f: impl FnMut(&mut Linear)) {
@@ -528,26 +530,27 @@ impl Model {
             let (n, trains) = (p.at(id).len(), !grads.at(id).is_empty());
             2 * n * (1 + usize::from(input_gradient) + usize::from(trains))
         };
+        // A weight and its optional bias.
+        let pair = |w: ParamId, b: Option<ParamId>, dx: bool| cost(w, dx) + b.map_or(0, |b| cost(b, dx));
         let linear = |lin: &Linear, place: usize| {
             let dx = below(place);
-            let base = [Some(lin.w), lin.b].into_iter().flatten().map(|id| cost(id, dx)).sum::<usize>();
             // B's input is `x A^T`, whose gradient backward needs for A's as well.
-            base + lin.adapter.map_or(0, |ad| {
-                let dxa = dx || !grads.at(ad.a).is_empty();
-                cost(ad.a, dx) + cost(ad.b, dxa) + ad.magnitude.map_or(0, |m| cost(m, dxa))
-            })
+            pair(lin.w, lin.b, dx)
+                + lin.adapter.map_or(0, |ad| {
+                    let dxa = dx || !grads.at(ad.a).is_empty();
+                    cost(ad.a, dx) + cost(ad.b, dxa) + ad.magnitude.map_or(0, |m| cost(m, dxa))
+                })
         };
-        let norm =
-            |n: &Norm, place: usize| [Some(n.w), n.b].into_iter().flatten().map(|id| cost(id, below(place))).sum();
+        let norm = |n: &Norm, place: usize| pair(n.w, n.b, below(place));
         let (norm_f_place, head_place) = self.final_places();
         let attention = self.cfg.n_head * self.cfg.head_dim() * t;
         let blocks: usize = (self.blocks.iter().enumerate())
             .map(|(l, blk)| {
                 let place = |op: usize| 1 + l * PLACES_PER_BLOCK + op;
-                let params: usize = (blk.ops().iter())
+                let params: usize = (blk.ops())
                     .map(|(op, o)| match o {
-                        Op::Norm(n) => norm(n, place(*op)),
-                        Op::Linear(lin) => linear(lin, place(*op)),
+                        Op::Norm(n) => norm(&n, place(op)),
+                        Op::Linear(lin) => linear(&lin, place(op)),
                     })
                     .sum();
                 params + 4 * attention + if below(place(ATTN_OUT)) { 8 * attention } else { 0 }
