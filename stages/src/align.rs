@@ -124,8 +124,9 @@ impl Stage for Align {
     }
     fn version(&self) -> u32 {
         // 2: attention's products in bf16 when precision = "bf16"; 3: LoRA gradients summed by
-        // blocks of rows; 4: in f32, blocks of up to 256 rows; 5: DoRA's too
-        5
+        // blocks of rows; 4: in f32, blocks of up to 256 rows; 5: DoRA's too; 6: adapters'
+        // rank-r products by their own kernels
+        6
     }
     fn about(&self) -> &'static str {
         "preference-tune a policy with DPO, IPO, SimPO or ORPO, in full or with LoRA adapters"

@@ -17,7 +17,8 @@
 use crate::nn::config::WeightLayout;
 use crate::nn::kernels::bias::{add_bias, bias_backward};
 use crate::nn::kernels::gemv;
-use crate::nn::kernels::matmul::{matmul, matmul_here, Dims, Layout};
+use crate::nn::kernels::lowrank;
+use crate::nn::kernels::matmul::{matmul, Dims, Layout};
 use crate::nn::kernels::qmatmul::qmatmul;
 use crate::nn::kernels::Precision;
 use crate::nn::kernels::{add_to, simd_fn, with_scratch};
@@ -53,6 +54,8 @@ pub(crate) struct AdapterShape {
 pub(crate) struct AdapterActs {
     /// The scaled `s x A^T` (rows, r).
     xa: Vec<f32>,
+    /// `B^T` (r, out), as forward read it: the rank-r kernels take `B`'s rows of outputs.
+    bt: Vec<f32>,
     /// DoRA: the adapted product before rescaling (rows, out).
     z: Vec<f32>,
     /// DoRA: each output's norm `|W_o + s (B A)_o|` and factor `m_o / norm` (2 * out).
@@ -75,6 +78,7 @@ impl AdapterActs {
         let d = |n: usize| if dora { z(n) } else { Vec::new() };
         AdapterActs {
             xa: z(rows * r),
+            bt: z(r * cout),
             z: d(rows * cout),
             norm_and_factor: d(2 * cout),
             wa: d(cout * r),
@@ -84,7 +88,7 @@ impl AdapterActs {
         }
     }
     pub(crate) fn floats(&self) -> usize {
-        self.xa.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len()
+        self.xa.len() + self.bt.len() + self.z.len() + self.norm_and_factor.len() + self.wa.len() + self.gram.len()
     }
 
     /// The seed of this pass's dropout mask, when `ad` drops its input and the pass trains.
@@ -202,7 +206,28 @@ pub(crate) struct AdapterScratch<'a> {
     pub(crate) partials: &'a mut [f32],
 }
 
-/// Floats of one block's part of an adapter's gradients: `B`'s (out, r), then `A`'s (r, in).
+/// `dst (r, out) = src^T`, `src` stored (out, r): `B^T` from `B`.
+fn transpose_into(dst: &mut [f32], src: &[f32], r: usize) {
+    let cout = src.len() / r;
+    for (o, row) in src.chunks_exact(r).enumerate() {
+        for (j, v) in row.iter().enumerate() {
+            dst[j * cout + o] = *v;
+        }
+    }
+}
+
+/// `acc (out, r) += x^T`, `x` stored (r, out).
+fn add_transposed(acc: &mut [f32], x: &[f32], r: usize) {
+    let cout = acc.len() / r;
+    for (o, row) in acc.chunks_exact_mut(r).enumerate() {
+        for (j, a) in row.iter_mut().enumerate() {
+            *a += x[j * cout + o];
+        }
+    }
+}
+
+/// Floats of one block's part of an adapter's gradients: `B`'s transposed (r, out), then
+/// `A`'s (r, in).
 pub(crate) fn lora_partial(r: usize, cin: usize, cout: usize) -> usize {
     r * (cin + cout)
 }
@@ -315,17 +340,18 @@ impl Linear {
         if let Some(m) = ad.magnitude {
             self.dora_factors(p, ad, m, acts);
         }
+        transpose_into(&mut acts.bt, p.at(ad.b), ad.r);
         let (z, factors): (&mut [f32], &[f32]) = match ad.magnitude {
             Some(_) => (&mut acts.z[..rows * self.cout], &acts.norm_and_factor[self.cout..]),
             None => (&mut [], &[]),
         };
-        self.add_adapter_term(p, ad, x, out, &mut acts.xa[..rows * ad.r], z, factors, seed);
+        self.add_adapter_term(p, ad, x, out, &mut acts.xa[..rows * ad.r], &acts.bt, z, factors, seed);
     }
 
     /// The adapter's term on rows of `x` whose products are in `out`, on the calling thread:
     /// `xa = s x A^T` (of the rows after dropout, when `seed` gives the mask and the place of
-    /// the first row), then `out += xa B^T`, and for DoRA (`factors` not empty) the rows kept
-    /// in `z` and rescaled per output.
+    /// the first row), then `out += xa B^T` (`bt` is `B^T`), and for DoRA (`factors` not
+    /// empty) the rows kept in `z` and rescaled per output.
     #[allow(clippy::too_many_arguments)]
     fn add_adapter_term(
         &self,
@@ -334,14 +360,13 @@ impl Linear {
         x: &[f32],
         out: &mut [f32],
         xa: &mut [f32],
+        bt: &[f32],
         z: &mut [f32],
         factors: &[f32],
         seed: Option<(u64, usize)>,
     ) {
-        let (cin, cout, r, n) = (self.cin, self.cout, ad.r, xa.len() / ad.r);
-        let times_a = |input: &[f32], xa: &mut [f32]| {
-            matmul_here(input, Layout::Normal, p.at(ad.a), Layout::Transposed, xa, Dims { m: n, k: cin, n: r }, false)
-        };
+        let (cin, cout, n) = (self.cin, self.cout, xa.len() / ad.r);
+        let times_a = |input: &[f32], xa: &mut [f32]| lowrank::dot_rows(input, p.at(ad.a), xa, cin);
         match seed {
             None => times_a(x, xa),
             Some(place) => {
@@ -349,7 +374,7 @@ impl Linear {
             }
         }
         xa.iter_mut().for_each(|v| *v *= ad.scale);
-        matmul_here(xa, Layout::Normal, p.at(ad.b), Layout::Transposed, out, Dims { m: n, k: r, n: cout }, true);
+        lowrank::add_combinations(out, xa, bt, cout);
         if !factors.is_empty() {
             dora_rescale(out, z, factors);
         }
@@ -378,6 +403,8 @@ impl Linear {
             None => (0..self.precision.then_blocks(rows)).map(|_| &mut [][..]).collect(),
         };
         let factors: &[f32] = if ad.magnitude.is_some() { &acts.norm_and_factor[cout..] } else { &[] };
+        transpose_into(&mut acts.bt, p.at(ad.b), r);
+        let bt = &acts.bt;
         let blocks = acts.xa[..rows * r].par_chunks_mut(height * r).zip(z_blocks);
         let d = Dims { m: rows, k: cin, n: cout };
         self.precision.matmul_then(
@@ -392,7 +419,7 @@ impl Linear {
             |first, out, (xa, z)| {
                 let x = &x[first * cin..][..out.len() / cout * cin];
                 let place = seed.map(|(seed, first_row)| (seed, first_row + first));
-                self.add_adapter_term(p, ad, x, out, xa, z, factors, place);
+                self.add_adapter_term(p, ad, x, out, xa, bt, z, factors, place);
             },
         );
     }
@@ -475,7 +502,7 @@ impl Linear {
         let (cin, cout, r) = (self.cin, self.cout, ad.r);
         let (train_a, train_b) = (!g.at(ad.a).is_empty(), !g.at(ad.b).is_empty());
         let seed = acts.dropout_for(&ad);
-        let (xa, a, b) = (&acts.xa[..rows * r], p.at(ad.a), p.at(ad.b));
+        let (xa, a) = (&acts.xa[..rows * r], p.at(ad.a));
         let part = lora_partial(r, cin, cout);
         let partials = &mut partials[..self.precision.then_blocks(rows) * part];
         let blocks =
@@ -486,25 +513,22 @@ impl Linear {
                 (&dout[first * cout..][..n * cout], &xa[first * r..][..n * r], &x[first * cin..][..n * cin]);
             let (db, da) = partial.split_at_mut(r * cout);
             if train_b {
-                matmul_here(dout, Layout::Transposed, xa, Layout::Normal, db, Dims { m: cout, k: n, n: r }, false);
+                lowrank::outer_sums(xa, dout, db, cout);
             }
             if !train_a && dx.is_none() {
                 return;
             }
-            matmul_here(dout, Layout::Normal, b, Layout::Normal, dxa, Dims { m: n, k: cout, n: r }, false);
+            lowrank::dot_rows(dout, &acts.bt, dxa, cout);
             dxa.iter_mut().for_each(|v| *v *= ad.scale);
             let dxa = &*dxa;
-            let mut da_from = |input: &[f32]| {
-                matmul_here(dxa, Layout::Transposed, input, Layout::Normal, da, Dims { m: r, k: n, n: cin }, false)
-            };
-            let d = Dims { m: n, k: r, n: cin };
+            let mut da_from = |input: &[f32]| lowrank::outer_sums(dxa, input, da, cin);
             match seed {
                 None => {
                     if train_a {
                         da_from(x);
                     }
                     if let Some(dx) = dx {
-                        matmul_here(dxa, Layout::Normal, a, Layout::Normal, dx, d, true);
+                        lowrank::add_combinations(dx, dxa, a, cin);
                     }
                 }
                 Some(seed) => with_scratch(n * cin, |scratch| {
@@ -513,7 +537,8 @@ impl Linear {
                         da_from(adapter_input(x, scratch, Some(place), ad.dropout, cin));
                     }
                     if let Some(dx) = dx {
-                        matmul_here(dxa, Layout::Normal, a, Layout::Normal, scratch, d, false);
+                        scratch.fill(0.0);
+                        lowrank::add_combinations(scratch, dxa, a, cin);
                         add_through_dropout(dx, scratch, place, ad.dropout, cin);
                     }
                 }),
@@ -545,7 +570,7 @@ impl Linear {
         for partial in partials.chunks(part) {
             let (db, da) = partial.split_at(r * cout);
             if train_b {
-                add_to(g.at_mut(ad.b), db);
+                add_transposed(g.at_mut(ad.b), db, r);
             }
             if train_a {
                 add_to(g.at_mut(ad.a), da);
@@ -813,7 +838,7 @@ mod tests {
         assert!((4..=16).contains(&zeros), "about half of 20 inputs dropped: {zeros}");
         assert!(x_drop.iter().zip(&x).all(|(d, x)| *d == 0.0 || *d == 2.0 * x), "kept ones scaled by 1/(1-p)");
         let (dropped, acts) = forward(&lin, &p, &x, rows);
-        assert_eq!(acts.floats(), rows * 2, "the layer keeps x A^T only, no dropped copy of its input");
+        assert_eq!(acts.floats(), rows * 2 + 2 * 4, "the layer keeps x A^T and B^T, no dropped copy of its input");
         let mut xa = vec![0.0; rows * 2];
         let d = Dims { m: rows, k: 5, n: 2 };
         matmul_naive(&x_drop, Layout::Normal, p.get("a"), Layout::Transposed, &mut xa, d, false);
@@ -856,8 +881,13 @@ mod tests {
                             acts.first_row = 7;
                             let mut out = vec![0.0; rows * cout];
                             lin.product(&p, &x, &mut out, rows, &mut acts);
-                            let kept = rows * r + if dora { rows * cout + 2 * cout + cout * r + r * r } else { 0 };
-                            assert_eq!(acts.floats(), kept, "x A^T (DoRA: z, norms, W A^T, A A^T), no dropped input");
+                            let kept =
+                                rows * r + r * cout + if dora { rows * cout + 2 * cout + cout * r + r * r } else { 0 };
+                            assert_eq!(
+                                acts.floats(),
+                                kept,
+                                "x A^T, B^T (DoRA: z, norms, W A^T, A A^T), no dropped input"
+                            );
                             let mut g = p.zeros_like_trainable(|n| ["a", "bb", "m"].contains(&n));
                             let (mut dxa, mut dz) = (vec![0.0; rows * r], vec![0.0; rows * cout]);
                             let mut partials = vec![0.0; precision.then_blocks(rows) * lora_partial(r, cin, cout)];

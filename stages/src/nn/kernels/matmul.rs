@@ -165,13 +165,6 @@ pub fn matmul_then<C: Send>(
     });
 }
 
-/// [`matmul`] on the calling thread: a block's small products inside a parallel task.
-pub fn matmul_here(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
-    check(a, b, out, d);
-    let mut out = ArrayViewMut2::from_shape((d.m, d.n), out).expect("checked");
-    general_mat_mul(1.0, &view(a, d.m, d.k, la), &view(b, d.k, d.n, lb), if accumulate { 1.0 } else { 0.0 }, &mut out);
-}
-
 /// The reference: three loops, f64 accumulation.
 pub fn matmul_naive(a: &[f32], la: Layout, b: &[f32], lb: Layout, out: &mut [f32], d: Dims, accumulate: bool) {
     let (a, b) = (view(a, d.m, d.k, la), view(b, d.k, d.n, lb));

@@ -14,6 +14,7 @@ pub mod cross_entropy;
 pub mod distill;
 pub mod embedding;
 pub mod gemv;
+pub mod lowrank;
 pub mod matmul;
 pub mod norm;
 pub mod qmatmul;
