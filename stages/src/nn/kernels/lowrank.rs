@@ -109,31 +109,35 @@ simd_fn! {
     pub fn outer_sums(c: &[f32], x: &[f32], out: &mut [f32], k: usize) {
         let r = out.len() / k;
         assert!(c.len() / r.max(1) * k == x.len() && out.len() == r * k, "outer_sums: shapes");
-        out.fill(0.0);
         let whole = k - k % LANES;
-        let mut tiles = x.chunks_exact(ROWS * k);
-        for (x, c) in (&mut tiles).zip(c.chunks_exact(ROWS * r)) {
-            for (j, out) in out.chunks_exact_mut(k).enumerate() {
-                let cs: [f32; ROWS] = std::array::from_fn(|t| c[t * r + j]);
-                for p in (0..whole).step_by(LANES) {
-                    let mut acc = *chunk(out, p);
-                    for (t, cj) in cs.iter().enumerate() {
-                        let xs = chunk(x, t * k + p);
+        // Four outputs' rows at a time, each chunk of columns summed over every row in registers.
+        let mut groups = out.chunks_exact_mut(SUMS * k);
+        for (first, out) in (0..).step_by(SUMS).zip(&mut groups) {
+            for p in (0..whole).step_by(LANES) {
+                let mut acc = [[0.0f32; LANES]; SUMS];
+                for (c, x) in c.chunks_exact(r).zip(x.chunks_exact(k)) {
+                    let xs = *chunk(x, p);
+                    for (acc, cj) in acc.iter_mut().zip(&c[first..first + SUMS]) {
                         for l in 0..LANES {
                             acc[l] = cj.mul_add(xs[l], acc[l]);
                         }
                     }
-                    out[p..p + LANES].copy_from_slice(&acc);
                 }
-                for p in whole..k {
-                    out[p] = cs.iter().enumerate().fold(out[p], |s, (t, cj)| cj.mul_add(x[t * k + p], s));
+                for (out, acc) in out.chunks_exact_mut(k).zip(&acc) {
+                    out[p..p + LANES].copy_from_slice(acc);
+                }
+            }
+            for (j, out) in (first..).zip(out.chunks_exact_mut(k)) {
+                for (p, o) in out.iter_mut().enumerate().skip(whole) {
+                    *o = c.chunks_exact(r).zip(x.chunks_exact(k)).fold(0.0, |s, (c, x)| c[j].mul_add(x[p], s));
                 }
             }
         }
-        let rest_x = tiles.remainder();
-        let rest_c = &c[c.len() - rest_x.len() / k * r..];
-        for (x, c) in rest_x.chunks_exact(k).zip(rest_c.chunks_exact(r)) {
-            for (cj, out) in c.iter().zip(out.chunks_exact_mut(k)) {
+        // The outputs' rows past the last group, row by row of `x`.
+        let rest = groups.into_remainder();
+        rest.fill(0.0);
+        for (c, x) in c.chunks_exact(r).zip(x.chunks_exact(k)) {
+            for (cj, out) in c[r - rest.len() / k..].iter().zip(rest.chunks_exact_mut(k)) {
                 for (o, x) in out.iter_mut().zip(x) {
                     *o = cj.mul_add(*x, *o);
                 }
@@ -142,9 +146,13 @@ simd_fn! {
     }
 }
 
-/// Rows a pass of [`add_combinations`] or [`outer_sums`] takes at once, each chunk of `m` or
-/// of the output loaded once for all of them.
+/// Rows a pass of [`add_combinations`] takes at once, each chunk of `m` loaded once for all
+/// of them.
 const ROWS: usize = 4;
+
+/// Outputs' rows a pass of [`outer_sums`] sums at once, each a chunk of [`LANES`] sums held in
+/// registers over every row of `x`.
+const SUMS: usize = 4;
 
 /// The [`LANES`] floats of `v` from `p` on.
 #[inline(always)]
