@@ -161,6 +161,22 @@ pub fn run(with_matmul: bool, steps: Option<usize>, json: bool, shards: usize) {
             lora.step_spread[1] * 1e3,
             lora.step_spread[1] / frozen.step_spread[1],
         ));
+        // The same two ratios from steps taken in turn, which a drifting machine moves less.
+        let pairs = (2 * m.steps).max(4);
+        let lora_paired = bench::paired_steps(&m, cores, trained, lora_r8, pairs);
+        let frozen_paired = bench::paired_steps(&m, cores, trained, Training { frozen: true, ..trained }, pairs);
+        out.text(format_args!(
+            "steps in turn with every weight's ({pairs} pairs, median of the pairs' ratios): LoRA r=8 {:.2}x its speed \
+             ({:.2} to {:.2}), every weight frozen {:.2}x ({:.2} to {:.2})",
+            lora_paired.median_ratio,
+            lora_paired.ratio_range[0],
+            lora_paired.ratio_range[1],
+            frozen_paired.median_ratio,
+            frozen_paired.ratio_range[0],
+            frozen_paired.ratio_range[1],
+        ));
+        model["lora_r8_paired"] = json!(lora_paired);
+        model["frozen_paired"] = json!(frozen_paired);
         // LoRA with the frozen base's products in bf16, against every weight in bf16.
         let lora_bf16 = bench::train_steps(&m, cores, Training { precision: Precision::Bf16, ..lora_r8 });
         out.text(format_args!(

@@ -26,7 +26,8 @@ fn every_command_has_help() {
 
 /// `bench --json`: one JSON document on stdout with the machine, and per reference model the
 /// step, its LoRA twin (also in bf16, and with dropout), DoRA's (with and without dropout) and
-/// the same step with every weight frozen, decoding speeds and speculative decoding; progress
+/// the same step with every weight frozen, LoRA's and the frozen step's ratios from steps taken
+/// in turn with the full step's, decoding speeds and speculative decoding; progress
 /// on stderr.
 #[test]
 fn bench_json_reports_every_section_as_numbers() {
@@ -52,6 +53,10 @@ fn bench_json_reports_every_section_as_numbers() {
         assert!(needed("frozen") < needed("lora_r8"), "{m}");
         assert!(m["lora_r8_bf16"]["step_seconds"].as_f64().unwrap() > 0.0, "{m}");
         assert!(m["lora_r8"]["breakdown"]["adapters"].as_f64().unwrap() > 0.0, "{m}");
+        for paired in ["lora_r8_paired", "frozen_paired"] {
+            assert_eq!(m[paired]["pairs"], 4, "--steps 1 still takes four pairs: {m}");
+            assert!(m[paired]["median_ratio"].as_f64().unwrap() > 0.0, "{m}");
+        }
         let weights: Vec<&str> =
             m["decode"].as_array().unwrap().iter().map(|d| d["weights"].as_str().unwrap()).collect();
         assert_eq!(weights, ["f32", "int8", "int4"]);

@@ -539,14 +539,25 @@ impl Default for Training {
     }
 }
 
-/// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
-pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
-    let Training { lora_rank, lora_dropout, dora, frozen, checkpointed, precision, shards } = how;
-    pool(threads).install(|| {
-        reset_peak();
-        let baseline_bytes = status_bytes("VmRSS:");
+/// One model set up to train on random tokens as a [`Training`] says, stepped one step at a
+/// time (so that two can take turns).
+struct Run {
+    model: Model,
+    params: ParamMap,
+    grads: ParamMap,
+    opt: AdamWState,
+    opts: Vec<TensorOpt>,
+    work: StepWork,
+    batches: [Batch; 1],
+    rng: SplitMix64,
+    vocab: usize,
+    lora_dropout: f32,
+}
+
+impl Run {
+    fn new(m: &BenchModel, how: Training) -> Self {
+        let Training { lora_rank, lora_dropout, dora, frozen, checkpointed, precision, shards } = how;
         let cfg = m.cfg;
-        let t = cfg.block_size;
         let mut params = cfg.init(1);
         let lora = lora_rank.map(|r| LoraConfig { dora, ..LoraConfig::on_every_linear(&cfg, r, 2.0 * r as f32) });
         if let Some(lora) = &lora {
@@ -562,39 +573,56 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
         let model = Model::with_lora_scale(cfg, &params, lora.as_ref().map_or(1.0, LoraConfig::scale))
             .with_precision(precision)
             .with_lora_dropout(lora_dropout);
-        let mut grads =
+        let grads =
             if frozen || lora.is_some() { params.zeros_like_trainable(is_adapter) } else { params.zeros_like() };
-        let mut opt = AdamWState::new(&grads);
-        let mut work = StepWork::new(&model, m.batch, t, shards, checkpointed, &grads);
-        let mut batches = [Batch::new(m.batch, t)];
+        let opt = AdamWState::new(&grads);
+        let work = StepWork::new(&model, m.batch, cfg.block_size, shards, checkpointed, &grads);
         let opts = TensorOpt::defaults(&params);
-        let mut rng = SplitMix64::new(2);
+        let batches = [Batch::new(m.batch, cfg.block_size)];
+        Run {
+            model,
+            params,
+            grads,
+            opt,
+            opts,
+            work,
+            batches,
+            rng: SplitMix64::new(2),
+            vocab: cfg.vocab_size,
+            lora_dropout,
+        }
+    }
+
+    /// One training step on fresh random tokens; its seconds.
+    fn step(&mut self) -> f64 {
+        let start = Instant::now();
+        for batch in &mut self.batches {
+            batch.ids.iter_mut().chain(batch.targets.iter_mut()).for_each(|id| *id = self.rng.below(self.vocab) as u32);
+            batch.dropout_seed = (self.lora_dropout > 0.0).then(|| self.rng.next_u64());
+        }
         let step_cfg = StepConfig {
             adamw: AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
             grad_clip: 1.0,
             mean: LossMean::PerMicroBatch,
         };
-        let mut step = |params: &mut _, opt: &mut _, grads: &mut _, work: &mut _| {
-            let trainable = Trainable { params, grads, opt, opts: &opts };
-            for batch in &mut batches {
-                batch
-                    .ids
-                    .iter_mut()
-                    .chain(batch.targets.iter_mut())
-                    .for_each(|id| *id = rng.below(cfg.vocab_size) as u32);
-                batch.dropout_seed = (lora_dropout > 0.0).then(|| rng.next_u64());
-            }
-            train_step(&model, trainable, work, &batches, step_cfg, &mut CrossEntropy::default());
-        };
-        step(&mut params, &mut opt, &mut grads, &mut work); // warm-up
+        let trainable =
+            Trainable { params: &mut self.params, grads: &mut self.grads, opt: &mut self.opt, opts: &self.opts };
+        train_step(&self.model, trainable, &mut self.work, &self.batches, step_cfg, &mut CrossEntropy::default());
+        start.elapsed().as_secs_f64()
+    }
+}
+
+/// Train `m` for `m.steps` steps on random tokens with `threads` threads, as `how` says.
+pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport {
+    pool(threads).install(|| {
+        reset_peak();
+        let baseline_bytes = status_bytes("VmRSS:");
+        let t = m.cfg.block_size;
+        let mut run = Run::new(m, how);
+        run.step(); // warm-up
         profile::enable(true);
-        let mut times = Vec::with_capacity(m.steps);
         let start = Instant::now();
-        for _ in 0..m.steps {
-            let step_start = Instant::now();
-            step(&mut params, &mut opt, &mut grads, &mut work);
-            times.push(step_start.elapsed().as_secs_f64());
-        }
+        let mut times: Vec<f64> = (0..m.steps).map(|_| run.step()).collect();
         let total = start.elapsed().as_secs_f64();
         times.sort_by(f64::total_cmp);
         let step_spread = [times[0], times[times.len() / 2], times[times.len() - 1]];
@@ -605,9 +633,9 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             kinds.iter().map(|(_, name, s)| (*name, s / m.steps as f64)).collect();
         let known: f64 = breakdown.iter().map(|(_, s)| s).sum();
         breakdown.push(("other", (step_seconds - known).max(0.0)));
-        let n_params = params.num_elements();
-        let trainable = grads.num_elements();
-        let flops_per_token = model.flops_per_token(&params, &grads, t);
+        let n_params = run.params.num_elements();
+        let trainable = run.grads.num_elements();
+        let flops_per_token = run.model.flops_per_token(&run.params, &run.grads, t);
         StepReport {
             step_seconds,
             step_spread,
@@ -616,7 +644,37 @@ pub fn train_steps(m: &BenchModel, threads: usize, how: Training) -> StepReport 
             breakdown,
             peak_bytes: status_bytes("VmHWM:"),
             baseline_bytes,
-            needed_bytes: (4 * (n_params + 3 * trainable) + work.bytes()) as u64,
+            needed_bytes: (4 * (n_params + 3 * trainable) + run.work.bytes()) as u64,
+        }
+    })
+}
+
+/// Two ways of training one model compared step by step: the speed ratio of `b` over `a`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PairedSpeed {
+    /// Pairs of steps taken, `a`'s then `b`'s.
+    pub pairs: usize,
+    /// The median over the pairs of `a`'s step time over `b`'s (above 1: `b` is faster).
+    pub median_ratio: f64,
+    /// The least and the greatest pair's ratio.
+    pub ratio_range: [f64; 2],
+}
+
+/// `m` set up both ways at once, each warmed up by a step, then `pairs` pairs of steps in
+/// turn (`a`, then `b`) on `threads` threads. On a shared machine whose speed drifts from one
+/// second to the next, two steps taken back to back see about the same machine, so the median
+/// of the pairs' ratios moves less than a ratio of two separate runs' medians.
+pub fn paired_steps(m: &BenchModel, threads: usize, a: Training, b: Training, pairs: usize) -> PairedSpeed {
+    pool(threads).install(|| {
+        let (mut first, mut second) = (Run::new(m, a), Run::new(m, b));
+        first.step();
+        second.step();
+        let mut ratios: Vec<f64> = (0..pairs.max(1)).map(|_| first.step() / second.step()).collect();
+        ratios.sort_by(f64::total_cmp);
+        PairedSpeed {
+            pairs: ratios.len(),
+            median_ratio: ratios[ratios.len() / 2],
+            ratio_range: [ratios[0], ratios[ratios.len() - 1]],
         }
     })
 }
@@ -708,5 +766,26 @@ mod tests {
         let full = train_steps(&deep, 1, Training::default());
         assert!(frozen.flops_per_token < lora.flops_per_token && lora.flops_per_token < full.flops_per_token);
         assert_eq!(both.flops_per_token, lora.flops_per_token);
+    }
+
+    /// Each run trains what its `Training` says (a LoRA run moves its adapters and leaves the
+    /// frozen weights' bits alone), and the paired comparison reports every pair.
+    #[test]
+    fn paired_runs_train_in_turn_and_report_each_pair() {
+        let m = BenchModel { name: "tiny", cfg: ModelConfig::gpt2(11, 8, 2, 2, 16, false), batch: 2, steps: 2 };
+        let lora = Training { lora_rank: Some(2), ..Training::default() };
+        let mut run = Run::new(&m, lora);
+        let before = run.params.clone();
+        run.step();
+        run.step();
+        for (name, t) in before.iter() {
+            let now = run.params.get(name);
+            let same = t.data().iter().zip(now).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert_eq!(same, !is_adapter(name), "{name}: frozen weights keep their bits, adapters train");
+        }
+        let paired = paired_steps(&m, 1, Training::default(), lora, 5);
+        let [least, most] = paired.ratio_range;
+        assert_eq!(paired.pairs, 5);
+        assert!(0.0 < least && least <= paired.median_ratio && paired.median_ratio <= most, "{paired:?}");
     }
 }
