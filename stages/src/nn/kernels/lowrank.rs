@@ -50,17 +50,12 @@ simd_fn! {
                 }
             }
             let rest = &m[m.len() / (GROUP * k) * GROUP * k..];
-            for (row, out) in [first, second].into_iter().zip([groups.into_remainder(), second_groups.into_remainder()]) {
-                for (o, mj) in out.iter_mut().zip(rest.chunks_exact(k)) {
-                    *o = dot_reference(row, mj);
-                }
-            }
+            dots_one_by_one(first, rest, groups.into_remainder());
+            dots_one_by_one(second, rest, second_groups.into_remainder());
         }
         let rest_out = &mut out[x.len() / (2 * k) * 2 * r..];
         for (row, out) in pairs.remainder().chunks_exact(k).zip(rest_out.chunks_exact_mut(r)) {
-            for (o, mj) in out.iter_mut().zip(m.chunks_exact(k)) {
-                *o = dot_reference(row, mj);
-            }
+            dots_one_by_one(row, m, out);
         }
     }
 }
@@ -158,6 +153,14 @@ const SUMS: usize = 4;
 #[inline(always)]
 fn chunk(v: &[f32], p: usize) -> &[f32; LANES] {
     v[p..p + LANES].try_into().expect("a whole chunk")
+}
+
+/// [`dot_rows`] of one row against the rows of `m` (as many as `out` has), one at a time.
+#[inline(always)]
+fn dots_one_by_one(row: &[f32], m: &[f32], out: &mut [f32]) {
+    for (o, mj) in out.iter_mut().zip(m.chunks_exact(row.len())) {
+        *o = dot_reference(row, mj);
+    }
 }
 
 /// [`add_combinations`] on one row's outputs from `from` on, one at a time.
