@@ -133,8 +133,7 @@ impl Stage for Distill {
         if upstream.contains_key("init") {
             crate::quantize::shape_of_input(upstream, "init")
         } else {
-            let block_size = p.opt_usize("block_size").or_else(|| crate::told(upstream, "teacher", "seq_len"));
-            crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
+            crate::pretrain::planned_shape(p, crate::told(upstream, "teacher", "seq_len"))
         }
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

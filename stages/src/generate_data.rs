@@ -89,7 +89,7 @@ impl Stage for Generate {
     }
     /// Blocks of the data's `seq_len`, as `pack` cut them.
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        crate::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
+        crate::packed_shape(crate::told(upstream, "data", "seq_len"))
     }
     fn uses_seed(&self) -> bool {
         true

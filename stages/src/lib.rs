@@ -137,3 +137,8 @@ pub(crate) fn told(
 ) -> Option<usize> {
     upstream.get(slot)?.get(key)?.as_u64().map(|n| n as usize)
 }
+
+/// What a stage whose output is packed blocks tells of it: their `seq_len`, when known.
+pub(crate) fn packed_shape(seq_len: Option<usize>) -> serde_json::Value {
+    seq_len.map_or(serde_json::Value::Null, |n| serde_json::json!({ "seq_len": n }))
+}

@@ -76,7 +76,7 @@ impl Stage for Pack {
         true
     }
     fn output_shape(&self, p: &Params, _: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        json!({ "seq_len": p.usize("seq_len") })
+        crate::packed_shape(Some(p.usize("seq_len")))
     }
 
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {

@@ -156,8 +156,7 @@ impl Stage for Pretrain {
     }
     /// The widths, and the block size: the parameter, else the data's `seq_len`.
     fn output_shape(&self, p: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        let block_size = p.opt_usize("block_size").or_else(|| crate::told(upstream, "data", "seq_len"));
-        crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
+        planned_shape(p, crate::told(upstream, "data", "seq_len"))
     }
     fn run(&self, ctx: &StageCtx<'_>) -> Result<Metrics, StageError> {
         let Input::Artifact { artifact, .. } = ctx.required_input("data") else {
@@ -235,6 +234,13 @@ impl<O: Objective> TrainData for BlockData<O> {
         let mut acts = Activations::inference(model, self.val_batch, self.val.width - 1);
         Ok(Validation::loss(mean_loss(model, params, &self.val, &mut acts, Some(max_batches), |_| Ok(()))?.mean))
     }
+}
+
+/// The plan shape ([`crate::quantize::plan_shape`]) of the model `p` describes, its block size
+/// `block_size`, else the `seq_len` its data tells (absent if neither).
+pub(crate) fn planned_shape(p: &Params, seq_len: Option<usize>) -> serde_json::Value {
+    let block_size = p.opt_usize("block_size").or(seq_len);
+    crate::quantize::plan_shape(&model_config(p, 2, block_size.unwrap_or(1)), block_size)
 }
 
 /// A block size shorter than the data's `seq_len`.

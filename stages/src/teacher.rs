@@ -69,7 +69,7 @@ impl Stage for Teacher {
     }
     /// The packed data's `seq_len`, which the teacher's logits keep.
     fn output_shape(&self, _: &Params, upstream: &BTreeMap<&str, &serde_json::Value>) -> serde_json::Value {
-        crate::told(upstream, "data", "seq_len").map_or(serde_json::Value::Null, |n| json!({ "seq_len": n }))
+        crate::packed_shape(crate::told(upstream, "data", "seq_len"))
     }
     fn vocabulary(&self) -> engine::Vocabulary {
         engine::Vocabulary::From("model")
